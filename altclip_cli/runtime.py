@@ -1,49 +1,252 @@
-"""The model runtime: resolve a model, pick device and precision, encode texts and images.
-
-(Interface stub: being implemented in the core issue; signatures are the contract.)
-"""
+"""The model runtime: resolve a model, choose device and precision, load the weights straight
+into the compute dtype, and encode texts and images. The model code knows nothing of devices;
+this module owns device choice, precision and casting."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = "auto",
-         revision: str | None = None, download: bool = True, progress: bool = True) -> "AltCLIP":
-    """Load a model from a local folder (Hugging Face layout) or a hub id.
+from .checkpoint import check_keys, find_weights, read_state_dict
+from .config import check_against_tensors, read_config
+from .errors import CheckpointError, DeviceError
+from .layers import LayerNorm
+from .model import AltCLIPModel
 
-    device: "auto" (cuda, then mps, then cpu) or "cpu" / "cuda" / "cuda:N" / "mps";
-    an explicit device that is absent raises DeviceError.
-    precision: "auto" | "fp32" | "fp16" | "bf16".
-    Raises ModelError / DownloadError / DeviceError (altclip_cli.errors).
-    """
-    raise NotImplementedError
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bf16 matrices natively (x86 avx512_bf16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_device(request: str = "auto") -> tuple[torch.device, str]:
+    """`auto`: cuda, then mps, then cpu. An explicit device that is absent is an error."""
+    request = (request or "auto").strip().lower()
+    if request == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), f"auto: CUDA is available ({torch.cuda.get_device_name(0)})"
+        if torch.backends.mps.is_available():
+            return torch.device("mps"), "auto: Apple MPS is available"
+        return torch.device("cpu"), "auto: no CUDA or MPS device found"
+    try:
+        device = torch.device(request)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {request!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for, but CUDA is not available on this machine",
+                              hint="use --device cpu (or auto), or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{request} was asked for, but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("--device mps was asked for, but Apple MPS is not available")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unsupported device {request!r}", hint="use auto, cpu, cuda, cuda:N or mps")
+    return device, "asked for"
+
+
+def choose_precision(device: torch.device, request: str = "auto") -> tuple[str, str]:
+    """`auto` is real mixed precision where the hardware has fast low-precision matmuls."""
+    request = (request or "auto").strip().lower()
+    if request != "auto":
+        if request not in PRECISIONS:
+            raise DeviceError(f"unknown precision {request!r}", hint="use auto, fp32, fp16 or bf16")
+        if device.type == "cuda" and request == "bf16" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("bf16 was asked for, but this GPU does not support it", hint="use fp16")
+        return request, "asked for"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU supports bf16"
+        return "fp16", "auto: the GPU has no bf16, fp16 instead"
+    if device.type == "mps":
+        return "fp16", "auto: fp16 on Apple MPS"
+    if cpu_has_native_bf16():
+        return "bf16", "auto: the CPU has native bf16 matrix instructions (avx512_bf16/AMX)"
+    return "fp32", "auto: the CPU has no native bf16 matrix instructions"
+
+
+def build_model(folder: Path, weights: list[Path] | None, device: torch.device, precision: str) -> AltCLIPModel:
+    """Read config and weights (`weights` None: those found in `folder`), check them against
+    each other, and return the model in eval mode on `device`: matmul weights in the compute
+    dtype, LayerNorms and logit_scale in fp32."""
+    cfg = read_config(folder)
+    weights = weights or find_weights(folder)
+    with torch.device("meta"):
+        model = AltCLIPModel(cfg)  # shapes only, no memory: the checkpoint's tensors are assigned
+    keep_fp32 = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, LayerNorm)
+                 for p in ("weight", "bias")} | {"logit_scale"}
+    dtype = PRECISIONS[precision]
+
+    def convert(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        # One tensor at a time, straight to its final dtype and device.
+        target = torch.float32 if name in keep_fp32 or not tensor.is_floating_point() else dtype
+        return tensor.to(device=device, dtype=target)
+
+    state = read_state_dict(weights, convert)
+    check_against_tensors(cfg, {k: tuple(v.shape) for k, v in state.items()})
+    check_keys(set(model.state_dict().keys()), state)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights do not fit the model: {e}") from None
+    return model.eval().requires_grad_(False)
+
+
+def default_batch_size(device: torch.device, kind: str) -> int:
+    if device.type == "cpu":
+        return 16 if kind == "image" else 64
+    return 128 if kind == "image" else 256
+
+
+@dataclass
 class AltCLIP:
-    """A loaded model. Attributes: model_id (str), folder (Path), device (torch.device),
-    precision ("fp32"|"fp16"|"bf16"), device_reason / precision_reason (str, for `altclip info`),
-    embed_dim (int), logit_scale (float, already exp()'d)."""
+    """A loaded model with its tokenizer and image preprocessor (see `load`)."""
+
+    model_id: str
+    folder: Path
+    model: AltCLIPModel
+    tokenizer: object  # altclip_cli.tokenizer.TextTokenizer
+    preprocessor: object  # altclip_cli.images.ImagePreprocessor
+    device: torch.device
+    precision: str
+    device_reason: str = ""
+    precision_reason: str = ""
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.float().exp())
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    @torch.inference_mode()
+    def encode_token_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model.encode_text(ids.to(self.device), mask.to(self.device))
+
+    @torch.inference_mode()
+    def encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model.encode_image(pixels.to(self.device))
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int | None = None,
-                     normalize: bool = True):
-        """(N, D) float32 numpy array, row i for texts[i]."""
-        raise NotImplementedError
+                     normalize: bool = True) -> np.ndarray:
+        """(N, D) float32, row i for texts[i]."""
+        texts = list(texts)
+        batch_size = batch_size or default_batch_size(self.device, "text")
+        ids = self.tokenizer.encode(texts)
+        # Batches of similar length waste less compute on padding; rows are put back in order.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty(len(ids), self.embed_dim)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch_ids, mask = _pad([ids[i] for i in rows], self.tokenizer.pad_id)
+            out[rows] = self.encode_token_batch(batch_ids, mask).cpu()
+        return _finish(out, normalize)
 
     def encode_images(self, images: Sequence, *, batch_size: int | None = None,
-                      normalize: bool = True):
-        """images: PIL images (already opened, see altclip_cli.images.open_image).
-        (N, D) float32 numpy array, row i for images[i]."""
-        raise NotImplementedError
+                      normalize: bool = True) -> np.ndarray:
+        """images: PIL images (see altclip_cli.images.open_image). (N, D) float32, row i for images[i]."""
+        images = list(images)
+        batch_size = batch_size or default_batch_size(self.device, "image")
+        out = torch.empty(len(images), self.embed_dim)
+        for start in range(0, len(images), batch_size):
+            pixels = torch.from_numpy(np.stack([self.preprocessor(im) for im in images[start:start + batch_size]]))
+            out[start:start + len(pixels)] = self.encode_pixel_batch(pixels).cpu()
+        return _finish(out, normalize)
 
-    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None):
-        """(L, D) float32, L2-normalised. With templates: each label's text is
-        template.format(label) for every template, the normalised embeddings are averaged
-        and normalised again (CLIP's prompt ensemble). Without: the label as given."""
-        raise NotImplementedError
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """(L, D) float32, L2-normalised. With templates, CLIP's prompt ensemble: the mean of
+        the normalised embeddings of every template filled with the label, normalised again."""
+        labels = list(labels)
+        if not templates:
+            return self.encode_texts(labels)
+        filled = [t.replace("{}", label) for label in labels for t in templates]
+        emb = torch.from_numpy(self.encode_texts(filled)).view(len(labels), len(templates), -1)
+        return F.normalize(emb.mean(dim=1), dim=-1).numpy()
 
     def classify(self, images: Sequence, labels: Sequence[str], *,
-                 templates: Sequence[str] | None = None):
-        """Returns (probs, logits), each (N_images, N_labels) float32 numpy:
-        logits = exp(logit_scale) * cos(image, label); probs = softmax over labels."""
-        raise NotImplementedError
+                 templates: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(probs, logits), each (N_images, N_labels) float32: logits are the scaled cosine
+        similarities, probs their softmax over the labels (the reference's logits_per_image)."""
+        return self.scores(self.encode_images(images), self.label_embeddings(labels, templates))
+
+    def scores(self, image_emb: np.ndarray, label_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probs, logits) from normalised embeddings, in fp32."""
+        logits = torch.from_numpy(image_emb) @ torch.from_numpy(label_emb).T * self.logit_scale
+        return logits.softmax(dim=-1).numpy(), logits.numpy()
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists: (B, T) ids and (B, T) attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _finish(emb: torch.Tensor, normalize: bool) -> np.ndarray:
+    emb = emb.float()
+    return (F.normalize(emb, dim=-1) if normalize else emb).numpy()
+
+
+def set_cpu_threads() -> None:
+    """Use every core this process may run on (containers often allow fewer than the machine has)."""
+    try:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    except AttributeError:  # not on Linux
+        pass
+
+
+def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = "auto",
+         revision: str | None = None, download: bool = True, progress: bool = True) -> AltCLIP:
+    """Load an AltCLIP model from a local folder (Hugging Face layout) or a hub id.
+
+    device: "auto" (cuda, then mps, then cpu) or "cpu" / "cuda" / "cuda:N" / "mps"; an
+    explicit device that is absent raises DeviceError. precision: "auto" | "fp32" | "fp16" | "bf16".
+    Raises ModelError, DownloadError or DeviceError (altclip_cli.errors).
+    """
+    from .images import ImagePreprocessor
+    from .tokenizer import TextTokenizer
+
+    torch_device, device_reason = choose_device(device)
+    precision, precision_reason = choose_precision(torch_device, precision)
+    folder, weights = _resolve(model, revision=revision, download=download, progress=progress)
+    if torch_device.type == "cpu":
+        set_cpu_threads()
+    net = build_model(folder, weights, torch_device, precision)
+    tokenizer = TextTokenizer.from_dir(folder, max_length=net.config.text.max_tokens)
+    return AltCLIP(model_id=str(model), folder=folder, model=net, tokenizer=tokenizer,
+                   preprocessor=ImagePreprocessor.from_dir(folder), device=torch_device,
+                   precision=precision, device_reason=device_reason, precision_reason=precision_reason)
+
+
+def _resolve(model: str, **kwargs) -> tuple[Path, list[Path] | None]:
+    path = Path(os.path.expanduser(str(model)))
+    if path.is_dir():  # a local folder needs no hub machinery
+        return path, None
+    from .hub import resolve_model
+
+    resolved = resolve_model(str(model), **kwargs)
+    return resolved.folder, resolved.weights or None

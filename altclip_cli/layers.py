@@ -1,0 +1,43 @@
+"""Primitives both towers share: an fp32 LayerNorm, the activations, multi-head attention."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype, returning fp32.
+
+    Under mixed precision the residual stream therefore stays fp32 and only the matmuls run
+    in bf16/fp16 (the runtime keeps these parameters in fp32).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact erf form, as XLM-R and ViT-H use
+    "quick_gelu": quick_gelu,  # OpenAI CLIP's approximation, as AltCLIP's ViT-L uses
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention over (B, T, D) projections; mask: (B, 1, 1, T) bool, True = attend."""
+    b, t, d = q.shape
+    # (B, T, D) -> (B, H, T, D/H)
+    q, k, v = (x.view(b, t, heads, d // heads).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale: (D/H) ** -0.5
+    return out.transpose(1, 2).reshape(b, t, d)  # (B, T, D)

@@ -1,0 +1,20 @@
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers: tiny.py, tokenizer_fixture.py, hubserver.py
+
+
+@pytest.fixture(scope="session")
+def _tiny_model_master(tmp_path_factory):
+    from tiny import write_model
+
+    return write_model(tmp_path_factory.mktemp("tiny") / "altclip-tiny")
+
+
+@pytest.fixture
+def tiny_model_dir(_tiny_model_master, tmp_path):
+    """A tiny random AltCLIP model folder in Hugging Face layout (a fresh copy per test)."""
+    return Path(shutil.copytree(_tiny_model_master, tmp_path / "altclip-tiny"))
