@@ -1,0 +1,120 @@
+"""Device and precision choice, mixed-precision loading, and the public API end to end."""
+import numpy as np
+import pytest
+import torch
+
+from altclip_cli import runtime
+from altclip_cli.errors import DeviceError
+from altclip_cli.layers import LayerNorm
+
+
+def test_explicit_absent_cuda_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        runtime.choose_device("cuda")
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        runtime.choose_device("cuda:1")
+
+
+def test_explicit_absent_mps_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="MPS is not available"):
+        runtime.choose_device("mps")
+
+
+def test_unknown_device_and_precision():
+    with pytest.raises(DeviceError, match="unknown device 'tpu7'"):
+        runtime.choose_device("tpu7")
+    with pytest.raises(DeviceError, match="unknown precision 'fp8'"):
+        runtime.choose_precision(torch.device("cpu"), "fp8")
+
+
+def test_auto_device_order(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert runtime.choose_device("auto")[0].type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert runtime.choose_device("auto")[0].type == "cpu"
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu(monkeypatch, has_bf16, expected):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: has_bf16)
+    assert runtime.choose_precision(torch.device("cpu"), "auto")[0] == expected
+
+
+def test_auto_precision_on_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert runtime.choose_precision(torch.device("cuda"), "auto")[0] == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert runtime.choose_precision(torch.device("cuda"), "auto")[0] == "bf16"
+    assert runtime.choose_precision(torch.device("mps"), "auto")[0] == "fp16"
+
+
+def test_bf16_loading_keeps_norms_and_scale_in_fp32(tiny_model_dir):
+    model = runtime.build_model(tiny_model_dir, None, torch.device("cpu"), "bf16")
+    for name, module in model.named_modules():
+        if isinstance(module, LayerNorm):
+            assert module.weight.dtype == torch.float32, name
+    assert model.logit_scale.dtype == torch.float32
+    assert model.vision_model.encoder.layers[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert model.text_model.roberta.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_bf16_close_to_fp32(tiny_model_dir):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)) for _ in range(3)]
+    texts = ["a photo of a cat", "一张狗的照片", "собака", ""]
+    fp32 = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    bf16 = runtime.load(str(tiny_model_dir), device="cpu", precision="bf16")
+    for encode in ("encode_texts", "encode_images"):
+        inputs = texts if encode == "encode_texts" else images
+        a, b = getattr(fp32, encode)(inputs), getattr(bf16, encode)(inputs)
+        assert a.dtype == b.dtype == np.float32
+        cosine = (a * b).sum(axis=1)  # both L2-normalised
+        assert cosine.min() > 0.99, (encode, cosine)
+
+
+def test_public_api_matches_reference_end_to_end(tiny_model_dir):
+    """load() + classify against AltCLIPModel/tokenizer/image processor from transformers."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    import altclip_cli
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((480, 640), (301, 199))]
+    labels = ["一张猫的照片", "a photo of a dog", "صورة قطة"]
+    model = altclip_cli.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    probs, logits = model.classify(images, labels)
+
+    ref = transformers.AltCLIPModel.from_pretrained(tiny_model_dir).eval()
+    tok = transformers.XLMRobertaTokenizerFast(tokenizer_file=str(tiny_model_dir / "tokenizer.json"))
+    proc = transformers.CLIPImageProcessorPil.from_pretrained(tiny_model_dir)
+    text_in = tok(labels, padding=True, return_tensors="pt")
+    pixels = proc(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = ref(input_ids=text_in["input_ids"], attention_mask=text_in["attention_mask"], pixel_values=pixels)
+    np.testing.assert_allclose(logits, out.logits_per_image.numpy(), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(probs, out.logits_per_image.softmax(-1).numpy(), atol=1e-5)
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-6)
+
+
+def test_templates_are_an_ensemble_of_normalised_embeddings(tiny_model_dir):
+    model = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    templates = ["a photo of a {}.", "{} 的照片"]
+    got = model.label_embeddings(["cat", "dog"], templates)
+    filled = model.encode_texts(["a photo of a cat.", "cat 的照片"])
+    want = filled.mean(axis=0) / np.linalg.norm(filled.mean(axis=0))
+    np.testing.assert_allclose(got[0], want, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-6)
+
+
+def test_text_rows_keep_input_order_despite_length_sorting(tiny_model_dir):
+    model = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    texts = ["a much longer sentence about cats and dogs and birds", "hi", "", "中文"]
+    together = model.encode_texts(texts, batch_size=2)
+    alone = np.concatenate([model.encode_texts([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
