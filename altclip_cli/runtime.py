@@ -3,21 +3,25 @@ into the compute dtype, and encode texts and images. The model code knows nothin
 this module owns device choice, precision and casting."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cache
 from .checkpoint import check_keys, find_weights, read_state_dict
 from .config import check_against_tensors, read_config
 from .errors import CheckpointError, DeviceError
 from .layers import LayerNorm
 from .model import AltCLIPModel
+from .pipeline import ImageResult, stream_embeddings
 
+log = logging.getLogger("altclip")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -78,10 +82,16 @@ def choose_precision(device: torch.device, request: str = "auto") -> tuple[str, 
     return "fp32", "auto: the CPU has no native bf16 matrix instructions"
 
 
-def build_model(folder: Path, weights: list[Path] | None, device: torch.device, precision: str) -> AltCLIPModel:
+def build_model(folder: Path, weights: list[Path] | None, device: torch.device, precision: str,
+                use_cache: bool = False) -> AltCLIPModel:
     """Read config and weights (`weights` None: those found in `folder`), check them against
     each other, and return the model in eval mode on `device`: matmul weights in the compute
-    dtype, LayerNorms and logit_scale in fp32."""
+    dtype, LayerNorms and logit_scale in fp32.
+
+    use_cache: below fp32, keep a copy of the weights already cast (altclip's cache), so that
+    later starts memory-map it: no cast, half the bytes, and pages of a tower that is not used
+    are never read.
+    """
     cfg = read_config(folder)
     weights = weights or find_weights(folder)
     with torch.device("meta"):
@@ -95,14 +105,30 @@ def build_model(folder: Path, weights: list[Path] | None, device: torch.device, 
         target = torch.float32 if name in keep_fp32 or not tensor.is_floating_point() else dtype
         return tensor.to(device=device, dtype=target)
 
-    state = read_state_dict(weights, convert)
+    cached = None
+    if use_cache and precision != "fp32" and cache.enabled():
+        cached = cache.compute_weights_path(cache.weights_identity(weights), precision)
+    state = _read_cached(cached, convert) if cached and cached.is_file() else None
+    fresh = state is None
+    if fresh:
+        state = read_state_dict(weights, convert)
     check_against_tensors(cfg, {k: tuple(v.shape) for k, v in state.items()})
     check_keys(set(model.state_dict().keys()), state)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"the weights do not fit the model: {e}") from None
+    if cached and fresh:
+        cache.save_compute_weights(state, cached)
     return model.eval().requires_grad_(False)
+
+
+def _read_cached(path: Path, convert) -> dict | None:
+    try:
+        return read_state_dict([path], convert)
+    except CheckpointError as e:
+        cache.log.warning("ignoring the damaged weight cache %s (%s)", path, e.message)
+        return None
 
 
 def default_batch_size(device: torch.device, kind: str) -> int:
@@ -124,6 +150,7 @@ class AltCLIP:
     precision: str
     device_reason: str = ""
     precision_reason: str = ""
+    label_cache: cache.LabelCache | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -165,18 +192,57 @@ class AltCLIP:
     def encode_images(self, images: Sequence, *, batch_size: int | None = None,
                       normalize: bool = True) -> np.ndarray:
         """images: PIL images (see altclip_cli.images.open_image). (N, D) float32, row i for images[i]."""
-        images = list(images)
-        batch_size = batch_size or default_batch_size(self.device, "image")
-        out = torch.empty(len(images), self.embed_dim)
-        for start in range(0, len(images), batch_size):
-            pixels = torch.from_numpy(np.stack([self.preprocessor(im) for im in images[start:start + batch_size]]))
-            out[start:start + len(pixels)] = self.encode_pixel_batch(pixels).cpu()
-        return _finish(out, normalize)
+        results = list(self.stream_images(images, open_fn=lambda image: image, batch_size=batch_size,
+                                          normalize=normalize))
+        for r in results:
+            if r.error:
+                raise r.error
+        return np.stack([r.embedding for r in results]) if results else np.zeros((0, self.embed_dim), np.float32)
+
+    def stream_images(self, sources: Iterable, *, open_fn: Callable | None = None,
+                      batch_size: int | None = None, normalize: bool = True,
+                      workers: int | None = None) -> Iterator[ImageResult]:
+        """One ImageResult (index, source, embedding or error) per source, in input order, with
+        decoding in worker threads ahead of the model. open_fn(source) -> PIL image defaults to
+        `open_image` (paths or bytes); an input that fails gives an InputError, never an exception."""
+        from .images import open_image
+
+        def encode(pixels: np.ndarray) -> np.ndarray:
+            return _finish(self._encode_pixels_halving(torch.from_numpy(pixels)), normalize)
+
+        return stream_embeddings(sources, open_fn or open_image, self.preprocessor, encode,
+                                 batch_size=batch_size or default_batch_size(self.device, "image"),
+                                 workers=workers)
+
+    def _encode_pixels_halving(self, pixels: torch.Tensor) -> torch.Tensor:
+        """encode_pixel_batch, halving the batch on a CUDA out-of-memory error and saying so."""
+        try:
+            return self.encode_pixel_batch(pixels).cpu()
+        except torch.cuda.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            log.warning("CUDA out of memory on a batch of %d images: going on with batches of %d",
+                              len(pixels), half)
+            return torch.cat([self._encode_pixels_halving(pixels[:half]),
+                              self._encode_pixels_halving(pixels[half:])])
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """(L, D) float32, L2-normalised. With templates, CLIP's prompt ensemble: the mean of
         the normalised embeddings of every template filled with the label, normalised again."""
         labels = list(labels)
+        templates = list(templates or [])
+        found = self.label_cache.get(set(labels), templates) if self.label_cache else {}
+        missing = list(dict.fromkeys(label for label in labels if label not in found))
+        if missing:
+            computed = dict(zip(missing, self._embed_labels(missing, templates)))
+            if self.label_cache:
+                self.label_cache.put(computed, templates)
+            found.update(computed)
+        return np.stack([found[label] for label in labels]) if labels else np.zeros((0, self.embed_dim), np.float32)
+
+    def _embed_labels(self, labels: list[str], templates: list[str]) -> np.ndarray:
         if not templates:
             return self.encode_texts(labels)
         filled = [t.replace("{}", label) for label in labels for t in templates]
@@ -220,11 +286,14 @@ def set_cpu_threads() -> None:
 
 
 def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = "auto",
-         revision: str | None = None, download: bool = True, progress: bool = True) -> AltCLIP:
+         revision: str | None = None, download: bool = True, progress: bool = True,
+         use_cache: bool = True) -> AltCLIP:
     """Load an AltCLIP model from a local folder (Hugging Face layout) or a hub id.
 
     device: "auto" (cuda, then mps, then cpu) or "cpu" / "cuda" / "cuda:N" / "mps"; an
     explicit device that is absent raises DeviceError. precision: "auto" | "fp32" | "fp16" | "bf16".
+    use_cache: keep weights cast to the compute dtype and label embeddings in altclip's cache
+    (ALTCLIP_NO_CACHE=1 turns it off everywhere).
     Raises ModelError, DownloadError or DeviceError (altclip_cli.errors).
     """
     from .images import ImagePreprocessor
@@ -235,16 +304,20 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     folder, weights = _resolve(model, revision=revision, download=download, progress=progress)
     if torch_device.type == "cpu":
         set_cpu_threads()
-    net = build_model(folder, weights, torch_device, precision)
+    weights = weights or find_weights(folder)
+    net = build_model(folder, weights, torch_device, precision, use_cache=use_cache)
     tokenizer = TextTokenizer.from_dir(folder, max_length=net.config.text.max_tokens)
+    labels = cache.LabelCache(cache.weights_identity(weights), precision) if use_cache and cache.enabled() else None
     return AltCLIP(model_id=str(model), folder=folder, model=net, tokenizer=tokenizer,
                    preprocessor=ImagePreprocessor.from_dir(folder), device=torch_device,
-                   precision=precision, device_reason=device_reason, precision_reason=precision_reason)
+                   precision=precision, device_reason=device_reason, precision_reason=precision_reason,
+                   label_cache=labels)
 
 
 def _resolve(model: str, **kwargs) -> tuple[Path, list[Path] | None]:
     path = Path(os.path.expanduser(str(model)))
     if path.is_dir():  # a local folder needs no hub machinery
+        read_config(path)  # a folder that is not a model fails here, first and clearly
         return path, None
     from .hub import resolve_model
 

@@ -7,6 +7,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers: tiny.py, tokenizer_fixture.py, hubserver.py
 
 
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's caches: altclip's own and Hugging Face's."""
+    root = tmp_path_factory.mktemp("caches")
+    monkeypatch.setenv("ALTCLIP_HOME", str(root / "altclip"))
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may reach the internet; hub tests use a local server
+
+
 @pytest.fixture(scope="session")
 def _tiny_model_master(tmp_path_factory):
     from tiny import write_model

@@ -118,3 +118,40 @@ def test_text_rows_keep_input_order_despite_length_sorting(tiny_model_dir):
     together = model.encode_texts(texts, batch_size=2)
     alone = np.concatenate([model.encode_texts([t]) for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_compute_dtype_weight_cache_is_used_and_equal(tiny_model_dir, monkeypatch):
+    import altclip_cli.cache as cache
+
+    first = runtime.load(str(tiny_model_dir), device="cpu", precision="bf16")
+    files = list(cache.altclip_home().glob("weights/*/model-bf16.safetensors"))
+    assert len(files) == 1
+    reads = []
+    real = runtime.read_state_dict
+    monkeypatch.setattr(runtime, "read_state_dict", lambda paths, convert: reads.append(paths) or real(paths, convert))
+    second = runtime.load(str(tiny_model_dir), device="cpu", precision="bf16")
+    assert reads == [[files[0]]]  # the cast copy, not the original
+    texts = ["猫", "a dog"]
+    np.testing.assert_array_equal(first.encode_texts(texts), second.encode_texts(texts))
+
+
+def test_label_cache_skips_the_text_tower(tiny_model_dir, monkeypatch):
+    model = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    labels = ["猫", "dog", "猫"]  # a repeated label keeps its own row
+    first = model.label_embeddings(labels, ["a photo of {}"])
+    assert first.shape == (3, model.embed_dim)
+    again = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    monkeypatch.setattr(again, "encode_texts", lambda *a, **k: pytest.fail("text tower ran"))
+    np.testing.assert_array_equal(again.label_embeddings(labels, ["a photo of {}"]), first)
+    # Other templates are other keys: they must be computed.
+    with pytest.raises(pytest.fail.Exception):
+        again.label_embeddings(labels, ["{}"])
+
+
+def test_cache_can_be_turned_off(tiny_model_dir, monkeypatch):
+    import altclip_cli.cache as cache
+
+    monkeypatch.setenv("ALTCLIP_NO_CACHE", "1")
+    model = runtime.load(str(tiny_model_dir), device="cpu", precision="bf16")
+    assert model.label_cache is None
+    assert not cache.altclip_home().exists()

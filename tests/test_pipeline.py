@@ -1,0 +1,62 @@
+"""The decode-ahead pipeline: order, per-input failures, bounded prefetch."""
+import threading
+
+import numpy as np
+import pytest
+
+from altclip_cli.errors import InputError
+from altclip_cli.pipeline import stream_embeddings
+
+
+def fake_open(source):
+    if source.startswith("bad"):
+        raise InputError(f"{source}: not an image")
+    if source.startswith("crash"):
+        raise ValueError("decoder bug")
+    return int(source.split("-")[1])
+
+
+def preprocess(value):
+    return np.full((3, 2, 2), value, dtype=np.float32)
+
+
+def encode(batch):
+    return batch.reshape(len(batch), -1)[:, :1] * np.ones((1, 4), np.float32)  # (B, 4), row = its value
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 16])
+def test_results_in_input_order_with_failures_in_place(batch_size):
+    sources = ["ok-1", "bad-a", "ok-2", "crash-b", "ok-3", "ok-4", "bad-c"]
+    results = list(stream_embeddings(sources, fake_open, preprocess, encode, batch_size=batch_size, workers=3))
+    assert [r.index for r in results] == list(range(len(sources)))
+    assert [r.source for r in results] == sources
+    for r in results:
+        if r.source.startswith("ok"):
+            assert r.error is None and r.embedding[0] == int(r.source.split("-")[1])
+        else:
+            assert r.embedding is None and isinstance(r.error, InputError) and r.source in str(r.error)
+
+
+def test_prefetch_is_bounded():
+    opened, lock = [], threading.Lock()
+    consumed = []
+
+    def counting_open(source):
+        with lock:
+            opened.append(source)
+        return 1
+
+    def sources():
+        for i in range(100):
+            # When the i-th source is produced, the consumer has seen `len(consumed)` results:
+            # the pipeline may hold at most 2 * batch_size in flight plus one batch pending.
+            assert i - len(consumed) <= 2 * 4 + 4
+            yield f"ok-{i}"
+
+    for r in stream_embeddings(sources(), counting_open, preprocess, encode, batch_size=4, workers=2):
+        consumed.append(r)
+    assert len(consumed) == 100 and len(opened) == 100
+
+
+def test_empty_input():
+    assert list(stream_embeddings([], fake_open, preprocess, encode, batch_size=4)) == []
