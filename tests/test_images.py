@@ -286,3 +286,14 @@ def test_opened_file_parity(tmp_path, clip_pil):
     random_image("RGB", 300, 200).save(path, "JPEG")
     image = open_image(path)
     assert_bit_equal(ImagePreprocessor()(image), reference_pixels(clip_pil(HUB_CONFIG), image))
+
+
+def test_draft_decoding_of_large_jpegs(tmp_path):
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8))
+    big.save(tmp_path / "big.jpg", quality=90)
+    big.save(tmp_path / "big.png")
+    drafted = open_image(tmp_path / "big.jpg", draft_min_side=448)
+    assert drafted.size == (800, 600)  # 1/2 scale: the smallest whose shortest side is >= 448
+    assert open_image(tmp_path / "big.jpg").size == (1600, 1200)
+    assert open_image(tmp_path / "big.png", draft_min_side=448).size == (1600, 1200)  # JPEG only
