@@ -7,11 +7,12 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 # Preferred first. An index file lists shards of the same format.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
@@ -29,8 +30,9 @@ KEY_RENAMES = (
 DROPPED_KEYS = re.compile(r"(^|\.)(position_ids|token_type_ids)$|^text_model\.roberta\.pooler\.")
 
 
-def find_weights(folder: Path) -> list[Path]:
-    """The weight files of a model folder, in the first format found in WEIGHT_FILES."""
+def weight_files(folder: Path) -> list[Path] | None:
+    """The weight files of a model folder in the first format of WEIGHT_FILES it has (shards
+    from the index, which may be missing on disk), or None when it has none."""
     folder = Path(folder)
     for name in WEIGHT_FILES:
         path = folder / name
@@ -39,15 +41,26 @@ def find_weights(folder: Path) -> list[Path]:
         if not name.endswith(".index.json"):
             return [path]
         try:
-            shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"cannot read the shard index {path}: {e}") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{path.name} lists shards that are not in {folder}: {', '.join(missing)}")
-        return [folder / s for s in shards]
-    raise CheckpointError(f"no weights in {folder}",
-                          hint="expected one of: " + ", ".join(WEIGHT_FILES))
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            return [folder / s for s in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path} is not a valid weight index: {first_line(e)}") from None
+    return None
+
+
+def find_weights(folder: Path) -> list[Path]:
+    """weight_files, with an error naming what is missing."""
+    files = weight_files(folder)
+    if files is None:
+        raise CheckpointError(f"no weights in {folder}", hint="expected one of: " + ", ".join(WEIGHT_FILES))
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+    return files
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -62,28 +75,40 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                               hint="the file may be truncated: delete it and download the model again") from None
 
 
-def _iter_pickle(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_pickle(path: Path) -> dict:
+    """Read a pytorch_model.bin with torch's weights-only unpickler (memory-mapped when the file
+    is in the zip format): a flat {name: tensor} dict, nothing dropped. A file holding anything
+    but tensors and plain containers (a function, a class) raises CheckpointError: unpickling it
+    could run code."""
     import pickle
 
+    import torch
+
     try:
-        # weights_only: never run code from a checkpoint; mmap: no full copy in memory
-        # (legacy non-zip files cannot be mapped and are read whole).
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
                 raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects other than tensors and was refused "
-                              f"(it is only ever read with weights_only=True): {str(e).splitlines()[0]}",
-                              hint="convert it to safetensors with a tool you trust") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}",
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy pre-zip format
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" not in text and "Unsupported global" not in text:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first_line(exc)}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL posix.system ..."
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors{what}; refused to unpickle it, "
+            "since that could run code",
+            hint="use a safetensors checkpoint (model.safetensors) from a source you trust") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first_line(exc)}",
                               hint="the file may be truncated: delete it and download the model again") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors")
-    yield from state.items()
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path} is not a flat state dict of named tensors",
+                              hint="expected what torch.save(model.state_dict()) writes")
+    return state
 
 
 def normalise_key(key: str) -> str | None:
@@ -100,8 +125,8 @@ def read_state_dict(paths: list[Path], convert: Callable[[str, torch.Tensor], to
     a time (the runtime casts there), so at most one full-precision tensor is in memory."""
     state = {}
     for path in paths:
-        reader = _iter_safetensors if path.suffix == ".safetensors" else _iter_pickle
-        for key, tensor in reader(path):
+        items = _iter_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path).items()
+        for key, tensor in items:
             name = normalise_key(key)
             if name is None:
                 continue

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .checkpoint import first_line, read_pickle, weight_files
 from .errors import AltclipError, CheckpointError, DownloadError, ModelError
 from .paths import converted_dir
 
@@ -149,41 +150,6 @@ def cached_models(*, include_unknown: bool = True) -> list[CachedModel]:
     return found
 
 
-def read_pickle_checkpoint(path: Path) -> dict:
-    """Read a pytorch_model.bin with torch's weights-only unpickler (memory-mapped when the file
-    is in the zip format): a flat {name: tensor} dict, nothing dropped. A file holding anything
-    but tensors and plain containers (a function, a class) raises CheckpointError."""
-    import pickle
-
-    import torch
-
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Legacy (pre-zip) torch.save format: cannot be memory-mapped.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "Weights only load failed" not in text and "Unsupported global" not in text:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {_first_line(exc)}") from None
-        found = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL posix.system ..."
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path} holds Python objects other than tensors{what}; refusing to unpickle it, "
-            "since that could run code",
-            hint="use a safetensors checkpoint (model.safetensors) from a source you trust") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {_first_line(exc)}") from None
-    if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{path} is not a flat state dict of named tensors",
-                              hint="expected what torch.save(model.state_dict()) writes")
-    return state
-
-
 def convert_to_safetensors(sources: list[Path], target: Path, *, progress: bool = False) -> Path:
     """Convert pytorch_model.bin file(s) to one safetensors file, once.
 
@@ -203,7 +169,7 @@ def convert_to_safetensors(sources: list[Path], target: Path, *, progress: bool 
             print(f"Converting {sources[0].name} to safetensors (once): {target}", file=sys.stderr)
         tensors: dict = {}
         for source in sources:
-            part = read_pickle_checkpoint(source)
+            part = read_pickle(source)
             if tensors.keys() & part.keys():
                 raise CheckpointError(f"{source} repeats tensors of another shard")
             tensors.update(part)
@@ -279,7 +245,7 @@ def _resolve_local(folder: Path) -> ResolvedModel:
             f"{folder} has no config.json, so it is not a model folder",
             hint="give a folder in the Hugging Face layout (config.json, tokenizer, weights), "
                  "or a hub id such as BAAI/AltCLIP")
-    weights = _weight_files(folder)
+    weights = weight_files(folder)
     if weights is None:
         raise CheckpointError(f"{folder} holds no weights",
                               hint="expected model.safetensors (or its index and shards) or pytorch_model.bin")
@@ -289,27 +255,6 @@ def _resolve_local(folder: Path) -> ResolvedModel:
     return ResolvedModel(folder=folder, weights=weights, repo_id=None, commit=None)
 
 
-def _weight_files(folder: Path) -> list[Path] | None:
-    """The weight files of a folder, safetensors first; None when it has none. Shards come
-    from the index and may be missing on disk (callers check)."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (folder / single).is_file():
-            return [folder / single]
-        if (folder / index).is_file():
-            return _shards(folder / index)
-    return None
-
-
-def _shards(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index} is not a valid weight index: {_first_line(exc)}") from None
-    return [index.parent / name for name in names]
-
-
 def _is_complete(folder: Path) -> bool:
     """config.json, a tokenizer file and every weight file are present."""
     if not (folder / "config.json").is_file():
@@ -317,7 +262,7 @@ def _is_complete(folder: Path) -> bool:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return False
     try:
-        weights = _weight_files(folder)
+        weights = weight_files(folder)
     except CheckpointError:  # an unreadable index
         return False
     return bool(weights) and all(w.is_file() for w in weights)
@@ -451,7 +396,7 @@ def _allow_patterns(repo_id: str, files: Iterable[str]) -> list[str]:
 
 def _finish(repo_id: str, folder: Path, progress: bool) -> ResolvedModel:
     """Check the snapshot and convert pickle-only weights to safetensors."""
-    weights = _weight_files(folder)
+    weights = weight_files(folder)
     if not _is_complete(folder) or not weights:
         raise DownloadError(f"the cached copy of {repo_id} in {folder} is incomplete",
                             hint=f"run: altclip download {repo_id}")
@@ -524,13 +469,8 @@ def _download_error(exc: BaseException, repo_id: str, revision: str | None) -> D
     if status is not None:
         return DownloadError(f"the Hub answered HTTP {status} while fetching {repo_id}",
                              hint="try again later; if it persists, check HF_ENDPOINT and HF_TOKEN")
-    return DownloadError(f"downloading {repo_id} failed: {_first_line(exc)}",
+    return DownloadError(f"downloading {repo_id} failed: {first_line(exc)}",
                          hint=f"run again (finished files are kept): altclip download {repo_id}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def _safetensors_dtypes(torch) -> dict:

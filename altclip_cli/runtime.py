@@ -304,7 +304,6 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     folder, weights = _resolve(model, revision=revision, download=download, progress=progress)
     if torch_device.type == "cpu":
         set_cpu_threads()
-    weights = weights or find_weights(folder)
     net = build_model(folder, weights, torch_device, precision, use_cache=use_cache)
     tokenizer = TextTokenizer.from_dir(folder, max_length=net.config.text.max_tokens)
     labels = cache.LabelCache(cache.weights_identity(weights), precision) if use_cache and cache.enabled() else None
@@ -314,12 +313,8 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
                    label_cache=labels)
 
 
-def _resolve(model: str, **kwargs) -> tuple[Path, list[Path] | None]:
-    path = Path(os.path.expanduser(str(model)))
-    if path.is_dir():  # a local folder needs no hub machinery
-        read_config(path)  # a folder that is not a model fails here, first and clearly
-        return path, None
+def _resolve(model: str, **kwargs) -> tuple[Path, list[Path]]:
     from .hub import resolve_model
 
-    resolved = resolve_model(str(model), **kwargs)
-    return resolved.folder, resolved.weights or None
+    resolved = resolve_model(str(model), **kwargs)  # a local folder, or a hub id through the HF cache
+    return resolved.folder, resolved.weights

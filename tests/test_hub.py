@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from altclip_cli import hub as hubmod
+from altclip_cli.checkpoint import read_pickle
 from altclip_cli.errors import AltclipError, CheckpointError, DownloadError, ModelError
 from altclip_cli.hub import cached_models, download_model, resolve_model
 
@@ -246,7 +247,7 @@ def test_interrupted_download_resumes_with_range(env):
 def test_pickle_holding_code_is_refused(env):
     with pytest.raises(CheckpointError) as err:
         resolve_model(EVIL_REPO, progress=False)
-    assert "refusing to unpickle" in err.value.message
+    assert "refused to unpickle" in err.value.message
     assert "makedirs" in err.value.message  # names what it would have called
     assert not env.served.marker.exists()
     leftovers = [p for p in env.altclip.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
@@ -257,7 +258,7 @@ def test_pickle_holding_a_class_is_refused(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.ones(2), "cls": SimpleNamespace}, path)
     with pytest.raises(CheckpointError, match="SimpleNamespace"):
-        hubmod.read_pickle_checkpoint(path)
+        read_pickle(path)
 
 
 def test_safetensors_repo_does_not_fetch_the_bin(env):
