@@ -18,7 +18,7 @@ from .commands.classify import classify
 from .commands.embed import embed
 from .commands.manage import download, info, models
 from .errors import AltclipError
-from .options import DEBUG_KEY, MESSAGES_KEY, UsageError
+from .options import DEBUG_KEY, MESSAGES_KEY, UsageError, debug_option
 from .output import Messages
 
 
@@ -110,6 +110,7 @@ def _silence_stdout() -> None:
 
 @click.group("altclip", cls=AltclipGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="altclip", message="%(prog)s %(version)s")
+@debug_option
 def cli():
     """altclip: BAAI's multilingual AltCLIP on your own machine.
 

@@ -105,11 +105,14 @@ def _stack(*decorators):
     return apply
 
 
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+    help="Show the Python traceback when something fails (also: ALTCLIP_DEBUG=1).")
+
 common_options = _stack(
     click.option("-q", "--quiet", is_flag=True, callback=_set_quiet,
                  help="No progress bars, notes or warnings on stderr (errors still show)."),
-    click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
-                 help="Show the Python traceback when something fails (also: ALTCLIP_DEBUG=1)."),
+    debug_option,
 )
 
 model_options = _stack(
@@ -121,7 +124,7 @@ model_options = _stack(
     click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
                  show_default=True, envvar="ALTCLIP_PRECISION", show_envvar=True, help="Compute precision; auto is bf16/fp16 where the hardware is fast at it."),
     click.option("-b", "--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Images (or texts) per batch [default: 32 images, 256 texts]."),
+                 help="Images (or texts) per model batch [default: chosen for the device]."),
 )
 
 image_input_options = _stack(

@@ -641,3 +641,56 @@ def test_no_color_is_respected_on_a_terminal(monkeypatch):
     stream = _Tty()
     Messages(stream=stream).error("boom", hint="do this")
     assert stream.getvalue() == "error: boom\nhint: do this\n"
+
+
+def test_table_is_the_default_on_a_terminal(images, model, monkeypatch):
+    from altclip_cli import output
+
+    monkeypatch.setattr(output, "isatty", lambda stream: True)
+    result = invoke("classify", "a.png", "-l", "猫", "-l", "dog", "-m", model)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].strip() == "a.png" and lines[1].split() == ["label", "prob"]
+    assert "█" in result.stdout
+
+
+def test_models_table_on_a_terminal(monkeypatch):
+    from altclip_cli import output
+
+    monkeypatch.setattr(output, "isatty", lambda stream: True)
+    result = invoke("models")
+    assert result.exit_code == 0
+    assert result.stdout.split()[:5] == ["model", "languages", "download", "cached", "description"]
+    assert "BAAI/AltCLIP-m18" in result.stdout
+
+
+def test_debug_before_the_command(images, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    result = invoke("--debug", "classify", "a.png", "-l", "x", "-m", tmp_path / "empty-model")
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+
+
+def test_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "altclip_cli", "--version"], capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, f"altclip {__version__}\n")
+
+
+def test_interrupt_before_the_model_is_loaded_keeps_the_earlier_partial_run(images, model, monkeypatch):
+    args = ["embed", "a.png", "b.jpg", "c.png", "-b", "1", "-m", model, "-o", "x.npy"]
+    assert invoke(*args, env={"ALTCLIP_TEST_STOP_AFTER": "1"}).exit_code == 130
+    before = sorted(os.listdir())
+    from altclip_cli import runtime
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "load", interrupted)
+        result = invoke(*args, "--resume")
+    assert result.exit_code == 130
+    assert "error: interrupted; x.npy was not written" in result.stderr
+    assert sorted(os.listdir()) == before
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0 and "resuming after 1 of 3 inputs" in result.stderr
+    assert np.load("x.npy").shape == (3, 16)

@@ -203,28 +203,34 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
                 out.open(run.model.embed_dim)  # no inputs left: still write a whole (N, D) array
             out.commit()
         except KeyboardInterrupt:
-            if out.is_open and out.inputs_done:
-                out.save_checkpoint()
-                out.close()
+            if _keep_partial(out):
                 msgs.error(f"interrupted after {out.inputs_done} of {len(inputs)} inputs; {output} was not written",
                            hint=f"run the same command with --resume to continue from input {out.inputs_done + 1}")
             else:
-                out.discard()
                 msgs.error(f"interrupted; {output} was not written")
             click.get_current_context().exit(143 if _Terminated.received else 130)
         except BaseException:
-            if out.is_open and out.inputs_done:
-                try:
-                    out.save_checkpoint()
-                    out.close()
+            try:
+                if _keep_partial(out):
                     msgs.note(f"the first {out.inputs_done} inputs are kept; --resume continues from there")
-                except OSError:
-                    out.discard()
-            else:
+            except OSError:
                 out.discard()
             raise
     msgs.note(f"wrote {out.rows} rows to {output} and {out.sidecar}")
     return failed
+
+
+def _keep_partial(out) -> bool:
+    """After a run stopped early: checkpoint what is done (True), or remove the .part files this
+    run created with nothing in them. Files of an earlier run that this one never opened stay."""
+    if not out.is_open:
+        return False
+    if out.inputs_done:
+        out.save_checkpoint()
+        out.close()
+        return True
+    out.discard()
+    return False
 
 
 class _Terminated:
