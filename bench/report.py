@@ -27,6 +27,7 @@ COMPARED = [
     Row("classify again, same labels (s; reference: cold again)", "classify_repeat_s", 2, "< cold"),
     Row("first classify ever: casts + caches the weights (s; reference: cold)", "classify_first_s", 2),
     Row("peak RSS, cold classify (MB)", "classify_rss_mb", 0, "<= 0.7x", ratio_max=0.7),
+    Row("peak RSS, first classify ever (MB; reference: cold)", "classify_first_rss_mb", 0),
     Row("peak RSS, image embedding (MB)", "images_rss_mb", 0, "<= 0.7x", ratio_max=0.7),
     Row("peak RSS, text embedding (MB)", "texts_rss_mb", 0),
     Row("import + load weights, before embedding (s)", "images_load_s", 2),
@@ -58,7 +59,8 @@ def _met(row: Row, ours, ratio) -> str:
 def comparison_table(med: dict) -> list[str]:
     ours, ref = med.get("altclip", {}), med.get("reference", {})
     # The reference caches nothing: its every call is a cold one.
-    ref = {**ref, "classify_repeat_s": ref.get("classify_s"), "classify_first_s": ref.get("classify_s")}
+    ref = {**ref, "classify_repeat_s": ref.get("classify_s"), "classify_first_s": ref.get("classify_s"),
+           "classify_first_rss_mb": ref.get("classify_rss_mb")}
     lines = ["| measure | altclip | reference | altclip / reference | target | met |",
              "|---|---:|---:|---:|---|---|"]
     for row in COMPARED:
