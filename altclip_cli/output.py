@@ -74,9 +74,10 @@ class Messages:
 
             click.echo(message, file=self.stream)
 
-    def progress(self, description: str, total: int | None = None):
-        """A context manager giving `advance(n)`; draws a bar only on a terminal, never when quiet."""
-        if self.quiet or not isatty(self.stream):
+    def progress(self, description: str, total: int | None = None, *, data_to_stdout: bool = False):
+        """A context manager giving `advance(n)`; draws a bar only on a terminal, never when quiet,
+        and not while the command's data goes to a terminal (the output shows the progress there)."""
+        if self.quiet or not isatty(self.stream) or (data_to_stdout and isatty(sys.stdout)):
             return _NoProgress()
         return _RichProgress(self.stream, description, total)
 
@@ -107,7 +108,8 @@ class _RichProgress:
 
         console = Console(file=stream, no_color=no_color())
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeRemainingColumn(), console=console, transient=True)
+                                  TimeRemainingColumn(), console=console, transient=True,
+                                  redirect_stdout=False)  # data keeps its own stream; stderr lines print above the bar
         self._task = self._progress.add_task(description, total=total)
 
     def __enter__(self):

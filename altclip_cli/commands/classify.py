@@ -68,7 +68,7 @@ def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_
         label_emb = model_.label_embeddings(labels, list(templates) or None)
         opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb)
         results = model_.stream_images(sources, open_fn=lambda s: open_source(s, **opener_kw), batch_size=batch_size)
-        with msgs.progress("classifying", total=len(sources)) as bar:
+        with msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar:
             for r in results:
                 name = display(r.source.name)
                 if r.embedding is None:

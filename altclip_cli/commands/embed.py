@@ -148,7 +148,7 @@ def _to_stdout(run: _Run, inputs, opener_kw) -> int:
 
     stdout = sys.stdout
     failed = row = 0
-    with run.msgs.progress("embedding", total=len(inputs)) as bar:
+    with run.msgs.progress("embedding", total=len(inputs), data_to_stdout=True) as bar:
         for batch in run.batches(inputs, opener_kw):
             lines = []
             for _name, record, emb in batch:
