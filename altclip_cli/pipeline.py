@@ -4,8 +4,10 @@ input order, one per source, failures included, so one bad file never stops a ru
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -28,6 +30,36 @@ def default_workers() -> int:
     except AttributeError:
         cores = os.cpu_count() or 1
     return max(1, min(8, cores))
+
+
+class DaemonPool:
+    """A minimal thread pool whose workers are daemon threads: an input that blocks forever
+    (a FIFO, a hung network mount) cannot keep Ctrl-C or the interpreter's exit waiting, as
+    ThreadPoolExecutor's joined workers would."""
+
+    def __init__(self, workers: int):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"altclip-decode-{i}", daemon=True).start()
+        self._workers = workers
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn, args = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                    future.set_exception(e)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._tasks.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        for _ in range(self._workers):
+            self._tasks.put(None)
 
 
 def _prepare(source, open_fn: Callable, preprocess: Callable) -> np.ndarray:
@@ -70,15 +102,16 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
         if sum(p is not None for _, _, p, _ in pending) >= batch_size:
             yield from flush()
 
-    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="altclip-decode") as pool:
-        try:
-            for index, source in enumerate(sources):
-                in_flight.append((index, source, pool.submit(_prepare, source, open_fn, preprocess)))
-                if len(in_flight) >= ahead:
-                    yield from settle_oldest()
-            while in_flight:
+    pool = DaemonPool(workers or default_workers())
+    try:
+        for index, source in enumerate(sources):
+            in_flight.append((index, source, pool.submit(_prepare, source, open_fn, preprocess)))
+            if len(in_flight) >= ahead:
                 yield from settle_oldest()
-            yield from flush()
-        finally:  # stopped early (Ctrl-C, consumer broke off): drop what was queued
-            for _, _, future in in_flight:
-                future.cancel()
+        while in_flight:
+            yield from settle_oldest()
+        yield from flush()
+    finally:  # also when stopped early (Ctrl-C, the consumer broke off): drop what is queued
+        for _, _, future in in_flight:
+            future.cancel()
+        pool.close()

@@ -60,3 +60,19 @@ def test_prefetch_is_bounded():
 
 def test_empty_input():
     assert list(stream_embeddings([], fake_open, preprocess, encode, batch_size=4)) == []
+
+
+def test_a_blocked_input_does_not_hold_up_the_consumer_stopping():
+    release = threading.Event()
+
+    def blocking_open(source):
+        if source == "ok-9":
+            release.wait(30)  # a FIFO nobody writes to
+        return 1
+
+    stream = stream_embeddings([f"ok-{i}" for i in range(20)], blocking_open, preprocess, encode,
+                               batch_size=2, workers=2)
+    first = next(stream)
+    assert first.index == 0
+    stream.close()  # the consumer stops (as on Ctrl-C): returns at once, no join on the blocked worker
+    release.set()
