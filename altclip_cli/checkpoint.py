@@ -81,16 +81,21 @@ def read_pickle(path: Path) -> dict:
     but tensors and plain containers (a function, a class) raises CheckpointError: unpickling it
     could run code."""
     import pickle
+    import warnings
 
     import torch
 
     try:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with warnings.catch_warnings():  # torch's note on pickle protocols means nothing to a user
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy pre-zip format
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy pre-zip format
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" not in text and "Unsupported global" not in text:

@@ -155,3 +155,27 @@ def test_cache_can_be_turned_off(tiny_model_dir, monkeypatch):
     model = runtime.load(str(tiny_model_dir), device="cpu", precision="bf16")
     assert model.label_cache is None
     assert not cache.altclip_home().exists()
+
+
+def test_cuda_out_of_memory_halves_the_batch_and_says_so(tiny_model_dir, monkeypatch, caplog):
+    from PIL import Image
+
+    model = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(8)]
+    expected = model.encode_images(images, batch_size=8)
+    real = model.encode_pixel_batch
+    sizes = []
+
+    def limited(pixels):
+        sizes.append(len(pixels))
+        if len(pixels) > 2:  # as if the GPU only fits two images
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(pixels)
+
+    monkeypatch.setattr(model, "encode_pixel_batch", limited)
+    with caplog.at_level("WARNING", logger="altclip"):
+        got = model.encode_images(images, batch_size=8)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert sizes[:3] == [8, 4, 2]
+    assert "out of memory on a batch of 8 images" in caplog.text
