@@ -3,7 +3,8 @@
 A model is either a local folder in the Hugging Face layout (config.json, tokenizer files,
 weights) or a hub id such as "BAAI/AltCLIP". Hub models live in the shared Hugging Face cache
 (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT are honoured by huggingface_hub), so a
-model that transformers already downloaded is not fetched again.
+model that transformers already downloaded is not fetched again. Weight files are fetched
+resumably (fetch.py): a download that is interrupted goes on from where it stopped next time.
 
 The hub's BAAI/AltCLIP only ships a pickled pytorch_model.bin. It is read once with torch's
 weights-only unpickler (a file holding code is refused) and rewritten as safetensors in
@@ -363,13 +364,23 @@ def _check_repo_id(model: str) -> str:
 
 def _fetch(repo_id: str, revision: str | None, progress: bool) -> Path:
     """List the repo's files, then fetch the ones we need into the HF cache (files already
-    cached are not fetched again). Returns the snapshot folder."""
+    cached are not fetched again). Weight files are fetched first, resumably (fetch.py);
+    snapshot_download then only links them and fetches the small files. Returns the snapshot
+    folder."""
     from huggingface_hub import HfApi, snapshot_download
+
+    from .fetch import fetch_blob
 
     try:
         info = HfApi().model_info(repo_id, revision=revision)
         files = [s.rfilename for s in info.siblings or ()]
         patterns = _allow_patterns(repo_id, files)
+        commit = info.sha or revision or "main"
+        storage = _storage_folder(repo_id)
+        for name in _weights_to_fetch(files, patterns):
+            if not (storage / "snapshots" / commit / name).exists():
+                fetch_blob(repo_id, name, commit, storage, _hub_cache() / ".locks" / storage.name,
+                           tqdm_class=_tqdm_class(progress), progress=progress and sys.stderr.isatty())
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                    tqdm_class=_tqdm_class(progress))
     except AltclipError:
@@ -392,6 +403,14 @@ def _allow_patterns(repo_id: str, files: Iterable[str]) -> list[str]:
     if not names & set(TOKENIZER_FILES):
         raise ModelError(f"{repo_id} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     return [*SUPPORT_FILES, *weights]
+
+
+def _weights_to_fetch(files: Iterable[str], patterns: list[str]) -> list[str]:
+    """The weight files (not their small JSON indexes) that the allow patterns select."""
+    from fnmatch import fnmatch
+
+    weights = [p for p in patterns if p in SAFETENSORS_FILES + PICKLE_FILES and not p.endswith(".json")]
+    return [f for f in files if any(fnmatch(f, p) for p in weights)]
 
 
 def _finish(repo_id: str, folder: Path, progress: bool) -> ResolvedModel:

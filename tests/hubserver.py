@@ -16,6 +16,9 @@ never advertised (no X-Xet-* headers, no xetHash), so the client uses plain HTTP
         hub.url                       # http://127.0.0.1:PORT, for HF_ENDPOINT
         hub.requests                  # [(method, path, headers)] in arrival order
         hub.cut_next("org/name", "pytorch_model.bin", after=6000)   # drop the next GET mid-body
+        hub.stall_next("org/name", "pytorch_model.bin", after=6000) # send 6000 bytes, then hang
+        hub.release()                                               # until this (or 60 s)
+        hub.corrupt_next("org/name", "pytorch_model.bin")           # flip a byte of the next GET
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ class FakeHub:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.requests: list[tuple[str, str, dict]] = []
-        self._cuts: dict[tuple[str, str], int] = {}
+        self._faults: dict[tuple[str, str], tuple[str, int]] = {}  # (repo, file): (kind, after)
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -43,10 +47,12 @@ class FakeHub:
         handler = type("Handler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
+        self._released.clear()
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -68,11 +74,28 @@ class FakeHub:
         """The next GET of this file sends its full Content-Length but only `after` bytes,
         then closes the connection (once)."""
         with self._lock:
-            self._cuts[(repo_id, filename)] = after
+            self._faults[(repo_id, filename)] = ("cut", after)
 
-    def take_cut(self, repo_id: str, filename: str) -> int | None:
+    def stall_next(self, repo_id: str, filename: str, *, after: int) -> None:
+        """The next GET of this file sends its full Content-Length but only `after` bytes,
+        then hangs until release() (at most 60 s) and closes the connection (once): a
+        client killed meanwhile has exactly those bytes to resume from."""
         with self._lock:
-            return self._cuts.pop((repo_id, filename), None)
+            self._released.clear()
+            self._faults[(repo_id, filename)] = ("stall", after)
+
+    def corrupt_next(self, repo_id: str, filename: str) -> None:
+        """The next GET of this file sends the whole body with its first byte flipped (once)."""
+        with self._lock:
+            self._faults[(repo_id, filename)] = ("corrupt", 0)
+
+    def release(self) -> None:
+        """End the stalled transfers."""
+        self._released.set()
+
+    def take_fault(self, repo_id: str, filename: str) -> tuple[str, int] | None:
+        with self._lock:
+            return self._faults.pop((repo_id, filename), None)
 
     def log(self, method: str, path: str, headers: dict) -> None:
         with self._lock:
@@ -195,7 +218,9 @@ class _Handler(BaseHTTPRequestHandler):
         if match and int(match.group(1)) < len(data):
             start = int(match.group(1))
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        cut = self.hub.take_cut(repo_id, filename) if body else None
+        fault = self.hub.take_fault(repo_id, filename) if body else None
+        if fault is not None and fault[0] == "corrupt":
+            data, fault = bytes([data[0] ^ 0xFF]) + data[1:], None
         self.send_response(206 if start else 200)
         for key, value in headers.items():
             self.send_header(key, value)
@@ -203,9 +228,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        if cut is not None:
-            self.wfile.write(data[start:start + cut])
+        if fault is not None:
+            kind, after = fault
+            self.wfile.write(data[start:start + after])
             self.wfile.flush()
+            if kind == "stall":
+                self.hub._released.wait(timeout=60)
             self.close_connection = True  # the client sees the body end early
             return
         self.wfile.write(data[start:])

@@ -12,8 +12,11 @@ import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -374,3 +377,138 @@ def test_two_processes_convert_once(env, tmp_path):
     assert len(log.read_text().split()) == 1  # one process converted, the other waited
     assert_same_tensors(first.weights[0], env.served.state)
     assert [p.name for p in first.weights[0].parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming across runs: weight files collect in blobs/<etag>.incomplete (altclip_cli/fetch.py)
+
+# The CLI in a child process, with huggingface_hub's read size cut from 10 MB to 1 KiB (as the
+# env fixture does in-process), so that some KB of the stand-in weights reach the disk.
+CHILD = ("import sys; from huggingface_hub import constants; constants.DOWNLOAD_CHUNK_SIZE = 1024; "
+         "from altclip_cli.cli import main; main(sys.argv[1:])")
+
+
+def child_cli(*args: str) -> subprocess.Popen:
+    """`altclip ARGS` against the fake hub and the test's caches (the env fixture's variables)."""
+    return subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
+def bin_paths(env) -> SimpleNamespace:
+    storage = env.cache / "models--tiny--altclip-bin"
+    blob = storage / "blobs" / hashlib.sha256(env.served.binary).hexdigest()
+    return SimpleNamespace(storage=storage, blob=blob, partial=blob.with_name(blob.name + ".incomplete"),
+                           lock=env.cache / ".locks" / storage.name / f"{blob.name}.lock")
+
+
+def weight_ranges(env) -> list[str | None]:
+    """The Range header of each GET of pytorch_model.bin, in order (None: the whole file)."""
+    return [h.get("Range") for m, p, h in env.hub.requests if m == "GET" and p.endswith("/pytorch_model.bin")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_download_stopped_midway_resumes_in_the_next_process(env, sig):
+    paths = bin_paths(env)
+    env.hub.stall_next(BIN_REPO, "pytorch_model.bin", after=5000)
+    first = child_cli("download", BIN_REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not (paths.partial.is_file() and paths.partial.stat().st_size >= 4096):
+            assert first.poll() is None, first.communicate()[1]
+            assert time.monotonic() < deadline, "the partial file never grew"
+            time.sleep(0.05)
+        first.send_signal(sig)
+        _, stderr = first.communicate(timeout=60)
+    finally:
+        env.hub.release()
+        first.kill()
+    if sig == signal.SIGINT:
+        assert (first.returncode, stderr.splitlines()[-1]) == (130, "error: interrupted")
+    else:
+        assert first.returncode == -signal.SIGKILL
+    have = paths.partial.stat().st_size
+    assert 0 < have <= 5000 and not paths.blob.exists()
+    env.hub.clear_log()
+
+    second = child_cli("download", BIN_REPO)
+    stdout, stderr = second.communicate(timeout=300)
+
+    assert second.returncode == 0, stderr
+    commit = env.hub.commit(BIN_REPO)
+    snapshot = paths.storage / "snapshots" / commit
+    assert stdout == f"{snapshot}\n"
+    assert weight_ranges(env) == [f"bytes={have}-"]  # only the missing bytes
+    link = snapshot / "pytorch_model.bin"
+    assert link.is_symlink() and link.resolve() == paths.blob
+    assert paths.blob.read_bytes() == env.served.binary
+    assert (paths.storage / "refs" / "main").read_text() == commit
+    assert list(paths.storage.glob("blobs/*.incomplete")) == []
+    assert_same_tensors(converted_path(env, BIN_REPO, commit), env.served.state)
+
+
+def test_a_blob_in_the_cache_is_not_fetched_again(env):
+    first = download_model(BIN_REPO, progress=False)
+    shutil.rmtree(first.folder.parent)  # snapshots/: only the blobs are left, as another tool may leave them
+    env.hub.clear_log()
+
+    again = download_model(BIN_REPO, progress=False)
+
+    assert env.hub.fetched() == []
+    assert again.folder == first.folder
+    link = again.folder / "pytorch_model.bin"
+    assert link.is_symlink() and link.resolve() == bin_paths(env).blob
+
+
+@pytest.mark.parametrize("partial, ranges", [
+    ("longer", [None]),                     # cannot be a prefix: discarded before any request
+    ("same-size", [None]),                  # complete but wrong: fails the sha256, fetched whole
+    ("prefix", ["bytes=4096-", None]),      # resumed, fails the sha256, fetched again whole
+])
+def test_a_corrupt_partial_is_not_trusted(env, partial, ranges, caplog):
+    paths = bin_paths(env)
+    data = env.served.binary
+    paths.partial.parent.mkdir(parents=True)
+    paths.partial.write_bytes({"longer": data + b"tail", "same-size": b"\0" * len(data),
+                               "prefix": b"\0" * 4096}[partial])
+
+    resolved = download_model(BIN_REPO, progress=False)
+
+    assert weight_ranges(env) == ranges
+    assert (resolved.folder / "pytorch_model.bin").read_bytes() == data
+    assert not paths.partial.exists()
+    assert "pytorch_model.bin: " in caplog.text  # said why it started again
+
+
+def test_a_corrupt_fresh_download_is_an_error_and_kept_nowhere(env):
+    paths = bin_paths(env)
+    env.hub.corrupt_next(BIN_REPO, "pytorch_model.bin")
+
+    with pytest.raises(DownloadError) as err:
+        download_model(BIN_REPO, progress=False)
+
+    assert type(err.value) is DownloadError
+    assert err.value.message == "the downloaded pytorch_model.bin is corrupt (sha256 mismatch)"
+    assert not paths.partial.exists() and not paths.blob.exists()
+    assert download_model(BIN_REPO, progress=False).folder.is_dir()  # the next run starts afresh
+    assert weight_ranges(env) == [None, None]
+
+
+def test_waits_for_another_process_on_the_same_blob(env):
+    from filelock import FileLock
+
+    paths = bin_paths(env)
+    paths.lock.parent.mkdir(parents=True)
+    other = FileLock(str(paths.lock))  # held as huggingface_hub holds it while downloading
+    other.acquire()
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(download_model(BIN_REPO, progress=False)))
+    thread.start()
+    time.sleep(1.0)
+    assert weight_ranges(env) == [] and not paths.partial.exists()  # waiting, not downloading
+    paths.blob.parent.mkdir(parents=True, exist_ok=True)
+    paths.blob.write_bytes(env.served.binary)  # the other process finishes the blob
+    other.release()
+    thread.join(timeout=120)
+
+    assert done and weight_ranges(env) == []
+    assert (done[0].folder / "pytorch_model.bin").resolve() == paths.blob
