@@ -185,7 +185,7 @@ class AltCLIP:
         out = torch.empty(len(ids), self.embed_dim)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            batch_ids, mask = _pad([ids[i] for i in rows], self.tokenizer.pad_id)
+            batch_ids, mask = self.tokenizer.pad([ids[i] for i in rows])
             out[rows] = self.encode_token_batch(batch_ids, mask).cpu()
         return _finish(out, normalize)
 
@@ -259,17 +259,6 @@ class AltCLIP:
         """(probs, logits) from normalised embeddings, in fp32."""
         logits = torch.from_numpy(image_emb) @ torch.from_numpy(label_emb).T * self.logit_scale
         return logits.softmax(dim=-1).numpy(), logits.numpy()
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists: (B, T) ids and (B, T) attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 def _finish(emb: torch.Tensor, normalize: bool) -> np.ndarray:

@@ -107,9 +107,12 @@ class TextTokenizer:
 
     def batch(self, texts: Sequence[str]) -> tuple["torch.Tensor", "torch.Tensor"]:
         """(ids, attention_mask), int64 (B, T) with T the longest text; padded on the right (pooling reads token 0)."""
+        return self.pad(self.encode(texts))
+
+    def pad(self, seqs: Sequence[Sequence[int]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Token id lists -> (ids, attention_mask), int64 (B, T), padded on the right."""
         import torch
 
-        seqs = self.encode(texts)
         width = max((len(s) for s in seqs), default=0)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.int64)  # (B, T)
         mask = torch.zeros((len(seqs), width), dtype=torch.int64)  # (B, T), 1 on real tokens
