@@ -115,6 +115,10 @@ def accuracy_table(acc: dict, cross: dict) -> list[str]:
              f"| >= 0.999 | {ok(acc['text_cos_min'])} |",
              f"| same top label ({acc['images']} images, {acc['labels']} labels) | {acc['same_top_label']}/{acc['images']} "
              f"| | all | {'yes' if acc['same_top_label'] == acc['images'] else 'no'} |"]
+    if acc.get("flipped_margin_max") is not None:
+        lines.append(f"| fp32 logit margin, best vs second label: where the top label changed (max) / "
+                     f"all images (median) | {acc['flipped_margin_max']:.4f} | {acc['margin_median']:.4f} | "
+                     "(random weights: near-ties) | |")
     for what in ("images", "texts"):
         if what in cross:
             lines.append(f"| {what[:-1]} embedding cosine, altclip auto vs reference fp32 | {cross[what][0]:.5f} "

@@ -83,13 +83,13 @@ def fresh_home(cache: Path) -> dict:
     after altclip has run once (weights cast to bf16 and cached) but never with these labels."""
     (cache / "homes").mkdir(exist_ok=True)
     home = Path(tempfile.mkdtemp(dir=cache / "homes"))
-    shared = empty_home(cache) / "weights"
+    shared = shared_home(cache) / "weights"
     shared.mkdir(exist_ok=True)
     (home / "weights").symlink_to(shared, target_is_directory=True)
     return {"ALTCLIP_HOME": str(home)}
 
 
-def empty_home(cache: Path) -> Path:
+def shared_home(cache: Path) -> Path:
     """The ALTCLIP_HOME that owns the shared weight cache (made by the first classify)."""
     home = cache / "altclip-home"
     home.mkdir(exist_ok=True)
@@ -110,12 +110,14 @@ class Bench:
         self.samples = defaultdict(lambda: defaultdict(list))  # side -> metric -> values
         self.outputs = args.cache / "outputs"  # the last embeddings of each side, for the cross-check
         self.outputs.mkdir(parents=True, exist_ok=True)
+        self.loads = []  # the 1-minute load average after each measurement
 
     def add(self, side: str, **values) -> None:
         for k, v in values.items():
             self.samples[side][k].append(v)
+        self.loads.append(os.getloadavg()[0])
         shown = ", ".join(f"{k}={v:.3g}" for k, v in values.items())
-        print(f"bench:   {side:9s} {shown}", file=sys.stderr)
+        print(f"bench:   {side:9s} {shown}  (load {self.loads[-1]:.2f})", file=sys.stderr)
 
     def embedding(self, task: str, side: str) -> None:
         count = self.args.images if task == "images" else self.args.texts
@@ -149,7 +151,7 @@ class Bench:
 
     def first_classify(self) -> None:
         """altclip's very first call: nothing cached, so it casts the fp32 weights and caches them."""
-        home = empty_home(self.args.cache)
+        home = shared_home(self.args.cache)
         shutil.rmtree(home)
         child = run_child(self.altclip_classify(), {"ALTCLIP_HOME": str(home)})
         if child.rc != 0:
@@ -239,7 +241,8 @@ def markdown(bench: Bench, acc: dict, cross: dict, meta: dict) -> str:
     vision = read_config(bench.model).vision
     lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['versions']}), "
              f"{meta['reps']} repetition(s), {bench.args.images} images, {bench.args.texts} texts; "
-             f"load average {meta['load_before']} before, {meta['load_after']} after.",
+             f"load average {meta['load_before']} before, {meta['load_after']} after; 1-minute load during "
+             f"the run {load_spread(bench.loads)} (the bench itself accounts for about 2 on 2 cores).",
              f"Command: `{meta['command']}`. Medians; ratios are altclip / reference. "
              "Random weights with BAAI/AltCLIP's shapes; the reference is fp32 (its default), altclip `auto`.",
              "", *report.comparison_table(med), "",
@@ -253,6 +256,10 @@ def make_fixtures(args) -> tuple[Path, list[Path]]:
     cmd = [PYTHON, str(HERE / "fixtures.py"), "--cache", str(args.cache)] + (["--tiny"] if args.tiny else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return fixtures.model_dir(args.cache, args.tiny), fixtures.image_paths(args.cache)[:args.images]
+
+
+def load_spread(loads: list[float]) -> str:
+    return f"median {report.median(loads):.2f}, max {max(loads):.2f}" if loads else "n/a"
 
 
 def load_average() -> str:

@@ -144,7 +144,8 @@ def task_texts(args) -> dict:
 
 
 def task_accuracy(args) -> dict:
-    """altclip's auto precision against its fp32: per-row cosine, and the top label per image."""
+    """altclip's auto precision against its fp32: per-row cosine, and the top label per image
+    (with the fp32 logit margin between the two best labels, since random weights make near-ties)."""
     import gc
 
     import numpy as np
@@ -154,15 +155,20 @@ def task_accuracy(args) -> dict:
     for precision in ("fp32", "auto"):
         clip = load_altclip(args.model, precision)
         images = altclip_images(clip, paths)
-        probs, _ = clip.scores(images, clip.encode_texts(LABELS))
-        runs[precision] = (images, altclip_texts(clip, texts), probs.argmax(-1), clip.precision)
+        _, logits = clip.scores(images, clip.encode_texts(LABELS))
+        runs[precision] = (images, altclip_texts(clip, texts), logits, clip.precision)
         del clip
         gc.collect()
-    (img32, txt32, top32, _), (img, txt, top, auto) = runs["fp32"], runs["auto"]
+    (img32, txt32, logits32, _), (img, txt, logits, auto) = runs["fp32"], runs["auto"]
     image_cos, text_cos = np.sum(img32 * img, -1), np.sum(txt32 * txt, -1)
+    top2 = np.sort(logits32, -1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]  # fp32 logit gap between the best and second-best label
+    same = logits32.argmax(-1) == logits.argmax(-1)
     return {"auto_precision": auto, "image_cos_min": float(image_cos.min()), "image_cos_mean": float(image_cos.mean()),
             "text_cos_min": float(text_cos.min()), "text_cos_mean": float(text_cos.mean()),
-            "same_top_label": int((top32 == top).sum()), "images": len(paths), "labels": len(LABELS)}
+            "same_top_label": int(same.sum()), "images": len(paths), "labels": len(LABELS),
+            "margin_median": float(np.median(margin)),
+            "flipped_margin_max": float(margin[~same].max()) if (~same).any() else None}
 
 
 def task_matmul(args) -> dict:
