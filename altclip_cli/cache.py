@@ -36,13 +36,14 @@ def compute_weights_path(identity: str, precision: str) -> Path:
 
 
 def save_compute_weights(state: dict, path: Path) -> None:
-    """Write the cast state dict atomically; a failure (disk full, read-only) only warns."""
-    from safetensors.torch import save_file
+    """Write the cast state dict atomically, one tensor at a time (no second copy of the
+    weights in memory); a failure (disk full, read-only) only warns."""
+    from .checkpoint import write_safetensors
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        write_safetensors(state, tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

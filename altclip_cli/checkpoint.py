@@ -4,7 +4,10 @@ whose error names the missing and unexpected keys, grouped by layer."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import struct
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -174,3 +177,46 @@ def check_keys(expected: set[str], state: dict) -> None:
         parts.append(f"unexpected {len(unexpected)}: " + ", ".join(_grouped(unexpected)))
     raise CheckpointError("the checkpoint's tensors do not match an AltCLIP model; " + "; ".join(parts),
                           hint="is this an AltCLIP checkpoint, complete and unmodified?")
+
+
+def write_safetensors(tensors: dict, path: Path) -> None:
+    """Write {name: tensor} as safetensors, streaming one tensor at a time.
+
+    safetensors.torch.save_file would first copy every tensor into memory (3.5 GB for AltCLIP)
+    and refuses shared or strided tensors; here each name gets its own contiguous bytes, so
+    shared storage is simply written twice. Layout: u64 little-endian header size, a JSON
+    header {name: {dtype, shape, data_offsets}}, then the raw little-endian data.
+    """
+    import torch
+
+    if sys.byteorder != "little":
+        raise CheckpointError("converting checkpoints needs a little-endian machine")
+    dtypes = _safetensors_dtypes(torch)
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in dtypes:
+            raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": dtypes[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for tensor in tensors.values():
+            # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
+            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            f.write(memoryview(flat.numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _safetensors_dtypes(torch) -> dict:
+    names = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+             "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+             "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL",
+             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+    return {getattr(torch, name): code for name, code in names.items() if hasattr(torch, name)}

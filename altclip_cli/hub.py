@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .checkpoint import first_line, read_pickle, weight_files
+from .checkpoint import first_line, read_pickle, weight_files, write_safetensors
 from .errors import AltclipError, CheckpointError, DownloadError, ModelError
 from .paths import converted_dir
 
@@ -193,41 +192,6 @@ def _check_safetensors(path: Path, names) -> None:
     with safe_open(str(path), framework="pt") as f:
         if set(f.keys()) != set(names):
             raise CheckpointError(f"converting to {path} lost tensors")
-
-
-def write_safetensors(tensors: dict, path: Path) -> None:
-    """Write {name: tensor} as safetensors, streaming one tensor at a time.
-
-    safetensors.torch.save_file would first copy every tensor into memory (3.5 GB for AltCLIP)
-    and refuses shared or strided tensors; here each name gets its own contiguous bytes, so
-    shared storage is simply written twice. Layout: u64 little-endian header size, a JSON
-    header {name: {dtype, shape, data_offsets}}, then the raw little-endian data.
-    """
-    import torch
-
-    if sys.byteorder != "little":
-        raise CheckpointError("converting checkpoints needs a little-endian machine")
-    dtypes = _safetensors_dtypes(torch)
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in dtypes:
-            raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": dtypes[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for tensor in tensors.values():
-            # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
-            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-            f.write(memoryview(flat.numpy()))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,11 +454,3 @@ def _download_error(exc: BaseException, repo_id: str, revision: str | None) -> D
                              hint="try again later; if it persists, check HF_ENDPOINT and HF_TOKEN")
     return DownloadError(f"downloading {repo_id} failed: {first_line(exc)}",
                          hint=f"run again (finished files are kept): altclip download {repo_id}")
-
-
-def _safetensors_dtypes(torch) -> dict:
-    names = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-             "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-             "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL",
-             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
-    return {getattr(torch, name): code for name, code in names.items() if hasattr(torch, name)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -94,7 +95,7 @@ def build_model(folder: Path, weights: list[Path] | None, device: torch.device, 
     """
     cfg = read_config(folder)
     weights = weights or find_weights(folder)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_weight_init():
         model = AltCLIPModel(cfg)  # shapes only, no memory: the checkpoint's tensors are assigned
     keep_fp32 = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, LayerNorm)
                  for p in ("weight", "bias")} | {"logit_scale"}
@@ -121,6 +122,21 @@ def build_model(folder: Path, weights: list[Path] | None, device: torch.device, 
     if cached and fresh:
         cache.save_compute_weights(state, cached)
     return model.eval().requires_grad_(False)
+
+
+@contextmanager
+def _no_weight_init():
+    """Skip torch.nn.init while the model is built on the meta device: the checkpoint supplies
+    every tensor, and initialising meta tensors imports torch._dynamo (0.8 s of a cold start)."""
+    names = ("uniform_", "normal_", "kaiming_uniform_", "ones_", "zeros_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _read_cached(path: Path, convert) -> dict | None:

@@ -25,7 +25,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from altclip_cli import hub as hubmod
 from altclip_cli.checkpoint import read_pickle
 from altclip_cli.errors import AltclipError, CheckpointError, DownloadError, ModelError
 from altclip_cli.hub import cached_models, download_model, resolve_model
