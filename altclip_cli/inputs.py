@@ -215,12 +215,16 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_URL_TIMEOUT,
 
 
 def open_source(src: Source, *, max_pixels: int | None | bool = False,
-                url_timeout: float = DEFAULT_URL_TIMEOUT, url_max_bytes: int = DEFAULT_URL_MAX_BYTES):
+                url_timeout: float = DEFAULT_URL_TIMEOUT, url_max_bytes: int = DEFAULT_URL_MAX_BYTES,
+                draft_min_side: int | None = None):
     """Decode one Source to a PIL image, or raise InputError naming it.
-    `max_pixels`: False keeps altclip_cli.images' default cap, None lifts it."""
+    `max_pixels`: False keeps altclip_cli.images' default cap, None lifts it.
+    `draft_min_side`: see altclip_cli.images.open_image."""
     from .images import open_image
 
-    kw = {} if max_pixels is False else {"max_pixels": max_pixels}
+    kw = {"draft_min_side": draft_min_side}
+    if max_pixels is not False:
+        kw["max_pixels"] = max_pixels
     if src.error is not None:
         raise InputError(f"{display(src.name)}: {src.error}")
     if src.url is not None:

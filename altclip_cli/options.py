@@ -136,12 +136,18 @@ image_input_options = _stack(
                  metavar="SECONDS", help="Time allowed to download one image URL."),
     click.option("--url-max-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
                  metavar="MB", help="Size cap for one image URL."),
+    click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
+                 help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
+                      "(default: at a reduced scale that keeps twice the model's input size; faster, "
+                      "cosine >= 0.99997)."),
 )
 
 
-def open_kwargs(max_pixels, url_timeout, url_max_mb) -> dict:
-    """The keyword arguments of inputs.open_source from the image input options."""
-    kw = {"url_timeout": url_timeout, "url_max_bytes": int(url_max_mb * 1024 * 1024)}
+def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dict:
+    """The keyword arguments of inputs.open_source from the image input options
+    (draft_min_side: the loaded model's, see AltCLIP.draft_min_side)."""
+    kw = {"url_timeout": url_timeout, "url_max_bytes": int(url_max_mb * 1024 * 1024),
+          "draft_min_side": draft_min_side}
     if max_pixels is not None:
         kw["max_pixels"] = max_pixels or None  # 0: no cap
     return kw
@@ -156,12 +162,12 @@ def stdin_for(images):
     return stdin_binary() if "-" in images else None
 
 
-def load_model(model: str, device: str, precision: str, msgs: Messages):
+def load_model(model: str, device: str, precision: str, msgs: Messages, exact_decode: bool = False):
     """runtime.load with a note on a terminal (downloads draw their own progress bar)."""
     from . import runtime
     from .output import isatty
 
     if isatty(msgs.stream):
         msgs.note(f"loading {model} ...")
-    return runtime.load(model, device=device, precision=precision,
+    return runtime.load(model, device=device, precision=precision, exact_decode=exact_decode,
                         progress=not msgs.quiet and isatty(msgs.stream))

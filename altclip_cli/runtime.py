@@ -23,6 +23,7 @@ from .model import AltCLIPModel
 from .pipeline import ImageResult, stream_embeddings
 
 log = logging.getLogger("altclip")
+DRAFT_FACTOR = 2  # see AltCLIP.draft_min_side
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -167,6 +168,15 @@ class AltCLIP:
     device_reason: str = ""
     precision_reason: str = ""
     label_cache: cache.LabelCache | None = None
+    exact_decode: bool = False
+
+    @property
+    def draft_min_side(self) -> int | None:
+        """The shortest side large JPEGs are decoded at (libjpeg's 1/2-1/8 scales), or None for
+        full-size decoding, bit-exact with the reference's preprocessing. Twice the model's input
+        side: measured cosine to full decoding >= 0.99997 (README, Accuracy)."""
+        edge = getattr(self.preprocessor, "shortest_edge", None)
+        return None if self.exact_decode or not edge else DRAFT_FACTOR * edge
 
     @property
     def embed_dim(self) -> int:
@@ -223,10 +233,14 @@ class AltCLIP:
         `open_image` (paths or bytes); an input that fails gives an InputError, never an exception."""
         from .images import open_image
 
+        if open_fn is None:
+            def open_fn(source):
+                return open_image(source, draft_min_side=self.draft_min_side)
+
         def encode(pixels: np.ndarray) -> np.ndarray:
             return _finish(self._encode_pixels_halving(torch.from_numpy(pixels)), normalize)
 
-        return stream_embeddings(sources, open_fn or open_image, self.preprocessor, encode,
+        return stream_embeddings(sources, open_fn, self.preprocessor, encode,
                                  batch_size=batch_size or default_batch_size(self.device, "image"),
                                  workers=workers)
 
@@ -292,13 +306,15 @@ def set_cpu_threads() -> None:
 
 def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = "auto",
          revision: str | None = None, download: bool = True, progress: bool = True,
-         use_cache: bool = True) -> AltCLIP:
+         use_cache: bool = True, exact_decode: bool = False) -> AltCLIP:
     """Load an AltCLIP model from a local folder (Hugging Face layout) or a hub id.
 
     device: "auto" (cuda, then mps, then cpu) or "cpu" / "cuda" / "cuda:N" / "mps"; an
     explicit device that is absent raises DeviceError. precision: "auto" | "fp32" | "fp16" | "bf16".
     use_cache: keep weights cast to the compute dtype and label embeddings in altclip's cache
     (ALTCLIP_NO_CACHE=1 turns it off everywhere).
+    exact_decode: decode every JPEG at full size (bit-exact with the reference's preprocessing)
+    instead of large ones at a reduced scale (see AltCLIP.draft_min_side).
     Raises ModelError, DownloadError or DeviceError (altclip_cli.errors).
     """
     from .images import ImagePreprocessor
@@ -315,7 +331,7 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     return AltCLIP(model_id=str(model), folder=folder, model=net, tokenizer=tokenizer,
                    preprocessor=ImagePreprocessor.from_dir(folder), device=torch_device,
                    precision=precision, device_reason=device_reason, precision_reason=precision_reason,
-                   label_cache=labels)
+                   label_cache=labels, exact_decode=exact_decode)
 
 
 def _resolve(model: str, **kwargs) -> tuple[Path, list[Path]]:

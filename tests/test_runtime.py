@@ -179,3 +179,23 @@ def test_cuda_out_of_memory_halves_the_batch_and_says_so(tiny_model_dir, monkeyp
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert sizes[:3] == [8, 4, 2]
     assert "out of memory on a batch of 8 images" in caplog.text
+
+
+def test_large_jpegs_decode_at_reduced_scale_unless_exact(tiny_model_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import altclip_cli.images as images
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(rng.integers(0, 255, (1000, 1400, 3), dtype=np.uint8)).save(path, quality=90)
+    sizes = []
+    real_open = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: sizes.append(real_open(*a, **k).size) or real_open(*a, **k))
+    fast = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    exact = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32", exact_decode=True)
+    assert fast.draft_min_side == 448 and exact.draft_min_side is None
+    a = next(iter(fast.stream_images([path]))).embedding
+    b = next(iter(exact.stream_images([path]))).embedding
+    assert sizes == [(700, 500), (1400, 1000)]  # 1/2 scale keeps the shortest side >= 448
+    assert float(a @ b) > 0.999

@@ -28,7 +28,7 @@ from ..output import FORMATS
 @model_options
 @common_options
 def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_pixels, url_timeout,
-             url_max_mb, model, device, precision, batch_size, quiet):
+             url_max_mb, exact_decode, model, device, precision, batch_size, quiet):
     """Score IMAGES against labels: which label fits each image best.
 
     IMAGES are files, folders (-r to include subfolders), globs, http(s) URLs, or - to read a
@@ -64,9 +64,9 @@ def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_
     if sources:
         from ..options import load_model
 
-        model_ = load_model(model, device, precision, msgs)
+        model_ = load_model(model, device, precision, msgs, exact_decode=exact_decode)
         label_emb = model_.label_embeddings(labels, list(templates) or None)
-        opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb)
+        opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
         results = model_.stream_images(sources, open_fn=lambda s: open_source(s, **opener_kw), batch_size=batch_size)
         with msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar:
             for r in results:

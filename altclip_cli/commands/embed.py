@@ -33,7 +33,7 @@ STOP_AFTER_ENV = "ALTCLIP_TEST_STOP_AFTER"  # test hook: act as if Ctrl-C came a
 @model_options
 @common_options
 def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, recursive,
-          max_pixels, url_timeout, url_max_mb, model, device, precision, batch_size, quiet):
+          max_pixels, url_timeout, url_max_mb, exact_decode, model, device, precision, batch_size, quiet):
     """Embed texts or images into AltCLIP's shared space.
 
     With -o the rows go to OUT.npy (float32, L2-normalised unless --no-normalize) and
@@ -78,7 +78,7 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
     if not inputs:
         msgs.warn("nothing to embed: the input list is empty")
 
-    run = _Run(kind, model, device, precision, batch_size, not no_normalize, msgs)
+    run = _Run(kind, model, device, precision, batch_size, not no_normalize, msgs, exact_decode)
     if output is None:
         failed = _to_stdout(run, inputs, open_kwargs(max_pixels, url_timeout, url_max_mb))
     else:
@@ -92,8 +92,9 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
 class _Run:
     """The model (loaded on first need) and the settings of one embed run."""
 
-    def __init__(self, kind, model, device, precision, batch_size, normalize, msgs):
+    def __init__(self, kind, model, device, precision, batch_size, normalize, msgs, exact_decode=False):
         self.kind, self.model_name, self.device, self.precision = kind, model, device, precision
+        self.exact_decode = exact_decode
         self.batch_size, self.normalize, self.msgs = batch_size, normalize, msgs
         self._model = None
 
@@ -102,7 +103,8 @@ class _Run:
         if self._model is None:
             from ..options import load_model
 
-            self._model = load_model(self.model_name, self.device, self.precision, self.msgs)
+            self._model = load_model(self.model_name, self.device, self.precision, self.msgs,
+                                     exact_decode=self.exact_decode)
         return self._model
 
     def batches(self, inputs, opener_kw):
@@ -124,6 +126,7 @@ class _Run:
         # resumed run batches the remaining images exactly as an uninterrupted run would, and
         # its rows come out bit for bit the same.
         size = self.batch_size or default_batch_size(self.model.device, "image")
+        opener_kw = {**opener_kw, "draft_min_side": self.model.draft_min_side}
         results = self.model.stream_images(inputs, open_fn=lambda s: open_source(s, **opener_kw),
                                            batch_size=size, normalize=self.normalize)
         out, good = [], 0
@@ -171,7 +174,8 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
     from ..atomic import EmbeddingOutput
 
     msgs = run.msgs
-    settings = {"kind": run.kind, "model": run.model_name, "dtype": dtype, "normalize": run.normalize}
+    settings = {"kind": run.kind, "model": run.model_name, "dtype": dtype, "normalize": run.normalize,
+                "exact_decode": run.exact_decode}
     out = EmbeddingOutput(output, settings=settings, checkpoint_every=checkpoint_every)
     out.check_writable()
     start = 0
