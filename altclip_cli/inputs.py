@@ -104,8 +104,8 @@ def _expand_one(arg: str, recursive: bool, seen_dirs, warn, *, globbing: bool) -
 
 
 def _expand_dir(name: str, path: str, recursive: bool, seen_dirs, warn) -> Iterator[Source]:
-    """The images in a folder (sorted by name, files before subfolders); a Source with an error
-    when it has none."""
+    """The images in a folder (sorted by name, files before subfolders); a warning naming the
+    folder when it has none (a folder is not an input that failed: there is no record for it)."""
     count = 0
     skipped_subdirs = 0
     for src in _walk(name, path, recursive, seen_dirs, warn):
@@ -119,7 +119,7 @@ def _expand_dir(name: str, path: str, recursive: bool, seen_dirs, warn) -> Itera
         why = "no images in this folder"
         if skipped_subdirs:
             why += f" (it has {skipped_subdirs} subfolder{'s' if skipped_subdirs > 1 else ''}: use -r to look inside)"
-        yield Source(name, error=why)
+        warn(f"{display(name)}: {why}")
 
 
 def _walk(name: str, path: str, recursive: bool, seen_dirs, warn):

@@ -50,12 +50,14 @@ def test_folder_recursive_files_before_subfolders(tree):
     assert names(out) == ["photos/a.PNG", "photos/b.jpg", "photos/sub/c.jpg", "photos/sub/deeper/d.webp"]
 
 
-def test_folder_without_images_is_an_error_record_naming_it(tree):
+def test_folder_without_images_is_a_warning_naming_it(tree):
     (tree / "only" / "inner").mkdir(parents=True)
     (tree / "only" / "inner" / "x.jpg").write_bytes(b"x")
-    out = list(expand_images(["photos/empty", "photos/only"]))
-    assert out == [Source("photos/empty", error="no images in this folder"),
-                   Source("photos/only", error="no images in this folder (it has 1 subfolder: use -r to look inside)")]
+    warnings = []
+    out = list(expand_images(["photos/empty", "photos/only"], warn=warnings.append))
+    assert out == []
+    assert warnings == ["photos/empty: no images in this folder",
+                        "photos/only: no images in this folder (it has 1 subfolder: use -r to look inside)"]
     assert names(expand_images(["photos/only"], recursive=True)) == ["photos/only/inner/x.jpg"]
 
 

@@ -78,12 +78,22 @@ BAD = {
     "zero bytes": "the file is empty (zero bytes)",
     "text named .jpg": "not an image, or in a format Pillow cannot read",
     "unsupported format": "not an image, or in a format Pillow cannot read",
-    "folder without images": "no images in this folder",
     "broken symlink": "no such file",
     "missing file": "no such file",
     "decompression bomb": "image has 20,000 pixels, over the limit of 10,000 pixels",
     "no glob match": "no files match this pattern",
 }
+
+
+def test_folder_without_images_is_a_warning_and_the_others_are_done(work, ref_model):
+    folder, ref = ref_model
+    arg, _ = _make_bad("folder without images", work)
+    result = invoke("embed", "--image", "good1.png", arg, "good2.jpg", "-o", "x.npy", "-m", folder)
+    assert result.exit_code == 0, result.stderr
+    assert f"warning: {arg}: no images in this folder" in result.stderr
+    assert "error:" not in result.stderr
+    assert [r["row"] for r in jsonl(Path("x.jsonl").read_text())] == [0, 1]
+    assert np.load("x.npy").shape[0] == 2
 
 
 @pytest.mark.parametrize("kind", list(BAD))

@@ -57,7 +57,7 @@ def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_
         fmt = "table" if isatty(sys.stdout) else "jsonl"
     sources = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn))
     if not sources:
-        msgs.warn("no images given (the list on stdin was empty)")
+        msgs.warn("no images to classify: the inputs named none")
 
     writer = classify_writer(fmt, sys.stdout)
     failed = 0
