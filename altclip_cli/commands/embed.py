@@ -220,7 +220,7 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
             except OSError:
                 out.discard()
             raise
-    msgs.note(f"wrote {out.rows} rows to {output} and {out.sidecar}")
+    msgs.note(f"wrote {out.rows} row{'' if out.rows == 1 else 's'} to {output} and {out.sidecar}")
     return failed
 
 
