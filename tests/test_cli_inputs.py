@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from PIL import Image
 
 from altclip_cli.errors import InputError
 from altclip_cli.inputs import (Source, expand_images, fetch_url, open_source, read_path_list, read_text_file,
                                 split_lines)
+from urlserver import serve
 
 
 def names(sources):
@@ -120,63 +117,20 @@ def test_urls_are_sources():
 
 # --- URLs -------------------------------------------------------------------------------------------
 
-def _png_bytes():
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 6), "red").save(buf, "PNG")
-    return buf.getvalue()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        if self.path == "/ok.png":
-            body = _png_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        elif self.path == "/loop":
-            self.send_response(302)
-            self.send_header("Location", "/loop")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif self.path == "/big":
-            self.send_response(200)
-            self.send_header("Content-Length", str(10_000_000))
-            self.end_headers()
-        elif self.path == "/big-chunked":
-            self.send_response(200)
-            self.end_headers()
-            for _ in range(40):
-                self.wfile.write(b"\0" * 1000)
-        elif self.path == "/slow":
-            time.sleep(1.0)
-            self.send_response(200)
-            self.end_headers()
-        else:
-            self.send_error(404)
-
-
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve() as url:
+        yield url
 
 
 def test_url_is_fetched_and_opened(server):
-    image = open_source(Source(server + "/ok.png", url=server + "/ok.png"))
-    assert image.size == (8, 6)
+    image = open_source(Source(server + "/cat.png", url=server + "/cat.png"))
+    assert image.size == (40, 30)
 
 
 @pytest.mark.parametrize("path, kw, message", [
     ("/loop", {}, "too many redirects"),
-    ("/big", {"max_bytes": 1000}, "10,000,000 bytes, over the cap of 1,000 bytes"),
+    ("/huge", {"max_bytes": 1000}, "524,288,000 bytes, over the cap of 1,000 bytes"),
     ("/big-chunked", {"max_bytes": 5000}, "over the cap of 5,000 bytes"),
     ("/slow", {"timeout": 0.2}, "timed out after 0.2 s"),
     ("/missing", {}, "HTTP 404"),

@@ -6,9 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import pytest
 from PIL import Image
 
 from test_cli import invoke, jsonl, write_image
+from urlserver import serve
 
 
 @pytest.fixture(scope="module")
@@ -159,48 +157,10 @@ def test_symlink_loop_in_a_recursive_walk_is_a_warning_not_a_failure(work, ref_m
 
 # --- URLs ------------------------------------------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        if self.path == "/cat.png":
-            buf = io.BytesIO()
-            write_image_buf(buf)
-            body = buf.getvalue()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        elif self.path == "/loop":
-            self.send_response(302)
-            self.send_header("Location", "/loop")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif self.path == "/huge":
-            self.send_response(200)
-            self.send_header("Content-Length", str(500 * 1024 * 1024))
-            self.end_headers()
-        elif self.path == "/slow":
-            time.sleep(3)
-            self.send_response(204)
-            self.end_headers()
-        else:
-            self.send_error(404)
-
-
-def write_image_buf(buf):
-    Image.fromarray(np.random.default_rng(9).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(buf, "PNG")
-
-
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve() as url:
+        yield url
 
 
 def test_urls_good_and_bad(work, ref_model, server):
