@@ -3,6 +3,7 @@ into the compute dtype, and encode texts and images. The model code knows nothin
 this module owns device choice, precision and casting."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from contextlib import contextmanager
@@ -161,7 +162,6 @@ class AltCLIP:
     model_id: str
     folder: Path
     model: AltCLIPModel
-    tokenizer: object  # altclip_cli.tokenizer.TextTokenizer
     preprocessor: object  # altclip_cli.images.ImagePreprocessor
     device: torch.device
     precision: str
@@ -177,6 +177,14 @@ class AltCLIP:
         side: measured cosine to full decoding >= 0.99997 (README, Accuracy)."""
         edge = getattr(self.preprocessor, "shortest_edge", None)
         return None if self.exact_decode or not edge else DRAFT_FACTOR * edge
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The TextTokenizer, loaded on first use: the real tokenizer.json (17 MB) takes over a
+        second to load, and a classify whose labels are cached never needs it."""
+        from .tokenizer import TextTokenizer
+
+        return TextTokenizer.from_dir(self.folder, max_length=self.model.config.text.max_tokens)
 
     @property
     def embed_dim(self) -> int:
@@ -318,7 +326,7 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     Raises ModelError, DownloadError or DeviceError (altclip_cli.errors).
     """
     from .images import ImagePreprocessor
-    from .tokenizer import TextTokenizer
+    from .tokenizer import tokenizer_file
 
     torch_device, device_reason = choose_device(device)
     precision, precision_reason = choose_precision(torch_device, precision)
@@ -326,9 +334,9 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     if torch_device.type == "cpu":
         set_cpu_threads()
     net = build_model(folder, weights, torch_device, precision, use_cache=use_cache)
-    tokenizer = TextTokenizer.from_dir(folder, max_length=net.config.text.max_tokens)
+    tokenizer_file(folder)  # a folder without tokenizer files fails now, not at the first text
     labels = cache.LabelCache(cache.weights_identity(weights), precision) if use_cache and cache.enabled() else None
-    return AltCLIP(model_id=str(model), folder=folder, model=net, tokenizer=tokenizer,
+    return AltCLIP(model_id=str(model), folder=folder, model=net,
                    preprocessor=ImagePreprocessor.from_dir(folder), device=torch_device,
                    precision=precision, device_reason=device_reason, precision_reason=precision_reason,
                    label_cache=labels, exact_decode=exact_decode)

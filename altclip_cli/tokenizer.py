@@ -28,6 +28,18 @@ _CHARS_PER_TOKEN = 16
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def tokenizer_file(model_dir: Path) -> Path:
+    """`tokenizer.json`, else `sentencepiece.bpe.model`; ModelError naming the folder if neither is there."""
+    model_dir = Path(model_dir)
+    for name in (TOKENIZER_JSON, SPM_MODEL):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise ModelError(
+        f"no tokenizer in {model_dir}: neither {TOKENIZER_JSON} nor {SPM_MODEL} is there",
+        hint="the folder must hold the model's tokenizer files, as on the Hugging Face hub",
+    )
+
+
 class TextTokenizer:
     """XLM-R tokenizer: `encode` gives `<s> ... </s>` id lists, `batch` right-padded tensors for the text tower."""
 
@@ -50,16 +62,9 @@ class TextTokenizer:
 
         from .spm import convert_spm_model
 
-        model_dir = Path(model_dir)
-        json_path, spm_path = model_dir / TOKENIZER_JSON, model_dir / SPM_MODEL
-        path = json_path if json_path.is_file() else spm_path
-        if not path.is_file():
-            raise ModelError(
-                f"no tokenizer in {model_dir}: neither {TOKENIZER_JSON} nor {SPM_MODEL} is there",
-                hint="the folder must hold the model's tokenizer files, as on the Hugging Face hub",
-            )
+        path = tokenizer_file(model_dir)
         try:
-            tok = Tokenizer.from_file(str(path)) if path == json_path else convert_spm_model(path)
+            tok = Tokenizer.from_file(str(path)) if path.name == TOKENIZER_JSON else convert_spm_model(path)
         except Exception as ex:  # tokenizers raises a bare Exception on a malformed file
             raise ModelError(f"cannot read the tokenizer {path}: {ex}", hint="download the model again") from ex
         return cls(tok, max_length)

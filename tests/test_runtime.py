@@ -143,6 +143,7 @@ def test_label_cache_skips_the_text_tower(tiny_model_dir, monkeypatch):
     again = runtime.load(str(tiny_model_dir), device="cpu", precision="fp32")
     monkeypatch.setattr(again, "encode_texts", lambda *a, **k: pytest.fail("text tower ran"))
     np.testing.assert_array_equal(again.label_embeddings(labels, ["a photo of {}"]), first)
+    assert "tokenizer" not in vars(again)  # never loaded: cached labels need no tokenizer
     # Other templates are other keys: they must be computed.
     with pytest.raises(pytest.fail.Exception):
         again.label_embeddings(labels, ["{}"])
