@@ -24,12 +24,16 @@ class ImageResult:
     error: InputError | None = None
 
 
-def default_workers() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (containers often allow fewer than the machine has)."""
     try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    return min(8, available_cores())
 
 
 class DaemonPool:

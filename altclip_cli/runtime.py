@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from .config import check_against_tensors, read_config
 from .errors import CheckpointError, DeviceError
 from .layers import LayerNorm
 from .model import AltCLIPModel
-from .pipeline import ImageResult, stream_embeddings
+from .pipeline import ImageResult, available_cores, stream_embeddings
 
 log = logging.getLogger("altclip")
 DRAFT_FACTOR = 2  # see AltCLIP.draft_min_side
@@ -86,14 +85,14 @@ def choose_precision(device: torch.device, request: str = "auto") -> tuple[str, 
 
 
 def build_model(folder: Path, weights: list[Path] | None, device: torch.device, precision: str,
-                use_cache: bool = False) -> AltCLIPModel:
+                cache_key: str | None = None) -> AltCLIPModel:
     """Read config and weights (`weights` None: those found in `folder`), check them against
     each other, and return the model in eval mode on `device`: matmul weights in the compute
     dtype, LayerNorms and logit_scale in fp32.
 
-    use_cache: below fp32, keep a copy of the weights already cast (altclip's cache), so that
-    later starts memory-map it: no cast, half the bytes, and pages of a tower that is not used
-    are never read.
+    cache_key (cache.weights_identity of `weights`): below fp32, keep a copy of the weights
+    already cast in altclip's cache, so that later starts memory-map it: no cast, half the
+    bytes, and pages of a tower that is not used are never read. None: no cache.
     """
     cfg = read_config(folder)
     weights = weights or find_weights(folder)
@@ -108,9 +107,7 @@ def build_model(folder: Path, weights: list[Path] | None, device: torch.device, 
         target = torch.float32 if name in keep_fp32 or not tensor.is_floating_point() else dtype
         return tensor.to(device=device, dtype=target)
 
-    cached = None
-    if use_cache and precision != "fp32" and cache.enabled():
-        cached = cache.compute_weights_path(cache.weights_identity(weights), precision)
+    cached = cache.compute_weights_path(cache_key, precision) if cache_key and precision != "fp32" else None
     state = _read_cached(cached, convert) if cached and cached.is_file() else None
     fresh = state is None
     if fresh:
@@ -304,14 +301,6 @@ def _finish(emb: torch.Tensor, normalize: bool) -> np.ndarray:
     return (F.normalize(emb, dim=-1) if normalize else emb).numpy()
 
 
-def set_cpu_threads() -> None:
-    """Use every core this process may run on (containers often allow fewer than the machine has)."""
-    try:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not on Linux
-        pass
-
-
 def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = "auto",
          revision: str | None = None, download: bool = True, progress: bool = True,
          use_cache: bool = True, exact_decode: bool = False) -> AltCLIP:
@@ -331,11 +320,12 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     torch_device, device_reason = choose_device(device)
     precision, precision_reason = choose_precision(torch_device, precision)
     folder, weights = _resolve(model, revision=revision, download=download, progress=progress)
+    tokenizer_file(folder)  # a folder without tokenizer files fails now, before the weights load
     if torch_device.type == "cpu":
-        set_cpu_threads()
-    net = build_model(folder, weights, torch_device, precision, use_cache=use_cache)
-    tokenizer_file(folder)  # a folder without tokenizer files fails now, not at the first text
-    labels = cache.LabelCache(cache.weights_identity(weights), precision) if use_cache and cache.enabled() else None
+        torch.set_num_threads(available_cores())
+    key = cache.weights_identity(weights) if use_cache and cache.enabled() else None
+    net = build_model(folder, weights, torch_device, precision, cache_key=key)
+    labels = cache.LabelCache(key, precision) if key else None
     return AltCLIP(model_id=str(model), folder=folder, model=net,
                    preprocessor=ImagePreprocessor.from_dir(folder), device=torch_device,
                    precision=precision, device_reason=device_reason, precision_reason=precision_reason,
