@@ -38,15 +38,11 @@ def compute_weights_path(identity: str, precision: str) -> Path:
 def save_compute_weights(state: dict, path: Path) -> None:
     """Write the cast state dict atomically, one tensor at a time (no second copy of the
     weights in memory); a failure (disk full, read-only) only warns."""
-    from .checkpoint import write_safetensors
+    from .checkpoint import save_safetensors
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors(state, tmp)
-        os.replace(tmp, path)
+        save_safetensors(state, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         log.warning("could not cache the weights in the compute dtype (%s); the next start casts them again", e)
 
 

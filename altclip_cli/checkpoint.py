@@ -214,6 +214,25 @@ def write_safetensors(tensors: dict, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def save_safetensors(tensors: dict, path: Path) -> None:
+    """write_safetensors under a temporary name, read its header back, and move it into place:
+    a reader never sees half a file, and one left by a killed writer is cleared next time."""
+    from safetensors import safe_open
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write_safetensors(tensors, tmp)
+        with safe_open(str(tmp), framework="pt") as f:
+            if set(f.keys()) != set(tensors):
+                raise CheckpointError(f"writing {path} lost tensors")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _safetensors_dtypes(torch) -> dict:
     names = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
              "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .checkpoint import first_line, read_pickle, weight_files, write_safetensors
+from .checkpoint import first_line, read_pickle, save_safetensors, weight_files
 from .errors import AltclipError, CheckpointError, DownloadError, ModelError
 from .paths import converted_dir
 
@@ -173,25 +173,8 @@ def convert_to_safetensors(sources: list[Path], target: Path, *, progress: bool 
             if tensors.keys() & part.keys():
                 raise CheckpointError(f"{source} repeats tensors of another shard")
             tensors.update(part)
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a killed conversion
-            stale.unlink(missing_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            write_safetensors(tensors, tmp)
-            _check_safetensors(tmp, tensors.keys())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_safetensors(tensors, target)
     return target
-
-
-def _check_safetensors(path: Path, names) -> None:
-    """Read the header back with the safetensors library before the file goes into place."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        if set(f.keys()) != set(names):
-            raise CheckpointError(f"converting to {path} lost tensors")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -331,9 +331,9 @@ def test_cached_models_lists_altclip_repos(env):
 
 
 def _convert_in_child(repo_id: str, barrier, results, log: str) -> None:
-    from altclip_cli import hub
+    from altclip_cli import checkpoint, hub
 
-    real = hub.write_safetensors
+    real = checkpoint.write_safetensors
 
     def logged(tensors, path):
         with open(log, "a") as f:
@@ -341,7 +341,7 @@ def _convert_in_child(repo_id: str, barrier, results, log: str) -> None:
         time.sleep(0.5)  # hold the lock a while: a second converter would collide here
         real(tensors, path)
 
-    hub.write_safetensors = logged
+    checkpoint.write_safetensors = logged
     barrier.wait(timeout=120)
     try:
         results.put(str(hub.resolve_model(repo_id, download=False, progress=False).weights[0]))
