@@ -10,7 +10,7 @@ __all__ = ["__version__", "load"]
 
 
 def load(model="BAAI/AltCLIP", **kwargs):
-    """Load an AltCLIP model; see `altclip_cli.runtime.load` for the arguments."""
-    from .runtime import load as _load
+    """Load an AltCLIP model; see `altclip_cli.runtime.altclip.load` for the arguments."""
+    from .runtime.altclip import load as _load
 
     return _load(model, **kwargs)

@@ -61,7 +61,7 @@ def write_checkpoint(folder: Path, tiny: bool) -> None:
     from tiny import PREPROCESSOR_CONFIG, tiny_config
     from tokenizer_fixture import make_tokenizer_files
 
-    from altclip_cli.config import AltCLIPConfig, config_to_dict
+    from altclip_cli.nn.config import AltCLIPConfig, config_to_dict
 
     vocab = make_tokenizer_files(folder)  # a small real Unigram vocab: ids use a subset of the table
     cfg = tiny_config(vocab_size=vocab) if tiny else AltCLIPConfig()  # defaults = BAAI/AltCLIP
@@ -77,7 +77,7 @@ def tensor_specs(cfg) -> tuple[list[tuple[str, tuple[int, ...]]], set[str]]:
     """(name, shape) of every checkpoint tensor, and the names of LayerNorm weights."""
     import torch
 
-    from altclip_cli.model import AltCLIPModel
+    from altclip_cli.nn.model import AltCLIPModel
 
     with torch.device("meta"):
         model = AltCLIPModel(cfg)  # shapes only, no memory

@@ -257,7 +257,7 @@ def matmul_tflops(device, dtype, n: int) -> float:
 
 def _decode_one(args):
     """open_image + preprocess, in a pool process; returns nothing big."""
-    from altclip_cli.images import ImagePreprocessor, open_image
+    from altclip_cli.inputs.images import ImagePreprocessor, open_image
 
     path, draft = args
     return ImagePreprocessor()(open_image(path, draft_min_side=draft)).shape[0]
@@ -266,7 +266,7 @@ def _decode_one(args):
 def decode_ceiling(res: Results, paths, preprocessor, workers: int, draft: int | None, deadline: float,
                    processes: bool = False):
     """images/s of decoding + preprocessing alone (no model), `workers` threads or processes."""
-    from altclip_cli.images import open_image
+    from altclip_cli.inputs.images import open_image
 
     tag = f"{'processes' if processes else 'threads'} {'draft' if draft else 'full'}"
     name = f"{tag} x{workers}" + (f" (draft_min_side={draft})" if draft else "")
@@ -315,7 +315,7 @@ def altclip_e2e(res: Results, clip, name: str, paths, batch: int | None, workers
     """stream_images over the paths; stops early (and says so) at the deadline."""
     import numpy as np
 
-    from altclip_cli.images import open_image
+    from altclip_cli.inputs.images import open_image
 
     open_fn = (lambda p: open_image(p, draft_min_side=draft)) if draft else None
     rows, errors, start = [], 0, time.perf_counter()
@@ -460,7 +460,7 @@ def main(argv=None) -> int:
     from PIL import features
 
     import transformers
-    from altclip_cli.images import ImagePreprocessor
+    from altclip_cli.inputs.images import ImagePreprocessor
 
     res.env(torch=torch.__version__, transformers=transformers.__version__, pillow=PIL.__version__,
             libjpeg_turbo=features.check_feature("libjpeg_turbo"), numpy=np.__version__,
@@ -537,7 +537,7 @@ def main(argv=None) -> int:
 
     # 5. the GPU ceiling: the image tower alone, pixels already on the device
     # a batch of the bench's own photos, preprocessed once and kept on the device
-    from altclip_cli.images import open_image
+    from altclip_cli.inputs.images import open_image
 
     with ThreadPoolExecutor(args.workers) as pool:
         batch_paths = [paths[i % len(paths)] for i in range(args.batch)]

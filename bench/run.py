@@ -235,7 +235,7 @@ def versions() -> str:
 
 
 def markdown(bench: Bench, acc: dict, cross: dict, meta: dict) -> str:
-    from altclip_cli.config import read_config
+    from altclip_cli.nn.config import read_config
 
     med = report.medians(bench.samples)
     vision = read_config(bench.model).vision

@@ -57,7 +57,7 @@ def _loaded(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny import write_model
 
-    from altclip_cli.runtime import load
+    from altclip_cli.runtime.altclip import load
 
     folder = write_model(tmp_path_factory.mktemp("ref") / "tiny")
     return folder, load(str(folder), device="cpu", precision="fp32")
@@ -74,7 +74,7 @@ def ref(_loaded):
 
 
 def opened(*paths):
-    from altclip_cli.images import open_image
+    from altclip_cli.inputs.images import open_image
 
     return [open_image(p) for p in paths]
 
@@ -320,7 +320,7 @@ def test_cuda_on_a_machine_without_it_is_an_error_not_a_cpu_run(images, model):
 
 
 def test_unexpected_exception_is_one_line_with_a_hint(images, model, monkeypatch):
-    from altclip_cli import runtime
+    from altclip_cli.runtime import altclip as runtime
 
     def boom(*a, **k):
         raise ZeroDivisionError("boom")
@@ -606,12 +606,12 @@ def test_signal_mid_run_leaves_no_torn_output_and_resume_finishes(images, model,
 # --- completions and colour ------------------------------------------------------------------------------------
 
 def test_completion_scripts_are_current():
-    from altclip_cli.completions import FILES, script
+    from altclip_cli.cli.completions import FILES, script
 
     folder = Path(__file__).parent.parent / "completions"
     for name, shell in FILES.items():
         assert (folder / name).read_text(encoding="utf-8") == script(shell), (
-            f"completions/{name} is stale: run python -m altclip_cli.completions completions/")
+            f"completions/{name} is stale: run python -m altclip_cli.cli.completions completions/")
 
 
 class _Tty(io.StringIO):
@@ -620,7 +620,7 @@ class _Tty(io.StringIO):
 
 
 def test_no_color_is_respected_on_a_terminal(monkeypatch):
-    from altclip_cli.output import Messages
+    from altclip_cli.cli.messages import Messages
 
     monkeypatch.delenv("NO_COLOR", raising=False)
     stream = _Tty()
@@ -633,9 +633,9 @@ def test_no_color_is_respected_on_a_terminal(monkeypatch):
 
 
 def test_table_is_the_default_on_a_terminal(images, model, monkeypatch):
-    from altclip_cli import output
+    from altclip_cli.cli import terminal
 
-    monkeypatch.setattr(output, "isatty", lambda stream: True)
+    monkeypatch.setattr(terminal, "isatty", lambda stream: True)
     result = invoke("classify", "a.png", "-l", "猫", "-l", "dog", "-m", model)
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
@@ -644,9 +644,9 @@ def test_table_is_the_default_on_a_terminal(images, model, monkeypatch):
 
 
 def test_models_table_on_a_terminal(monkeypatch):
-    from altclip_cli import output
+    from altclip_cli.cli import terminal
 
-    monkeypatch.setattr(output, "isatty", lambda stream: True)
+    monkeypatch.setattr(terminal, "isatty", lambda stream: True)
     result = invoke("models")
     assert result.exit_code == 0
     assert result.stdout.split()[:5] == ["model", "languages", "download", "cached", "description"]
@@ -669,7 +669,7 @@ def test_interrupt_before_the_model_is_loaded_keeps_the_earlier_partial_run(imag
     args = ["embed", "a.png", "b.jpg", "c.png", "-b", "1", "-m", model, "-o", "x.npy"]
     assert invoke(*args, env={"ALTCLIP_TEST_STOP_AFTER": "1"}).exit_code == 130
     before = sorted(os.listdir())
-    from altclip_cli import runtime
+    from altclip_cli.runtime import altclip as runtime
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

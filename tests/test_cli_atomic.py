@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from altclip_cli.atomic import HEADER_SIZE, EmbeddingOutput, npy_header, sidecar_path
+from altclip_cli.outputs.embedfile import HEADER_SIZE, EmbeddingOutput, npy_header, sidecar_path
 from altclip_cli.errors import AltclipError
 
 SETTINGS = {"kind": "image", "model": "m", "dtype": "float32", "normalize": True}

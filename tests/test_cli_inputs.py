@@ -7,8 +7,9 @@ import os
 import pytest
 
 from altclip_cli.errors import InputError
-from altclip_cli.inputs import (Source, expand_images, fetch_url, open_source, read_path_list, read_text_file,
-                                split_lines)
+from altclip_cli.inputs.sources import Source, expand_images, open_source, read_path_list
+from altclip_cli.inputs.textfile import read_text_file, split_lines
+from altclip_cli.inputs.urls import fetch_url
 from urlserver import serve
 
 

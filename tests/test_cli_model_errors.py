@@ -99,7 +99,7 @@ def test_offline_hub_ids_not_cached(model, message, tmp_path, monkeypatch):
 
 def test_permission_denied_image_is_named(tiny_model_dir, tmp_path, monkeypatch):
     # Tests run as root, who can read a chmod 000 file: make the OS refuse it instead.
-    import altclip_cli.images as images
+    import altclip_cli.inputs.images as images
 
     monkeypatch.chdir(tmp_path)
     write_image(tmp_path / "a.png", 1)

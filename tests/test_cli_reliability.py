@@ -20,7 +20,7 @@ from urlserver import serve
 def ref_model(tmp_path_factory):
     from tiny import write_model
 
-    from altclip_cli.runtime import load
+    from altclip_cli.runtime.altclip import load
 
     folder = write_model(tmp_path_factory.mktemp("ref") / "tiny")
     return folder, load(str(folder), device="cpu", precision="fp32")
@@ -106,7 +106,7 @@ def test_bad_image_input_is_named_and_the_others_are_done(work, ref_model, kind)
     sidecar = jsonl(Path("x.jsonl").read_text())
     assert [r["row"] for r in sidecar] == [0, None, 1]
     assert sidecar[1]["image"] == arg and BAD[kind] in sidecar[1]["error"]
-    from altclip_cli.images import open_image
+    from altclip_cli.inputs.images import open_image
 
     expected = ref.encode_images([open_image("good1.png"), open_image("good2.jpg")])
     np.testing.assert_allclose(np.load("x.npy"), expected, atol=1e-5)
@@ -171,9 +171,9 @@ def test_urls_good_and_bad(work, ref_model, server):
     records = json.loads(result.stdout)
     assert [r["image"] for r in records] == urls
     assert "scores" in records[0]
-    assert records[1]["error"] == "too many redirects (a redirect loop?)"
-    assert records[2]["error"] == "the download is 524,288,000 bytes, over the cap of 1,048,576 bytes"
-    assert records[3]["error"] == "timed out after 1 s"
+    assert records[1]["error"] == "too many redirects (more than 10; a redirect loop?)"
+    assert records[2]["error"] == "the download is 524,288,000 bytes, over the cap of 1,000,000 bytes"
+    assert records[3]["error"] == "timed out after 1 s (the limit for the whole download)"
     assert records[4]["error"] == "HTTP 404 Not Found"
     for url in urls[1:]:
         assert f"error: {url}: " in result.stderr

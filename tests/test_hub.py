@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from altclip_cli.checkpoint import read_pickle
+from altclip_cli.nn.checkpoint import read_pickle
 from altclip_cli.errors import AltclipError, CheckpointError, DownloadError, ModelError
 from altclip_cli.hub import cached_models, download_model, resolve_model
 
@@ -331,7 +331,8 @@ def test_cached_models_lists_altclip_repos(env):
 
 
 def _convert_in_child(repo_id: str, barrier, results, log: str) -> None:
-    from altclip_cli import checkpoint, hub
+    from altclip_cli import hub
+    from altclip_cli.nn import checkpoint
 
     real = checkpoint.write_safetensors
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from altclip_cli.errors import ConfigError, InputError
-from altclip_cli.images import DEFAULT_MAX_PIXELS, ImagePreprocessor, open_image
+from altclip_cli.inputs.images import DEFAULT_MAX_PIXELS, ImagePreprocessor, open_image
 
 # BAAI/AltCLIP's preprocessor_config.json on the hub (old feature-extractor form: int sizes).
 HUB_CONFIG = {

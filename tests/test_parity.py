@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from altclip_cli.errors import CheckpointError, ConfigError  # noqa: E402
-from altclip_cli.runtime import build_model  # noqa: E402
+from altclip_cli.runtime.build import build_model  # noqa: E402
 
 TOL = 1e-5
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from altclip_cli.errors import InputError
-from altclip_cli.pipeline import stream_embeddings
+from altclip_cli.inputs.pipeline import stream_embeddings
 
 
 def fake_open(source):

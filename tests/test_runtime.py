@@ -3,56 +3,57 @@ import numpy as np
 import pytest
 import torch
 
-from altclip_cli import runtime
+from altclip_cli.runtime import altclip as runtime
+from altclip_cli.runtime import build, device
 from altclip_cli.errors import DeviceError
-from altclip_cli.layers import LayerNorm
+from altclip_cli.nn.layers import LayerNorm
 
 
 def test_explicit_absent_cuda_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="CUDA is not available"):
-        runtime.choose_device("cuda")
+        device.choose_device("cuda")
     with pytest.raises(DeviceError, match="CUDA is not available"):
-        runtime.choose_device("cuda:1")
+        device.choose_device("cuda:1")
 
 
 def test_explicit_absent_mps_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="MPS is not available"):
-        runtime.choose_device("mps")
+        device.choose_device("mps")
 
 
 def test_unknown_device_and_precision():
     with pytest.raises(DeviceError, match="unknown device 'tpu7'"):
-        runtime.choose_device("tpu7")
+        device.choose_device("tpu7")
     with pytest.raises(DeviceError, match="unknown precision 'fp8'"):
-        runtime.choose_precision(torch.device("cpu"), "fp8")
+        device.choose_precision(torch.device("cpu"), "fp8")
 
 
 def test_auto_device_order(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert runtime.choose_device("auto")[0].type == "mps"
+    assert device.choose_device("auto")[0].type == "mps"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert runtime.choose_device("auto")[0].type == "cpu"
+    assert device.choose_device("auto")[0].type == "cpu"
 
 
 @pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_on_cpu(monkeypatch, has_bf16, expected):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: has_bf16)
-    assert runtime.choose_precision(torch.device("cpu"), "auto")[0] == expected
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: has_bf16)
+    assert device.choose_precision(torch.device("cpu"), "auto")[0] == expected
 
 
 def test_auto_precision_on_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert runtime.choose_precision(torch.device("cuda"), "auto")[0] == "fp16"
+    assert device.choose_precision(torch.device("cuda"), "auto")[0] == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert runtime.choose_precision(torch.device("cuda"), "auto")[0] == "bf16"
-    assert runtime.choose_precision(torch.device("mps"), "auto")[0] == "fp16"
+    assert device.choose_precision(torch.device("cuda"), "auto")[0] == "bf16"
+    assert device.choose_precision(torch.device("mps"), "auto")[0] == "fp16"
 
 
 def test_bf16_loading_keeps_norms_and_scale_in_fp32(tiny_model_dir):
-    model = runtime.build_model(tiny_model_dir, None, torch.device("cpu"), "bf16")
+    model = build.build_model(tiny_model_dir, None, torch.device("cpu"), "bf16")
     for name, module in model.named_modules():
         if isinstance(module, LayerNorm):
             assert module.weight.dtype == torch.float32, name
@@ -121,14 +122,14 @@ def test_text_rows_keep_input_order_despite_length_sorting(tiny_model_dir):
 
 
 def test_compute_dtype_weight_cache_is_used_and_equal(tiny_model_dir, monkeypatch):
-    import altclip_cli.cache as cache
+    from altclip_cli.paths import altclip_home
 
     first = runtime.load(str(tiny_model_dir), device="cpu", precision="bf16")
-    files = list(cache.altclip_home().glob("weights/*/model-bf16.safetensors"))
+    files = list(altclip_home().glob("weights/*/model-bf16.safetensors"))
     assert len(files) == 1
     reads = []
-    real = runtime.read_state_dict
-    monkeypatch.setattr(runtime, "read_state_dict", lambda paths, convert: reads.append(paths) or real(paths, convert))
+    real = build.read_state_dict
+    monkeypatch.setattr(build, "read_state_dict", lambda paths, convert: reads.append(paths) or real(paths, convert))
     second = runtime.load(str(tiny_model_dir), device="cpu", precision="bf16")
     assert reads == [[files[0]]]  # the cast copy, not the original
     texts = ["猫", "a dog"]
@@ -150,12 +151,12 @@ def test_label_cache_skips_the_text_tower(tiny_model_dir, monkeypatch):
 
 
 def test_cache_can_be_turned_off(tiny_model_dir, monkeypatch):
-    import altclip_cli.cache as cache
+    from altclip_cli.paths import altclip_home
 
     monkeypatch.setenv("ALTCLIP_NO_CACHE", "1")
     model = runtime.load(str(tiny_model_dir), device="cpu", precision="bf16")
     assert model.label_cache is None
-    assert not cache.altclip_home().exists()
+    assert not altclip_home().exists()
 
 
 def test_cuda_out_of_memory_halves_the_batch_and_says_so(tiny_model_dir, monkeypatch, caplog):
@@ -185,7 +186,7 @@ def test_cuda_out_of_memory_halves_the_batch_and_says_so(tiny_model_dir, monkeyp
 def test_large_jpegs_decode_at_reduced_scale_unless_exact(tiny_model_dir, tmp_path, monkeypatch):
     from PIL import Image
 
-    import altclip_cli.images as images
+    import altclip_cli.inputs.images as images
 
     rng = np.random.default_rng(3)
     path = tmp_path / "big.jpg"

@@ -13,8 +13,8 @@ import pytest
 from tokenizer_fixture import SPM_VOCAB, _train, make_tokenizer_files
 
 from altclip_cli.errors import ModelError
-from altclip_cli.spm import CONTROL, UNKNOWN, convert_spm_model, parse_model
-from altclip_cli.tokenizer import SPM_MODEL, TOKENIZER_JSON, TextTokenizer
+from altclip_cli.inputs.spm import CONTROL, UNKNOWN, convert_spm_model, parse_model
+from altclip_cli.inputs.tokenizer import SPM_MODEL, TOKENIZER_JSON, TextTokenizer
 
 TEXTS = [
     "",

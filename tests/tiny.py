@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from altclip_cli.config import AltCLIPConfig, TextConfig, VisionConfig, config_to_dict
-from altclip_cli.model import AltCLIPModel
+from altclip_cli.nn.config import AltCLIPConfig, TextConfig, VisionConfig, config_to_dict
+from altclip_cli.nn.model import AltCLIPModel
 
 PREPROCESSOR_CONFIG = {  # as the hub's BAAI/AltCLIP ships it (legacy int sizes)
     "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,

@@ -81,7 +81,7 @@ _CACHE: Path | None = None
 
 def make_tokenizer_files(folder: Path) -> int:
     """Write sentencepiece.bpe.model and tokenizer.json into `folder`; return the fairseq vocab size."""
-    from altclip_cli.spm import convert_spm_model
+    from altclip_cli.inputs.spm import convert_spm_model
 
     global _CACHE
     if _CACHE is None:

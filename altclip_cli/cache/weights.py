@@ -1,0 +1,98 @@
+"""Weights stored in the compute dtype, so that a cold start memory-maps 1.7 GB of bf16 instead of
+casting 3.5 GB of fp32: `altclip_home()/weights/<identity>/model-<precision>.safetensors`, with
+`meta.json` saying which files it was made from.
+
+An entry is written under a lock (concurrent first starts wait for one writer), through a
+temporary file that only the lock holder may clear, and moved into place whole. Writing an entry
+removes the entries made from earlier versions of the same files (a fine-tune saved ten times
+keeps one copy), and `altclip cache` lists and clears the rest."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ..paths import altclip_home
+from .identity import FORMAT, files_identity
+
+log = logging.getLogger("altclip")
+META = "meta.json"
+LAST_USED = ".last-used"
+
+
+def weights_root() -> Path:
+    return altclip_home() / "weights"
+
+
+def weights_identity(paths: list[Path]) -> str:
+    """The key of a model's weight files (see identity.file_fingerprint)."""
+    return files_identity(paths)
+
+
+def compute_weights_path(identity: str, precision: str) -> Path:
+    return weights_root() / identity / f"model-{precision}.safetensors"
+
+
+def mark_used(path: Path) -> None:
+    """Record the entry's last use (what `altclip cache` shows and `--older-than` goes by)."""
+    marker = path.parent / LAST_USED
+    try:
+        marker.touch()
+    except OSError:
+        pass
+
+
+def save_compute_weights(state: dict, path: Path, sources: list[Path]) -> None:
+    """Write the cast state dict under the entry's lock, one tensor at a time (no second copy of
+    the weights in memory), then drop older entries of the same source files. A failure (disk
+    full, read-only) only warns."""
+    from filelock import FileLock
+
+    from ..nn.checkpoint import save_safetensors
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.parent / ".lock")):
+            if path.is_file():  # another process wrote it while we waited
+                return
+            # Only a lock holder writes temporaries, so any found now are a killed writer's.
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            save_safetensors(state, path)
+            sources_real = [str(Path(s).resolve()) for s in sources]
+            meta = {"format": FORMAT, "sources": sources_real, "created": time.time()}
+            (path.parent / META).write_text(json.dumps(meta), encoding="utf-8")
+            mark_used(path)
+        _drop_superseded(path.parent, sources_real)
+    except OSError as e:
+        log.warning("could not cache the weights in the compute dtype (%s); the next start casts them again", e)
+
+
+def _drop_superseded(entry: Path, sources: list[str]) -> None:
+    """Remove other entries made from the same file paths: they hold an older version of them."""
+    for other in weights_root().iterdir():
+        if other == entry or not other.is_dir():
+            continue
+        meta = read_meta(other)
+        if meta and meta.get("sources") == sources:
+            log.info("removing the cached weights of an earlier version of %s", sources[0])
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def read_meta(entry: Path) -> dict | None:
+    try:
+        meta = json.loads((entry / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def discard(path: Path) -> None:
+    """Remove a damaged entry (it is rebuilt on the next start)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

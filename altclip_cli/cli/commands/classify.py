@@ -1,0 +1,127 @@
+"""`altclip classify`: zero-shot classification of images against labels in any language."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ...errors import InputError
+from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
+                       stdin_for)
+from ..formats import FORMATS
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(), metavar="IMAGES...")
+@click.option("-l", "--label", "labels", multiple=True, metavar="LABEL",
+              help="A label, in any language (repeatable; kept in the order given).")
+@click.option("--labels-file", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
+              help="One label per line (UTF-8; blank lines skipped); - reads stdin.")
+@click.option("-t", "--template", "templates", multiple=True, metavar='"... {} ..."',
+              help="Text around each label, {} marks the label; several are averaged (prompt ensemble).")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Show only the K most likely labels per image [default: all].")
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Output format [default: table on a terminal, jsonl otherwise].")
+@image_input_options
+@model_options
+@common_options
+def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_pixels, url_timeout,
+             url_max_mb, exact_decode, model, device, precision, batch_size, quiet):
+    """Score IMAGES against labels: which label fits each image best.
+
+    IMAGES are files, folders (-r to include subfolders), globs, http(s) URLs, or - to read a
+    list of paths from stdin. Each label is encoded exactly as given, in any language; use
+    --template to wrap labels in a sentence. Probabilities are the softmax over the labels.
+
+    \b
+    Examples:
+      altclip classify cat.jpg -l 猫 -l dog -l "a beach"
+      altclip classify photos/ -r --labels-file labels.txt -f csv > scores.csv
+      find . -name '*.png' | altclip classify - -l cat -l dog -t "a photo of a {}."
+
+    \b
+    json is one array, jsonl one object per line, in input order:
+      {"image": "cat.jpg", "scores": [{"label": "猫", "prob": 0.93, "logit": 24.1}, ...]}
+      {"image": "bad.jpg", "error": "..."}
+    """
+    from ...inputs.sources import display, expand_images, open_source, reason
+    from ..formats import classify_writer, error_record, score_record
+    from ..terminal import isatty
+
+    msgs = messages()
+    labels = _collect_labels(labels, labels_file, images)
+    _check_templates(templates)
+    _warn_duplicates(labels, msgs)
+    if fmt is None:
+        fmt = "table" if isatty(sys.stdout) else "jsonl"
+    sources = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn))
+    if not sources:
+        msgs.warn("no images to classify: the inputs named none")
+
+    writer = classify_writer(fmt, sys.stdout)
+    failed = 0
+    if sources:
+        from ..options import load_model
+
+        model_ = load_model(model, device, precision, msgs, exact_decode=exact_decode)
+        label_emb = model_.label_embeddings(labels, list(templates) or None)
+        opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
+        results = model_.stream_images(sources, open_fn=lambda s: open_source(s, **opener_kw), batch_size=batch_size)
+        with msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar:
+            for r in results:
+                name = display(r.source.name)
+                if r.embedding is None:
+                    failed += 1
+                    why = reason(r.error, r.source.name)
+                    msgs.error(f"{name}: {why}")
+                    writer.write(error_record(name, why))
+                else:
+                    probs, logits = model_.scores(r.embedding[None], label_emb)
+                    writer.write(score_record(name, labels, probs[0], logits[0], top_k))
+                bar.advance()
+    writer.close()
+    if failed:
+        msgs.warn(f"{failed} of {len(sources)} images failed")
+        click.get_current_context().exit(3)
+
+
+def _collect_labels(given, labels_file, images) -> list[str]:
+    """-l labels then the file's, in order; an empty label is a usage error naming it."""
+    labels = list(given)
+    for i, label in enumerate(labels, start=1):
+        if not label.strip():
+            raise UsageError(f"label {i} (-l {label!r}) is empty", hint="give every -l a non-empty label")
+    if labels_file is not None:
+        from ...inputs.textfile import read_text_file
+        from ..options import stdin_binary
+
+        if labels_file == "-" and "-" in images:
+            raise UsageError("stdin cannot hold both the image list and the labels",
+                             hint="put the labels in a file, or give them with -l")
+        try:
+            lines, name = read_text_file(labels_file, stdin=stdin_binary())
+        except InputError as exc:
+            raise UsageError(exc.message, hint=exc.hint) from None
+        labels += [line for line in lines if line.strip()]
+    if not labels:
+        raise UsageError("no labels given", hint="pass labels with -l LABEL (repeatable) or --labels-file FILE")
+    return labels
+
+
+def _check_templates(templates) -> None:
+    for template in templates:
+        if "{}" not in template:
+            raise UsageError(f"template {template!r} has no {{}} where the label goes",
+                             hint='write it like --template "a photo of {}."')
+
+
+def _warn_duplicates(labels, msgs) -> None:
+    seen: dict[str, int] = {}
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+    for label, count in seen.items():
+        if count > 1:
+            msgs.warn(f"label {label!r} is given {count} times; each is scored as its own row, "
+                      "so they share the probability")

@@ -1,0 +1,264 @@
+"""`altclip embed`: embeddings of texts or images, to an .npy file with a sidecar or as jsonl."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from ..options import UsageError, common_options, image_input_options, messages, model_options, open_kwargs
+
+TEXT_CHUNK = 256
+STOP_AFTER_ENV = "ALTCLIP_TEST_STOP_AFTER"  # test hook: act as if Ctrl-C came after K inputs
+
+
+@click.command()
+@click.argument("images", nargs=-1, type=click.Path(), metavar="[IMAGES]...")
+@click.option("--image", "image_mode", is_flag=True,
+              help="Embed the IMAGES (files, folders, globs, URLs; - reads paths from stdin).")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE|-",
+              help="Embed the lines of a UTF-8 text file (row i is line i, empty lines included).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="OUT.npy",
+              help="Write an (N, D) array here and OUT.jsonl beside it [default: jsonl on stdout].")
+@click.option("--no-normalize", is_flag=True, help="Keep the raw projections (default: L2-normalised).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Element type of the array.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run with -o from its last checkpoint (same inputs and options).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True, metavar="N",
+              help="With -o, make the partial output resumable every N inputs.")
+@image_input_options
+@model_options
+@common_options
+def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, recursive,
+          max_pixels, url_timeout, url_max_mb, exact_decode, model, device, precision, batch_size, quiet):
+    """Embed texts or images into AltCLIP's shared space.
+
+    With -o the rows go to OUT.npy (float32, L2-normalised unless --no-normalize) and
+    OUT.jsonl holds one line per input in input order: {"row": i, "image": ...} or
+    {"row": i, "text": ...}; an input that failed has {"row": null, ..., "error": ...} and no
+    row. Both files appear whole or not at all. Without -o each input is one jsonl line on
+    stdout with an "embedding" field.
+
+    \b
+    Examples:
+      altclip embed --text captions.txt -o captions.npy
+      find photos -name '*.jpg' | altclip embed --image - -o photos.npy
+      altclip embed --image photos/ -r -o photos.npy --resume
+      echo "一只猫" | altclip embed --text -
+    """
+    msgs = messages()
+    if text_file is not None and (images or image_mode):
+        raise UsageError("give either --text FILE or --image IMAGES, not both")
+    if text_file is None and not images:
+        if image_mode:
+            raise UsageError("--image needs IMAGES", hint="name files or folders, or - to read paths from stdin")
+        raise UsageError("nothing to embed", hint="use --text FILE (one text per line) or --image IMAGES")
+    if output is None and resume:
+        raise UsageError("--resume needs -o OUT.npy")
+    if output == "-":
+        raise UsageError("-o - is not supported", hint="leave out -o to get jsonl on stdout")
+
+    kind = "text" if text_file is not None else "image"
+    if kind == "text":
+        from ...inputs.textfile import read_text_file
+        from ..options import stdin_binary
+
+        texts, _ = read_text_file(text_file, stdin=stdin_binary())
+        inputs = texts
+        names = texts
+    else:
+        from ...inputs.sources import expand_images
+        from ..options import stdin_for
+
+        inputs = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn))
+        names = [s.name for s in inputs]
+    if not inputs:
+        msgs.warn("nothing to embed: the input list is empty")
+
+    run = _Run(kind, model, device, precision, batch_size, not no_normalize, msgs, exact_decode)
+    if output is None:
+        failed = _to_stdout(run, inputs, open_kwargs(max_pixels, url_timeout, url_max_mb))
+    else:
+        failed = _to_file(run, inputs, names, output, dtype, resume, checkpoint_every,
+                          open_kwargs(max_pixels, url_timeout, url_max_mb))
+    if failed:
+        msgs.warn(f"{failed} of {len(inputs)} inputs failed")
+        click.get_current_context().exit(3)
+
+
+class _Run:
+    """The model (loaded on first need) and the settings of one embed run."""
+
+    def __init__(self, kind, model, device, precision, batch_size, normalize, msgs, exact_decode=False):
+        self.kind, self.model_name, self.device, self.precision = kind, model, device, precision
+        self.exact_decode = exact_decode
+        self.batch_size, self.normalize, self.msgs = batch_size, normalize, msgs
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from ..options import load_model
+
+            self._model = load_model(self.model_name, self.device, self.precision, self.msgs,
+                                     exact_decode=self.exact_decode)
+        return self._model
+
+    def batches(self, inputs, opener_kw):
+        """Lists of (name, record, embedding or None) in input order; `record` is the sidecar
+        line without "row": {"image"/"text": ...} plus "error" for a failed input."""
+        if self.kind == "text":
+            size = self.batch_size or TEXT_CHUNK
+            for start in range(0, len(inputs), size):
+                chunk = inputs[start:start + size]
+                emb = self.model.encode_texts(chunk, batch_size=self.batch_size, normalize=self.normalize)
+                yield [(t, {"text": t}, emb[i]) for i, t in enumerate(chunk)]
+            return
+        from ...inputs.sources import display, open_source, reason
+        from ...runtime.device import default_batch_size
+
+        if not inputs:
+            return
+        # Chunks end where the runtime's batches end (after every `size`-th decoded image), so a
+        # resumed run batches the remaining images exactly as an uninterrupted run would, and
+        # its rows come out bit for bit the same.
+        size = self.batch_size or default_batch_size(self.model.device, "image")
+        opener_kw = {**opener_kw, "draft_min_side": self.model.draft_min_side}
+        results = self.model.stream_images(inputs, open_fn=lambda s: open_source(s, **opener_kw),
+                                           batch_size=size, normalize=self.normalize)
+        out, good = [], 0
+        for r in results:
+            name = display(r.source.name)
+            if r.embedding is None:
+                why = reason(r.error, r.source.name)
+                self.msgs.error(f"{name}: {why}")
+                out.append((r.source.name, {"image": name, "error": why}, None))
+            else:
+                out.append((r.source.name, {"image": name}, r.embedding))
+                good += 1
+                if good % size == 0:
+                    yield out
+                    out = []
+        if out:
+            yield out
+
+
+def _to_stdout(run: _Run, inputs, opener_kw) -> int:
+    from ..formats import dumps, embedding_line
+
+    stdout = sys.stdout
+    failed = row = 0
+    with run.msgs.progress("embedding", total=len(inputs), data_to_stdout=True) as bar:
+        for batch in run.batches(inputs, opener_kw):
+            lines = []
+            for _name, record, emb in batch:
+                if emb is None:
+                    failed += 1
+                    lines.append(dumps({"row": None, **record}))
+                else:
+                    key = "text" if "text" in record else "image"
+                    lines.append(embedding_line(row, key, record[key], emb))
+                    row += 1
+            stdout.write("\n".join(lines) + "\n")
+            stdout.flush()
+            bar.advance(len(batch))
+    return failed
+
+
+def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, opener_kw) -> int:
+    import numpy as np
+
+    from ...outputs.embedfile import EmbeddingOutput
+
+    msgs = run.msgs
+    settings = {"kind": run.kind, "model": run.model_name, "dtype": dtype, "normalize": run.normalize,
+                "exact_decode": run.exact_decode}
+    out = EmbeddingOutput(output, settings=settings, checkpoint_every=checkpoint_every)
+    out.check_writable()
+    start = 0
+    if resume and out.has_partial():
+        start = out.resume_point()
+        out.check_inputs(names)
+        msgs.note(f"resuming after {start} of {len(inputs)} inputs")
+    elif resume:
+        msgs.note(f"nothing to resume for {output}: starting from the beginning")
+    elif out.has_partial():
+        msgs.warn(f"discarding the partial output of an interrupted run ({out.part.name}); "
+                  "pass --resume to continue it instead")
+    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+    failed = out.failed_in_checkpoint() if start else 0
+    with _sigterm_as_interrupt():
+        try:
+            with msgs.progress("embedding", total=len(inputs)) as bar:
+                bar.advance(start)
+                for batch in run.batches(inputs[start:], opener_kw):
+                    if not out.is_open:
+                        out.open(run.model.embed_dim)
+                    rows = [emb for _n, _r, emb in batch if emb is not None]
+                    failed += len(batch) - len(rows)
+                    out.add([(n, r) for n, r, _e in batch], np.stack(rows) if rows else None)
+                    bar.advance(len(batch))
+                    if stop_after and out.inputs_done >= stop_after:
+                        raise KeyboardInterrupt
+            if not out.is_open:
+                out.open(run.model.embed_dim)  # no inputs left: still write a whole (N, D) array
+            out.commit()
+        except KeyboardInterrupt:
+            if _keep_partial(out):
+                msgs.error(f"interrupted after {out.inputs_done} of {len(inputs)} inputs; {output} was not written",
+                           hint=f"run the same command with --resume to continue from input {out.inputs_done + 1}")
+            else:
+                msgs.error(f"interrupted; {output} was not written")
+            click.get_current_context().exit(143 if _Terminated.received else 130)
+        except BaseException:
+            try:
+                if _keep_partial(out):
+                    msgs.note(f"the first {out.inputs_done} inputs are kept; --resume continues from there")
+            except OSError:
+                out.discard()
+            raise
+    msgs.note(f"wrote {out.rows} row{'' if out.rows == 1 else 's'} to {output} and {out.sidecar}")
+    return failed
+
+
+def _keep_partial(out) -> bool:
+    """After a run stopped early: checkpoint what is done (True), or remove the .part files this
+    run created with nothing in them. Files of an earlier run that this one never opened stay."""
+    if not out.is_open:
+        return False
+    if out.inputs_done:
+        out.save_checkpoint()
+        out.close()
+        return True
+    out.discard()
+    return False
+
+
+class _Terminated:
+    received = False
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM raises KeyboardInterrupt, so the partial output is checkpointed the same way."""
+
+    def __enter__(self):
+        _Terminated.received = False
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _handler(signum, frame):
+        _Terminated.received = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False

@@ -1,0 +1,141 @@
+"""What the commands write on stdout: data only (tables, json, jsonl, csv) and the records
+behind them. rich is imported when a table is first drawn."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import Sequence
+
+from .terminal import no_color
+
+FORMATS = ("table", "json", "jsonl", "csv")
+
+
+def dumps(obj) -> str:
+    """One compact JSON line, any script kept readable (not \\u-escaped)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+
+
+def number(x) -> float:
+    """A float32 as a short JSON number (6 significant digits)."""
+    return float(f"{float(x):.6g}")
+
+
+def score_record(image: str, labels: Sequence[str], probs, logits, top_k: int | None) -> dict:
+    """{"image": ..., "scores": [{"label", "prob", "logit"}, ...]} sorted by prob, descending;
+    equal probabilities keep the labels' order. Repeated labels stay separate entries."""
+    order = sorted(range(len(labels)), key=lambda j: -float(probs[j]))
+    if top_k is not None:
+        order = order[:top_k]
+    return {"image": image,
+            "scores": [{"label": labels[j], "prob": number(probs[j]), "logit": number(logits[j])} for j in order]}
+
+
+def error_record(image: str, error: str) -> dict:
+    return {"image": image, "error": error}
+
+
+class JsonlWriter:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, record: dict) -> None:
+        self.stream.write(dumps(record) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class JsonWriter:
+    """One JSON array, streamed: one object per line between the brackets."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self.stream.write(("[\n" if self.count == 0 else ",\n") + dumps(record))
+        self.stream.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        self.stream.write("[]\n" if self.count == 0 else "\n]\n")
+        self.stream.flush()
+
+
+class CsvWriter:
+    """One row per (image, label): image,rank,label,prob,logit,error; a failed image gives one row
+    with only image and error."""
+
+    HEADER = ("image", "rank", "label", "prob", "logit", "error")
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.writer = csv.writer(stream, lineterminator="\n")
+        self.writer.writerow(self.HEADER)
+
+    def write(self, record: dict) -> None:
+        if "error" in record:
+            self.writer.writerow([record["image"], "", "", "", "", record["error"]])
+        else:
+            for rank, s in enumerate(record["scores"], start=1):
+                self.writer.writerow([record["image"], rank, s["label"], s["prob"], s["logit"], ""])
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class TableWriter:
+    """A rich table per image: label, probability and a bar. Failed images are reported on
+    stderr only (the table is for reading, the other formats keep error records)."""
+
+    BAR_WIDTH = 24
+
+    def __init__(self, stream):
+        from rich.console import Console
+
+        self.console = Console(file=stream, no_color=no_color(), highlight=False, emoji=False)
+
+    def write(self, record: dict) -> None:
+        if "error" in record:
+            return
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=Text(record["image"], style="bold"), title_justify="left", box=box.SIMPLE_HEAD,
+                      show_edge=False, pad_edge=False)
+        table.add_column("label", overflow="fold")
+        table.add_column("prob", justify="right")
+        table.add_column("", no_wrap=True)
+        for s in record["scores"]:
+            table.add_row(Text(s["label"]), f"{100 * s['prob']:.1f}%", Text(bar(s["prob"], self.BAR_WIDTH), style="green"))
+        self.console.print(table)
+        self.console.print()
+
+    def close(self) -> None:
+        pass
+
+
+def bar(fraction: float, width: int) -> str:
+    """A bar of block characters, in eighths: readable without colour."""
+    eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
+    full, rest = divmod(eighths, 8)
+    return "█" * full + (" ▏▎▍▌▋▊▉"[rest] if rest else "")
+
+
+def classify_writer(fmt: str, stream):
+    return {"table": TableWriter, "json": JsonWriter, "jsonl": JsonlWriter, "csv": CsvWriter}[fmt](stream)
+
+
+# --- embed -------------------------------------------------------------------------------------------
+
+
+def embedding_line(row: int, key: str, value: str, embedding) -> str:
+    """{"row": i, "image"/"text": ..., "embedding": [...]} with float32's shortest round-trip digits."""
+    floats = ", ".join(str(v) for v in embedding)  # numpy scalars print their shortest exact form
+    head = dumps({"row": row, key: value})
+    return f'{head[:-1]}, "embedding": [{floats}]}}'

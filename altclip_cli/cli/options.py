@@ -1,0 +1,173 @@
+"""Options shared by several commands, as decorator stacks, and the small helpers they need.
+
+Cheap to import (click only): the command line's --help and shell completion load this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+import click
+
+from ..hub.registry import DEFAULT_MODEL
+from .messages import Messages
+
+DEBUG_KEY = "altclip.debug"
+MESSAGES_KEY = "altclip.messages"
+
+
+class UsageError(click.UsageError):
+    """A usage error (exit 2) with our own hint line."""
+
+    def __init__(self, message: str, hint: str | None = None, ctx: click.Context | None = None):
+        super().__init__(message, ctx)
+        self.hint = hint
+
+
+class DeviceType(click.ParamType):
+    """auto, cpu, cuda, cuda:N or mps."""
+
+    name = "device"
+    _pattern = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip().lower()
+        if not self._pattern.fullmatch(text):
+            self.fail(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N or mps", param, ctx)
+        return text
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(c) for c in ("auto", "cpu", "cuda", "mps") if c.startswith(incomplete)]
+
+
+def _complete_model(ctx, param, incomplete):
+    """Local folders and the known hub ids (hub.py is cheap to import: no huggingface_hub).
+    The folder entry comes first: bash's script starts over when it meets one."""
+    from click.shell_completion import CompletionItem
+
+    from ..hub.registry import KNOWN_MODELS
+
+    return [CompletionItem(incomplete, type="dir")] + [CompletionItem(m) for m in KNOWN_MODELS if m.startswith(incomplete)]
+
+
+def _set_debug(ctx, param, value):
+    if value or os.environ.get("ALTCLIP_DEBUG"):
+        ctx.meta[DEBUG_KEY] = True
+    return value
+
+
+def _set_quiet(ctx, param, value):
+    ctx.meta[MESSAGES_KEY] = Messages(quiet=value)
+    _route_library_logging()
+    return value
+
+
+def _route_library_logging() -> None:
+    """The library's `logging` warnings (e.g. a CUDA out-of-memory batch halved) become
+    `warning:` lines on stderr, silenced by --quiet like ours."""
+    log = logging.getLogger("altclip")
+    if not any(isinstance(h, _ToMessages) for h in log.handlers):
+        log.addHandler(_ToMessages(logging.WARNING))
+        log.propagate = False
+
+
+class _ToMessages(logging.Handler):
+    def emit(self, record):
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad log call must not end a run
+            return
+        if record.levelno >= 40:
+            messages().error(text)
+        else:
+            messages().warn(text)
+
+
+def messages() -> Messages:
+    """The current command's stderr side (quiet or not)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and MESSAGES_KEY in ctx.meta:
+        return ctx.meta[MESSAGES_KEY]
+    return Messages()
+
+
+def _stack(*decorators):
+    def apply(f):
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+    help="Show the Python traceback when something fails (also: ALTCLIP_DEBUG=1).")
+
+common_options = _stack(
+    click.option("-q", "--quiet", is_flag=True, callback=_set_quiet,
+                 help="No progress bars, notes or warnings on stderr (errors still show)."),
+    debug_option,
+)
+
+model_options = _stack(
+    click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ALTCLIP_MODEL",
+                 show_envvar=True, metavar="ID|DIR", shell_complete=_complete_model,
+                 help="Hub id (downloaded on first use) or a local model folder."),
+    click.option("--device", type=DeviceType(), default="auto", show_default=True, envvar="ALTCLIP_DEVICE",
+                 show_envvar=True, help="auto picks cuda, then mps, then cpu; cuda:N for another GPU."),
+    click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+                 show_default=True, envvar="ALTCLIP_PRECISION", show_envvar=True, help="Compute precision; auto is bf16/fp16 where the hardware is fast at it."),
+    click.option("-b", "--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="Images (or texts) per model batch [default: chosen for the device]."),
+)
+
+image_input_options = _stack(
+    click.option("-r", "--recursive", is_flag=True, help="Walk folders given as IMAGES, subfolders included."),
+    click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N",
+                 envvar="ALTCLIP_MAX_PIXELS",
+                 help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap]."),
+    click.option("--url-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+                 metavar="SECONDS", help="Time allowed to download one image URL."),
+    click.option("--url-max-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
+                 metavar="MB", help="Size cap for one image URL."),
+    click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
+                 help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
+                      "(default: at a reduced scale that keeps twice the model's input size; faster, "
+                      "cosine >= 0.99997)."),
+)
+
+
+def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dict:
+    """The keyword arguments of inputs.open_source from the image input options
+    (draft_min_side: the loaded model's, see AltCLIP.draft_min_side)."""
+    kw = {"url_timeout": url_timeout, "url_max_bytes": int(url_max_mb * 1_000_000),
+          "draft_min_side": draft_min_side}
+    if max_pixels is not None:
+        kw["max_pixels"] = max_pixels or None  # 0: no cap
+    return kw
+
+
+def stdin_binary():
+    return sys.stdin.buffer
+
+
+def stdin_for(images):
+    """stdin's binary stream when an IMAGES argument is `-`."""
+    return stdin_binary() if "-" in images else None
+
+
+def load_model(model: str, device: str, precision: str, msgs: Messages, exact_decode: bool = False):
+    """runtime.load with a note on a terminal (downloads draw their own progress bar)."""
+    from ..runtime import altclip as runtime
+    from .terminal import isatty
+
+    if isatty(msgs.stream):
+        msgs.note(f"loading {model} ...")
+    return runtime.load(model, device=device, precision=precision, exact_decode=exact_decode,
+                        progress=not msgs.quiet and isatty(msgs.stream))

@@ -1,0 +1,82 @@
+"""The image tower: a CLIP ViT (pre-LN). Module names follow the checkpoint keys under
+`vision_model.` exactly. Read bottom-up: embeddings, attention, MLP, one layer, the tower."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import VisionConfig
+from .layers import ACTIVATIONS, Conv2d, Embedding, LayerNorm, Linear, attention
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
+                                         stride=cfg.patch_size, bias=False)
+        self.position_embedding = Embedding(cfg.num_positions, cfg.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)  # (B, 1, D)
+        # Summed in fp32 (pre_layrnorm follows in fp32 anyway).
+        return torch.cat([cls, patches], dim=1).float() + self.position_embedding.weight.float()  # (B, N+1, D)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        d = cfg.hidden_size
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(d, d) for _ in range(4))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), self.heads))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.hidden_act]  # quick_gelu for AltCLIP; the m18 tower says gelu
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(h)))
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.layer_norm1(h))
+        return h + self.mlp(self.layer_norm2(h))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's spelling
+        self.encoder = VisionEncoder(cfg)
+        self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: (B, 3, H, W) normalised -> (B, D), the CLS token after post_layernorm."""
+        h = self.pre_layrnorm(self.embeddings(pixels))  # (B, N+1, D)
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return self.post_layernorm(h[:, 0])  # CLS only, as the reference pools

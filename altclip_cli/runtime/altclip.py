@@ -1,0 +1,213 @@
+"""A loaded model (`AltCLIP`) and `load`: resolve a model, apply the device and precision policy
+(device.py), build the network (build.py), and encode texts and images."""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cache.identity import enabled as cache_enabled
+from ..cache.labels import LabelCache, text_identity
+from ..cache.weights import weights_identity
+from ..inputs.pipeline import ImageResult, stream_embeddings
+from ..nn.model import AltCLIPModel
+from .build import build_model
+from .device import PRECISIONS, choose_device, choose_precision, default_batch_size
+from .threads import plan_threads
+
+log = logging.getLogger("altclip")
+DRAFT_FACTOR = 2  # see AltCLIP.draft_min_side
+
+
+@dataclass
+class AltCLIP:
+    """A loaded model with its tokenizer and image preprocessor (see `load`)."""
+
+    model_id: str
+    folder: Path
+    model: AltCLIPModel
+    preprocessor: object  # altclip_cli.images.ImagePreprocessor
+    device: torch.device
+    precision: str
+    device_reason: str = ""
+    precision_reason: str = ""
+    label_cache: object | None = None  # altclip_cli.cache.labels.LabelCache
+    exact_decode: bool = False
+
+    @property
+    def draft_min_side(self) -> int | None:
+        """The shortest side large JPEGs are decoded at (libjpeg's 1/2-1/8 scales), or None for
+        full-size decoding, bit-exact with the reference's preprocessing. Twice the model's input
+        side: measured cosine to full decoding >= 0.99997 (README, Accuracy)."""
+        edge = getattr(self.preprocessor, "shortest_edge", None)
+        return None if self.exact_decode or not edge else DRAFT_FACTOR * edge
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The TextTokenizer, loaded on first use: the real tokenizer.json (17 MB) takes over a
+        second to load, and a classify whose labels are cached never needs it."""
+        from ..inputs.tokenizer import TextTokenizer
+
+        return TextTokenizer.from_dir(self.folder, max_length=self.model.config.text.max_tokens)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.float().exp())
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    @torch.inference_mode()
+    def encode_token_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model.encode_text(ids.to(self.device), mask.to(self.device))
+
+    @torch.inference_mode()
+    def encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model.encode_image(pixels.to(self.device))
+
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int | None = None,
+                     normalize: bool = True) -> np.ndarray:
+        """(N, D) float32, row i for texts[i]."""
+        texts = list(texts)
+        batch_size = batch_size or default_batch_size(self.device, "text")
+        ids = self.tokenizer.encode(texts)
+        # Batches of similar length waste less compute on padding; rows are put back in order.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = torch.empty(len(ids), self.embed_dim)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch_ids, mask = self.tokenizer.pad([ids[i] for i in rows])
+            out[rows] = self.encode_token_batch(batch_ids, mask).cpu()
+        return _finish(out, normalize)
+
+    def encode_images(self, images: Sequence, *, batch_size: int | None = None,
+                      normalize: bool = True) -> np.ndarray:
+        """images: PIL images (see altclip_cli.images.open_image). (N, D) float32, row i for images[i]."""
+        results = list(self.stream_images(images, open_fn=lambda image: image, batch_size=batch_size,
+                                          normalize=normalize))
+        for r in results:
+            if r.error:
+                raise r.error
+        return np.stack([r.embedding for r in results]) if results else np.zeros((0, self.embed_dim), np.float32)
+
+    def stream_images(self, sources: Iterable, *, open_fn: Callable | None = None,
+                      batch_size: int | None = None, normalize: bool = True,
+                      workers: int | None = None) -> Iterator[ImageResult]:
+        """One ImageResult (index, source, embedding or error) per source, in input order, with
+        decoding in worker threads ahead of the model. open_fn(source) -> PIL image defaults to
+        `open_image` (paths or bytes); an input that fails gives an InputError, never an exception."""
+        from ..inputs.images import open_image
+
+        if open_fn is None:
+            def open_fn(source):
+                return open_image(source, draft_min_side=self.draft_min_side)
+
+        def encode(pixels: np.ndarray) -> np.ndarray:
+            return _finish(self._encode_pixels_halving(torch.from_numpy(pixels)), normalize)
+
+        return stream_embeddings(sources, open_fn, self.preprocessor, encode,
+                                 batch_size=batch_size or default_batch_size(self.device, "image"),
+                                 workers=workers or plan_threads(self.device.type).decode_workers)
+
+    def _encode_pixels_halving(self, pixels: torch.Tensor) -> torch.Tensor:
+        """encode_pixel_batch, halving the batch on a CUDA out-of-memory error and saying so."""
+        try:
+            return self.encode_pixel_batch(pixels).cpu()
+        except torch.cuda.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(pixels) // 2
+            log.warning("CUDA out of memory on a batch of %d images: going on with batches of %d",
+                              len(pixels), half)
+            return torch.cat([self._encode_pixels_halving(pixels[:half]),
+                              self._encode_pixels_halving(pixels[half:])])
+
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """(L, D) float32, L2-normalised. With templates, CLIP's prompt ensemble: the mean of
+        the normalised embeddings of every template filled with the label, normalised again."""
+        labels = list(labels)
+        templates = list(templates or [])
+        found = self.label_cache.get(set(labels), templates) if self.label_cache else {}
+        missing = list(dict.fromkeys(label for label in labels if label not in found))
+        if missing:
+            computed = dict(zip(missing, self._embed_labels(missing, templates)))
+            if self.label_cache:
+                self.label_cache.put(computed, templates)
+            found.update(computed)
+        return np.stack([found[label] for label in labels]) if labels else np.zeros((0, self.embed_dim), np.float32)
+
+    def _embed_labels(self, labels: list[str], templates: list[str]) -> np.ndarray:
+        if not templates:
+            return self.encode_texts(labels)
+        filled = [t.replace("{}", label) for label in labels for t in templates]
+        emb = torch.from_numpy(self.encode_texts(filled)).view(len(labels), len(templates), -1)
+        return F.normalize(emb.mean(dim=1), dim=-1).numpy()
+
+    def classify(self, images: Sequence, labels: Sequence[str], *,
+                 templates: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(probs, logits), each (N_images, N_labels) float32: logits are the scaled cosine
+        similarities, probs their softmax over the labels (the reference's logits_per_image)."""
+        return self.scores(self.encode_images(images), self.label_embeddings(labels, templates))
+
+    def scores(self, image_emb: np.ndarray, label_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probs, logits) from normalised embeddings, in fp32."""
+        logits = torch.from_numpy(image_emb) @ torch.from_numpy(label_emb).T * self.logit_scale
+        return logits.softmax(dim=-1).numpy(), logits.numpy()
+
+
+def _finish(emb: torch.Tensor, normalize: bool) -> np.ndarray:
+    emb = emb.float()
+    return (F.normalize(emb, dim=-1) if normalize else emb).numpy()
+
+
+def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = "auto",
+         revision: str | None = None, download: bool = True, progress: bool = True,
+         use_cache: bool = True, exact_decode: bool = False) -> AltCLIP:
+    """Load an AltCLIP model from a local folder (Hugging Face layout) or a hub id.
+
+    device: "auto" (cuda, then mps, then cpu) or "cpu" / "cuda" / "cuda:N" / "mps"; an
+    explicit device that is absent raises DeviceError. precision: "auto" | "fp32" | "fp16" | "bf16".
+    use_cache: keep weights cast to the compute dtype and label embeddings in altclip's cache
+    (ALTCLIP_NO_CACHE=1 turns it off everywhere).
+    exact_decode: decode every JPEG at full size (bit-exact with the reference's preprocessing)
+    instead of large ones at a reduced scale (see AltCLIP.draft_min_side).
+    Raises ModelError, DownloadError or DeviceError (altclip_cli.errors).
+    """
+    from ..inputs.images import ImagePreprocessor
+    from ..inputs.tokenizer import tokenizer_file
+
+    torch_device, device_reason = choose_device(device)
+    precision, precision_reason = choose_precision(torch_device, precision)
+    folder, weights = _resolve(model, revision=revision, download=download, progress=progress)
+    tokenizer_file(folder)  # a folder without tokenizer files fails now, before the weights load
+    threads = plan_threads(torch_device.type)
+    if torch_device.type == "cpu" and torch.get_num_threads() > threads.torch_threads:
+        torch.set_num_threads(threads.torch_threads)  # only ever lowered: a caller's own setting stays
+    key = weights_identity(weights) if use_cache and cache_enabled() else None
+    net = build_model(folder, weights, torch_device, precision, cache_key=key)
+    labels = LabelCache(text_identity(key, folder), precision) if key else None
+    return AltCLIP(model_id=str(model), folder=folder, model=net,
+                   preprocessor=ImagePreprocessor.from_dir(folder), device=torch_device,
+                   precision=precision, device_reason=device_reason, precision_reason=precision_reason,
+                   label_cache=labels, exact_decode=exact_decode)
+
+
+def _resolve(model: str, **kwargs) -> tuple[Path, list[Path]]:
+    from ..hub.resolve import resolve_model
+
+    resolved = resolve_model(str(model), **kwargs)  # a local folder, or a hub id through the HF cache
+    return resolved.folder, resolved.weights
