@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..nn.checkpoint import read_pickle, save_safetensors
+from ..nn.checkpoint import read_pickle, remove_stale_temporaries, save_safetensors
 
 
 def convert_to_safetensors(sources: list[Path], target: Path, *, progress: bool = False) -> Path:
@@ -26,6 +26,7 @@ def convert_to_safetensors(sources: list[Path], target: Path, *, progress: bool 
     with FileLock(str(target) + ".lock"):
         if target.is_file():  # another process converted it while we waited
             return target
+        remove_stale_temporaries(target)
         if progress and sys.stderr.isatty():
             print(f"Converting {sources[0].name} to safetensors (once): {target}", file=sys.stderr)
         tensors: dict = {}

@@ -216,12 +216,11 @@ def write_safetensors(tensors: dict, path: Path) -> None:
 
 def save_safetensors(tensors: dict, path: Path) -> None:
     """write_safetensors under a temporary name, read its header back, and move it into place:
-    a reader never sees half a file, and one left by a killed writer is cleared next time."""
+    a reader never sees half a file. Callers hold a lock around this and clear what a killed
+    writer left (`remove_stale_temporaries`): a temporary file may belong to a live writer."""
     from safetensors import safe_open
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write_safetensors(tensors, tmp)
@@ -231,6 +230,13 @@ def save_safetensors(tensors: dict, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of killed writers of `path`; call only while holding the lock
+    that every writer of `path` takes (then no temporary file can belong to a live writer)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _safetensors_dtypes(torch) -> dict:
