@@ -18,6 +18,7 @@ from PIL import Image
 
 from altclip_cli import __version__
 from altclip_cli.cli import cli
+from embedhooks import interrupted_after
 
 # Subprocesses never reach the network: the hub is a dead local port and offline mode is on.
 # fp32 on the CPU, so the numbers compare with the reference model's.
@@ -384,7 +385,7 @@ def test_embed_images_with_failures_sidecar_lines_up(images, model, ref):
         {"row": 1, "image": "c.png"},
         {"row": None, "image": "missing.png", "error": "no such file"},
     ]
-    assert sorted(os.listdir("out")) == ["x.jsonl", "x.npy"]
+    assert sorted(os.listdir("out")) == ["x.jsonl", "x.manifest.json", "x.npy"]
 
 
 def test_embed_float16_no_normalize(images, model, ref):
@@ -436,7 +437,8 @@ def test_embed_resume_after_an_interruption_equals_a_clean_run(images, model):
     assert clean.exit_code == 3
 
     # chunks end where the runtime's batches of 2 images end: [p0 bad p1] [p2 p3] ...
-    stopped = invoke(*args, "-o", "x.npy", env={"ALTCLIP_TEST_STOP_AFTER": "4"})
+    with interrupted_after(4):
+        stopped = invoke(*args, "-o", "x.npy")
     assert stopped.exit_code == 130
     assert "interrupted after 5 of 8 inputs; x.npy was not written" in stopped.stderr
     assert "hint: run the same command with --resume to continue from input 6" in stopped.stderr
@@ -451,12 +453,13 @@ def test_embed_resume_after_an_interruption_equals_a_clean_run(images, model):
     assert "resuming after 5 of 8 inputs" in resumed.stderr
     assert np.array_equal(np.load("x.npy"), np.load("clean.npy"))
     assert Path("x.jsonl").read_text() == Path("clean.jsonl").read_text()
-    assert sorted(p for p in os.listdir() if p.startswith("x.")) == ["x.jsonl", "x.npy"]
+    assert sorted(p for p in os.listdir() if p.startswith("x.")) == ["x.jsonl", "x.manifest.json", "x.npy"]
 
 
 def test_embed_without_resume_discards_a_partial_run(images, model):
     args = ["embed", "a.png", "b.jpg", "c.png", "-b", "1", "-m", model, "-o", "x.npy"]
-    assert invoke(*args, env={"ALTCLIP_TEST_STOP_AFTER": "1"}).exit_code == 130
+    with interrupted_after(1):
+        assert invoke(*args).exit_code == 130
     result = invoke(*args)
     assert result.exit_code == 0
     assert "warning: discarding the partial output of an interrupted run" in result.stderr
@@ -667,7 +670,8 @@ def test_python_dash_m():
 
 def test_interrupt_before_the_model_is_loaded_keeps_the_earlier_partial_run(images, model, monkeypatch):
     args = ["embed", "a.png", "b.jpg", "c.png", "-b", "1", "-m", model, "-o", "x.npy"]
-    assert invoke(*args, env={"ALTCLIP_TEST_STOP_AFTER": "1"}).exit_code == 130
+    with interrupted_after(1):
+        assert invoke(*args).exit_code == 130
     before = sorted(os.listdir())
     from altclip_cli.runtime import altclip as runtime
 

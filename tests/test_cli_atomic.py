@@ -9,7 +9,8 @@ import pytest
 from altclip_cli.outputs.embedfile import HEADER_SIZE, EmbeddingOutput, npy_header, sidecar_path
 from altclip_cli.errors import AltclipError
 
-SETTINGS = {"kind": "image", "model": "m", "dtype": "float32", "normalize": True}
+SETTINGS = {"kind": "image", "model": "m", "weights": "w1", "precision": "fp32", "device_type": "cpu",
+            "dtype": "float32", "normalize": True, "exact_decode": False}
 
 
 @pytest.mark.parametrize("descr, shape", [("<f4", (0, 16)), ("<f2", (3, 768)), ("<f4", (10**12, 100000))])
@@ -45,7 +46,7 @@ def test_nothing_appears_until_commit(tmp_path):
     out.add(*_batch(0, 3, fail={1}))
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.jsonl").exists()
     out.commit()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl", "x.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl", "x.manifest.json", "x.npy"]
     assert np.load(tmp_path / "x.npy").tolist() == [[0.0] * 4, [2.0] * 4]
     lines = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
     assert lines == [{"row": 0, "image": "0.jpg"}, {"row": None, "image": "1.jpg", "error": "broken"},
@@ -80,7 +81,7 @@ def test_resume_from_checkpoint_discards_what_came_after(tmp_path):
     assert np.load(tmp_path / "x.npy")[:, 0].tolist() == [0, 2, 3, 4, 5, 6, 7, 8, 9]
     rows = [json.loads(line)["row"] for line in (tmp_path / "x.jsonl").read_text().splitlines()]
     assert rows == [0, None, 1, 2, 3, 4, 5, 6, 7, 8]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl", "x.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl", "x.manifest.json", "x.npy"]
 
 
 def test_resume_refuses_other_settings_or_inputs(tmp_path):
@@ -89,7 +90,7 @@ def test_resume_refuses_other_settings_or_inputs(tmp_path):
     out.add(*_batch(0, 2))
     out.save_checkpoint()
     out.close()
-    with pytest.raises(AltclipError, match="other settings"):
+    with pytest.raises(AltclipError, match="the earlier run used normalize True, this one False"):
         EmbeddingOutput(tmp_path / "x.npy", settings={**SETTINGS, "normalize": False}).resume_point()
     again = EmbeddingOutput(tmp_path / "x.npy", settings=SETTINGS)
     again.resume_point()

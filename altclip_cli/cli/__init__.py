@@ -14,6 +14,8 @@ import sys
 import click
 
 from .. import __version__
+from .commands.check import check
+from .commands.cache import cache
 from .commands.classify import classify
 from .commands.embed import embed
 from .commands.manage import download, info, models
@@ -29,7 +31,8 @@ class ExitStatus(enum.IntEnum):
     ERROR = 1  # the run failed (model, device, output, ...)
     USAGE = 2  # bad command line
     PARTIAL = 3  # done, but some inputs failed (each is named on stderr and in the output)
-    INTERRUPTED = 130  # Ctrl-C (143 for SIGTERM)
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    TERMINATED = 143  # SIGTERM (128 + SIGTERM), where a command stops cleanly on it
 
 
 class CommandFailed(click.ClickException):
@@ -124,14 +127,15 @@ def cli():
       find photos -name '*.jpg' | altclip embed --image - -o photos.npy
       altclip embed --text captions.txt -o captions.npy
       altclip download BAAI/AltCLIP
+      altclip cache clear --older-than 30d
 
     \b
     Exit codes: 0 all inputs done, 1 error, 2 usage error, 3 done but some inputs failed,
-    130 interrupted.
+    130 interrupted, 143 terminated (SIGTERM).
     """
 
 
-for _command in (classify, embed, download, info, models):
+for _command in (classify, embed, check, download, info, models, cache):
     cli.add_command(_command)
 
 

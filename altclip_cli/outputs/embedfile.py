@@ -1,11 +1,12 @@
-"""Writing `altclip embed`'s array and sidecar so that they appear whole or not at all.
+"""Writing `altclip embed`'s array and sidecar so that they belong together, and resuming.
 
 Rows go to `out.npy.part` and `out.jsonl.part` as they are computed. The .part array starts with a
 fixed-size .npy header, so finishing is: write the real header (now that the row count is known),
-fsync, and `os.replace` both files onto their real names with SIGINT/SIGTERM held off. Every
-`checkpoint_every` inputs (and when interrupted) the parts are fsynced and `out.npy.checkpoint.json`
-records how far they are consistent; `--resume` truncates the parts to that point and carries on.
-A run killed outright leaves only the .part and checkpoint files, never a torn out.npy.
+fsync, and commit the pair through a journal (manifest.py), with Ctrl-C and SIGTERM deferred
+until the commit is over (signals.py). Every `checkpoint_every` inputs (and when interrupted) the
+parts are fsynced and `out.npy.checkpoint.json` records how far they are consistent and with which
+settings; `--resume` checks the settings and inputs, truncates the parts to that point and carries
+on. A run killed outright leaves the earlier pair untouched beside the .part and checkpoint files.
 """
 
 from __future__ import annotations
@@ -14,20 +15,15 @@ import ast
 import hashlib
 import json
 import os
-import signal
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AltclipError
+from .manifest import FORMAT, file_record, finish_commit, journal_path, manifest_path, read_json, sidecar_path
+from .signals import signals_deferred
 
 HEADER_SIZE = 128  # bytes before the first row; a multiple of 64, as numpy likes
-CHECKPOINT_VERSION = 1
-
-
-def sidecar_path(npy: Path) -> Path:
-    """out.npy -> out.jsonl; a name without .npy gets .jsonl added."""
-    return npy.with_suffix(".jsonl") if npy.suffix == ".npy" else npy.with_name(npy.name + ".jsonl")
+CHECKPOINT_VERSION = 2  # 2: settings include the weights, the device type and the decoding
 
 
 def npy_header(descr: str, shape: tuple[int, int]) -> bytes:
@@ -63,20 +59,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@contextmanager
-def signals_held():
-    """SIGINT and SIGTERM wait until the block ends (main thread only; elsewhere a no-op)."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, ValueError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a small file in one step: temporary file beside it, fsync, os.replace."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -108,12 +90,46 @@ def inputs_digest(names) -> str:
     return h.hexdigest()
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before any work if the output cannot be written where asked."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise AltclipError(f"cannot write {path}: the folder {folder} does not exist",
+                           hint=f"create it first (mkdir -p {folder})")
+    if path.is_dir():
+        raise AltclipError(f"cannot write {path}: it is a folder", hint="name a file, e.g. -o out.npy")
+    if not os.access(folder, os.W_OK):
+        raise AltclipError(f"cannot write {path}: no permission to write in {folder}")
+
+
+# How each setting is chosen on the command line, for the hint of a refused resume.
+SETTING_OPTIONS = {
+    "kind": "--text / --image", "weights": "-m/--model (the same model files)", "precision": "--precision",
+    "device_type": "--device", "normalize": "--no-normalize", "dtype": "--dtype", "exact_decode": "--exact-decode",
+}
+
+
+def settings_difference(old: dict, new: dict) -> AltclipError | None:
+    """The error for the first setting that differs between an earlier run and this one."""
+    for key in sorted(old.keys() | new.keys(), key=lambda k: (k not in SETTING_OPTIONS, k)):
+        if key == "model" or old.get(key) == new.get(key):  # the model's name: its weights decide
+            continue
+        option = SETTING_OPTIONS.get(key, key)
+        return AltclipError(
+            f"cannot resume: the earlier run used {key} {old.get(key)!r}, this one {new.get(key)!r}",
+            hint=f"give the earlier run's {option} to continue it, or run without --resume to start again")
+    return None
+
+
 class EmbeddingOutput:
     """out.npy + out.jsonl, written through .part files and a checkpoint (see the module doc).
 
-    `settings` (model, kind, dtype, normalize) must match for a resume. Use: `resume_point()`,
-    `check_inputs(names)`, `open(dim)`, `add(records, rows)` per batch, then `commit()`; on an
-    interrupt `save_checkpoint()` (the .part files stay for --resume), on a failure `discard()`.
+    `settings` (everything that changes the numbers: weights, precision, device type, dtype,
+    normalisation, decoding) must match for a resume. Use: `finish_interrupted_commit()`,
+    `completed()` or `resume_point()` + `check_inputs(names)`, `open(dim)`, `add(records, rows)`
+    per batch, then `commit()`; on an interrupt `save_checkpoint()` (the .part files stay for
+    --resume), on a failure `discard()`.
     """
 
     def __init__(self, path: str | os.PathLike, *, settings: dict, checkpoint_every: int = 1000):
@@ -122,6 +138,8 @@ class EmbeddingOutput:
         self.part = self.path.with_name(self.path.name + ".part")
         self.sidecar_part = self.sidecar.with_name(self.sidecar.name + ".part")
         self.checkpoint_file = self.path.with_name(self.path.name + ".checkpoint.json")
+        self.manifest = manifest_path(self.path)
+        self.journal = journal_path(self.path)
         self.settings = dict(settings)
         self.descr = {"float32": "<f4", "float16": "<f2"}[self.settings["dtype"]]
         self.checkpoint_every = max(1, int(checkpoint_every))
@@ -130,22 +148,42 @@ class EmbeddingOutput:
         self._hash = hashlib.sha256()
         self._saved: _State | None = None
         self._npy = self._jsonl = None
+        self.committed = False  # True once commit() has replaced the files
 
     # --- before the run ----------------------------------------------------------------------------
 
     def check_writable(self) -> None:
-        """Fail before any work if the output cannot be written where asked."""
-        folder = self.path.parent
-        if not folder.is_dir():
-            raise AltclipError(f"cannot write {self.path}: the folder {folder} does not exist",
-                               hint=f"create it first (mkdir -p {folder})")
-        if self.path.is_dir():
-            raise AltclipError(f"cannot write {self.path}: it is a folder", hint="name a file, e.g. -o out.npy")
-        if not os.access(folder, os.W_OK):
-            raise AltclipError(f"cannot write {self.path}: no permission to write in {folder}")
+        check_writable(self.path)
 
     def has_partial(self) -> bool:
         return self.checkpoint_file.exists() or self.part.exists()
+
+    def finish_interrupted_commit(self) -> bool:
+        """Complete the commit of a run killed while it replaced the files (see manifest.py);
+        True when there was one. Its checkpoint and parts are spent."""
+        if not finish_commit(self.path):
+            return False
+        self.checkpoint_file.unlink(missing_ok=True)
+        return True
+
+    def completed(self, names) -> dict | None:
+        """With --resume: the manifest when the output is already complete for these inputs and
+        settings (nothing left to do), None when there is no complete output to compare with.
+        A complete output made with other settings or inputs is an AltclipError naming it."""
+        if self.has_partial():
+            return None
+        manifest = read_json(self.manifest)
+        if manifest is None or manifest.get("format") != FORMAT or not (self.path.exists() and self.sidecar.exists()):
+            return None
+        difference = settings_difference(manifest.get("settings", {}), self.settings)
+        if difference:
+            raise difference
+        names = list(names)
+        if manifest.get("inputs") != len(names) or manifest.get("inputs_sha256") != inputs_digest(names):
+            raise AltclipError(f"cannot resume: {self.path} is complete, but for other inputs "
+                               f"({manifest.get('inputs')} inputs; now {len(names)})",
+                               hint="give the same inputs in the same order, or run without --resume to replace it")
+        return manifest
 
     def resume_point(self) -> int:
         """The checkpoint's input count, after checking it was made with the same settings."""
@@ -157,10 +195,12 @@ class EmbeddingOutput:
         except (OSError, ValueError) as exc:
             raise AltclipError(f"cannot read {self.checkpoint_file} ({exc})",
                                hint="delete the .part and .checkpoint.json files and run without --resume") from None
-        if saved.get("version") != CHECKPOINT_VERSION or saved.get("settings") != self.settings:
-            old = saved.get("settings")
-            raise AltclipError(f"cannot resume: the interrupted run used other settings ({old}, now {self.settings})",
-                               hint="use the same options as the interrupted run, or run without --resume")
+        if saved.get("version") != CHECKPOINT_VERSION:
+            raise AltclipError(f"cannot resume: {self.checkpoint_file} was written by another altclip version",
+                               hint="run without --resume to start again")
+        difference = settings_difference(saved.get("settings", {}), self.settings)
+        if difference:
+            raise difference
         self.dim = int(saved["dim"])
         self._saved = _State(int(saved["inputs"]), int(saved["rows"]), int(saved["sidecar_bytes"]), saved["digest"])
         return self._saved.inputs
@@ -270,7 +310,7 @@ class EmbeddingOutput:
         """fsync the parts, then record how far they are consistent (atomically)."""
         if self._npy is None:
             return
-        with signals_held():
+        with signals_deferred():
             state = self._state
             _fsync(self._npy)
             _fsync(self._jsonl)
@@ -279,11 +319,13 @@ class EmbeddingOutput:
                       "digest": state.digest}
             write_atomic(self.checkpoint_file, json.dumps(record).encode("utf-8"))
 
-    def commit(self) -> None:
-        """The real header, fsync, and both files onto their names with signals held."""
+    def commit(self, *, failed: int = 0, extra: dict | None = None) -> None:
+        """The real header, fsync, and the pair committed through the journal (manifest.py),
+        with Ctrl-C and SIGTERM deferred until it is done. `failed`: the inputs without a row;
+        `extra`: more facts for the manifest (the model's name, the altclip version, ...)."""
         if self._npy is None:
             raise RuntimeError("commit() before open()")
-        with signals_held():
+        with signals_deferred():
             state = self._state
             self._npy.truncate(HEADER_SIZE + state.rows * self.dim * self.itemsize)
             self._npy.seek(0)
@@ -292,8 +334,16 @@ class EmbeddingOutput:
             _fsync(self._npy)
             _fsync(self._jsonl)
             self._close()
+            manifest = {"format": FORMAT, **(extra or {}), "settings": self.settings,
+                        "rows": state.rows, "dim": self.dim, "dtype": self.settings["dtype"],
+                        "inputs": state.inputs, "failed": failed, "inputs_sha256": state.digest,
+                        "npy": {**file_record(self.part), "name": self.path.name},
+                        "jsonl": {**file_record(self.sidecar_part), "name": self.sidecar.name}}
+            write_atomic(self.journal, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
             os.replace(self.sidecar_part, self.sidecar)
             os.replace(self.part, self.path)
+            os.replace(self.journal, self.manifest)
+            self.committed = True
             self.checkpoint_file.unlink(missing_ok=True)
             _fsync_dir(self.path.parent)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -11,7 +10,6 @@ import click
 from ..options import UsageError, common_options, image_input_options, messages, model_options, open_kwargs
 
 TEXT_CHUNK = 256
-STOP_AFTER_ENV = "ALTCLIP_TEST_STOP_AFTER"  # test hook: act as if Ctrl-C came after K inputs
 
 
 @click.command()
@@ -33,7 +31,8 @@ STOP_AFTER_ENV = "ALTCLIP_TEST_STOP_AFTER"  # test hook: act as if Ctrl-C came a
 @model_options
 @common_options
 def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, recursive,
-          max_pixels, url_timeout, url_max_mb, exact_decode, model, device, precision, batch_size, quiet):
+          max_pixels, url_timeout, url_max_mb, input_timeout, exact_decode, model, device, precision, revision,
+          batch_size, quiet):
     """Embed texts or images into AltCLIP's shared space.
 
     With -o the rows go to OUT.npy (float32, L2-normalised unless --no-normalize) and
@@ -78,7 +77,8 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
     if not inputs:
         msgs.warn("nothing to embed: the input list is empty")
 
-    run = _Run(kind, model, device, precision, batch_size, not no_normalize, msgs, exact_decode)
+    run = _Run(kind, model, device, precision, batch_size, not no_normalize, msgs, exact_decode, revision,
+               input_timeout)
     if output is None:
         failed = _to_stdout(run, inputs, open_kwargs(max_pixels, url_timeout, url_max_mb))
     else:
@@ -86,15 +86,16 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
                           open_kwargs(max_pixels, url_timeout, url_max_mb))
     if failed:
         msgs.warn(f"{failed} of {len(inputs)} inputs failed")
-        click.get_current_context().exit(3)
+        click.get_current_context().exit(_exit_status().PARTIAL)
 
 
 class _Run:
     """The model (loaded on first need) and the settings of one embed run."""
 
-    def __init__(self, kind, model, device, precision, batch_size, normalize, msgs, exact_decode=False):
+    def __init__(self, kind, model, device, precision, batch_size, normalize, msgs, exact_decode=False,
+                 revision=None, input_timeout=None):
         self.kind, self.model_name, self.device, self.precision = kind, model, device, precision
-        self.exact_decode = exact_decode
+        self.exact_decode, self.revision, self.input_timeout = exact_decode, revision, input_timeout
         self.batch_size, self.normalize, self.msgs = batch_size, normalize, msgs
         self._model = None
 
@@ -104,7 +105,7 @@ class _Run:
             from ..options import load_model
 
             self._model = load_model(self.model_name, self.device, self.precision, self.msgs,
-                                     exact_decode=self.exact_decode)
+                                     exact_decode=self.exact_decode, revision=self.revision)
         return self._model
 
     def batches(self, inputs, opener_kw):
@@ -128,7 +129,8 @@ class _Run:
         size = self.batch_size or default_batch_size(self.model.device, "image")
         opener_kw = {**opener_kw, "draft_min_side": self.model.draft_min_side}
         results = self.model.stream_images(inputs, open_fn=lambda s: open_source(s, **opener_kw),
-                                           batch_size=size, normalize=self.normalize)
+                                           batch_size=size, normalize=self.normalize,
+                                           input_timeout=self.input_timeout)
         out, good = [], 0
         for r in results:
             name = display(r.source.name)
@@ -171,14 +173,29 @@ def _to_stdout(run: _Run, inputs, opener_kw) -> int:
 def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, opener_kw) -> int:
     import numpy as np
 
-    from ...outputs.embedfile import EmbeddingOutput
+    from ... import __version__
+    from ...outputs.embedfile import EmbeddingOutput, check_writable
 
     msgs = run.msgs
-    settings = {"kind": run.kind, "model": run.model_name, "dtype": dtype, "normalize": run.normalize,
-                "exact_decode": run.exact_decode}
+    check_writable(output)  # before loading the model
+    try:
+        model = run.model
+    except KeyboardInterrupt:
+        msgs.error(f"interrupted; {output} was not written")
+        click.get_current_context().exit(_exit_status().INTERRUPTED)
+    # Everything that changes the numbers: a resume under other settings is refused.
+    settings = {"kind": run.kind, "model": run.model_name, "weights": model.weights_id,
+                "precision": model.precision, "device_type": model.device.type, "dtype": dtype,
+                "normalize": run.normalize, "exact_decode": run.exact_decode if run.kind == "image" else None}
     out = EmbeddingOutput(output, settings=settings, checkpoint_every=checkpoint_every)
-    out.check_writable()
+    if out.finish_interrupted_commit():
+        msgs.note(f"finished writing {output} and {out.sidecar}, which an interrupted run had left half-replaced")
     start = 0
+    if resume:
+        done = out.completed(names)
+        if done is not None:
+            msgs.note(f"{output} is already complete ({done['rows']} rows from {done['inputs']} inputs): nothing to do")
+            return int(done.get("failed", 0))
     if resume and out.has_partial():
         start = out.resume_point()
         out.check_inputs(names)
@@ -188,7 +205,6 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
     elif out.has_partial():
         msgs.warn(f"discarding the partial output of an interrupted run ({out.part.name}); "
                   "pass --resume to continue it instead")
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
     failed = out.failed_in_checkpoint() if start else 0
     with _sigterm_as_interrupt():
         try:
@@ -196,23 +212,26 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
                 bar.advance(start)
                 for batch in run.batches(inputs[start:], opener_kw):
                     if not out.is_open:
-                        out.open(run.model.embed_dim)
+                        out.open(model.embed_dim)
                     rows = [emb for _n, _r, emb in batch if emb is not None]
                     failed += len(batch) - len(rows)
                     out.add([(n, r) for n, r, _e in batch], np.stack(rows) if rows else None)
                     bar.advance(len(batch))
-                    if stop_after and out.inputs_done >= stop_after:
-                        raise KeyboardInterrupt
             if not out.is_open:
-                out.open(run.model.embed_dim)  # no inputs left: still write a whole (N, D) array
-            out.commit()
+                out.open(model.embed_dim)  # no inputs left: still write a whole (N, D) array
+            out.commit(failed=failed, extra={"model": run.model_name, "altclip": __version__})
         except KeyboardInterrupt:
+            status = _exit_status()
+            code = status.TERMINATED if _Terminated.received else status.INTERRUPTED
+            if out.committed:  # the signal came during the commit, which finished first
+                msgs.error(f"interrupted after writing {out.rows} rows to {output} and {out.sidecar}")
+                click.get_current_context().exit(code)
             if _keep_partial(out):
                 msgs.error(f"interrupted after {out.inputs_done} of {len(inputs)} inputs; {output} was not written",
                            hint=f"run the same command with --resume to continue from input {out.inputs_done + 1}")
             else:
                 msgs.error(f"interrupted; {output} was not written")
-            click.get_current_context().exit(143 if _Terminated.received else 130)
+            click.get_current_context().exit(code)
         except BaseException:
             try:
                 if _keep_partial(out):
@@ -222,6 +241,12 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
             raise
     msgs.note(f"wrote {out.rows} row{'' if out.rows == 1 else 's'} to {output} and {out.sidecar}")
     return failed
+
+
+def _exit_status():
+    from .. import ExitStatus  # the group's module imports this one
+
+    return ExitStatus
 
 
 def _keep_partial(out) -> bool:

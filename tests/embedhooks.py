@@ -1,0 +1,24 @@
+"""Fault injection for embed tests: stop a run as Ctrl-C would, after a given number of inputs."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+
+
+@contextmanager
+def interrupted_after(count: int):
+    """Inside the block, `altclip embed -o` raises KeyboardInterrupt once `count` inputs are
+    written to its .part files (where a Ctrl-C between two batches would land)."""
+    from altclip_cli.outputs.embedfile import EmbeddingOutput
+
+    real_add = EmbeddingOutput.add
+
+    def add(self, items, array):
+        real_add(self, items, array)
+        if self.inputs_done >= count:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EmbeddingOutput, "add", add)
+        yield
