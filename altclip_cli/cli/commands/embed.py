@@ -38,8 +38,10 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
     With -o the rows go to OUT.npy (float32, L2-normalised unless --no-normalize) and
     OUT.jsonl holds one line per input in input order: {"row": i, "image": ...} or
     {"row": i, "text": ...}; an input that failed has {"row": null, ..., "error": ...} and no
-    row. Both files appear whole or not at all. Without -o each input is one jsonl line on
-    stdout with an "embedding" field.
+    row. OUT.manifest.json ties the two; nothing appears under these names before the run
+    is done, and `altclip check OUT.npy` tells whether a pair belongs together (after a
+    kill -9 while the files were being replaced, it names that state). Without -o each
+    input is one jsonl line on stdout with an "embedding" field.
 
     \b
     Examples:
