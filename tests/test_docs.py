@@ -1,0 +1,44 @@
+"""The README is tested, not trusted: every environment variable the code reads and every command
+is documented there, and the project's documents speak of the project alone."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _variables_read_by_the_code() -> set[str]:
+    found = set()
+    for path in (ROOT / "altclip_cli").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        found |= set(re.findall(r"""environ(?:\.get)?\(\s*["']([A-Z][A-Z0-9_]+)["']""", text))
+        found |= set(re.findall(r"""environ\[\s*["']([A-Z][A-Z0-9_]+)["']\s*\]""", text))
+        found |= set(re.findall(r"""envvar=["']([A-Z][A-Z0-9_]+)["']""", text))
+    return found
+
+
+def test_the_scan_finds_what_the_code_reads():
+    assert {"ALTCLIP_HOME", "ALTCLIP_DEBUG", "ALTCLIP_MODEL", "NO_COLOR", "HF_HUB_OFFLINE"} <= _variables_read_by_the_code()
+
+
+@pytest.mark.parametrize("name", sorted(_variables_read_by_the_code()))
+def test_every_environment_variable_is_in_the_readme(name):
+    assert f"`{name}" in README, f"{name} is read by the code but not documented in README.md"
+
+
+def test_every_command_is_in_the_readme():
+    from altclip_cli.cli import cli
+
+    for name in cli.commands:
+        assert f"altclip {name}" in README, f"altclip {name} is not shown in README.md"
+
+
+@pytest.mark.parametrize("path", ["README.md", "CHANGELOG.md", "bench/README.md", "bench/GPU.md"])
+def test_documents_speak_of_the_project_alone(path):
+    text = (ROOT / path).read_text(encoding="utf-8")
+    for pattern in (r"\bissue \d", r"\bthe issue\b", r"\bsession\b", r"\bhelpers?\b", r"\bCEO\b"):
+        assert not re.search(pattern, text, re.IGNORECASE), f"{path} mentions {pattern!r}"
