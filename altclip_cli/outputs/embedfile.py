@@ -11,7 +11,6 @@ on. A run killed outright leaves the earlier pair untouched beside the .part and
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -34,11 +33,6 @@ def npy_header(descr: str, shape: tuple[int, int]) -> bytes:
         raise ValueError(f"shape {shape} too large for the header")
     body = (text + " " * (room - len(text)) + "\n").encode("latin1")
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
-
-
-def read_npy_shape(header: bytes) -> tuple[int, int]:
-    d = ast.literal_eval(header[10:HEADER_SIZE].decode("latin1"))
-    return tuple(d["shape"])
 
 
 def _fsync(f) -> None:
