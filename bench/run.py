@@ -4,9 +4,11 @@
     .venv/bin/python bench/run.py --quick    # 1 repetition, 8 images, 64 texts
 
 Every measurement runs in a fresh process; altclip and the reference alternate, and which goes
-first swaps each repetition. The table (medians, ratios altclip / reference, issue 5's targets) is
-printed and written to bench/results.md; the raw samples go to <cache>/last-run.json. The random
-full-size checkpoint and the JPEGs are made on the first run and cached (see fixtures.py).
+first swaps each repetition. The table (medians, ratios altclip / reference, the project's
+targets) is printed and written to bench/results.md; the raw samples go to <cache>/last-run.json.
+The random full-size checkpoint and the JPEGs are made on the first run and cached (see fixtures.py).
+The image tower's limit is measured in the precision altclip computes in on this CPU: bf16 where
+the CPU has avx512_bf16 or AMX, fp32 elsewhere (see bench/README.md).
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ def altclip_exe() -> str:
 
 def fresh_home(cache: Path) -> dict:
     """A new ALTCLIP_HOME with an empty label cache that shares one weight cache: a user's state
-    after altclip has run once (weights cast to bf16 and cached) but never with these labels."""
+    after altclip has run once (below fp32, weights cast and cached) but never with these labels."""
     (cache / "homes").mkdir(exist_ok=True)
     home = Path(tempfile.mkdtemp(dir=cache / "homes"))
     shared = shared_home(cache) / "weights"
@@ -111,6 +113,7 @@ class Bench:
         self.outputs = args.cache / "outputs"  # the last embeddings of each side, for the cross-check
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.loads = []  # the 1-minute load average after each measurement
+        self.limit_precision = None  # what altclip computes in on this CPU, from the matmul worker
 
     def add(self, side: str, **values) -> None:
         for k, v in values.items():
@@ -122,7 +125,7 @@ class Bench:
     def embedding(self, task: str, side: str) -> None:
         count = self.args.images if task == "images" else self.args.texts
         cmd = [PYTHON, WORKER, task, side, "--model", str(self.model), "--count", str(count),
-               "--out", str(self.outputs / f"{task}-{side}.npy")]
+               "--out", str(self.outputs / f"{task}-{side}.npy"), "--precision", self.args.precision]
         if task == "images":
             cmd += ["--images", str(fixtures.images_dir(self.args.cache))]
         env = fresh_home(self.args.cache) if side == "altclip" else None
@@ -140,7 +143,7 @@ class Bench:
             if child.rc != 0:
                 return failed("reference classify", child)
             return self.add(side, classify_s=child.wall_s, classify_rss_mb=child.rss_mb)
-        env = fresh_home(self.args.cache)
+        env = {**fresh_home(self.args.cache), "ALTCLIP_PRECISION": self.args.precision}
         cold = run_child(self.altclip_classify(), env)
         if cold.rc != 0:
             return failed("altclip classify", cold)
@@ -150,10 +153,12 @@ class Bench:
         self.add(side, classify_s=cold.wall_s, classify_rss_mb=cold.rss_mb, classify_repeat_s=again.wall_s)
 
     def first_classify(self) -> None:
-        """altclip's very first call: nothing cached, so it casts the fp32 weights and caches them."""
+        """altclip's very first call: nothing cached, so below fp32 it casts the fp32 weights and
+        caches them (in fp32 there is nothing to cast: it is a cold call)."""
         home = shared_home(self.args.cache)
         shutil.rmtree(home)
-        child = run_child(self.altclip_classify(), {"ALTCLIP_HOME": str(home)})
+        env = {"ALTCLIP_HOME": str(home), "ALTCLIP_PRECISION": self.args.precision}
+        child = run_child(self.altclip_classify(), env)
         if child.rc != 0:
             return failed("altclip classify (first run)", child)
         self.add("altclip", classify_first_s=child.wall_s, classify_first_rss_mb=child.rss_mb)
@@ -175,23 +180,27 @@ class Bench:
             self.add("altclip", help_s=child.wall_s)
 
     def matmul(self) -> None:
-        child = run_child([PYTHON, WORKER, "matmul", "--n", str(self.args.matmul_n)])
+        """GFLOP/s in the precision altclip computes in here (the worker skips an emulated bf16)."""
+        child = run_child([PYTHON, WORKER, "matmul", "--n", str(self.args.matmul_n),
+                           "--precision", self.args.precision])
         res = child.result()
         if res is None:
             return failed("matmul", child)
-        self.add("machine", bf16_gflops=res["bf16_gflops"], fp32_gflops=res["fp32_gflops"])
+        self.limit_precision = res["precision"]
+        self.add("machine", **{k: v for k, v in res.items() if k.endswith("_gflops")})
 
     def accuracy(self) -> dict:
         child = run_child([PYTHON, WORKER, "accuracy", "--model", str(self.model),
                            "--images", str(fixtures.images_dir(self.args.cache)),
-                           "--count", str(self.args.images), "--texts", str(self.args.texts)], fresh_home(self.args.cache))
+                           "--count", str(self.args.images), "--texts", str(self.args.texts),
+                           "--precision", self.args.precision], fresh_home(self.args.cache))
         res = child.result()
         if res is None:
             failed("accuracy", child)
         return res or {}
 
     def cross_check(self) -> dict:
-        """Cosine (min, mean) of altclip's embeddings (auto) against the reference's (fp32), last repetition."""
+        """Cosine (min, mean) of altclip's embeddings against the reference's (fp32), last repetition."""
         import numpy as np
 
         out = {}
@@ -239,15 +248,18 @@ def markdown(bench: Bench, acc: dict, cross: dict, meta: dict) -> str:
 
     med = report.medians(bench.samples)
     vision = read_config(bench.model).vision
+    prec, asked = bench.limit_precision or acc.get("precision") or "?", bench.args.precision
     lines = [f"Measured {meta['date']} on {meta['machine']} ({meta['versions']}), "
              f"{meta['reps']} repetition(s), {bench.args.images} images, {bench.args.texts} texts; "
              f"load average {meta['load_before']} before, {meta['load_after']} after; 1-minute load during "
              f"the run {load_spread(bench.loads)} (the bench itself accounts for about 2 on 2 cores).",
              f"Command: `{meta['command']}`. Medians; ratios are altclip / reference. "
-             "Random weights with BAAI/AltCLIP's shapes; the reference is fp32 (its default), altclip `auto`.",
+             f"Random weights with BAAI/AltCLIP's shapes; the reference is fp32 (its default), altclip "
+             f"`{asked}` ({prec} on this CPU).",
              "", *report.comparison_table(med), "",
-             "The image tower's limit on this CPU (bf16 matmul rate / FLOPs per image):", "",
-             *report.limit_table(med, vision), "", *report.accuracy_table(acc, cross), ""]
+             f"The image tower's limit on this CPU ({prec} matmul rate / FLOPs per image; {prec} is what "
+             f"altclip `{asked}` computes in here):", "",
+             *report.limit_table(med, vision, prec), "", *report.accuracy_table(acc, cross, asked), ""]
     return "\n".join(lines)
 
 
@@ -279,6 +291,8 @@ def parse_args(argv=None):
                    help="where the checkpoint and images are kept (default $ALTCLIP_BENCH_CACHE or ~/.cache/altclip-bench)")
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of the full-size one (to test the bench)")
     p.add_argument("--matmul-n", type=int, default=4096, help="size of the square matmul that measures GFLOP/s")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="altclip's precision (default auto: bf16 on CPUs with avx512_bf16/AMX, fp32 elsewhere)")
     p.add_argument("--out", type=Path, help="markdown table (default bench/results.md; <cache>/results-tiny.md with --tiny)")
     args = p.parse_args(argv)
     args.reps = args.reps or (1 if args.quick else 3)

@@ -3,7 +3,10 @@
     python bench/worker.py images altclip|reference --model DIR --images DIR --count N [--out F.npy]
     python bench/worker.py texts altclip|reference --model DIR --count N [--out F.npy]
     python bench/worker.py accuracy --model DIR --images DIR --count N --texts N
-    python bench/worker.py matmul
+    python bench/worker.py matmul [--n 4096]
+
+`--precision` (default auto) is altclip's compute precision, as `altclip --precision` takes it;
+the reference always runs in fp32, its default.
 
 The timed part starts with paths or strings and ends with embeddings (decode, preprocessing and
 tokenisation included); imports and weight loading are timed separately as `load_s`. Each side is
@@ -119,7 +122,8 @@ def timed(fn, *args):
 
 def embedding_task(args, embed, items) -> dict:
     """Load, then embed `items` once; throughput of the embedding call alone."""
-    model, load_s = timed(LOADERS[args.impl], args.model)
+    load_args = (args.model, args.precision) if args.impl == "altclip" else (args.model,)
+    model, load_s = timed(LOADERS[args.impl], *load_args)
     emb, seconds = timed(embed[args.impl], model, items)
     if args.out:
         import numpy as np
@@ -143,28 +147,42 @@ def task_texts(args) -> dict:
     return embedding_task(args, EMBED_TEXTS, bench_texts(args.count))
 
 
+def cpu_precision(request: str = "auto") -> str:
+    """The precision altclip computes in on this CPU for `request` (auto: bf16 only where the CPU
+    multiplies bf16 natively, fp32 elsewhere)."""
+    import torch
+
+    from altclip_cli.runtime.device import choose_precision
+
+    return choose_precision(torch.device("cpu"), request)[0]
+
+
 def task_accuracy(args) -> dict:
-    """altclip's auto precision against its fp32: per-row cosine, and the top label per image
-    (with the fp32 logit margin between the two best labels, since random weights make near-ties)."""
+    """altclip's chosen precision against its fp32: per-row cosine, and the top label per image
+    (with the fp32 logit margin between the two best labels, since random weights make near-ties).
+    Where the chosen precision is fp32 itself there is nothing to compare, and nothing is run."""
     import gc
 
     import numpy as np
 
+    chosen = cpu_precision(args.precision)
+    if chosen == "fp32":
+        return {"precision": chosen}
     paths, texts = image_files(args.images, args.count), bench_texts(args.texts)
     runs = {}
-    for precision in ("fp32", "auto"):
+    for precision in ("fp32", args.precision):
         clip = load_altclip(args.model, precision)
         images = altclip_images(clip, paths)
         _, logits = clip.scores(images, clip.encode_texts(LABELS))
         runs[precision] = (images, altclip_texts(clip, texts), logits, clip.precision)
         del clip
         gc.collect()
-    (img32, txt32, logits32, _), (img, txt, logits, auto) = runs["fp32"], runs["auto"]
+    (img32, txt32, logits32, _), (img, txt, logits, auto) = runs["fp32"], runs[args.precision]
     image_cos, text_cos = np.sum(img32 * img, -1), np.sum(txt32 * txt, -1)
     top2 = np.sort(logits32, -1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]  # fp32 logit gap between the best and second-best label
     same = logits32.argmax(-1) == logits.argmax(-1)
-    return {"auto_precision": auto, "image_cos_min": float(image_cos.min()), "image_cos_mean": float(image_cos.mean()),
+    return {"precision": auto, "image_cos_min": float(image_cos.min()), "image_cos_mean": float(image_cos.mean()),
             "text_cos_min": float(text_cos.min()), "text_cos_mean": float(text_cos.mean()),
             "same_top_label": int(same.sum()), "images": len(paths), "labels": len(LABELS),
             "margin_median": float(np.median(margin)),
@@ -172,13 +190,20 @@ def task_accuracy(args) -> dict:
 
 
 def task_matmul(args) -> dict:
-    """This CPU's matmul rate in GFLOP/s, bf16 and fp32, on all the cores this process may use."""
+    """This CPU's matmul rate in GFLOP/s, on all the cores this process may use, in the precision
+    altclip computes in here (`precision`), and in the other of bf16/fp32 only where the CPU runs it
+    natively: fp32 always; bf16 only with avx512_bf16 or AMX (elsewhere it is emulated, and a
+    4096-sized product takes minutes)."""
     import torch
 
+    from altclip_cli.runtime.device import PRECISIONS, cpu_has_native_bf16
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    n = args.n
-    result = {"threads": torch.get_num_threads(), "n": n}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    n, chosen = args.n, cpu_precision(args.precision)
+    names = [chosen] + [p for p in ("bf16", "fp32") if p != chosen and (p == "fp32" or cpu_has_native_bf16())]
+    result = {"threads": torch.get_num_threads(), "n": n, "precision": chosen}
+    for name in names:
+        dtype = PRECISIONS[name]
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm-up: oneDNN picks and prepares its kernel
         best = min(timed(torch.matmul, a, b)[1] for _ in range(args.repeat))
@@ -198,6 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--count", type=int, default=64)
     p.add_argument("--texts", type=int, default=512)
     p.add_argument("--out")
+    p.add_argument("--precision", default="auto", help="altclip's precision: auto, fp32, bf16 or fp16")
     p.add_argument("--n", type=int, default=4096, help="matmul size")
     p.add_argument("--repeat", type=int, default=5, help="matmul repetitions (best is kept)")
     return p.parse_args(argv)
