@@ -21,6 +21,7 @@ from .identity import FORMAT, files_identity
 log = logging.getLogger("altclip")
 META = "meta.json"
 LAST_USED = ".last-used"
+LOCK = ".lock"
 
 
 def weights_root() -> Path:
@@ -47,39 +48,66 @@ def mark_used(path: Path) -> None:
 
 def save_compute_weights(state: dict, path: Path, sources: list[Path]) -> None:
     """Write the cast state dict under the entry's lock, one tensor at a time (no second copy of
-    the weights in memory), then drop older entries of the same source files. A failure (disk
-    full, read-only) only warns."""
+    the weights in memory), then drop older entries of the same source files. meta.json goes in
+    first, so a weights file without one was written by an older altclip. A failure (disk full,
+    read-only) only warns."""
     from filelock import FileLock
 
-    from ..nn.checkpoint import save_safetensors
+    from ..nn.checkpoint import remove_stale_temporaries, save_safetensors
 
+    sources_real = [str(Path(s).resolve()) for s in sources]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path.parent / ".lock")):
+        with FileLock(str(path.parent / LOCK)):
             if path.is_file():  # another process wrote it while we waited
                 return
-            # Only a lock holder writes temporaries, so any found now are a killed writer's.
-            for stale in path.parent.glob(f".{path.name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(path)  # we hold the lock: any found now are a killed writer's
+            _write_meta(path.parent, {"format": FORMAT, "sources": sources_real, "created": time.time()})
             save_safetensors(state, path)
-            sources_real = [str(Path(s).resolve()) for s in sources]
-            meta = {"format": FORMAT, "sources": sources_real, "created": time.time()}
-            (path.parent / META).write_text(json.dumps(meta), encoding="utf-8")
             mark_used(path)
         _drop_superseded(path.parent, sources_real)
     except OSError as e:
         log.warning("could not cache the weights in the compute dtype (%s); the next start casts them again", e)
 
 
+def _write_meta(entry: Path, meta: dict) -> None:
+    """meta.json through a temporary file: a reader sees the old one or the new one, whole."""
+    tmp = entry / f".{META}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(meta), encoding="utf-8")
+        os.replace(tmp, entry / META)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _drop_superseded(entry: Path, sources: list[str]) -> None:
-    """Remove other entries made from the same file paths: they hold an older version of them."""
+    """Remove other entries made from the same file paths: they hold an older version of them.
+    One that another process holds the lock of (it is writing it) is left for later."""
     for other in weights_root().iterdir():
         if other == entry or not other.is_dir():
             continue
         meta = read_meta(other)
         if meta and meta.get("sources") == sources:
             log.info("removing the cached weights of an earlier version of %s", sources[0])
-            shutil.rmtree(other, ignore_errors=True)
+            try:
+                remove_unless_locked(other, other / LOCK)
+            except OSError as e:
+                log.warning("could not remove the superseded weight cache %s (%s)", other, e)
+
+
+def remove_unless_locked(folder: Path, lock: Path) -> bool:
+    """Remove `folder` while holding `lock` (the lock its writers take), so that no writer is cut
+    off half-way; False, with nothing removed, when another process holds the lock now."""
+    from filelock import FileLock, Timeout
+
+    if not folder.exists():
+        return True
+    try:
+        with FileLock(str(lock), timeout=0):
+            shutil.rmtree(folder)
+    except Timeout:
+        return False
+    return True
 
 
 def read_meta(entry: Path) -> dict | None:
