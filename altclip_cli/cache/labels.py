@@ -10,8 +10,6 @@ import logging
 import sqlite3
 from pathlib import Path
 
-import numpy as np
-
 from ..paths import altclip_home
 from .identity import FORMAT, files_identity
 
@@ -49,7 +47,7 @@ class LabelCache:
     def _key(self, label: str, templates) -> str:
         return hashlib.sha256(json.dumps(self.prefix + [list(templates or []), label]).encode()).hexdigest()
 
-    def get(self, labels, templates) -> dict[str, np.ndarray]:
+    def get(self, labels, templates) -> dict:
         """The cached embeddings among `labels`, by label."""
         try:
             keys = {self._key(label, templates): label for label in labels}
@@ -58,6 +56,8 @@ class LabelCache:
         except sqlite3.Error as e:
             log.warning("label cache unreadable (%s): computing the labels", e)
             return {}
+        import numpy as np
+
         if rows:
             try:
                 self.path.touch()  # last use, for `altclip cache`
@@ -65,7 +65,9 @@ class LabelCache:
                 pass
         return {keys[k]: np.frombuffer(v, dtype=np.float32) for k, v in rows}
 
-    def put(self, embeddings: dict[str, np.ndarray], templates) -> None:
+    def put(self, embeddings: dict, templates) -> None:
+        import numpy as np
+
         try:
             with self._connect() as db:
                 db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
@@ -73,3 +75,44 @@ class LabelCache:
                                 for label, v in embeddings.items()])
         except sqlite3.Error as e:
             log.warning("could not store label embeddings in the cache (%s)", e)
+
+
+def count_rows(path: Path) -> int | None:
+    """The number of cached label embeddings in `path`, read-only; None when it is unreadable."""
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute("SELECT COUNT(*) FROM emb").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+
+
+def clear(path: Path) -> bool:
+    """Delete every row of the label cache in place (the file stays, so a process that has it
+    open keeps a valid database; deleting the file under it could pair it with another's
+    journal). False, with nothing deleted, when another process is writing to it now; a file
+    that is not a database is deleted."""
+    db = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        try:
+            db.execute("BEGIN IMMEDIATE")  # fails at once while another process writes
+            db.execute("DELETE FROM emb")
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                return False
+            if "no such table" not in str(e):
+                raise
+        except sqlite3.DatabaseError:  # not a database: nobody can use it
+            db.close()
+            path.unlink(missing_ok=True)
+            return True
+        try:
+            db.execute("VACUUM")  # give the space back; a reader may hold it off, the rows are gone anyway
+        except sqlite3.OperationalError:
+            pass
+    finally:
+        db.close()
+    return True
