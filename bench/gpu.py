@@ -1,6 +1,6 @@
-"""GPU benchmark (issue 5, part 3): altclip against the reference, end to end from disk, in one run.
+"""GPU benchmark: altclip against the reference, end to end from disk, in one run.
 
-    python bench/gpu.py --out DIR          # on a CUDA machine: ~4-5 min on one H100 (see bench/GPU.md)
+    python bench/gpu.py --out DIR          # on a CUDA machine: at most ~8 min (see bench/GPU.md)
     python bench/gpu.py --cpu-smoke --out DIR   # tiny model, 40 small images, CPU: < 1 min, every code path
 
 What it measures, in one process, on the same files and the same random full-size checkpoint:
@@ -42,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO))  # altclip_cli without installing the package (the device machine)
+sys.path.insert(0, str(REPO))  # altclip_cli from this checkout, installed or not
 import fixtures  # noqa: E402
 
 T0 = time.perf_counter()
@@ -151,7 +151,7 @@ class Results:
                            f"{alt['per_s'] / ref['per_s']:.2f}x {ref['name']} ({ref['per_s']} images/s)")
         full = self.best("e2e", "altclip full")
         if full and not self.data["args"].get("cpu_smoke"):
-            out.append(f"- issue 5 target (one H100 > 2,000 images/s end to end, full decoding): "
+            out.append(f"- target (one H100 > 2,000 images/s end to end, full decoding): "
                        f"{full['per_s']} images/s: {'met' if full['per_s'] > 2000 else 'not met'}")
         gpu = self.get("gpu", "altclip tower")
         for draft in (False, True):
