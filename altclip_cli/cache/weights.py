@@ -5,7 +5,8 @@ casting 3.5 GB of fp32: `altclip_home()/weights/<identity>/model-<precision>.saf
 An entry is written under a lock (concurrent first starts wait for one writer), through a
 temporary file that only the lock holder may clear, and moved into place whole. Writing an entry
 removes the entries made from earlier versions of the same files (a fine-tune saved ten times
-keeps one copy), and `altclip cache` lists and clears the rest."""
+keeps one copy) unless another process holds their lock, and `altclip cache` lists and clears
+the rest."""
 from __future__ import annotations
 
 import json
