@@ -44,6 +44,21 @@ class _Handler(BaseHTTPRequestHandler):
         elif self.path == "/slow":  # answers after 1.5 s
             time.sleep(1.5)
             self._headers(204)
+        elif self.path == "/trickle":  # headers, then one byte every 0.3 s for ever
+            self._headers(200, Content_Length=10_000_000)
+            try:
+                while True:
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            except OSError:  # the client gave up
+                pass
+        elif self.path == "/to-ftp":
+            self._headers(302, Location="ftp://127.0.0.1/cat.png", Content_Length=0)
+        elif self.path == "/to-file":
+            self._headers(301, Location="file:///etc/passwd", Content_Length=0)
+        elif self.path == "/hop":  # one redirect to the good image
+            self._headers(307, Location="/cat.png", Content_Length=0)
         else:
             self.send_error(404)
 

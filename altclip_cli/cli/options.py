@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -55,8 +56,16 @@ def _complete_model(ctx, param, incomplete):
     return [CompletionItem(incomplete, type="dir")] + [CompletionItem(m) for m in KNOWN_MODELS if m.startswith(incomplete)]
 
 
+_OFF = frozenset({"", "0", "false", "no", "off"})
+
+
+def debug_from_env() -> bool:
+    """ALTCLIP_DEBUG: unset, empty, 0, false, no or off mean off; any other value (1, true, yes, on) on."""
+    return os.environ.get("ALTCLIP_DEBUG", "").strip().lower() not in _OFF
+
+
 def _set_debug(ctx, param, value):
-    if value or os.environ.get("ALTCLIP_DEBUG"):
+    if value or debug_from_env():
         ctx.meta[DEBUG_KEY] = True
     return value
 
@@ -123,8 +132,10 @@ model_options = _stack(
                  show_envvar=True, help="auto picks cuda, then mps, then cpu; cuda:N for another GPU."),
     click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
                  show_default=True, envvar="ALTCLIP_PRECISION", show_envvar=True, help="Compute precision; auto is bf16/fp16 where the hardware is fast at it."),
+    click.option("--revision", default=None, metavar="REV",
+                 help="A branch, tag or commit of a hub model [default: main]; not for a local folder."),
     click.option("-b", "--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
-                 help="Images (or texts) per model batch [default: chosen for the device]."),
+                 help="Images (or texts, labels) per model batch [default: chosen for the device]."),
 )
 
 image_input_options = _stack(
@@ -136,6 +147,9 @@ image_input_options = _stack(
                  metavar="SECONDS", help="Time allowed to download one image URL."),
     click.option("--url-max-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
                  metavar="MB", help="Size cap for one image URL."),
+    click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                 metavar="SECONDS", help="Time allowed to read and decode one input; one that takes longer "
+                                         "(a FIFO with no writer, a hung network mount) fails and the run goes on."),
     click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
                  help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
                       "(default: at a reduced scale that keeps twice the model's input size; faster, "
@@ -153,6 +167,24 @@ def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dic
     return kw
 
 
+@contextmanager
+def pil_pixel_limit(max_pixels):
+    """For one command's run, Pillow's process-wide pixel limit set to --max-pixels's cap and
+    restored afterwards. The library never changes PIL.Image.MAX_IMAGE_PIXELS (a caller's other
+    threads use it); the command line is the application, so it may, and the few Pillow plugins
+    that check that limit again while decoding (TIFF, ICO) then agree with --max-pixels."""
+    from PIL import Image
+
+    from ..inputs.images import DEFAULT_MAX_PIXELS
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)  # 0: no cap
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def stdin_binary():
     return sys.stdin.buffer
 
@@ -162,12 +194,15 @@ def stdin_for(images):
     return stdin_binary() if "-" in images else None
 
 
-def load_model(model: str, device: str, precision: str, msgs: Messages, exact_decode: bool = False):
+def load_model(model: str, device: str, precision: str, msgs: Messages, exact_decode: bool = False,
+               revision: str | None = None):
     """runtime.load with a note on a terminal (downloads draw their own progress bar)."""
     from ..runtime import altclip as runtime
     from .terminal import isatty
 
+    if revision and os.path.isdir(os.path.expanduser(model)):
+        msgs.warn(f"--revision {revision} is ignored: {model} is a local folder, not a hub id")
     if isatty(msgs.stream):
         msgs.note(f"loading {model} ...")
     return runtime.load(model, device=device, precision=precision, exact_decode=exact_decode,
-                        progress=not msgs.quiet and isatty(msgs.stream))
+                        revision=revision, progress=not msgs.quiet and isatty(msgs.stream))

@@ -12,8 +12,7 @@ import io
 import json
 import os
 import stat
-import threading
-import warnings
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +25,6 @@ from ..errors import ConfigError, InputError
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-
-# Image.MAX_IMAGE_PIXELS is process-global; it is lifted only when a caller raised max_pixels above it.
-_pil_limit_lock = threading.Lock()
 
 
 # --- opening -----------------------------------------------------------------------------------------
@@ -53,21 +49,41 @@ def _bomb_error(label: str, pixels: int, max_pixels: int) -> InputError:
     )
 
 
+def _open_unchecked(fp) -> Image.Image:
+    """Image.open without its decompression-bomb check, which reads the process-wide
+    Image.MAX_IMAGE_PIXELS and warns through the process-wide warnings filters (neither can be
+    set for one call, and changing them would reach every thread). The same format plugins are
+    tried in the same order (the common ones, then all); `max_pixels` takes the check's place."""
+    fp.seek(0)
+    prefix = fp.read(16)
+    tried: set[str] = set()
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for fmt in [f for f in Image.ID if f not in tried]:
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            verdict = not accept or accept(prefix)
+            if verdict and not isinstance(verdict, str):  # a str is a plugin declining, with a reason
+                fp.seek(0)
+                try:
+                    return factory(fp, "")
+                except (SyntaxError, IndexError, TypeError, struct.error):  # not this format after all
+                    continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
 def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None) -> Image.Image:
     """Open, check the size, and load the first frame from a binary file object."""
-    with warnings.catch_warnings():
-        # We enforce our own cap below; PIL's warning must not leak out raw.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(fp)
-        width, height = image.size
-        pixels = max(1, width) * max(1, height)
-        if max_pixels is not None and pixels > max_pixels:
-            raise _bomb_error(label, pixels, max_pixels)
-        if draft_min_side and image.format == "JPEG":
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain: several times faster on
-            # large photos, keeping the shortest side >= draft_min_side (see README, Accuracy).
-            image.draft(image.mode, (draft_min_side, draft_min_side))
-        image.load()  # Image.open leaves the file at frame 0; load decodes only that frame
+    image = _open_unchecked(fp)
+    width, height = image.size
+    pixels = max(1, width) * max(1, height)
+    if max_pixels is not None and pixels > max_pixels:
+        raise _bomb_error(label, pixels, max_pixels)
+    if draft_min_side and image.format == "JPEG":
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain: several times faster on
+        # large photos, keeping the shortest side >= draft_min_side (see README, Accuracy).
+        image.draft(image.mode, (draft_min_side, draft_min_side))
+    image.load()  # the file is at frame 0; load decodes only that frame
     try:
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy when there is nothing to rotate
     except Exception:  # noqa: BLE001 - a malformed EXIF block leaves good pixels; keep them unrotated
@@ -75,36 +91,18 @@ def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None =
     return image
 
 
-def _decode_lifting_pil_limit(fp, label: str, max_pixels: int | None) -> Image.Image:
-    """Decode with PIL's global pixel limit out of the way (our own `max_pixels` still applies)."""
-    with _pil_limit_lock:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            fp.seek(0)
-            return _decode(fp, label, max_pixels)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-
-
 def _open_file(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None) -> Image.Image:
     try:
-        try:
-            return _decode(fp, label, max_pixels, draft_min_side)
-        except Image.DecompressionBombError:
-            pil_limit = Image.MAX_IMAGE_PIXELS
-            if max_pixels is not None and (pil_limit is None or max_pixels <= 2 * pil_limit):
-                raise
-            # The caller allowed more than PIL does: decode again with PIL's global limit lifted.
-            return _decode_lifting_pil_limit(fp, label, max_pixels)
+        return _decode(fp, label, max_pixels, draft_min_side)
     except InputError:
         raise
-    except Image.DecompressionBombError as exc:  # PIL's own check, met while decoding a frame
+    except Image.DecompressionBombError as exc:
+        # A few plugins (TIFF, ICO, ICNS, GIF frames larger than their canvas) check PIL's own
+        # process-wide limit again while decoding; altclip leaves that limit to the application.
         raise InputError(
-            f"{label}: image is over the limit of {max_pixels or 0:,} pixels that guards against "
-            f"decompression bombs ({exc}); if you trust this file, raise the limit "
-            "(max_pixels=, or --max-pixels on the command line)",
-            hint="pass a larger max_pixels (or None to disable the check)",
+            f"{label}: Pillow refuses to decode this image ({exc}); its limit is process-wide "
+            "(PIL.Image.MAX_IMAGE_PIXELS) and altclip does not change it",
+            hint="raise PIL.Image.MAX_IMAGE_PIXELS in your program (the command line's --max-pixels does)",
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, MemoryError) as exc:
         # PIL's plugins raise a zoo of exception types on damaged files.
@@ -122,7 +120,9 @@ def open_image(
 
     EXIF orientation is applied and animations (GIF, WebP, APNG, multi-page TIFF) give their first
     frame. The mode is left as decoded; `ImagePreprocessor` converts to RGB as the reference does.
-    Images with more than `max_pixels` pixels are refused (None: no limit). Every failure raises
+    Images with more than `max_pixels` pixels are refused (None: no limit), checked before
+    decoding; Pillow's process-wide PIL.Image.MAX_IMAGE_PIXELS is left alone, and only the few
+    plugins that check it again while decoding (TIFF, ICO, ICNS) still apply it. Every failure raises
     `InputError` whose message starts with `name` (or the path) and says why.
     draft_min_side: decode large JPEGs at a reduced scale whose shortest side stays at least
     this (None: full size, bit-exact with the reference's preprocessing).

@@ -1,19 +1,28 @@
 """Images from their sources to embeddings: decoding and preprocessing run in worker threads
 (PIL releases the GIL) a bounded number of images ahead of the model, and results come back in
-input order, one per source, failures included, so one bad file never stops a run."""
+input order, one per source, failures included, so one bad file never stops a run.
+
+An input whose read never returns (a FIFO with no writer, a hung network mount) fails once it
+has been in a worker for `input_timeout` seconds: its thread cannot be stopped, so it is
+abandoned (a daemon, it exits if the read ever returns) and a fresh worker takes its place."""
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..errors import InputError
 from ..runtime.threads import plan_threads
+
+DEFAULT_INPUT_TIMEOUT = 120.0  # seconds one input may spend in a worker (reading, decoding)
 
 
 @dataclass
@@ -24,30 +33,68 @@ class ImageResult:
     error: InputError | None = None
 
 
+@dataclass(eq=False)
+class _Worker:
+    retired: bool = False  # abandoned on a stuck input: exits once that input returns, if ever
+
+
+@dataclass(eq=False)
+class _Task:
+    fn: Callable
+    args: tuple
+    future: Future = field(default_factory=Future)
+    started: threading.Event = field(default_factory=threading.Event)
+    started_at: float = 0.0  # time.monotonic() when a worker took it
+    worker: _Worker | None = None
+
+
 class DaemonPool:
     """A minimal thread pool whose workers are daemon threads: an input that blocks forever
-    (a FIFO, a hung network mount) cannot keep Ctrl-C or the interpreter's exit waiting, as
-    ThreadPoolExecutor's joined workers would."""
+    cannot keep Ctrl-C or the interpreter's exit waiting, as ThreadPoolExecutor's joined
+    workers would, and the worker stuck on it can be replaced (`abandon`)."""
 
     def __init__(self, workers: int):
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(workers):
-            threading.Thread(target=self._work, name=f"altclip-decode-{i}", daemon=True).start()
+        self._names = itertools.count()
         self._workers = workers
+        for _ in range(workers):
+            self._start_worker()
 
-    def _work(self) -> None:
-        while (task := self._tasks.get()) is not None:
-            future, fn, args = task
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args))
-                except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                    future.set_exception(e)
+    def _start_worker(self) -> None:
+        worker = _Worker()
+        threading.Thread(target=self._work, args=(worker,), name=f"altclip-decode-{next(self._names)}",
+                         daemon=True).start()
 
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        self._tasks.put((future, fn, args))
-        return future
+    def _work(self, worker: _Worker) -> None:
+        while not worker.retired and (task := self._tasks.get()) is not None:
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            task.worker, task.started_at = worker, time.monotonic()
+            task.started.set()
+            try:
+                task.future.set_result(task.fn(*task.args))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                task.future.set_exception(e)
+
+    def submit(self, fn, *args) -> _Task:
+        task = _Task(fn, args)
+        self._tasks.put(task)
+        return task
+
+    def result(self, task: _Task, timeout: float | None):
+        """The task's result (or its exception), waiting at most `timeout` seconds from when a
+        worker started it (not from when it was queued); FutureTimeout past that."""
+        if timeout is None:
+            return task.future.result()
+        task.started.wait()  # waited on in submission order: a live worker takes this one next
+        left = task.started_at + timeout - time.monotonic()
+        return task.future.result(timeout=max(0.0, left))
+
+    def abandon(self, task: _Task) -> None:
+        """Give up on a started task whose call does not return: its worker retires and a new one
+        keeps the pool's capacity."""
+        task.worker.retired = True
+        self._start_worker()
 
     def close(self) -> None:
         for _ in range(self._workers):
@@ -68,11 +115,15 @@ def _prepare(source, open_fn: Callable, preprocess: Callable) -> np.ndarray:
 
 def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable,
                       encode_batch: Callable[[np.ndarray], np.ndarray], *, batch_size: int,
-                      workers: int | None = None) -> Iterator[ImageResult]:
+                      workers: int | None = None,
+                      input_timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> Iterator[ImageResult]:
     """Yield one ImageResult per source, in order.
 
     open_fn(source) -> PIL image; preprocess(image) -> (3, H, W); encode_batch((B, 3, H, W)) -> (B, D).
     At most 2 * batch_size images are decoded ahead of the model, whatever the input's length.
+    input_timeout: seconds one source may take from when a worker starts on it (time spent
+    queued does not count); past that it fails with an InputError and the run goes on
+    (None: no limit).
     """
     ahead = 2 * batch_size
     pending: list[tuple[int, object, np.ndarray | None, InputError | None]] = []  # waiting for a batch
@@ -86,11 +137,16 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
         pending.clear()
 
     def settle_oldest() -> Iterator[ImageResult]:
-        index, source, future = in_flight.popleft()
+        index, source, task = in_flight.popleft()
         try:
-            pending.append((index, source, future.result(), None))
+            pending.append((index, source, pool.result(task, input_timeout), None))
         except InputError as e:
             pending.append((index, source, None, e))
+        except FutureTimeout:
+            pool.abandon(task)
+            pending.append((index, source, None, InputError(
+                f"{source}: no data after {input_timeout:g} s (a FIFO, or a hung network mount?)",
+                hint="raise the input timeout (--input-timeout) if this input is only slow")))
         if sum(p is not None for _, _, p, _ in pending) >= batch_size:
             yield from flush()
 
@@ -104,6 +160,6 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
             yield from settle_oldest()
         yield from flush()
     finally:  # also when stopped early (Ctrl-C, the consumer broke off): drop what is queued
-        for _, _, future in in_flight:
-            future.cancel()
+        for _, _, task in in_flight:
+            task.future.cancel()
         pool.close()

@@ -8,10 +8,13 @@ pre-tokeniser and the `<s> X </s>` template. Field numbers are from sentencepiec
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger("altclip")
 
 # SentencePiece.Type values (sentencepiece_model.proto)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -28,7 +31,7 @@ class SpmModel:
 
     pieces: list[tuple[str, float, int]] = field(default_factory=list)  # (piece, score, type), by spm id
     model_type: int = UNIGRAM
-    byte_fallback: bool = False
+    byte_fallback: bool = False  # read only to warn: the reference converter does not honour it
     precompiled_charsmap: bytes = b""
     add_dummy_prefix: bool = True
     remove_extra_whitespaces: bool = True
@@ -141,6 +144,11 @@ def build_tokenizer(model: SpmModel):
     vocab = [(name, 0.0) for name in FAIRSEQ_SPECIALS]
     vocab += [(piece, score) for piece, score, _ in model.pieces[3:]]
     vocab.append((MASK, 0.0))
+    if model.byte_fallback:
+        log.warning("the sentencepiece model uses byte fallback, which XLM-R's fast tokenizer does not: "
+                    "characters outside its vocabulary become <unk>, as in transformers")
+    # byte_fallback=False whatever the model says: transformers' XLMRobertaConverter does the same
+    # (handle_byte_fallback = False), and its fast tokenizer is the reference we match id for id.
     tok = Tokenizer(Unigram(vocab, unk_id=FAIRSEQ_SPECIALS.index("<unk>"), byte_fallback=False))
 
     tok.normalizer = _normalizer(model)

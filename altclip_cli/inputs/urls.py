@@ -13,7 +13,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from ..errors import InputError
 
@@ -42,23 +42,15 @@ class _BadRedirect(Exception):
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows http(s) redirects only (urllib would also follow one to ftp://)."""
+    """Follows http(s) redirects only: urllib would also follow one to ftp://, and refuses one to
+    file:// with an HTTPError that reads like any other 30x."""
 
     max_redirections = MAX_REDIRECTS
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise _BadRedirect(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
     def http_error_302(self, req, fp, code, msg, headers):
         target = headers.get("location") or headers.get("uri")
-        if target:
-            from urllib.parse import urljoin
-
-            scheme = urlsplit(urljoin(req.full_url, target)).scheme.lower()
-            if scheme not in ("http", "https"):
-                raise _BadRedirect(urljoin(req.full_url, target))
+        if target and urlsplit(urljoin(req.full_url, target)).scheme.lower() not in ("http", "https"):
+            raise _BadRedirect(urljoin(req.full_url, target))
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302

@@ -97,7 +97,7 @@ class AltCLIP:
                       normalize: bool = True) -> np.ndarray:
         """images: PIL images (see altclip_cli.images.open_image). (N, D) float32, row i for images[i]."""
         results = list(self.stream_images(images, open_fn=lambda image: image, batch_size=batch_size,
-                                          normalize=normalize))
+                                          normalize=normalize, input_timeout=None))  # in memory: nothing to wait for
         for r in results:
             if r.error:
                 raise r.error
@@ -105,10 +105,13 @@ class AltCLIP:
 
     def stream_images(self, sources: Iterable, *, open_fn: Callable | None = None,
                       batch_size: int | None = None, normalize: bool = True,
-                      workers: int | None = None) -> Iterator[ImageResult]:
+                      workers: int | None = None,
+                      input_timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> Iterator[ImageResult]:
         """One ImageResult (index, source, embedding or error) per source, in input order, with
         decoding in worker threads ahead of the model. open_fn(source) -> PIL image defaults to
-        `open_image` (paths or bytes); an input that fails gives an InputError, never an exception."""
+        `open_image` (paths or bytes); an input that fails gives an InputError, never an exception.
+        input_timeout: seconds a worker may spend on one input before it fails as stuck (a FIFO
+        with no writer, a hung network mount) and the run goes on without it; None: no limit."""
         from ..inputs.images import open_image
 
         if open_fn is None:
@@ -120,7 +123,8 @@ class AltCLIP:
 
         return stream_embeddings(sources, open_fn, self.preprocessor, encode,
                                  batch_size=batch_size or default_batch_size(self.device, "image"),
-                                 workers=workers or plan_threads(self.device.type).decode_workers)
+                                 workers=workers or plan_threads(self.device.type).decode_workers,
+                                 input_timeout=input_timeout)
 
     def _encode_pixels_halving(self, pixels: torch.Tensor) -> torch.Tensor:
         """encode_pixel_batch, halving the batch on a CUDA out-of-memory error and saying so."""
@@ -136,25 +140,28 @@ class AltCLIP:
             return torch.cat([self._encode_pixels_halving(pixels[:half]),
                               self._encode_pixels_halving(pixels[half:])])
 
-    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None, *,
+                         batch_size: int | None = None) -> np.ndarray:
         """(L, D) float32, L2-normalised. With templates, CLIP's prompt ensemble: the mean of
-        the normalised embeddings of every template filled with the label, normalised again."""
+        the normalised embeddings of every template filled with the label, normalised again.
+        batch_size: texts per model batch (see encode_texts)."""
         labels = list(labels)
         templates = list(templates or [])
         found = self.label_cache.get(set(labels), templates) if self.label_cache else {}
         missing = list(dict.fromkeys(label for label in labels if label not in found))
         if missing:
-            computed = dict(zip(missing, self._embed_labels(missing, templates)))
+            computed = dict(zip(missing, self._embed_labels(missing, templates, batch_size)))
             if self.label_cache:
                 self.label_cache.put(computed, templates)
             found.update(computed)
         return np.stack([found[label] for label in labels]) if labels else np.zeros((0, self.embed_dim), np.float32)
 
-    def _embed_labels(self, labels: list[str], templates: list[str]) -> np.ndarray:
+    def _embed_labels(self, labels: list[str], templates: list[str], batch_size: int | None) -> np.ndarray:
         if not templates:
-            return self.encode_texts(labels)
+            return self.encode_texts(labels, batch_size=batch_size)
         filled = [t.replace("{}", label) for label in labels for t in templates]
-        emb = torch.from_numpy(self.encode_texts(filled)).view(len(labels), len(templates), -1)
+        emb = torch.from_numpy(self.encode_texts(filled, batch_size=batch_size))
+        emb = emb.view(len(labels), len(templates), -1)  # (L, T, D)
         return F.normalize(emb.mean(dim=1), dim=-1).numpy()
 
     def classify(self, images: Sequence, labels: Sequence[str], *,

@@ -28,7 +28,7 @@ from ..formats import FORMATS
 @model_options
 @common_options
 def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_pixels, url_timeout,
-             url_max_mb, exact_decode, model, device, precision, batch_size, quiet):
+             url_max_mb, input_timeout, exact_decode, model, device, precision, revision, batch_size, quiet):
     """Score IMAGES against labels: which label fits each image best.
 
     IMAGES are files, folders (-r to include subfolders), globs, http(s) URLs, or - to read a
@@ -63,13 +63,15 @@ def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_
     writer = classify_writer(fmt, sys.stdout)
     failed = 0
     if sources:
-        from ..options import load_model
+        from ..options import load_model, pil_pixel_limit
 
-        model_ = load_model(model, device, precision, msgs, exact_decode=exact_decode)
-        label_emb = model_.label_embeddings(labels, list(templates) or None)
+        model_ = load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+        label_emb = model_.label_embeddings(labels, list(templates) or None, batch_size=batch_size)
         opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
-        results = model_.stream_images(sources, open_fn=lambda s: open_source(s, **opener_kw), batch_size=batch_size)
-        with msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar:
+        results = model_.stream_images(sources, open_fn=lambda s: open_source(s, **opener_kw),
+                                       batch_size=batch_size, input_timeout=input_timeout)
+        with (pil_pixel_limit(max_pixels),
+              msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar):
             for r in results:
                 name = display(r.source.name)
                 if r.embedding is None:
@@ -83,8 +85,10 @@ def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_
                 bar.advance()
     writer.close()
     if failed:
+        from .. import ExitStatus
+
         msgs.warn(f"{failed} of {len(sources)} images failed")
-        click.get_current_context().exit(3)
+        click.get_current_context().exit(ExitStatus.PARTIAL)
 
 
 def _collect_labels(given, labels_file, images) -> list[str]:
