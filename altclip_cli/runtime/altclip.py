@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..cache.identity import enabled as cache_enabled
 from ..cache.labels import LabelCache, text_identity
 from ..cache.weights import weights_identity
-from ..inputs.pipeline import ImageResult, stream_embeddings
+from ..inputs.pipeline import DEFAULT_INPUT_TIMEOUT, ImageResult, stream_embeddings
 from ..nn.model import AltCLIPModel
 from .build import build_model
 from .device import PRECISIONS, choose_device, choose_precision, default_batch_size
