@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from oracle import require
+
 from altclip_cli.errors import ConfigError, InputError
 from altclip_cli.inputs.images import DEFAULT_MAX_PIXELS, ImagePreprocessor, open_image
 
@@ -28,7 +30,7 @@ HUB_CONFIG = {
 @pytest.fixture(scope="module")
 def clip_pil():
     """A factory for the oracle, transformers' PIL-backend CLIP processor, from a config dict."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
 
     def make(config):
         return transformers.CLIPImageProcessorPil(**config)
@@ -82,16 +84,38 @@ def test_mode_parity(clip_pil, mode):
     assert_bit_equal(ImagePreprocessor()(image), reference_pixels(clip_pil(HUB_CONFIG), image))
 
 
+def with_key_colour(image, key, share=0.4, seed=11):
+    """`image` with about `share` of its pixels set to `key` (a palette index, grey level or RGB triple)."""
+    data = np.array(image)
+    data[np.random.default_rng(seed).random(data.shape[:2]) < share] = key
+    out = Image.frombytes(image.mode, image.size, data.tobytes())
+    if image.mode == "P":
+        out.putpalette(image.getpalette())
+    return out
+
+
 @pytest.mark.parametrize("mode", ["P", "RGB", "L"])
 def test_transparency_key_parity(clip_pil, mode):
     """A tRNS colour key (no alpha band) is composited onto white by the reference, as by us."""
-    image = random_image(mode, 60, 45, seed=3)
-    buf = io.BytesIO()
     key = 5 if mode in ("P", "L") else (10, 20, 30)
-    image.save(buf, "PNG", transparency=key)
+    image = random_image(mode, 60, 45, seed=3)
+    if mode == "P":  # the key's palette colour must not be white, or compositing onto white changes nothing
+        palette = image.getpalette()
+        palette[3 * key:3 * key + 3] = [10, 20, 30]
+        image.putpalette(palette)
+    buf = io.BytesIO()
+    with_key_colour(image, key).save(buf, "PNG", transparency=key)
     image = open_image(buf.getvalue())
     assert image.info.get("transparency") is not None
-    assert_bit_equal(ImagePreprocessor()(image), reference_pixels(clip_pil(HUB_CONFIG), image))
+    # Under the reference's logic (convert to RGBA: the key becomes alpha 0) a good share is transparent.
+    alpha = np.asarray(image.convert("RGBA"))[:, :, 3]
+    assert 0.3 < (alpha == 0).mean() < 0.5
+    ours = ImagePreprocessor()(image)
+    assert_bit_equal(ours, reference_pixels(clip_pil(HUB_CONFIG), image))
+    # ... and compositing made a difference: a plain convert("RGB"), transparency dropped, gives other pixels.
+    plain = Image.fromarray(np.asarray(image.convert("RGB")))
+    assert plain.info.get("transparency") is None
+    assert np.abs(ours - ImagePreprocessor()(plain)).max() > 0.5
 
 
 CONFIGS = [

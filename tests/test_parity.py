@@ -5,7 +5,9 @@ import pickle
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from oracle import require
+
+transformers = require("transformers")
 
 from altclip_cli.errors import CheckpointError, ConfigError  # noqa: E402
 from altclip_cli.runtime.build import build_model  # noqa: E402
