@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -496,19 +497,49 @@ def test_a_corrupt_fresh_download_is_an_error_and_kept_nowhere(env):
 def test_waits_for_another_process_on_the_same_blob(env):
     from filelock import FileLock
 
+    from altclip_cli.hub import blobs
+
     paths = bin_paths(env)
     paths.lock.parent.mkdir(parents=True)
     other = FileLock(str(paths.lock))  # held as huggingface_hub holds it while downloading
     other.acquire()
+    asking, holding = threading.Event(), threading.Event()
+    real_locked = blobs._locked
+
+    @contextmanager
+    def watched(path, *args, **kwargs):
+        if Path(path) == paths.lock:
+            asking.set()  # the waiter is about to take the blob's lock
+        with real_locked(path, *args, **kwargs):
+            if Path(path) == paths.lock:
+                holding.set()
+            yield
+
+    env.monkeypatch.setattr(blobs, "_locked", watched)
     done: list = []
-    thread = threading.Thread(target=lambda: done.append(download_model(BIN_REPO, progress=False)))
-    thread.start()
-    time.sleep(1.0)
-    assert weight_ranges(env) == [] and not paths.partial.exists()  # waiting, not downloading
-    paths.blob.parent.mkdir(parents=True, exist_ok=True)
-    paths.blob.write_bytes(env.served.binary)  # the other process finishes the blob
-    other.release()
+    errors: list = []
+
+    def waiter():
+        try:
+            done.append(download_model(BIN_REPO, progress=False))
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    try:
+        thread.start()
+        assert asking.wait(30), f"the waiter never reached the blob's lock: {errors}"
+        # It asked for the lock we hold: it must stay blocked, not download, not finish.
+        assert not holding.wait(1.5), "the waiter took a lock another process holds"
+        assert thread.is_alive() and not done and not errors
+        assert weight_ranges(env) == [] and not paths.partial.exists()  # waiting, not downloading
+        paths.blob.parent.mkdir(parents=True, exist_ok=True)
+        paths.blob.write_bytes(env.served.binary)  # the other process finishes the blob
+    finally:
+        other.release()
+    assert holding.wait(60), "released, the lock was never taken by the waiter"
     thread.join(timeout=120)
 
-    assert done and weight_ranges(env) == []
+    assert not thread.is_alive() and errors == [] and done
+    assert weight_ranges(env) == []  # it found the other process's blob: nothing fetched
     assert (done[0].folder / "pytorch_model.bin").resolve() == paths.blob

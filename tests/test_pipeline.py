@@ -1,5 +1,6 @@
 """The decode-ahead pipeline: order, per-input failures, bounded prefetch."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -62,17 +63,50 @@ def test_empty_input():
     assert list(stream_embeddings([], fake_open, preprocess, encode, batch_size=4)) == []
 
 
-def test_a_blocked_input_does_not_hold_up_the_consumer_stopping():
-    release = threading.Event()
+CLOSE_BOUND_S = 2.0
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # an error closing a dropped generator
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_blocked_input_does_not_hold_up_the_consumer_stopping(how):
+    """The consumer stops (Ctrl-C, or it broke off and dropped the generator) while a worker is stuck
+    on an input that never returns: stopping returns at once, with no join on the blocked worker."""
+    entered, release = threading.Event(), threading.Event()
 
     def blocking_open(source):
-        if source == "ok-9":
-            release.wait(30)  # a FIFO nobody writes to
+        if source == "ok-3":
+            entered.set()
+            release.wait()  # a FIFO nobody writes to: blocks until the test ends
         return 1
 
-    stream = stream_embeddings([f"ok-{i}" for i in range(20)], blocking_open, preprocess, encode,
-                               batch_size=2, workers=2)
-    first = next(stream)
-    assert first.index == 0
-    stream.close()  # the consumer stops (as on Ctrl-C): returns at once, no join on the blocked worker
-    release.set()
+    holder = {"stream": stream_embeddings([f"ok-{i}" for i in range(20)], blocking_open, preprocess, encode,
+                                          batch_size=2, workers=2)}
+    try:
+        assert next(holder["stream"]).index == 0
+        assert entered.wait(10), "the blocking input never reached a worker"
+
+        errors = []
+
+        def stop():
+            try:
+                if how == "close":
+                    holder["stream"].close()
+                else:
+                    del holder["stream"]  # the last reference: CPython closes the generator here
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+
+        # Stop from a helper thread, so that a close that waits on the input fails the test, not hangs it.
+        stopper = threading.Thread(target=stop, daemon=True)
+        start = time.monotonic()
+        stopper.start()
+        stopper.join(timeout=CLOSE_BOUND_S)
+        assert not stopper.is_alive(), f"stopping the stream waited more than {CLOSE_BOUND_S} s on the blocked input"
+        assert time.monotonic() - start < CLOSE_BOUND_S
+        assert errors == []
+        assert not release.is_set()  # the input was still blocked all along
+        if how == "close":
+            with pytest.raises(StopIteration):
+                next(holder["stream"])
+    finally:
+        release.set()
