@@ -189,22 +189,3 @@ def test_ten_megabyte_line_is_embedded_with_a_truncation_warning(work, ref_model
     assert "warning: text 'cat cat" in result.stderr and "truncated to 512" in result.stderr
     quiet = invoke("embed", "--text", "long.txt", "-o", "t.npy", "-m", ref_model[0], "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
-
-
-def test_one_label_gives_probability_one(work, ref_model):
-    result = invoke("classify", "good1.png", "-l", "only", "-m", ref_model[0])
-    assert result.exit_code == 0
-    assert jsonl(result.stdout)[0]["scores"][0]["prob"] == 1.0
-
-
-def test_label_past_the_token_limit_is_truncated_with_a_warning(work, ref_model):
-    folder, ref = ref_model
-    long_label = "cat " * 1000  # about 1000 tokens: past the model's 512
-    result = invoke("classify", "good1.png", "-l", long_label, "-l", "dog", "-f", "json", "-m", folder)
-    assert result.exit_code == 0, result.stderr
-    assert "warning: text 'cat cat" in result.stderr and "truncated to 512" in result.stderr
-    scores = json.loads(result.stdout)[0]["scores"]
-    assert sorted(s["label"] for s in scores) == sorted([long_label, "dog"])
-    # It scores as its first 512 tokens do.
-    truncated = ref.tokenizer.encode([long_label])[0]
-    assert len(truncated) == 512 and truncated[-1] == 2

@@ -80,7 +80,9 @@ def test_bf16_close_to_fp32(tiny_model_dir):
 
 def test_public_api_matches_reference_end_to_end(tiny_model_dir):
     """load() + classify against AltCLIPModel/tokenizer/image processor from transformers."""
-    transformers = pytest.importorskip("transformers")
+    from oracle import require
+
+    transformers = require("transformers")
     from PIL import Image
 
     import altclip_cli
