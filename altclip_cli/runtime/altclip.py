@@ -39,6 +39,7 @@ class AltCLIP:
     precision_reason: str = ""
     label_cache: object | None = None  # altclip_cli.cache.labels.LabelCache
     exact_decode: bool = False
+    weights_id: str = ""  # altclip_cli.cache.weights.weights_identity of the weight files
 
     @property
     def draft_min_side(self) -> int | None:
@@ -204,13 +205,14 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     threads = plan_threads(torch_device.type)
     if torch_device.type == "cpu" and torch.get_num_threads() > threads.torch_threads:
         torch.set_num_threads(threads.torch_threads)  # only ever lowered: a caller's own setting stays
-    key = weights_identity(weights) if use_cache and cache_enabled() else None
+    weights_id = weights_identity(weights)  # cheap: stat + 18 sampled blocks; embed's resume checks it
+    key = weights_id if use_cache and cache_enabled() else None
     net = build_model(folder, weights, torch_device, precision, cache_key=key)
     labels = LabelCache(text_identity(key, folder), precision) if key else None
     return AltCLIP(model_id=str(model), folder=folder, model=net,
                    preprocessor=ImagePreprocessor.from_dir(folder), device=torch_device,
                    precision=precision, device_reason=device_reason, precision_reason=precision_reason,
-                   label_cache=labels, exact_decode=exact_decode)
+                   label_cache=labels, exact_decode=exact_decode, weights_id=weights_id)
 
 
 def _resolve(model: str, **kwargs) -> tuple[Path, list[Path]]:
