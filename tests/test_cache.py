@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -300,7 +302,13 @@ def test_cache_lists_every_entry_with_its_size_as_json_lines(kept, tiny_model_di
     assert by_path[str(kept["labels"])]["rows"] == 5 + len(LABELS)
     assert [r["kind"] for r in rows] == ["weights"] * 4 + ["converted"] * 2 + ["labels"]
     assert total == {"kind": "total", "entries": 7, "bytes": sum(r["bytes"] for r in rows),
-                     "altclip_home": str(altclip_home()), "hf_cache": str(Path(os.environ["HF_HOME"]) / "hub")}
+                     "altclip_home": str(altclip_home()), "hf_cache": total["hf_cache"]}
+    # huggingface_hub reads HF_HOME once per process: a fresh one shows where the hub cache is.
+    proc = subprocess.run([sys.executable, "-m", "altclip_cli", "cache", "--json"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **SAFE_ENV})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["hf_cache"] == str(Path(os.environ["HF_HOME"]) / "hub")
+    assert hf_file.read_bytes() == b"\0" * 12345  # shown, not counted or touched
 
 
 def test_cache_on_a_terminal_is_a_table(kept, monkeypatch):
