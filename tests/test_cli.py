@@ -562,6 +562,8 @@ def _unblock_fifo(path, proc, seconds=30):
             continue
         try:
             os.write(fd, b"not an image")
+        except BrokenPipeError:  # the reader went away meanwhile (the run ended): nothing to unblock
+            pass
         finally:
             os.close(fd)
         return

@@ -2,7 +2,6 @@
 a byte-fallback sentencepiece model converted as transformers converts it, exit code 143."""
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import altclip_cli
 from altclip_cli.cli import ExitStatus, cli
 from altclip_cli.inputs.spm import convert_spm_model, parse_model
 from altclip_cli.inputs.tokenizer import TextTokenizer
+from oracle import require
 
 SAFE_ENV = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "NO_COLOR": "1",
             "ALTCLIP_DEVICE": "cpu", "ALTCLIP_PRECISION": "fp32"}
@@ -107,7 +107,7 @@ def test_altclip_debug_values(image, tmp_path, value, on):
 @pytest.fixture(scope="module")
 def byte_fallback_model(tmp_path_factory):
     """A small Unigram model trained with byte_fallback (256 <0xNN> pieces); AltCLIP-m9's has it off."""
-    spm = pytest.importorskip("sentencepiece")
+    spm = require("sentencepiece")
     from tokenizer_fixture import _corpus
 
     folder = tmp_path_factory.mktemp("spm-bytes")
@@ -135,7 +135,7 @@ def altclip_warnings():
 def test_a_byte_fallback_model_converts_as_transformers_does(byte_fallback_model, altclip_warnings):
     """transformers' XLMRobertaConverter builds its Unigram with byte_fallback=False whatever the
     model says (and warns): an unknown character is <unk>, not its UTF-8 bytes. So do we, saying so."""
-    conv = importlib.import_module(pytest.importorskip("transformers").__name__ + ".convert_slow_tokenizer")
+    conv = require("transformers.convert_slow_tokenizer")
     assert parse_model(byte_fallback_model.read_bytes()).byte_fallback
     stub = SimpleNamespace(vocab_file=str(byte_fallback_model), convert_tokens_to_ids={"<s>": 0, "</s>": 2}.get)
     with pytest.warns(UserWarning, match="byte fallback"):

@@ -84,9 +84,6 @@ def test_a_model_built_normally_is_initialised():
     assert checked == 44  # every layer of the tiny model: 22 in the text tower, 20 in the vision tower, 2 projections
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="nn/vision.py allocates class_embedding with torch.empty and never initialises it "
-                          "(transformers: normal(std=hidden_size ** -0.5)); not this change's file")
 def test_the_class_embedding_is_initialised_too():
     torch.manual_seed(0)
     for _ in range(5):  # torch.empty may happen to reuse zeroed or random-looking memory

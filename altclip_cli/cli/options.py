@@ -169,16 +169,19 @@ def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dic
 
 @contextmanager
 def pil_pixel_limit(max_pixels):
-    """For one command's run, Pillow's process-wide pixel limit set to --max-pixels's cap and
-    restored afterwards. The library never changes PIL.Image.MAX_IMAGE_PIXELS (a caller's other
-    threads use it); the command line is the application, so it may, and the few Pillow plugins
-    that check that limit again while decoding (TIFF, ICO) then agree with --max-pixels."""
+    """For one command's run, Pillow's process-wide pixel limit raised to --max-pixels's cap (or
+    lifted, for 0) and restored afterwards. The library never changes PIL.Image.MAX_IMAGE_PIXELS
+    (a caller's other threads use it); the command line is the application, so it may, and the
+    few Pillow plugins that check that limit again while decoding (TIFF, ICO) then agree with
+    --max-pixels. The limit is never lowered: Pillow checks it on crops too (the preprocessor's
+    224 x 224 crop), and altclip's own check already refuses images above a lower cap."""
     from PIL import Image
 
-    from ..inputs.images import DEFAULT_MAX_PIXELS
-
     saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)  # 0: no cap
+    if max_pixels == 0:
+        Image.MAX_IMAGE_PIXELS = None
+    elif max_pixels is not None and saved is not None and max_pixels > saved:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         yield
     finally:

@@ -27,10 +27,16 @@ def uninitialised():
 
 
 class _SkipInit:
-    """Mixin: `reset_parameters` is a no-op inside `uninitialised()`."""
+    """Mixin: `reset_parameters` is a no-op inside `uninitialised()`. A module of ours that has
+    parameters of its own defines `_reset_parameters`; torch's layers have `reset_parameters`."""
 
     def reset_parameters(self) -> None:
-        if not _SKIP_INIT.get():
+        if _SKIP_INIT.get():
+            return
+        own = getattr(self, "_reset_parameters", None)
+        if own is not None:
+            own()
+        else:
             super().reset_parameters()
 
 

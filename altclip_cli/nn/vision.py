@@ -6,16 +6,20 @@ import torch
 from torch import nn
 
 from .config import VisionConfig
-from .layers import ACTIVATIONS, Conv2d, Embedding, LayerNorm, Linear, attention
+from .layers import ACTIVATIONS, Conv2d, Embedding, LayerNorm, Linear, _SkipInit, attention
 
 
-class VisionEmbeddings(nn.Module):
+class VisionEmbeddings(_SkipInit, nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
         self.patch_embedding = Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
-                                         stride=cfg.patch_size, bias=False)
+                                      stride=cfg.patch_size, bias=False)
         self.position_embedding = Embedding(cfg.num_positions, cfg.hidden_size)
+        self.reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        nn.init.normal_(self.class_embedding, std=self.class_embedding.shape[0] ** -0.5)  # as CLIP
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from ..options import UsageError, common_options, image_input_options, messages, model_options, open_kwargs
+from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
+                       pil_pixel_limit)
 
 TEXT_CHUNK = 256
 
@@ -81,11 +82,12 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
 
     run = _Run(kind, model, device, precision, batch_size, not no_normalize, msgs, exact_decode, revision,
                input_timeout)
-    if output is None:
-        failed = _to_stdout(run, inputs, open_kwargs(max_pixels, url_timeout, url_max_mb))
-    else:
-        failed = _to_file(run, inputs, names, output, dtype, resume, checkpoint_every,
-                          open_kwargs(max_pixels, url_timeout, url_max_mb))
+    opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb)
+    with pil_pixel_limit(max_pixels):
+        if output is None:
+            failed = _to_stdout(run, inputs, opener_kw)
+        else:
+            failed = _to_file(run, inputs, names, output, dtype, resume, checkpoint_every, opener_kw)
     if failed:
         msgs.warn(f"{failed} of {len(inputs)} inputs failed")
         click.get_current_context().exit(_exit_status().PARTIAL)
