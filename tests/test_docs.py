@@ -18,11 +18,13 @@ def _variables_read_by_the_code() -> set[str]:
         found |= set(re.findall(r"""environ(?:\.get)?\(\s*["']([A-Z][A-Z0-9_]+)["']""", text))
         found |= set(re.findall(r"""environ\[\s*["']([A-Z][A-Z0-9_]+)["']\s*\]""", text))
         found |= set(re.findall(r"""envvar=["']([A-Z][A-Z0-9_]+)["']""", text))
+        found |= set(re.findall(r"""\bflag\(\s*["']([A-Z][A-Z0-9_]+)["']""", text))
     return found
 
 
 def test_the_scan_finds_what_the_code_reads():
-    assert {"ALTCLIP_HOME", "ALTCLIP_DEBUG", "ALTCLIP_MODEL", "NO_COLOR", "HF_HUB_OFFLINE"} <= _variables_read_by_the_code()
+    assert {"ALTCLIP_HOME", "ALTCLIP_DEBUG", "ALTCLIP_NO_CACHE", "ALTCLIP_MODEL", "NO_COLOR",
+            "HF_HUB_OFFLINE"} <= _variables_read_by_the_code()
 
 
 @pytest.mark.parametrize("name", sorted(_variables_read_by_the_code()))

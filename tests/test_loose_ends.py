@@ -101,6 +101,15 @@ def test_altclip_debug_values(image, tmp_path, value, on):
     assert result.stderr.splitlines()[-2].startswith("error: ")
 
 
+@pytest.mark.parametrize("value, cached", [("1", False), ("yes", False), ("0", True), ("false", True), ("off", True),
+                                           ("", True)])
+def test_altclip_no_cache_is_a_flag_like_the_others(monkeypatch, value, cached):
+    from altclip_cli.cache.identity import enabled
+
+    monkeypatch.setenv("ALTCLIP_NO_CACHE", value)
+    assert enabled() is cached
+
+
 # --- a byte-fallback sentencepiece model ---------------------------------------------------------------
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from ..env import flag
 
 FORMAT = 2  # bump when what the caches store changes meaning; older entries are then rebuilt
 SAMPLES = 16  # blocks of the file hashed at evenly spaced offsets
@@ -13,7 +14,8 @@ SAMPLE_BYTES = 64 * 1024
 
 
 def enabled() -> bool:
-    return os.environ.get("ALTCLIP_NO_CACHE", "") in ("", "0")
+    """False when the ALTCLIP_NO_CACHE flag is on."""
+    return not flag("ALTCLIP_NO_CACHE")
 
 
 def file_fingerprint(path: Path) -> list:

@@ -108,7 +108,8 @@ def _weight_entries() -> list[Entry]:
 
 
 def _converted_entries() -> list[Entry]:
-    """converted/<org>--<name>/<commit>/model.safetensors: last use is the file's mtime."""
+    """converted/<org>--<name>/<commit>/model.safetensors: last use is its `.last-used` marker's
+    mtime (the file's own mtime is part of its fingerprint, so it is never touched)."""
     root = converted_dir()
     if not root.is_dir():
         return []
@@ -119,7 +120,8 @@ def _converted_entries() -> list[Entry]:
             target = commit_dir / CONVERTED_FILE
             out.append(Entry(
                 kind="converted", name=f"{model_id}@{commit_dir.name}", path=commit_dir,
-                size=_tree_size(commit_dir), last_used=_mtime(target) or _newest_mtime(commit_dir),
+                size=_tree_size(commit_dir),
+                last_used=_mtime(commit_dir / weight_cache.LAST_USED) or _mtime(target) or _newest_mtime(commit_dir),
                 lock=commit_dir / (CONVERTED_FILE + ".lock"), model=model_id, commit=commit_dir.name))
     return out
 

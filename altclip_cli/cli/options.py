@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import click
 
+from ..env import flag
 from ..hub.registry import DEFAULT_MODEL
 from .messages import Messages
 
@@ -56,12 +57,9 @@ def _complete_model(ctx, param, incomplete):
     return [CompletionItem(incomplete, type="dir")] + [CompletionItem(m) for m in KNOWN_MODELS if m.startswith(incomplete)]
 
 
-_OFF = frozenset({"", "0", "false", "no", "off"})
-
-
 def debug_from_env() -> bool:
     """ALTCLIP_DEBUG: unset, empty, 0, false, no or off mean off; any other value (1, true, yes, on) on."""
-    return os.environ.get("ALTCLIP_DEBUG", "").strip().lower() not in _OFF
+    return flag("ALTCLIP_DEBUG")
 
 
 def _set_debug(ctx, param, value):

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import DownloadError, ModelError
 from ..nn.checkpoint import find_weights, weight_files
 from ..paths import converted_dir
+from ..cache.weights import mark_used
 from .convert import convert_to_safetensors
 from .download import fetch_repo, not_cached_error
 from .hfcache import cached_snapshot, flat_id, is_complete, offline, storage_folder
@@ -106,4 +107,5 @@ def _finish(repo_id: str, folder: Path, progress: bool) -> ResolvedModel:
     if weights[0].suffix == ".bin":
         target = converted_dir() / flat_id(repo_id) / commit / "model.safetensors"
         weights = [convert_to_safetensors(weights, target, progress=progress)]
+        mark_used(target)  # for `altclip cache clear --older-than`
     return ResolvedModel(folder=folder, weights=weights, repo_id=repo_id, commit=commit)
