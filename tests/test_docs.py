@@ -44,3 +44,19 @@ def test_documents_speak_of_the_project_alone(path):
     text = (ROOT / path).read_text(encoding="utf-8")
     for pattern in (r"\bissue \d", r"\bthe issue\b", r"\bsession\b", r"\bhelpers?\b", r"\bCEO\b"):
         assert not re.search(pattern, text, re.IGNORECASE), f"{path} mentions {pattern!r}"
+
+
+def test_the_python_example_runs_as_written(tiny_model_dir, tmp_path, monkeypatch):
+    """The README's Python block, with the tiny model in place of the hub id."""
+    import numpy as np
+    from PIL import Image
+
+    block = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    assert 'altclip_cli.load("BAAI/AltCLIP"' in block
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("cat.jpg", "beach.jpg", "a.jpg", "b.jpg"):
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(name)
+    namespace: dict = {}
+    exec(block.replace('"BAAI/AltCLIP"', repr(str(tiny_model_dir))), namespace)  # noqa: S102
+    assert namespace["probs"].shape == (2, 3) and namespace["text_emb"].shape[0] == 2
