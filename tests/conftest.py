@@ -27,3 +27,11 @@ def _tiny_model_master(tmp_path_factory):
 def tiny_model_dir(_tiny_model_master, tmp_path):
     """A tiny random AltCLIP model folder in Hugging Face layout (a fresh copy per test)."""
     return Path(shutil.copytree(_tiny_model_master, tmp_path / "altclip-tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(_tiny_model_master):
+    """(folder, model): the tiny model's folder, never modified, and altclip's fp32 load of it."""
+    from altclip_cli.runtime.altclip import load
+
+    return _tiny_model_master, load(str(_tiny_model_master), device="cpu", precision="fp32")

@@ -52,26 +52,14 @@ def images(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def _loaded(tmp_path_factory):
-    """The tiny model loaded once, for reference numbers (the CLI loads its own copy)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny import write_model
-
-    from altclip_cli.runtime.altclip import load
-
-    folder = write_model(tmp_path_factory.mktemp("ref") / "tiny")
-    return folder, load(str(folder), device="cpu", precision="fp32")
+@pytest.fixture
+def model(tiny_loaded):
+    return tiny_loaded[0]
 
 
 @pytest.fixture
-def model(_loaded):
-    return _loaded[0]
-
-
-@pytest.fixture
-def ref(_loaded):
-    return _loaded[1]
+def ref(tiny_loaded):
+    return tiny_loaded[1]
 
 
 def opened(*paths):

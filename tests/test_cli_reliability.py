@@ -16,14 +16,9 @@ from test_cli import invoke, jsonl, write_image
 from urlserver import serve
 
 
-@pytest.fixture(scope="module")
-def ref_model(tmp_path_factory):
-    from tiny import write_model
-
-    from altclip_cli.runtime.altclip import load
-
-    folder = write_model(tmp_path_factory.mktemp("ref") / "tiny")
-    return folder, load(str(folder), device="cpu", precision="fp32")
+@pytest.fixture
+def ref_model(tiny_loaded):
+    return tiny_loaded
 
 
 @pytest.fixture
