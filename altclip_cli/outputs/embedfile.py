@@ -341,6 +341,19 @@ class EmbeddingOutput:
             self.checkpoint_file.unlink(missing_ok=True)
             _fsync_dir(self.path.parent)
 
+    def stop(self) -> bool:
+        """After a run stopped early: checkpoint what is done (True), or remove the .part files
+        this run created with nothing in them. Files of an earlier run that this one never
+        opened stay."""
+        if not self.is_open:
+            return False
+        if self.inputs_done:
+            self.save_checkpoint()
+            self.close()
+            return True
+        self.discard()
+        return False
+
     def discard(self) -> None:
         """Remove the .part files and checkpoint (a failed run that cannot be resumed usefully)."""
         self._close()

@@ -40,3 +40,28 @@ def signals_deferred():
             signal.signal(signum, handler)
         if pending:
             signal.raise_signal(pending[0])  # now handled as it would have been
+
+
+class sigterm_as_interrupt:
+    """For a run in the main thread: SIGTERM raises KeyboardInterrupt, so a stopped run keeps its
+    partial output the same way as after Ctrl-C; `received` tells the two apart afterwards."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def _handler(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False

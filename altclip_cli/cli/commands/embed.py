@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
 
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
                        pil_pixel_limit)
-
-TEXT_CHUNK = 256
 
 
 @click.command()
@@ -113,43 +110,16 @@ class _Run:
         return self._model
 
     def batches(self, inputs, opener_kw):
-        """Lists of (name, record, embedding or None) in input order; `record` is the sidecar
-        line without "row": {"image"/"text": ...} plus "error" for a failed input."""
-        if self.kind == "text":
-            size = self.batch_size or TEXT_CHUNK
-            for start in range(0, len(inputs), size):
-                chunk = inputs[start:start + size]
-                emb = self.model.encode_texts(chunk, batch_size=self.batch_size, normalize=self.normalize)
-                yield [(t, {"text": t}, emb[i]) for i, t in enumerate(chunk)]
-            return
-        from ...inputs.sources import display, open_source, reason
-        from ...runtime.device import default_batch_size
+        """Lists of (name, record, embedding or None) in input order (see runtime/rows.py)."""
+        from ...runtime.rows import image_batches, text_batches
 
+        if self.kind == "text":
+            return text_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize)
         if not inputs:
-            return
-        # Chunks end where the runtime's batches end (after every `size`-th decoded image), so a
-        # resumed run batches the remaining images exactly as an uninterrupted run would, and
-        # its rows come out bit for bit the same.
-        size = self.batch_size or default_batch_size(self.model.device, "image")
-        opener_kw = {**opener_kw, "draft_min_side": self.model.draft_min_side}
-        results = self.model.stream_images(inputs, open_fn=lambda s: open_source(s, **opener_kw),
-                                           batch_size=size, normalize=self.normalize,
-                                           input_timeout=self.input_timeout)
-        out, good = [], 0
-        for r in results:
-            name = display(r.source.name)
-            if r.embedding is None:
-                why = reason(r.error, r.source.name)
-                self.msgs.error(f"{name}: {why}")
-                out.append((r.source.name, {"image": name, "error": why}, None))
-            else:
-                out.append((r.source.name, {"image": name}, r.embedding))
-                good += 1
-                if good % size == 0:
-                    yield out
-                    out = []
-        if out:
-            yield out
+            return iter(())
+        return image_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize,
+                             open_kw=opener_kw, input_timeout=self.input_timeout,
+                             on_error=lambda name, why: self.msgs.error(f"{name}: {why}"))
 
 
 def _to_stdout(run: _Run, inputs, opener_kw) -> int:
@@ -179,6 +149,7 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
 
     from ... import __version__
     from ...outputs.embedfile import EmbeddingOutput, check_writable
+    from ...outputs.signals import sigterm_as_interrupt
 
     msgs = run.msgs
     check_writable(output)  # before loading the model
@@ -210,7 +181,7 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
         msgs.warn(f"discarding the partial output of an interrupted run ({out.part.name}); "
                   "pass --resume to continue it instead")
     failed = out.failed_in_checkpoint() if start else 0
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt() as terminated:
         try:
             with msgs.progress("embedding", total=len(inputs)) as bar:
                 bar.advance(start)
@@ -226,11 +197,11 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
             out.commit(failed=failed, extra={"model": run.model_name, "altclip": __version__})
         except KeyboardInterrupt:
             status = _exit_status()
-            code = status.TERMINATED if _Terminated.received else status.INTERRUPTED
+            code = status.TERMINATED if terminated.received else status.INTERRUPTED
             if out.committed:  # the signal came during the commit, which finished first
                 msgs.error(f"interrupted after writing {out.rows} rows to {output} and {out.sidecar}")
                 click.get_current_context().exit(code)
-            if _keep_partial(out):
+            if out.stop():
                 msgs.error(f"interrupted after {out.inputs_done} of {len(inputs)} inputs; {output} was not written",
                            hint=f"run the same command with --resume to continue from input {out.inputs_done + 1}")
             else:
@@ -238,7 +209,7 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
             click.get_current_context().exit(code)
         except BaseException:
             try:
-                if _keep_partial(out):
+                if out.stop():
                     msgs.note(f"the first {out.inputs_done} inputs are kept; --resume continues from there")
             except OSError:
                 out.discard()
@@ -251,43 +222,3 @@ def _exit_status():
     from .. import ExitStatus  # the group's module imports this one
 
     return ExitStatus
-
-
-def _keep_partial(out) -> bool:
-    """After a run stopped early: checkpoint what is done (True), or remove the .part files this
-    run created with nothing in them. Files of an earlier run that this one never opened stay."""
-    if not out.is_open:
-        return False
-    if out.inputs_done:
-        out.save_checkpoint()
-        out.close()
-        return True
-    out.discard()
-    return False
-
-
-class _Terminated:
-    received = False
-
-
-class _sigterm_as_interrupt:
-    """SIGTERM raises KeyboardInterrupt, so the partial output is checkpointed the same way."""
-
-    def __enter__(self):
-        _Terminated.received = False
-        self._old = None
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    @staticmethod
-    def _handler(signum, frame):
-        _Terminated.received = True
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-        return False

@@ -1,0 +1,49 @@
+"""Embedding rows for `altclip embed`: one (name, record, embedding) per input, in input order,
+in batches. `record` is the sidecar line without "row": {"text": ...} or {"image": ...}, plus
+"error" for an input that failed (its embedding is None)."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from ..inputs.sources import display, open_source, reason
+from .device import default_batch_size
+
+TEXT_CHUNK = 256  # texts per batch handed out (the model batches them further by length)
+
+
+def text_batches(model, texts: list[str], *, batch_size: int | None = None,
+                 normalize: bool = True) -> Iterator[list[tuple]]:
+    size = batch_size or TEXT_CHUNK
+    for start in range(0, len(texts), size):
+        chunk = texts[start:start + size]
+        emb = model.encode_texts(chunk, batch_size=batch_size, normalize=normalize)
+        yield [(t, {"text": t}, emb[i]) for i, t in enumerate(chunk)]
+
+
+def image_batches(model, sources: list, *, batch_size: int | None = None, normalize: bool = True,
+                  open_kw: dict | None = None, input_timeout: float | None = None,
+                  on_error: Callable[[str, str], None] = lambda name, why: None) -> Iterator[list[tuple]]:
+    """Batches end where the runtime's batches end (after every `batch_size`-th decoded image),
+    so a resumed run batches the remaining images exactly as an uninterrupted run would, and its
+    rows come out bit for bit the same. on_error(name, why) is called for each failed input."""
+    if not sources:
+        return
+    size = batch_size or default_batch_size(model.device, "image")
+    open_kw = {**(open_kw or {}), "draft_min_side": model.draft_min_side}
+    results = model.stream_images(sources, open_fn=lambda s: open_source(s, **open_kw), batch_size=size,
+                                  normalize=normalize, input_timeout=input_timeout)
+    out, good = [], 0
+    for r in results:
+        name = display(r.source.name)
+        if r.embedding is None:
+            why = reason(r.error, r.source.name)
+            on_error(name, why)
+            out.append((r.source.name, {"image": name, "error": why}, None))
+            continue
+        out.append((r.source.name, {"image": name}, r.embedding))
+        good += 1
+        if good % size == 0:
+            yield out
+            out = []
+    if out:
+        yield out
