@@ -97,6 +97,16 @@ def check_writable(path: str | os.PathLike) -> None:
         raise AltclipError(f"cannot write {path}: no permission to write in {folder}")
 
 
+def finish_interrupted_commit(path: str | os.PathLike) -> bool:
+    """Complete the commit of a run killed while it replaced the files (see manifest.py);
+    True when there was one. Its checkpoint and parts are spent."""
+    path = Path(path)
+    if not finish_commit(path):
+        return False
+    path.with_name(path.name + ".checkpoint.json").unlink(missing_ok=True)
+    return True
+
+
 # How each setting is chosen on the command line, for the hint of a refused resume.
 SETTING_OPTIONS = {
     "kind": "--text / --image", "weights": "-m/--model (the same model files)", "precision": "--precision",
@@ -153,12 +163,7 @@ class EmbeddingOutput:
         return self.checkpoint_file.exists() or self.part.exists()
 
     def finish_interrupted_commit(self) -> bool:
-        """Complete the commit of a run killed while it replaced the files (see manifest.py);
-        True when there was one. Its checkpoint and parts are spent."""
-        if not finish_commit(self.path):
-            return False
-        self.checkpoint_file.unlink(missing_ok=True)
-        return True
+        return finish_interrupted_commit(self.path)
 
     def completed(self, names) -> dict | None:
         """With --resume: the manifest when the output is already complete for these inputs and

@@ -26,13 +26,13 @@ def check(output, repair, as_json, quiet):
     """
     from pathlib import Path
 
-    from ...outputs.embedfile import EmbeddingOutput
+    from ...outputs.embedfile import finish_interrupted_commit
     from ...outputs.manifest import check_pair, sidecar_path
     from ..formats import dumps
 
     msgs = messages()
     path = Path(output)
-    if repair and EmbeddingOutput(path, settings={"dtype": "float32"}).finish_interrupted_commit():
+    if repair and finish_interrupted_commit(path):
         msgs.note(f"finished the interrupted write of {path}")
     problems, manifest = check_pair(path)
     if as_json:
