@@ -1,0 +1,668 @@
+"""The index of one model's image embeddings: a folder holding `index.sqlite3` and `vectors.f32`.
+
+By default the folder is `altclip_home()/indexes/<weights id>/` (`default_index_folder`); a
+different model (weights or width) is a different index, and opening an index with another
+model's identity is refused, naming both.
+
+index.sqlite3 (stdlib sqlite3, WAL):
+  meta(key TEXT PRIMARY KEY, value TEXT): schema_version, model, weights, dim, dtype, created,
+      altclip, paths ("absolute", or "relative" to the index folder), vectors_committed (rows of
+      vectors.f32 that are committed), and once the first vector is written the settings that
+      made it: precision, exact_decode, device_type.
+  files(id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INT, mtime_ns INT,
+      content_key TEXT, vec_row INT NULL, error TEXT NULL): one row per image file; vec_row is
+      its row in vectors.f32 (NULL when it failed, with the reason in `error`). Duplicates and
+      renamed files share a row, so vec_row is not the file id.
+
+vectors.f32: a 64-byte header (magic b"ALTCLIPV", format version, dim, dtype code, zero
+padding, crc32 of the bytes before it, all little-endian uint32), then rows of `dim`
+little-endian float32, L2-normalised image embeddings. Append-only; readers memory-map it.
+
+Crash safety: a writer appends vectors and fsyncs them, THEN commits the file rows and the new
+`vectors_committed` in one SQLite transaction (`append_vectors`, then `commit`). On opening for
+writing, vectors.f32 is cut back to `vectors_committed` rows: what a killed run appended but never
+committed is dropped. So a kill -9 at any instant leaves an index the next run opens and
+continues, and no file row ever points at a vector that was not written.
+
+Concurrency: one writer at a time, by `DIR/.write.lock` (filelock; `DIR/.writer` names its pid);
+any number of readers, each `snapshot()` a consistent view (a WAL read transaction, and the
+vectors only up to `vectors_committed` as of that transaction).
+
+Reading (what `altclip search` uses)::
+
+    store = IndexStore.open(folder, identity=index_identity(model))    # read-only
+    with store.snapshot(under=os.getcwd()) as snap:                    # committed files under cwd
+        scores = snap.vectors[snap.rows] @ query                        # snap.rows: int64 (N,)
+        best = ...                                                      # positions into snap.rows
+        paths = snap.paths_of(snap.file_ids[best])                      # absolute paths
+
+Writing is `altclip_cli.search.update.update_index(get_model, store, roots, ...)` on a store
+opened with `write=True, create=True`.
+
+Cheap to import: numpy is imported inside the functions that need it.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import sqlite3
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import AltclipError
+from ..paths import altclip_home
+
+SCHEMA_VERSION = 1  # what index.sqlite3 holds; an index with a higher one is refused
+VECTORS_FORMAT = 1  # the layout of vectors.f32
+INDEX_DB = "index.sqlite3"
+VECTORS = "vectors.f32"
+WRITE_LOCK = ".write.lock"
+WRITER_INFO = ".writer"  # JSON: pid and command of the lock holder, for the "another writer" message
+MAGIC = b"ALTCLIPV"
+HEADER_SIZE = 64
+DTYPE_CODES = {"float32": 1}
+ROW_DTYPE = "<f4"
+ITEMSIZE = 4
+SQL_CHUNK = 500  # values per IN (...) query, under SQLite's parameter limit
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    path TEXT UNIQUE NOT NULL,
+    size INT,
+    mtime_ns INT,
+    content_key TEXT,
+    vec_row INT NULL,
+    error TEXT NULL
+);
+CREATE INDEX IF NOT EXISTS files_content ON files (content_key);
+"""
+
+
+class IndexStoreError(AltclipError):
+    """An index cannot be used: missing, damaged, written by a newer altclip, made with another
+    model, or being updated by another process. The message names the folder; the hint says how
+    to go on (often: rebuild it)."""
+
+
+def default_index_folder(weights_id: str) -> Path:
+    """Where `--index auto` keeps a model's index: altclip_home()/indexes/<weights id>/."""
+    return altclip_home() / "indexes" / weights_id
+
+
+def rebuild_hint(folder: Path) -> str:
+    return (f"rebuild it with `altclip index --rebuild --index {folder} PATHS...` (same PATHS as before), "
+            f"or delete the folder {folder}")
+
+
+def _damaged(folder: Path, what: str) -> IndexStoreError:
+    return IndexStoreError(f"the index in {folder} is damaged: {what}", hint=rebuild_hint(folder))
+
+
+def vectors_header(dim: int) -> bytes:
+    """The 64-byte header of vectors.f32 for rows of `dim` float32."""
+    body = struct.pack("<8sIII", MAGIC, VECTORS_FORMAT, dim, DTYPE_CODES["float32"]).ljust(HEADER_SIZE - 4, b"\0")
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _check_header(data: bytes, dim: int, folder: Path) -> None:
+    if len(data) < HEADER_SIZE:
+        raise _damaged(folder, f"{VECTORS} is shorter than its {HEADER_SIZE}-byte header")
+    magic, version, file_dim, code = struct.unpack_from("<8sIII", data)
+    (crc,) = struct.unpack_from("<I", data, HEADER_SIZE - 4)
+    if magic != MAGIC or crc != zlib.crc32(data[:HEADER_SIZE - 4]):
+        raise _damaged(folder, f"{VECTORS} does not start with a valid header")
+    if version > VECTORS_FORMAT:
+        raise IndexStoreError(f"{folder / VECTORS} was written by a newer altclip (vectors format {version}; "
+                              f"this altclip reads up to {VECTORS_FORMAT})",
+                              hint="upgrade altclip (pip install -U altclip), or " + rebuild_hint(folder))
+    if file_dim != dim or code != DTYPE_CODES["float32"]:
+        raise _damaged(folder, f"{VECTORS} holds {file_dim}-wide rows of type {code}; "
+                               f"the database says {dim}-wide float32")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, durable commits."""
+    db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _writer_command(argv: list[str]) -> str:
+    command = next((a for a in argv[1:] if not a.startswith("-")), None)
+    return f"altclip {command}" if command else "altclip"
+
+
+@dataclass
+class FileRow:
+    """What the index knows of one file (see `IndexStore.rows_under`)."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    vec_row: int | None
+    failed: bool  # an error is recorded (and there is no vector)
+
+
+class IndexStore:
+    """One index folder (see the module doc). Open it with `IndexStore.open`; close it (or use it
+    as a context manager) to release the write lock.
+
+    Attributes: `folder` (absolute), `meta` (dict of str, as read when opened; a writer keeps it
+    current), `dim`, `writable`, `relative` (paths stored relative to the folder)."""
+
+    def __init__(self, folder: Path, db: sqlite3.Connection, meta: dict, *, writable: bool, lock=None):
+        self.folder = folder
+        self._db = db
+        self.meta = meta
+        self.dim = int(meta["dim"])
+        self.writable = writable
+        self.relative = meta.get("paths") == "relative"
+        self._lock = lock
+        self._vf = None  # vectors.f32: "r+b" for a writer, "rb" for a reader (opened on first need)
+        self.rows = int(meta.get("vectors_committed", "0"))  # vectors written (committed, for a reader)
+        self.row_bytes = self.dim * ITEMSIZE
+
+    # --- opening ------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, *, identity: dict | None = None, write: bool = False,
+             create: bool = False, wait: float = 0.0, rebuild: bool = False,
+             relative_paths: bool = False) -> "IndexStore":
+        """Open the index in `folder`.
+
+        identity: {"model": str, "weights": str, "dim": int} (see update.index_identity); when
+        given, an index made by another model (weights or dim) is an IndexStoreError naming both.
+        write: take the write lock (waiting up to `wait` seconds for another writer; 0: fail at
+        once, naming its pid) and cut vectors.f32 back to its committed rows. create: make the
+        index if there is none (needs write and identity); relative_paths: a new index stores
+        paths relative to its folder (so the folder can move with the images it indexes).
+        rebuild: (with write) delete the index first, damaged or not, and start an empty one.
+        Raises IndexStoreError: no index (without create), damaged, newer schema, another model,
+        locked by another writer.
+        """
+        folder = Path(os.path.realpath(os.path.expanduser(os.fspath(folder))))
+        if create and (not write or identity is None):
+            raise ValueError("create=True needs write=True and an identity")
+        if (rebuild or relative_paths) and not write:
+            raise ValueError("rebuild and relative_paths need write=True")
+        lock = None
+        if write:
+            if create:
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise IndexStoreError(f"cannot create the index folder {folder} ({exc.strerror or exc})") from None
+            elif not folder.is_dir():
+                raise _missing(folder)
+            lock = _acquire_write_lock(folder, wait)
+        try:
+            if rebuild:
+                _remove_index_files(folder)
+            db, meta = _open_db(folder, create=create, identity=identity, relative_paths=relative_paths)
+            try:
+                if identity is not None:
+                    _check_identity(meta, identity, folder)
+                store = cls(folder, db, meta, writable=write, lock=lock)
+                store._open_vectors()
+            except BaseException:
+                db.close()
+                raise
+            return store
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+
+    def _open_vectors(self) -> None:
+        path = self.folder / VECTORS
+        try:
+            f = open(path, "r+b" if self.writable else "rb")
+        except FileNotFoundError:
+            raise _damaged(self.folder, f"{VECTORS} is missing") from None
+        except OSError as exc:
+            raise IndexStoreError(f"cannot open {path} ({exc.strerror or exc})") from None
+        try:
+            _check_header(f.read(HEADER_SIZE), self.dim, self.folder)
+            size = os.fstat(f.fileno()).st_size
+            need = HEADER_SIZE + self.rows * self.row_bytes
+            if size < need:
+                raise _damaged(self.folder, f"{VECTORS} holds {(size - HEADER_SIZE) // self.row_bytes} rows; "
+                                            f"{self.rows} are committed")
+            if self.writable and size > need:  # appended by a run that was killed before it committed
+                f.truncate(need)
+                os.fsync(f.fileno())
+        except BaseException:
+            f.close()
+            raise
+        self._vf = f
+
+    def close(self) -> None:
+        """Close the files and release the write lock."""
+        if self._vf is not None:
+            self._vf.close()
+            self._vf = None
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock is not None:
+            try:
+                (self.folder / WRITER_INFO).unlink(missing_ok=True)
+            except OSError:
+                pass
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # --- paths ----------------------------------------------------------------------------------------
+
+    def key_of(self, path: str | os.PathLike) -> str:
+        """The stored form of an absolute path: itself, or relative to the folder ('/' separated)."""
+        path = os.path.abspath(os.fspath(path))
+        if self.relative:
+            path = os.path.relpath(path, self.folder)
+        return path.replace(os.sep, "/") if os.sep != "/" else path
+
+    def path_of(self, key: str) -> str:
+        """The absolute path of a stored path."""
+        if self.relative:
+            return os.path.normpath(os.path.join(self.folder, key))
+        return key
+
+    def under_clause(self, under: str | os.PathLike | None) -> tuple[str, list]:
+        """SQL (for `WHERE`) and parameters selecting the files at or below `under` (None: all),
+        as ranges on the UNIQUE path index."""
+        if under is None:
+            return "1", []
+        key = self.key_of(os.path.realpath(os.fspath(under)))
+        if key == "/":
+            return "1", []
+        parts = key.split("/")
+        if all(p in ("..", ".") for p in parts):  # a folder at or above the index folder (relative paths)
+            ups = sum(1 for p in parts if p == "..")
+            prefix = "../" * (ups + 1)  # paths that go further up are not below `under`
+            return "(path < ? OR path >= ?)", [prefix, prefix[:-1] + "0"]
+        return "(path = ? OR (path >= ? AND path < ?))", [key, key + "/", key + "0"]  # '0' follows '/'
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    def rows_under(self, under: str | os.PathLike | None) -> dict[str, FileRow]:
+        """Every indexed file at or below `under`, by stored path (one SELECT)."""
+        clause, params = self.under_clause(under)
+        cur = self._db.execute(
+            f"SELECT path, id, size, mtime_ns, vec_row, error IS NOT NULL FROM files WHERE {clause}", params)
+        return {p: FileRow(i, s, m, v, bool(e)) for p, i, s, m, v, e in cur}
+
+    def count(self) -> tuple[int, int]:
+        """(files with a vector, files with an error) in the whole index."""
+        ok, failed = self._db.execute(
+            "SELECT COUNT(vec_row), COUNT(error) FROM files").fetchone()
+        return int(ok), int(failed)
+
+    def sizes_with_vectors(self) -> set[int]:
+        """The sizes of the indexed files that have a vector (content keys start with the size,
+        so only a file of one of these sizes can share a vector with an indexed one)."""
+        return {s for (s,) in self._db.execute("SELECT DISTINCT size FROM files WHERE vec_row IS NOT NULL")}
+
+    def find_vectors(self, content_key: str) -> list[tuple[int, int]]:
+        """(file id, vec_row) of the indexed files with this content key and a vector, by id."""
+        cur = self._db.execute(
+            "SELECT id, vec_row FROM files WHERE content_key = ? AND vec_row IS NOT NULL ORDER BY id", (content_key,))
+        return [(int(i), int(v)) for i, v in cur]
+
+    def lookup(self, paths: Iterable[str | os.PathLike]) -> dict:
+        """{path as given: (size, mtime_ns, vec_row or None, error or None)} for the paths the index
+        holds (others are left out). Paths are made absolute, with their folder's symlinks resolved
+        (as `altclip index` stores them)."""
+        keys: dict[str, list] = {}
+        for p in paths:
+            absolute = os.path.abspath(os.fspath(p))
+            real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+            try:
+                keys.setdefault(self.key_of(real), []).append(p)
+            except ValueError:  # relpath across drives (Windows)
+                continue
+        out = {}
+        items = [k for k in keys if _encodable(k)]
+        for start in range(0, len(items), SQL_CHUNK):
+            chunk = items[start:start + SQL_CHUNK]
+            cur = self._db.execute(
+                f"SELECT path, size, mtime_ns, vec_row, error FROM files WHERE path IN ({','.join('?' * len(chunk))})",
+                chunk)
+            for key, size, mtime_ns, vec_row, error in cur:
+                for p in keys[key]:
+                    out[p] = (size, mtime_ns, vec_row, error)
+        return out
+
+    def vector(self, vec_row: int):
+        """Row `vec_row` of vectors.f32: a (dim,) float32 array."""
+        return self.vectors_at([vec_row])[0]
+
+    def vectors_at(self, vec_rows):
+        """Rows of vectors.f32, in the order given: an (N, dim) float32 array."""
+        import numpy as np
+
+        out = np.empty((len(vec_rows), self.dim), np.float32)
+        fd = self._vf.fileno()
+        for i, row in enumerate(vec_rows):
+            data = os.pread(fd, self.row_bytes, HEADER_SIZE + int(row) * self.row_bytes)
+            if len(data) != self.row_bytes or row < 0:
+                raise _damaged(self.folder, f"vector row {row} is past the end of {VECTORS}")
+            out[i] = np.frombuffer(data, ROW_DTYPE)
+        return out
+
+    def snapshot(self, under: str | os.PathLike | None = None) -> "Snapshot":
+        """A consistent read-only view of the committed files with a vector at or below `under`
+        (all when None), taken in one SQLite read transaction (see Snapshot). Close it (or use it as
+        a context manager) when done: it holds that read transaction."""
+        import numpy as np
+
+        db = _connect_readonly(self.folder)
+        try:
+            db.execute("BEGIN")
+            committed = int(db.execute("SELECT value FROM meta WHERE key = 'vectors_committed'").fetchone()[0])
+            clause, params = self.under_clause(under)
+            cur = db.execute(f"SELECT id, vec_row FROM files WHERE vec_row IS NOT NULL AND {clause}", params)
+            flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
+            pairs = flat.reshape(-1, 2)
+            if len(pairs) and int(pairs[:, 1].max()) >= committed:
+                raise _damaged(self.folder, "a file row points past the committed vectors")
+            vectors = _map_vectors(self.folder, committed, self.dim)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise _damaged(self.folder, f"{INDEX_DB}: {exc}") from None
+        except BaseException:
+            db.close()
+            raise
+        return Snapshot(self, db, vectors, np.ascontiguousarray(pairs[:, 1]), np.ascontiguousarray(pairs[:, 0]))
+
+    # --- writing --------------------------------------------------------------------------------------
+
+    def append_vectors(self, array) -> int:
+        """Append rows (N, dim) to vectors.f32 and fsync them; return the first new row's number.
+        They belong to the index only once `commit` has run."""
+        import numpy as np
+
+        self._need_write()
+        data = np.ascontiguousarray(array, dtype=ROW_DTYPE)
+        if data.ndim != 2 or data.shape[1] != self.dim:
+            raise ValueError(f"vectors of shape {data.shape} for a {self.dim}-wide index")
+        first = self.rows
+        self._vf.seek(HEADER_SIZE + first * self.row_bytes)
+        self._vf.write(data.tobytes())
+        self._vf.flush()
+        os.fsync(self._vf.fileno())
+        self.rows = first + len(data)
+        return first
+
+    def commit(self, *, upserts: Iterable[tuple] = (), deletes: Iterable[int] = (), meta: dict | None = None) -> None:
+        """One transaction: insert or update file rows, delete file rows by id, set meta keys and
+        `vectors_committed` (every vector appended so far).
+        upserts: (path key, size, mtime_ns, content_key, vec_row or None, error or None)."""
+        self._need_write()
+        upserts, deletes = list(upserts), list(deletes)
+        for row in upserts:
+            if row[4] is not None and not 0 <= row[4] < self.rows:
+                raise ValueError(f"vector row {row[4]} is not written (rows: {self.rows})")
+        values = {**(meta or {}), "vectors_committed": self.rows}
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for start in range(0, len(deletes), SQL_CHUNK):
+                chunk = deletes[start:start + SQL_CHUNK]
+                db.execute(f"DELETE FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            db.executemany(
+                "INSERT INTO files (path, size, mtime_ns, content_key, vec_row, error) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "content_key = excluded.content_key, vec_row = excluded.vec_row, error = excluded.error",
+                upserts)
+            db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                           [(k, str(v)) for k, v in values.items()])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.meta.update({k: str(v) for k, v in values.items()})
+
+    def _need_write(self) -> None:
+        if not self.writable or self._db is None:
+            raise RuntimeError("the index is not open for writing")
+
+
+class Snapshot:
+    """A consistent view of an index (see IndexStore.snapshot).
+
+    vectors: (committed rows, dim) float32, a read-only np.memmap of vectors.f32 (rows that no
+        current file uses are in it too: index it with `rows`).
+    rows: int64 (N,), the vector row of each file at or below `under` that has a vector.
+    file_ids: int64 (N,), those files' ids (same order as rows).
+    count: N.
+    paths_of(file_ids): their absolute paths (meant for a few, e.g. the top k)."""
+
+    def __init__(self, store: IndexStore, db: sqlite3.Connection, vectors, rows, file_ids):
+        self.store = store
+        self._db = db
+        self.vectors = vectors
+        self.rows = rows
+        self.file_ids = file_ids
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def paths_of(self, file_ids) -> list[str]:
+        ids = [int(i) for i in file_ids]
+        found: dict[int, str] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), SQL_CHUNK):
+            chunk = unique[start:start + SQL_CHUNK]
+            cur = self._db.execute(f"SELECT id, path FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            found.update((int(i), p) for i, p in cur)
+        return [self.store.path_of(found[i]) for i in ids]
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()  # ends the read transaction
+            self._db = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _missing(folder: Path) -> IndexStoreError:
+    return IndexStoreError(f"there is no index in {folder}",
+                           hint="build one with `altclip index PATHS...` (add --index DIR for this folder)")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _acquire_write_lock(folder: Path, wait: float):
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder / WRITE_LOCK), timeout=max(0.0, wait))
+    try:
+        lock.acquire()
+    except Timeout:
+        who = "another altclip process"
+        try:
+            info = json.loads((folder / WRITER_INFO).read_text(encoding="utf-8"))
+            who = f"another {info['command']} (pid {int(info['pid'])})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        hint = "wait for it to finish, or pass --wait 600 to wait up to 10 minutes for it"
+        raise IndexStoreError(f"{who} is updating {folder}", hint=hint) from None
+    except OSError as exc:
+        raise IndexStoreError(f"cannot lock the index in {folder} ({exc.strerror or exc})") from None
+    try:
+        (folder / WRITER_INFO).write_text(json.dumps({"pid": os.getpid(), "command": _writer_command(sys.argv)}),
+                                          encoding="utf-8")
+    except OSError:
+        pass
+    return lock
+
+
+def _remove_index_files(folder: Path) -> None:
+    """The database first: without it the folder holds no index, whatever else is left."""
+    for name in (INDEX_DB, INDEX_DB + "-wal", INDEX_DB + "-shm", VECTORS):
+        try:
+            (folder / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise IndexStoreError(f"cannot remove {folder / name} ({exc.strerror or exc})") from None
+    _fsync_dir(folder)
+
+
+def _read_meta(db: sqlite3.Connection) -> dict | None:
+    """meta as a dict, or None when the database has no index in it (yet)."""
+    has = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+    if not has:
+        return None
+    meta = dict(db.execute("SELECT key, value FROM meta"))
+    return meta if "schema_version" in meta else None
+
+
+def _open_db(folder: Path, *, create: bool, identity: dict | None, relative_paths: bool):
+    path = folder / INDEX_DB
+    if not path.exists() and not create:
+        raise _missing(folder)
+    try:
+        db = _connect(path)
+    except sqlite3.DatabaseError as exc:
+        if path.exists():
+            raise _damaged(folder, f"{INDEX_DB} cannot be read ({exc})") from None
+        raise IndexStoreError(f"cannot create {path} ({exc})") from None
+    try:
+        meta = _read_meta(db)
+        if meta is None:
+            if not create:
+                raise _missing(folder)
+            meta = _create(db, folder, identity, relative_paths)
+        _check_schema(meta, folder)
+        return db, meta
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise _damaged(folder, f"{INDEX_DB} cannot be read ({exc})") from None
+    except BaseException:
+        db.close()
+        raise
+
+
+def _create(db: sqlite3.Connection, folder: Path, identity: dict, relative_paths: bool) -> dict:
+    """vectors.f32 with its header first, then the schema and meta in one transaction: a run
+    killed in between leaves no index, and the next run starts this one again."""
+    from .. import __version__
+
+    dim = int(identity["dim"])
+    tmp = folder / f".{VECTORS}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(vectors_header(dim))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / VECTORS)
+    _fsync_dir(folder)
+    meta = {"schema_version": str(SCHEMA_VERSION), "model": str(identity["model"]),
+            "weights": str(identity["weights"]), "dim": str(dim), "dtype": "float32",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "altclip": __version__, "paths": "relative" if relative_paths else "absolute",
+            "vectors_committed": "0"}
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in SCHEMA.strip().split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return meta
+
+
+def _check_schema(meta: dict, folder: Path) -> None:
+    try:
+        version = int(meta["schema_version"])
+        int(meta["dim"]), int(meta.get("vectors_committed", "0"))
+    except (KeyError, ValueError):
+        raise _damaged(folder, f"{INDEX_DB} has unreadable settings") from None
+    if version > SCHEMA_VERSION:
+        raise IndexStoreError(
+            f"the index in {folder} was written by a newer altclip (index schema {version}; "
+            f"this altclip reads up to {SCHEMA_VERSION})",
+            hint="upgrade altclip (pip install -U altclip), or " + rebuild_hint(folder))
+
+
+def _check_identity(meta: dict, identity: dict, folder: Path) -> None:
+    if meta.get("weights") == str(identity["weights"]) and meta.get("dim") == str(int(identity["dim"])):
+        return
+    theirs = f"{meta.get('model')} (weights {meta.get('weights')}, {meta.get('dim')} dims)"
+    ours = f"{identity['model']} (weights {identity['weights']}, {identity['dim']} dims)"
+    raise IndexStoreError(
+        f"the index in {folder} was made with another model: {theirs}; this run uses {ours}",
+        hint=f"use that model (-m {meta.get('model')}), another --index folder, or --rebuild to start "
+             "this index over with this model")
+
+
+def _connect_readonly(folder: Path) -> sqlite3.Connection:
+    try:
+        return _connect(folder / INDEX_DB)
+    except sqlite3.DatabaseError as exc:
+        raise _damaged(folder, f"{INDEX_DB} cannot be read ({exc})") from None
+
+
+def _map_vectors(folder: Path, rows: int, dim: int):
+    """The first `rows` rows of vectors.f32 as a read-only memmap (header and length checked)."""
+    import numpy as np
+
+    path = folder / VECTORS
+    try:
+        with open(path, "rb") as f:
+            _check_header(f.read(HEADER_SIZE), dim, folder)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise _damaged(folder, f"{VECTORS} is missing") from None
+    if size < HEADER_SIZE + rows * dim * ITEMSIZE:
+        raise _damaged(folder, f"{VECTORS} holds {(size - HEADER_SIZE) // (dim * ITEMSIZE)} rows; {rows} are committed")
+    if rows == 0:
+        return np.zeros((0, dim), np.float32)
+    return np.memmap(path, dtype=ROW_DTYPE, mode="r", offset=HEADER_SIZE, shape=(rows, dim))
