@@ -18,6 +18,7 @@ from .commands.check import check
 from .commands.cache import cache
 from .commands.classify import classify
 from .commands.embed import embed
+from .commands.index import index
 from .commands.manage import download, info, models
 from ..errors import AltclipError
 from .options import DEBUG_KEY, MESSAGES_KEY, UsageError, debug_option
@@ -135,7 +136,7 @@ def cli():
     """
 
 
-for _command in (classify, embed, check, download, info, models, cache):
+for _command in (classify, embed, check, download, info, models, cache, index):
     cli.add_command(_command)
 
 

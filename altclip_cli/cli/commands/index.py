@@ -1,0 +1,114 @@
+"""`altclip index`: keep a model's index of the images below some folders up to date (for
+`altclip search`, and for `classify`/`embed --index`)."""
+
+from __future__ import annotations
+
+import click
+
+from ..options import common_options, messages, model_options
+
+DEFAULT_EXCLUDE_TEXT = ".git, node_modules, @eaDir, System Volume Information, __pycache__"
+
+# The --index option of classify and embed: vectors of unchanged indexed images without the image tower.
+reuse_index_option = click.option(
+    "--index", "index_dir", default=None, metavar="DIR|auto",
+    help="Take the vectors of images that this index (made by `altclip index`; auto: the model's own) "
+         "holds unchanged from it instead of running the image tower; the numbers are the same.")
+
+
+@click.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True), metavar="[PATHS]...")
+@click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
+              help="Where the index lives; auto: one per model under ALTCLIP_HOME/indexes. A DIR inside a "
+                   "walked folder stores paths relative to it, so the two can move together.")
+@click.option("--include-hidden", is_flag=True, help="Also walk hidden files and folders (names starting with '.').")
+@click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
+              help=f"Skip folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
+@click.option("--retry-failed", is_flag=True, help="Try again the images that failed before, changed or not.")
+@click.option("--rebuild", is_flag=True, help="Start the index over (a damaged one too) and embed every image.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+              help="Wait this long for another run updating the same index [default: fail at once].")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
+              help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
+@click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              metavar="SECONDS", help="Time allowed to read and decode one image; one that takes longer fails.")
+@click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
+              help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing.")
+@model_options
+@common_options
+def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild, wait, max_pixels, input_timeout,
+          exact_decode, model, device, precision, revision, batch_size, quiet):
+    """Index the images below PATHS (default: the current folder) for `altclip search`.
+
+    New and changed images (by size and modification time) are embedded, deleted ones dropped,
+    and renamed or copied ones take their vector from the file with the same content without
+    running the model. An image that fails is named on stderr and recorded; it is tried again
+    once it changes (or with --retry-failed). Run it again at any time: an unchanged tree takes
+    a walk and no model. Interrupted or killed, it keeps what it committed (every 256 images).
+
+    \b
+    Examples:
+      altclip index ~/Pictures
+      altclip index photos --index photos/.altclip-index     # the index moves with the folder
+      altclip index --exclude-dir Trash --include-hidden ~/Pictures
+
+    \b
+    Exit codes: 0 done, 1 error (another run holds the index, a damaged index, ...),
+    3 done but some images failed, 130/143 interrupted (the work so far is kept).
+    """
+    import os
+    from pathlib import Path
+
+    from ...outputs.signals import sigterm_as_interrupt
+    from ...search.store import IndexStore, default_index_folder
+    from ...search.update import UpdateSummary, model_identity, update_index
+    from .. import ExitStatus
+    from ..options import load_model, open_kwargs
+    from ..terminal import isatty
+
+    msgs = messages()
+    roots = list(paths) or ["."]
+    excludes = tuple(d for d in exclude_dirs if d) if exclude_dirs else None
+    identity = model_identity(model, revision=revision, progress=not msgs.quiet and isatty(msgs.stream))
+    folder = default_index_folder(identity["weights"]) if index_dir == "auto" else Path(index_dir)
+    real = os.path.realpath(folder)
+    relative = index_dir != "auto" and any(
+        os.path.isdir(r) and (real == r or real.startswith(r.rstrip(os.sep) + os.sep))
+        for r in (os.path.realpath(p) for p in roots))
+    summary = UpdateSummary()
+
+    def get_model():
+        return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+
+    what = ", ".join(roots)
+    with sigterm_as_interrupt() as terminated:
+        try:
+            with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait, rebuild=rebuild,
+                                 relative_paths=relative) as store, _pixel_limit(max_pixels):
+                kw = {"include_hidden": include_hidden, "open_kw": open_kwargs(max_pixels, 30.0, 64.0),
+                      "batch_size": batch_size, "input_timeout": input_timeout, "msgs": msgs,
+                      "retry_failed": retry_failed, "summary": summary}
+                if excludes is not None:
+                    kw["exclude_dirs"] = excludes
+                update_index(get_model, store, roots, **kw)
+        except KeyboardInterrupt:
+            code = ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED
+            msgs.error(f"interrupted; the index keeps what was done ({summary.added + summary.updated + summary.renamed:,} "
+                       f"images indexed, {summary.failed:,} failed)",
+                       hint="run the same command again to go on from there")
+            click.get_current_context().exit(code)
+    msgs.note(summary.line(what))
+    if summary.still_failing:
+        msgs.note(f"{summary.still_failing:,} image{'s' if summary.still_failing > 1 else ''} that failed before "
+                  "and did not change since were not tried again (--retry-failed tries them)")
+    if summary.failed:
+        click.get_current_context().exit(ExitStatus.PARTIAL)
+
+
+def _pixel_limit(max_pixels):
+    """options.pil_pixel_limit, which imports PIL: only when --max-pixels changes anything."""
+    from contextlib import nullcontext
+
+    from ..options import pil_pixel_limit
+
+    return nullcontext() if max_pixels is None else pil_pixel_limit(max_pixels)

@@ -1,0 +1,490 @@
+"""Bringing an index up to date with folders (`altclip index`, and `altclip search` before it
+ranks), and taking vectors from an index instead of the image tower (`classify`/`embed --index`).
+
+How to call it::
+
+    from altclip_cli.search.store import IndexStore, default_index_folder
+    from altclip_cli.search.update import index_identity, model_identity, update_index
+
+    identity = model_identity("BAAI/AltCLIP")        # no torch: resolves the files, reads config.json
+    # (or index_identity(model) for a model already loaded)
+    with IndexStore.open(default_index_folder(identity["weights"]), identity=identity,
+                         write=True, create=True) as store:
+        summary = update_index(get_model, store, [Path("photos")], msgs=messages())
+
+`get_model` is a zero-argument callable returning the loaded AltCLIP (altclip_cli.runtime.altclip):
+it is called only when some file needs the image tower, so bringing an unchanged tree up to date
+never loads the model. A loaded AltCLIP may be passed instead of the callable.
+
+What a run does: walk the roots (walk.py), compare each image's size and mtime_ns with the
+index (one SELECT per root), and then
+  - drop the files under the roots that are gone (not under a folder that could not be listed);
+  - for new and changed files whose size matches an indexed file's (or another new file's),
+    compare content keys (size + sha256 of the first 1 MiB and the last 64 KiB): a renamed or
+    duplicated file takes the vector of the file with the same content, without the model
+    (a changed file never takes its own old vector);
+  - embed the rest (the same decoding pipeline and error records as `altclip embed`), committing
+    every `commit_every` images and when interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM where
+    the caller turns it into one), then re-raising it;
+  - record the images that fail, with their error: they are tried again only once their size or
+    mtime changes (or with retry_failed=True).
+An unchanged tree costs a walk and a SELECT, and writes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .store import IndexStore, IndexStoreError, default_index_folder, INDEX_DB
+from .walk import DEFAULT_EXCLUDES, walk_images
+
+HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
+TAIL_BYTES = 64 << 10  # ... and the last 64 KiB
+COMMIT_EVERY = 256  # images embedded between two commits
+DEFAULT_INPUT_TIMEOUT = 120.0  # as altclip_cli.inputs.pipeline (not imported: it imports numpy)
+
+
+@dataclass
+class UpdateSummary:
+    """What one update did. added/updated/renamed count files now indexed with a vector (some of
+    them `reused` another file's vector without the model); `failed` the files that failed in this
+    run; `still_failing` unchanged files whose earlier failure stands; `files` the image files found
+    under the roots; `interrupted` a run stopped by KeyboardInterrupt after committing its work."""
+
+    added: int = 0
+    updated: int = 0
+    renamed: int = 0
+    removed: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    reused: int = 0
+    embedded: int = 0
+    still_failing: int = 0
+    files: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    skipped_names: list = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.updated or self.renamed or self.removed or self.failed)
+
+    def line(self, what: str) -> str:
+        """'indexed WHAT: 12 added, 3 updated, 2 renamed, 1 removed, 1 failed (1,234 files, 0.8 s)'."""
+        counts = [(self.added, "added"), (self.updated, "updated"), (self.renamed, "renamed"),
+                  (self.removed, "removed"), (self.failed, "failed")]
+        text = ", ".join(f"{n:,} {word}" for n, word in counts if n) or "no changes"
+        return f"indexed {what}: {text} ({self.files:,} file{'' if self.files == 1 else 's'}, {self.seconds:.1f} s)"
+
+
+def index_identity(model) -> dict:
+    """{"model", "weights", "dim"} of a loaded AltCLIP: what IndexStore.open checks."""
+    return {"model": model.model_id, "weights": model.weights_id, "dim": int(model.embed_dim)}
+
+
+def model_identity(model: str, *, revision: str | None = None, progress: bool = True) -> dict:
+    """index_identity without loading the model (no torch): the model's files are resolved
+    (downloaded if missing, as `load` would), their fingerprint taken and config.json read."""
+    import json
+
+    from ..cache.weights import weights_identity
+    from ..errors import ConfigError
+    from ..hub.resolve import resolve_model
+
+    resolved = resolve_model(str(model), revision=revision, progress=progress)
+    path = Path(resolved.folder) / "config.json"
+    try:  # projection_dim as nn.config reads it (whose full parse needs torch for the activations)
+        dim = int(json.loads(path.read_text(encoding="utf-8")).get("projection_dim", 768))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return {"model": str(model), "weights": weights_identity(resolved.weights), "dim": dim}
+
+
+def content_key(path: str, size: int) -> str:
+    """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(HEAD_BYTES))
+        if size > HEAD_BYTES:
+            f.seek(max(HEAD_BYTES, size - TAIL_BYTES))
+            digest.update(f.read(TAIL_BYTES))
+    return f"{size}:{digest.hexdigest()}"
+
+
+class _Silent:
+    quiet = True
+
+    def warn(self, message): pass
+
+    def error(self, message, hint=None): pass
+
+    def note(self, message): pass
+
+    def progress(self, description, total=None, **kw):
+        return _NoBar()
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Item:
+    """A new or changed file."""
+
+    key: str  # stored path
+    path: str  # absolute path
+    name: str  # as messages name it: the root as given + the path below it
+    size: int
+    mtime_ns: int
+    old_id: int | None  # its row, when the file was indexed before
+    content_key: str | None = None
+    followers: list = field(default_factory=list)  # new files with the same content, embedded with it
+
+    def row(self, vec_row, error):
+        return (self.key, self.size, self.mtime_ns, self.content_key, vec_row, error)
+
+
+def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: bool = False,
+                 exclude_dirs=DEFAULT_EXCLUDES, open_kw: dict | None = None, batch_size: int | None = None,
+                 input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, msgs=None, retry_failed: bool = False,
+                 commit_every: int = COMMIT_EVERY, summary: UpdateSummary | None = None) -> UpdateSummary:
+    """Bring `store` (opened with write=True) up to date with the image files at or below `roots`
+    (folders or files). See the module doc. get_model: a zero-argument callable returning the
+    loaded AltCLIP (called only if some image needs embedding), or the model itself. open_kw: the
+    keyword arguments of altclip_cli.inputs.sources.open_source (max_pixels, ...). msgs: the CLI's
+    Messages (errors per failed image, warnings, a progress bar on a terminal); None: silent.
+    summary: filled in place as the run goes (what an interrupted run committed is in it).
+    Raises IndexStoreError when the loaded model does not match the index (weights, width,
+    precision, decoding); KeyboardInterrupt after committing what was done."""
+    started = time.monotonic()
+    summary = summary if summary is not None else UpdateSummary()
+    msgs = msgs or _Silent()
+    get = get_model if callable(get_model) else (lambda: get_model)
+
+    seen, work, removed = _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs)
+    summary.files = len(seen)
+    if work or removed:
+        to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary)
+        if upserts or deletes:
+            store.commit(upserts=upserts, deletes=deletes)
+        if to_embed:
+            _embed(get, store, to_embed, open_kw or {}, batch_size, input_timeout, msgs, commit_every, summary)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _unique_roots(roots) -> list[tuple[str, str]]:
+    """(as given, real path) per root, without roots that lie inside another one."""
+    real = []
+    for root in roots:
+        given = os.fspath(root)
+        path = os.path.realpath(os.path.expanduser(given))
+        if all(path != r for _, r in real):
+            real.append((given, path))
+    return [(g, r) for g, r in real if not any(_inside(r, other) for _, other in real if other != r)]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs):
+    """Walk the roots and compare with the index: (keys seen, new or changed _Items, {key: FileRow}
+    of indexed files that are gone)."""
+    seen: set[str] = set()
+    work: list[_Item] = []
+    known: dict = {}
+    kept_prefixes: list[str] = []  # below folders that could not be listed: nothing is removed
+    skip = frozenset({str(store.folder)})
+    for given, real in _unique_roots(roots):
+        walk = walk_images(real, include_hidden=include_hidden, exclude_dirs=exclude_dirs, skip_dirs=skip,
+                           warn=msgs.warn)
+        summary.skipped_names += walk.skipped_names
+        for name in walk.skipped_names:
+            msgs.warn(f"{_printable(name)}: the file name is not valid UTF-8, so the index cannot hold it; skipped")
+        root_key = store.key_of(real)
+        base = "" if root_key == "." else (root_key if root_key.endswith("/") else root_key + "/")
+        kept_prefixes += [(base + rel if rel else root_key) for rel in walk.unlisted]
+        rows = store.rows_under(real)
+        known.update(rows)
+        join = os.path.join
+        for rel, size, mtime_ns in walk.files:
+            key = base + rel if rel else root_key
+            if key in seen:
+                continue
+            seen.add(key)
+            row = rows.get(key)
+            if row is not None and row.size == size and row.mtime_ns == mtime_ns and not (retry_failed and row.failed):
+                summary.unchanged += 1
+                summary.still_failing += row.failed
+                continue
+            work.append(_Item(key, join(real, rel) if rel else real, join(given, rel) if rel else given, size,
+                              mtime_ns, row.id if row is not None else None))
+    removed = {key: row for key, row in known.items()
+               if key not in seen and not any(key == p or key.startswith(p + "/") for p in kept_prefixes)}
+    return seen, work, removed
+
+
+def _printable(name: str) -> str:
+    from ..inputs.names import display
+
+    return display(name)
+
+
+def _reuse_by_content(store, work, removed, summary):
+    """Content keys for the files that might share content with an indexed file or with each
+    other (same size), and the vectors they can reuse. Returns (items to embed, upserts of the
+    reused ones, ids of the removed rows)."""
+    sizes = store.sizes_with_vectors()
+    same_size = Counter(item.size for item in work)
+    candidates = [it for it in work if it.size in sizes or same_size[it.size] > 1]
+    _hash_all(candidates)
+    removed_ids = {row.id for row in removed.values()}
+    renamed_from: set[int] = set()
+    upserts, to_embed = [], []
+    leaders: dict[str, _Item] = {}
+    for it in work:
+        if it.content_key is None:
+            to_embed.append(it)
+            continue
+        matches = [m for m in store.find_vectors(it.content_key) if m[0] != it.old_id]
+        if matches:
+            rename = next((m for m in matches if m[0] in removed_ids and m[0] not in renamed_from), None)
+            file_id, vec_row = rename or matches[0]
+            upserts.append(it.row(vec_row, None))
+            summary.reused += 1
+            if it.old_id is not None:
+                summary.updated += 1
+            elif rename is not None:
+                renamed_from.add(file_id)
+                summary.renamed += 1
+            else:
+                summary.added += 1
+            continue
+        leader = leaders.get(it.content_key)
+        if leader is not None:
+            leader.followers.append(it)
+            continue
+        leaders[it.content_key] = it
+        to_embed.append(it)
+    summary.removed += len(removed) - len(renamed_from)
+    return to_embed, upserts, sorted(removed_ids)
+
+
+def _hash_all(items) -> None:
+    """Content keys, read in a few threads (hashlib and file reads release the GIL); a file that
+    cannot be read keeps None and is embedded, which reports why."""
+    if not items:
+        return
+
+    def one(item):
+        try:
+            item.content_key = content_key(item.path, item.size)
+        except OSError:
+            item.content_key = None
+
+    if len(items) < 8:
+        for item in items:
+            one(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="altclip-hash") as pool:
+        list(pool.map(one, items))
+
+
+def _check_model(store, model) -> dict:
+    """The loaded model against the index: the same weights and width, and the precision and
+    decoding of the vectors already in it. Returns the settings to record with the next commit."""
+    if model.weights_id != store.meta.get("weights") or int(model.embed_dim) != store.dim:
+        raise IndexStoreError(
+            f"the index in {store.folder} was made with {store.meta.get('model')} (weights {store.meta.get('weights')}, "
+            f"{store.dim} dims); the model loaded is {model.model_id} (weights {model.weights_id}, {model.embed_dim} dims)",
+            hint="give the index's model with -m, or --rebuild to start it over with this model")
+    settings = {"precision": model.precision, "exact_decode": "1" if model.exact_decode else "0",
+                "device_type": model.device.type}
+    have = store.meta.get("precision")
+    if have is not None and have != settings["precision"]:
+        raise IndexStoreError(
+            f"the index in {store.folder} holds vectors computed at {have} precision; this run computes at "
+            f"{settings['precision']}",
+            hint=f"pass --precision {have} to add to it, or --rebuild to embed everything again at {settings['precision']}")
+    have = store.meta.get("exact_decode")
+    if have is not None and have != settings["exact_decode"]:
+        was = "with" if have == "1" else "without"
+        raise IndexStoreError(
+            f"the index in {store.folder} was built {was} --exact-decode, this run is not",
+            hint=f"run {was} --exact-decode to add to it, or --rebuild to embed everything again")
+    return settings
+
+
+def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_every, summary) -> None:
+    import numpy as np
+
+    from ..inputs.sources import Source, display, open_source, reason
+    from ..outputs.signals import signals_deferred
+
+    model = get()
+    settings = _check_model(store, model)
+    kw = {**open_kw, "draft_min_side": model.draft_min_side}
+    keys: dict[str, str | None] = {}
+
+    def open_fn(source):
+        try:  # read here, in the decoding thread, just before the decoder reads the same bytes
+            keys[source.path] = content_key(source.path, os.stat(source.path).st_size)
+        except OSError:
+            keys[source.path] = None
+        return open_source(source, **kw)
+
+    sources = [Source(it.name, path=it.path) for it in items]
+    results = model.stream_images(sources, open_fn=open_fn, batch_size=batch_size, input_timeout=input_timeout)
+    pending: list = []  # (item, embedding or None, error or None)
+
+    def flush():
+        with signals_deferred():  # Ctrl-C and SIGTERM wait for the commit (and the journal of counts)
+            if not pending:
+                return
+            vectors = [emb for _it, emb, _why in pending if emb is not None]
+            row = store.append_vectors(np.stack(vectors)) if vectors else None
+            upserts = []
+            for it, emb, why in pending:
+                if it.content_key is None:
+                    it.content_key = keys.get(it.path)
+                vec_row = None
+                if emb is not None:
+                    vec_row, row = row, row + 1
+                for f in [it, *it.followers]:
+                    upserts.append(f.row(vec_row, why))
+            store.commit(upserts=upserts, meta=settings)
+            for it, emb, _why in pending:
+                group = [it, *it.followers]
+                if emb is None:
+                    summary.failed += len(group)
+                    continue
+                summary.updated += sum(1 for f in group if f.old_id is not None)
+                summary.added += sum(1 for f in group if f.old_id is None)
+                summary.reused += len(it.followers)
+            summary.embedded += len(vectors)
+            pending.clear()
+
+    total = sum(1 + len(it.followers) for it in items)
+    try:
+        with msgs.progress("indexing", total=total) as bar:
+            for it, r in zip(items, results):
+                if r.embedding is None:
+                    why = reason(r.error, r.source.name)
+                    msgs.error(f"{display(r.source.name)}: {why}")
+                    for f in it.followers:
+                        msgs.error(f"{display(f.name)}: {why}")
+                    pending.append((it, None, why))
+                else:
+                    pending.append((it, r.embedding, None))
+                bar.advance(1 + len(it.followers))
+                if len(pending) >= commit_every:
+                    flush()
+            flush()
+    except KeyboardInterrupt:
+        flush()
+        summary.interrupted = True
+        raise
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
+# --- classify / embed --index: vectors from the index instead of the image tower -------------------------
+
+
+def open_for_reuse(spec: str, model, *, warn: Callable[[str], None]) -> IndexStore | None:
+    """The index named by --index (a folder, or "auto": the model's default one), read-only, when
+    its vectors are what this run would compute: the same weights (else IndexStoreError), precision
+    and decoding (else a warning and None). None, with a warning, when there is no index there."""
+    folder = default_index_folder(model.weights_id) if spec == "auto" else Path(spec)
+    if not (folder / INDEX_DB).exists():
+        warn(f"--index: there is no index in {folder}; every image goes through the model "
+             "(build one with `altclip index PATHS...`)")
+        return None
+    store = IndexStore.open(folder, identity=index_identity(model))
+    for key, ours in (("precision", model.precision), ("exact_decode", "1" if model.exact_decode else "0")):
+        theirs = store.meta.get(key)
+        if theirs is not None and theirs != ours:
+            what = (f"at {theirs} precision, this run at {ours}" if key == "precision" else
+                    f"{'with' if theirs == '1' else 'without'} --exact-decode, this run is not")
+            warn(f"--index: the vectors in {folder} were computed {what}: not using them")
+            store.close()
+            return None
+    return store
+
+
+def indexed_rows(store: IndexStore, sources) -> dict[int, int]:
+    """{position in sources: vector row} for the local files (Sources with a path) that the index
+    holds with a vector and the same size and mtime_ns as now."""
+    local = [(i, s.path) for i, s in enumerate(sources) if getattr(s, "path", None) and not getattr(s, "error", None)]
+    found = store.lookup([p for _i, p in local])
+    hits = {}
+    for i, path in local:
+        record = found.get(path)
+        if record is None or record[2] is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) == (record[0], record[1]):
+            hits[i] = record[2]
+    return hits
+
+
+def merged_results(sources, hits: dict[int, int], store: IndexStore, results):
+    """ImageResults in input order: the index's vector at the positions in `hits`, and in between
+    the model's `results` for the other sources (in their order)."""
+    from ..inputs.pipeline import ImageResult
+
+    results = iter(results)
+    for i, source in enumerate(sources):
+        if i in hits:
+            yield ImageResult(i, source, store.vector(hits[i]))
+        else:
+            r = next(results)
+            yield ImageResult(i, r.source, r.embedding, r.error)
+
+
+def merged_batches(sources, hits: dict[int, int], store: IndexStore, batches, size: int):
+    """image_batches' (name, record, embedding) lists in input order, taking the index's vector at
+    the positions in `hits` and the model's `batches` (of the other sources) in between. Closes
+    `store` when done."""
+    from ..inputs.sources import display
+
+    def items():
+        model_items = (item for batch in batches for item in batch)
+        for i, source in enumerate(sources):
+            if i in hits:
+                yield (source.name, {"image": display(source.name)}, store.vector(hits[i]))
+            else:
+                yield next(model_items)
+
+    out = []
+    try:
+        for item in items():
+            out.append(item)
+            if len(out) >= size:
+                yield out
+                out = []
+        if out:
+            yield out
+    finally:
+        store.close()
