@@ -20,6 +20,7 @@ from .commands.classify import classify
 from .commands.embed import embed
 from .commands.index import index
 from .commands.manage import download, info, models
+from .commands.serve import serve
 from ..errors import AltclipError
 from .options import DEBUG_KEY, MESSAGES_KEY, UsageError, debug_option
 from .messages import Messages
@@ -136,7 +137,7 @@ def cli():
     """
 
 
-for _command in (classify, embed, check, download, info, models, cache, index):
+for _command in (classify, embed, check, download, info, models, cache, index, serve):
     cli.add_command(_command)
 
 

@@ -1,0 +1,13 @@
+"""`altclip serve`: the model loaded once and answered over HTTP, by default on a Unix socket.
+
+- transport.py: where the server listens (the socket folder, a stale socket, TCP) and who may
+  talk to it (token, Host and Origin checks). Standard library only.
+- client.py: a small client (http.client over a Unix socket or TCP). Standard library only: the
+  commands use it without importing torch.
+- requests.py: the request bodies and their validation (pydantic), image items.
+- batcher.py: one model thread; requests that arrive together share a forward pass.
+- app.py: the HTTP routes (FastAPI) and the gate in front of them (size cap, token, Host, log).
+- server.py: binding, uvicorn, the idle timeout, a clean stop.
+
+Only client.py and transport.py may be imported without the `altclip[serve]` extra.
+"""
