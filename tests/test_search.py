@@ -141,6 +141,7 @@ def test_top_k_over_a_subset_of_rows(chunk):
     q = rng.integers(-2, 3, 5).astype(np.float32)
     subsets = [rng.choice(64, 20, replace=False),        # scattered, unsorted
                np.arange(16, 48),                          # one run
+               np.arange(0, 64, 10),                       # sparse: gathered
                np.array([63]), np.array([0, 63]),
                np.concatenate([np.arange(10), np.arange(30, 40)])]
     for rows in subsets:

@@ -4,8 +4,8 @@ The vectors are an (N, D) float32 array, usually a read-only np.memmap of the in
 file, L2-normalised, so a dot product is a cosine. `ExactRanker` scans it in chunks of
 `chunk_rows` rows: scores = queries @ chunk.T in float32, the k best of each chunk by
 np.argpartition, merged with the best so far. Memory beyond the mapping stays at one chunk's
-scores (65,536 x Q floats) and, for scattered rows, one gathered chunk (65,536 x D floats: 192 MiB
-at D = 768), whatever N is.
+scores (at most DENSE_SPAN x 65,536 x Q floats) and, for sparse rows, one gathered chunk
+(65,536 x D floats: 192 MiB at D = 768), whatever N is.
 
 Equal scores rank by row, lowest first, so the result equals a full stable sort of
 (-score, row); NaN scores (a damaged vector) rank last.
@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 DEFAULT_CHUNK_ROWS = 65_536
+DENSE_SPAN = 8  # see ExactRanker._blocks
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,10 @@ class ExactRanker:
         n_q = len(q)
         best_rows = [np.empty(0, np.int64) for _ in range(n_q)]
         best_scores = [np.empty(0, np.float32) for _ in range(n_q)]
-        for ids, block in self._blocks(rows):
+        for ids, block, within in self._blocks(rows):
             scores = q @ block.T  # (Q, n) float32: each query's scores contiguous
+            if within is not None:
+                scores = scores[:, within]  # (Q, len(ids))
             for j in range(n_q):
                 col = scores[j]
                 pick = _select(col, k)
@@ -75,15 +78,18 @@ class ExactRanker:
                     scores=np.stack([s[:width] for s in best_scores]) if n_q else np.empty((0, 0), np.float32))
 
     def _blocks(self, rows):
-        """(ids, block) pairs covering the searched rows in increasing row order: ids (n,) int64,
-        block (n, D). A run of consecutive rows is a view of the array (no copy); scattered rows
-        are gathered (only their pages are read)."""
+        """(ids, block, within) triples covering the searched rows in increasing row order: ids
+        (n,) int64 rows; block (m, D) rows of the array; within None when block holds exactly
+        ids, else the positions of ids in block. Consecutive rows, and rows that fill at least
+        1/DENSE_SPAN of their span, are a view of the array (no copy: with the pages in memory,
+        scoring the rows in between costs less than gathering them); sparser rows are gathered
+        (only their pages are read)."""
         n_total = len(self.vectors)
         step = self.chunk_rows
         if rows is None:
             for start in range(0, n_total, step):
                 end = min(start + step, n_total)
-                yield np.arange(start, end, dtype=np.int64), self.vectors[start:end]
+                yield np.arange(start, end, dtype=np.int64), self.vectors[start:end], None
             return
         rows = np.asarray(rows, dtype=np.int64).ravel()
         if len(rows) and not np.all(rows[1:] > rows[:-1]):
@@ -92,11 +98,13 @@ class ExactRanker:
             raise IndexError(f"row {rows[0] if rows[0] < 0 else rows[-1]} is outside the {n_total} vectors")
         for start in range(0, len(rows), step):
             ids = rows[start:start + step]
-            first, last = int(ids[0]), int(ids[-1])
-            if last - first + 1 == len(ids):
-                yield ids, self.vectors[first:last + 1]
+            first, span = int(ids[0]), int(ids[-1]) - int(ids[0]) + 1
+            if span == len(ids):
+                yield ids, self.vectors[first:first + span], None
+            elif span <= DENSE_SPAN * len(ids):
+                yield ids, self.vectors[first:first + span], ids - first
             else:
-                yield ids, self.vectors[ids]
+                yield ids, self.vectors[ids], None
 
 
 def _select(scores: np.ndarray, k: int) -> np.ndarray:
