@@ -109,11 +109,11 @@ def test_parts_that_cancel_out_are_a_usage_error():
 # --- exact chunked top-k ---------------------------------------------------------------------------------
 
 def _full_sort(vectors, q, k, rows=None):
-    """The obvious answer: every score, sorted by (-score, row)."""
+    """The obvious answer: every entry's score, sorted by (-score, vector row, entry)."""
     rows = np.arange(len(vectors)) if rows is None else np.asarray(rows)
     s = vectors[rows] @ q
-    order = np.lexsort((rows, -s))[:k]
-    return rows[order], s[order]
+    order = np.lexsort((np.arange(len(rows)), rows, -s))[:k]
+    return order, rows[order], s[order]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 100, 101, 5000])
@@ -125,32 +125,38 @@ def test_chunked_top_k_equals_a_full_sort_with_ties(chunk, k):
     vectors = rng.integers(-2, 3, (100, 6)).astype(np.float32)
     queries = rng.integers(-2, 3, (3, 6)).astype(np.float32)
     hits = ExactRanker(vectors, chunk_rows=chunk).top_k(queries, k)
-    assert hits.rows.shape == hits.scores.shape == (3, min(k, 100))
+    assert hits.rows.shape == hits.scores.shape == hits.positions.shape == (3, min(k, 100))
     assert hits.rows.dtype == np.int64 and hits.scores.dtype == np.float32
     for j in range(3):
-        rows, scores = _full_sort(vectors, queries[j], k)
+        _, rows, scores = _full_sort(vectors, queries[j], k)
         assert np.array_equal(hits.rows[j], rows)
+        assert np.array_equal(hits.positions[j], rows)
         assert np.array_equal(hits.scores[j], scores)
     assert len(np.unique(vectors @ queries[0])) < 30  # the data really has ties
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 17, 64])
-def test_top_k_over_a_subset_of_rows(chunk):
+def test_top_k_over_some_entries_in_any_order_with_repeats(chunk):
+    """`rows` as an index snapshot gives them: one entry per file, in no particular order, and
+    files with the same content sharing a vector row."""
     rng = np.random.default_rng(chunk)
     vectors = rng.integers(-2, 3, (64, 5)).astype(np.float32)
     q = rng.integers(-2, 3, 5).astype(np.float32)
-    subsets = [rng.choice(64, 20, replace=False),        # scattered, unsorted
-               np.arange(16, 48),                          # one run
-               np.arange(0, 64, 10),                       # sparse: gathered
-               np.array([63]), np.array([0, 63]),
-               np.concatenate([np.arange(10), np.arange(30, 40)])]
+    subsets = [rng.choice(64, 20, replace=False),                 # scattered, unsorted
+               np.arange(16, 48),                                  # one run: a view, no copy
+               np.arange(0, 64, 10),                               # sparse: gathered
+               rng.permutation(np.arange(40)),                     # dense, unsorted: scored in place
+               np.array([5, 9, 5, 30, 9, 9, 63, 0]),               # repeats (duplicate files)
+               rng.integers(0, 64, 100),                           # more entries than vectors
+               np.array([63]), np.array([0, 63])]
     for rows in subsets:
         for k in (1, 5, len(rows), len(rows) + 3):
             hits = top_k(vectors, q, k, rows, chunk_rows=chunk)
-            want_rows, want_scores = _full_sort(vectors, q, k, np.sort(rows))
+            positions, want_rows, want_scores = _full_sort(vectors, q, k, rows)
+            assert np.array_equal(hits.positions[0], positions)
             assert np.array_equal(hits.rows[0], want_rows)
             assert np.array_equal(hits.scores[0], want_scores)
-            assert set(hits.rows[0]) <= set(rows.tolist())
+            assert np.array_equal(rows[hits.positions[0]], hits.rows[0])
 
 
 def test_top_k_on_float_data_and_a_memmap(tmp_path):
@@ -173,7 +179,7 @@ def test_top_k_edge_cases():
     vectors = np.eye(4, dtype=np.float32)
     q = np.array([0, 1, 0, 0], np.float32)
     hits = top_k(vectors, q, 10, rows=np.array([], np.int64))
-    assert hits.rows.shape == (1, 0) and hits.scores.shape == (1, 0)
+    assert hits.rows.shape == hits.positions.shape == hits.scores.shape == (1, 0)
     hits = top_k(np.zeros((0, 4), np.float32), q, 3)
     assert hits.rows.shape == (1, 0)
     # NaN (a damaged vector) ranks last, not first.
@@ -184,5 +190,6 @@ def test_top_k_edge_cases():
         top_k(vectors, q, 0)
     with pytest.raises(ValueError):
         top_k(vectors, np.ones(3, np.float32), 1)
-    with pytest.raises(IndexError):
-        top_k(vectors, q, 1, rows=np.array([4]))
+    for outside in ([4], [0, -1]):
+        with pytest.raises(IndexError):
+            top_k(vectors, q, 1, rows=np.array(outside))

@@ -7,8 +7,9 @@ np.argpartition, merged with the best so far. Memory beyond the mapping stays at
 scores (at most DENSE_SPAN x 65,536 x Q floats) and, for sparse rows, one gathered chunk
 (65,536 x D floats: 192 MiB at D = 768), whatever N is.
 
-Equal scores rank by row, lowest first, so the result equals a full stable sort of
-(-score, row); NaN scores (a damaged vector) rank last.
+The entries searched are given as vector rows, in any order and with repeats (files with the
+same content share a vector). Equal scores rank by vector row, then by entry, so the result
+equals a full stable sort by (-score, row, entry); NaN scores (a damaged vector) rank last.
 
 `Ranker` is the boundary an approximate index (HNSW and the like) would implement later: the
 command line only calls `top_k`.
@@ -27,21 +28,25 @@ DENSE_SPAN = 8  # see ExactRanker._blocks
 
 @dataclass(frozen=True)
 class Hits:
-    """The best rows for each query, best first: `rows` (Q, k') int64 vector rows and `scores`
-    (Q, k') float32 cosines, k' = min(k, number of rows searched)."""
+    """The best entries for each query, best first, each (Q, k') with k' = min(k, entries
+    searched): `positions` int64 index the `rows` that top_k was given (the vector rows
+    themselves when it was None), `rows` int64 are the vector rows, `scores` float32 cosines."""
 
+    positions: np.ndarray
     rows: np.ndarray
     scores: np.ndarray
 
 
 class Ranker(Protocol):
     def top_k(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> Hits:
-        """queries: (Q, D) or (D,) unit vectors. rows: the vector rows to search (None: all)."""
+        """queries: (Q, D) or (D,) unit vectors. rows: the vector row of each entry to search, in
+        any order, repeats allowed (files with the same content share a vector); None: every row."""
         ...
 
 
 class ExactRanker:
-    """Brute force, exact: every searched row is scored (see the module docstring)."""
+    """Brute force, exact: every searched row is scored (see the module docstring). Equal scores
+    go to the lower vector row, then to the earlier entry of `rows`."""
 
     def __init__(self, vectors: np.ndarray, chunk_rows: int = DEFAULT_CHUNK_ROWS):
         if vectors.ndim != 2:
@@ -57,54 +62,69 @@ class ExactRanker:
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)  # (Q, D)
         if q.shape[1] != self.vectors.shape[1]:
             raise ValueError(f"queries have {q.shape[1]} dimensions, the vectors {self.vectors.shape[1]}")
+        order, srt = self._sorted(rows)
         n_q = len(q)
-        best_rows = [np.empty(0, np.int64) for _ in range(n_q)]
+        best_pos = [np.empty(0, np.int64) for _ in range(n_q)]  # positions in the sorted entries
         best_scores = [np.empty(0, np.float32) for _ in range(n_q)]
-        for ids, block, within in self._blocks(rows):
+        for pos, block, within in self._blocks(srt):
             scores = q @ block.T  # (Q, n) float32: each query's scores contiguous
             if within is not None:
-                scores = scores[:, within]  # (Q, len(ids))
+                scores = scores[:, within]  # (Q, len(pos))
             for j in range(n_q):
                 col = scores[j]
                 pick = _select(col, k)
-                # Earlier chunks hold lower rows and best_* is sorted by (-score, row), so the
-                # concatenation's positions order equal scores by row.
+                # Earlier blocks hold lower positions and best_* is sorted by (-score, position),
+                # so in the concatenation equal scores are in position order.
                 cand_s = np.concatenate([best_scores[j], col[pick]])
-                cand_r = np.concatenate([best_rows[j], ids[pick]])
+                cand_p = np.concatenate([best_pos[j], pos[pick]])
                 keep = _select(cand_s, k)
-                best_scores[j], best_rows[j] = cand_s[keep], cand_r[keep]
-        width = min((len(r) for r in best_rows), default=0)
-        return Hits(rows=np.stack([r[:width] for r in best_rows]) if n_q else np.empty((0, 0), np.int64),
+                best_scores[j], best_pos[j] = cand_s[keep], cand_p[keep]
+        width = min((len(p) for p in best_pos), default=0)
+        sorted_pos = np.stack([p[:width] for p in best_pos]) if n_q else np.empty((0, 0), np.int64)
+        return Hits(positions=sorted_pos if order is None else order[sorted_pos],
+                    rows=sorted_pos if srt is None else srt[sorted_pos],
                     scores=np.stack([s[:width] for s in best_scores]) if n_q else np.empty((0, 0), np.float32))
 
-    def _blocks(self, rows):
-        """(ids, block, within) triples covering the searched rows in increasing row order: ids
-        (n,) int64 rows; block (m, D) rows of the array; within None when block holds exactly
-        ids, else the positions of ids in block. Consecutive rows, and rows that fill at least
-        1/DENSE_SPAN of their span, are a view of the array (no copy: with the pages in memory,
-        scoring the rows in between costs less than gathering them); sparser rows are gathered
-        (only their pages are read)."""
-        n_total = len(self.vectors)
-        step = self.chunk_rows
+    def _sorted(self, rows):
+        """(order, sorted rows): rows in increasing order and the permutation that sorts them
+        (None when they already are); (None, None) for every row."""
         if rows is None:
+            return None, None
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        if len(rows) == 0:
+            return None, rows
+        if rows.min() < 0 or rows.max() >= len(self.vectors):
+            bad = rows.min() if rows.min() < 0 else rows.max()
+            raise IndexError(f"row {bad} is outside the {len(self.vectors)} vectors")
+        if np.all(rows[1:] >= rows[:-1]):
+            return None, rows
+        order = np.argsort(rows, kind="stable")
+        return order, rows[order]
+
+    def _blocks(self, srt):
+        """(positions, block, within) triples covering the sorted rows `srt` (None: every row) in
+        order: positions (n,) int64 into srt; block (m, D) rows of the array; within None when
+        block holds exactly srt[positions], else the positions of those rows in block.
+        Consecutive rows, and rows that fill at least 1/DENSE_SPAN of their span, are a view of
+        the array (no copy: with the pages in memory, scoring the rows in between costs less than
+        gathering them); sparser rows are gathered (only their pages are read)."""
+        step = self.chunk_rows
+        if srt is None:
+            n_total = len(self.vectors)
             for start in range(0, n_total, step):
                 end = min(start + step, n_total)
                 yield np.arange(start, end, dtype=np.int64), self.vectors[start:end], None
             return
-        rows = np.asarray(rows, dtype=np.int64).ravel()
-        if len(rows) and not np.all(rows[1:] > rows[:-1]):
-            rows = np.unique(rows)
-        if len(rows) and (rows[0] < 0 or rows[-1] >= n_total):
-            raise IndexError(f"row {rows[0] if rows[0] < 0 else rows[-1]} is outside the {n_total} vectors")
-        for start in range(0, len(rows), step):
-            ids = rows[start:start + step]
+        for start in range(0, len(srt), step):
+            ids = srt[start:start + step]
+            pos = np.arange(start, start + len(ids), dtype=np.int64)
             first, span = int(ids[0]), int(ids[-1]) - int(ids[0]) + 1
-            if span == len(ids):
-                yield ids, self.vectors[first:first + span], None
+            if span == len(ids) and np.all(ids[1:] != ids[:-1]):  # sorted and no repeats: consecutive
+                yield pos, self.vectors[first:first + span], None
             elif span <= DENSE_SPAN * len(ids):
-                yield ids, self.vectors[first:first + span], ids - first
+                yield pos, self.vectors[first:first + span], ids - first
             else:
-                yield ids, self.vectors[ids], None
+                yield pos, self.vectors[ids], None
 
 
 def _select(scores: np.ndarray, k: int) -> np.ndarray:
