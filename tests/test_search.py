@@ -193,3 +193,275 @@ def test_top_k_edge_cases():
     for outside in ([4], [0, -1]):
         with pytest.raises(IndexError):
             top_k(vectors, q, 1, rows=np.array(outside))
+
+
+# --- the command, end to end on the tiny model -----------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from test_cli import SAFE_ENV, _altclip_cmd, invoke, jsonl, write_image  # noqa: E402
+
+# Sizes and formats of a small gallery: PNGs and JPEGs, portrait and landscape, tiny to 640 px.
+GALLERY = [("beach.png", (64, 48)), ("dog.jpg", (320, 240)), ("cat.png", (100, 100)), ("car.jpg", (640, 480)),
+           ("tree.png", (37, 91)), ("house.jpg", (480, 640)), ("cake.png", (200, 120)), ("boat.jpg", (90, 60)),
+           ("river.png", (300, 299)), ("bike.jpg", (123, 321)), ("moon.png", (16, 16)), ("hill.jpg", (500, 250))]
+
+
+@pytest.fixture
+def model(tiny_loaded):
+    return tiny_loaded[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_loaded):
+    from oracle import Reference
+
+    return Reference(tiny_loaded[0])
+
+
+@pytest.fixture
+def gallery(tmp_path, monkeypatch):
+    """cwd = tmp_path with photos/ (the 12 GALLERY images, random pixels and shapes)."""
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "photos"
+    root.mkdir()
+    rng = np.random.default_rng(7)
+    for i, (name, (w, h)) in enumerate(GALLERY):
+        base = rng.integers(0, 256, (1, 1, 3))
+        noise = rng.integers(-60, 61, (h, w, 3))
+        pixels = np.clip(base + noise + np.linspace(0, 80 * (i % 3), w)[None, :, None], 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / name, **({"quality": 90} if name.endswith(".jpg") else {}))
+    return root
+
+
+def real(path) -> str:
+    return os.path.realpath(path)
+
+
+def search(*args, model, env=None):
+    return invoke("search", *args, "-m", model, env=env)
+
+
+def ok(result) -> list[dict]:
+    assert result.exit_code == 0, result.stderr
+    return jsonl(result.stdout)
+
+
+def test_ranking_equals_the_reference_implementation(gallery, model, reference):
+    """Index and search through the command line; rank again by cosine with transformers'
+    AltCLIPModel's own embeddings of the same files and of the query text."""
+    records = ok(search("a red car on a road", "--dir", "photos", "-k", "50", "--exact-decode", model=model))
+    paths = [real(gallery / name) for name, _ in GALLERY]
+    want = (reference.image_embeddings(paths) @ reference.text_embeddings(["a red car on a road"])[0])
+    _same_ranking(records, paths, want)
+
+
+def test_a_weighted_query_with_an_image_equals_the_reference(gallery, model, reference):
+    """2:text + image - 0.5:text, as the reference computes each part, summed and normalised."""
+    records = ok(search("2:a red car", "-a", "./photos/cake.png", "-s", ".5:a cat", "--dir", "photos", "-k", "12",
+                        "--exact-decode", model=model))
+    paths = [real(gallery / name) for name, _ in GALLERY]
+    texts = reference.text_embeddings(["a red car", "a cat"])
+    image = reference.image_embeddings([str(gallery / "cake.png")])[0]
+    q = 2 * texts[0] + image - 0.5 * texts[1]
+    q /= np.linalg.norm(q)
+    _same_ranking(records, paths, reference.image_embeddings(paths) @ q)
+    assert records[0]["path"] == real(gallery / "cake.png")  # the image itself is the best match here
+
+
+def _same_ranking(records, paths, want_scores):
+    """Every image once, each score within 1e-4 of the reference's, and in the reference's order
+    (where two reference scores are closer than 1e-4 either order is right)."""
+    assert [r["rank"] for r in records] == list(range(1, len(paths) + 1))
+    assert sorted(r["path"] for r in records) == sorted(paths)
+    ref = dict(zip(paths, want_scores.tolist()))
+    for r in records:
+        assert abs(r["score"] - ref[r["path"]]) <= 1e-4 + 5e-5  # + rounding to 4 decimals
+    in_order = [ref[r["path"]] for r in records]
+    np.testing.assert_allclose(in_order, sorted(want_scores.tolist(), reverse=True), atol=1e-4, rtol=0)
+    assert len(set(np.round(want_scores, 4))) > 6  # the scores really differ: the order is tested
+
+
+@pytest.fixture
+def folders(tmp_path, monkeypatch):
+    """cwd with photos/{a,b}.png, photos/sub/c.png, photos2/d.png (a sibling with a common name
+    prefix) and other/e.png."""
+    monkeypatch.chdir(tmp_path)
+    for i, rel in enumerate(["photos/a.png", "photos/b.png", "photos/sub/c.png", "photos2/d.png", "other/e.png"]):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_image(tmp_path / rel, i + 10)
+    return tmp_path
+
+
+def test_dir_restricts_the_search_to_its_subtree(folders, model):
+    everything = ok(search("a dog", "-k", "100", model=model))  # --dir . indexes all five
+    assert len(everything) == 5
+    for args in (["--dir", "photos"], ["--dir", "photos", "--no-index"], ["--dir", "./photos/", "--no-index"]):
+        got = {r["path"] for r in ok(search("a dog", "-k", "100", *args, model=model))}
+        assert got == {real(folders / p) for p in ("photos/a.png", "photos/b.png", "photos/sub/c.png")}, args
+    got = [r["path"] for r in ok(search("a dog", "-k", "100", "--dir", "photos2", "--no-index", model=model))]
+    assert got == [real(folders / "photos2/d.png")]
+    # The same scores as the search over everything: one index, one ranking, restricted.
+    scores = {r["path"]: r["score"] for r in everything}
+    for r in ok(search("a dog", "-k", "100", "--dir", "photos/sub", model=model)):
+        assert r["score"] == scores[r["path"]]
+
+
+def test_min_score_and_top(gallery, model):
+    full = ok(search("a boat", "-k", "50", "--dir", "photos", model=model))
+    cut = (full[2]["score"] + full[3]["score"]) / 2
+    assert full[2]["score"] > full[3]["score"]
+    got = ok(search("a boat", "-k", "50", "--min-score", str(cut), "--dir", "photos", model=model))
+    assert got == full[:3]
+    assert ok(search("a boat", "-k", "2", "--dir", "photos", model=model)) == full[:2]
+    result = search("a boat", "--min-score", "0.99", "--dir", "photos", model=model)
+    assert (result.exit_code, result.stdout) == (0, "")
+    assert "no image scores 0.99 or more" in result.stderr
+
+
+def test_scores_are_cosines_and_a_copy_ranks_with_its_original(gallery, model):
+    shutil.copy(gallery / "dog.jpg", gallery / "dog copy.jpg")
+    records = ok(search("./photos/dog.jpg", "-k", "50", "--dir", "photos", model=model))
+    assert [r["score"] for r in records[:2]] == [1.0, 1.0]  # the query image and its copy
+    assert {r["path"] for r in records[:2]} == {real(gallery / "dog.jpg"), real(gallery / "dog copy.jpg")}
+    assert all(-1 <= r["score"] <= 1 for r in records) and len(records) == 13
+
+
+def test_every_format(gallery, model, monkeypatch):
+    args = ("a dog", "--dir", "photos", "-k", "5")
+    lines = search(*args, "-f", "jsonl", model=model).stdout.splitlines()
+    assert len(lines) == 5
+    records = [json.loads(line) for line in lines]
+    for i, (line, r) in enumerate(zip(lines, records), start=1):
+        assert list(r) == ["rank", "path", "score"] and r["rank"] == i
+        assert re.fullmatch(r'\{"rank": \d+, "path": "[^"]+", "score": -?\d\.\d{1,4}\}', line), line
+        assert os.path.isabs(r["path"]) and os.path.isfile(r["path"])
+        assert r["score"] == round(r["score"], 4)
+    assert search(*args, model=model).stdout.splitlines() == lines  # jsonl when piped
+
+    result = search(*args, "-f", "json", model=model)
+    assert json.loads(result.stdout) == records and result.stdout.startswith("[\n{")
+    assert search(*args, "-f", "tsv", model=model).stdout == "".join(
+        f"{r['score']:.4f}\t{r['path']}\n" for r in records)
+    assert search(*args, "-f", "paths", model=model).stdout == "".join(f"{r['path']}\n" for r in records)
+    assert search(*args, "-0", model=model).stdout == "".join(f"{r['path']}\0" for r in records)
+    assert search(*args, "-0", "-f", "paths", model=model).stdout == "".join(f"{r['path']}\0" for r in records)
+
+    from altclip_cli.cli import terminal
+
+    monkeypatch.setattr(terminal, "isatty", lambda stream: True)
+    table = search(*args, model=model).stdout.splitlines()
+    assert table[0].split() == ["rank", "score", "path"]
+    rows = [line.split() for line in table[2:]]
+    assert rows == [[str(r["rank"]), f"{r['score']:.4f}", os.path.relpath(r["path"], real("."))] for r in records]
+
+
+def test_output_file_and_tsv_escapes(gallery, model):
+    odd = gallery / "tab\there.png"
+    shutil.copy(gallery / "moon.png", odd)
+    result = search("./photos/moon.png", "--dir", "photos", "-k", "2", "-f", "tsv", "-o", "out.tsv", model=model)
+    assert (result.exit_code, result.stdout) == (0, "")
+    lines = Path("out.tsv").read_text().splitlines()
+    assert sorted(line.split("\t")[1] for line in lines) == sorted(
+        [real(gallery / "moon.png"), real(gallery).replace("\\", "\\\\") + "/tab\\there.png"])
+    assert all(line.count("\t") == 1 for line in lines)
+    result = search("a dog", "--dir", "photos", "-o", "out.jsonl", model=model)
+    assert result.stdout == "" and len(jsonl(Path("out.jsonl").read_text())) == 10
+
+
+def test_an_unchanged_tree_needs_only_the_text_tower(gallery, model, monkeypatch):
+    from altclip_cli.runtime.altclip import AltCLIP
+
+    assert ok(search("a dog", "--dir", "photos", model=model))
+    images = []
+    real_encode = AltCLIP.encode_pixel_batch
+    monkeypatch.setattr(AltCLIP, "encode_pixel_batch", lambda self, px: images.append(len(px)) or real_encode(self, px))
+    first = search("a dog", "--dir", "photos", model=model)
+    assert images == [] and first.stderr == ""  # nothing indexed, nothing said
+    write_image(gallery / "new.png", 99)
+    result = search("a dog", "--dir", "photos", "-k", "50", model=model)
+    assert images == [1] and "indexed photos: 1 added" in result.stderr
+    assert real(gallery / "new.png") in {r["path"] for r in ok(result)}
+    os.unlink(gallery / "new.png")
+    assert real(gallery / "new.png") in {r["path"] for r in ok(search("a dog", "--dir", "photos", "-k", "50",
+                                                                   "--no-index", model=model))}
+    assert real(gallery / "new.png") not in {r["path"] for r in ok(search("a dog", "--dir", "photos", "-k", "50",
+                                                                       model=model))}
+
+
+def test_an_index_inside_the_folder_still_gives_absolute_paths(gallery, model):
+    records = ok(search("a dog", "--dir", "photos", "--index", "photos/.index", "-k", "50", model=model))
+    assert len(records) == 12 and all(os.path.isfile(r["path"]) and os.path.isabs(r["path"]) for r in records)
+    from altclip_cli.search.store import IndexStore
+
+    with IndexStore.open(gallery / ".index") as store:
+        assert store.relative  # stored relative to the index, shown absolute
+    os.chdir("photos")
+    again = ok(search("a dog", "--dir", ".", "--index", ".index", "-k", "50", "--no-index", model=model))
+    assert again == records
+
+
+@pytest.mark.parametrize("args, code, error, hint", [
+    (["", "--dir", "photos"], 2, "error: the query '' is empty", "hint: give a text"),
+    (["  ", "--dir", "photos"], 2, "error: the query '  ' is empty", "hint: give a text"),
+    (["dog", "-a", "3:"], 2, "error: -a '3:' has a weight but nothing after it", "hint: give a text"),
+    (["dog", "-k", "0"], 2, "error: Invalid value for '-k' / '--top': 0 is not in the range x>=1.",
+     "hint: see 'altclip search --help'"),
+    (["dog", "--dir", "nowhere"], 2, "error: --dir nowhere: no such folder", "hint: give --dir an existing folder"),
+    (["dog", "--dir", "photos/dog.jpg"], 2, "error: --dir photos/dog.jpg: is not a folder", "hint: give --dir"),
+    (["dog", "-0", "-f", "json"], 2, "error: -0 prints NUL-separated paths; it does not go with -f json",
+     "hint: leave out -f"),
+    (["./photos/missing.jpg", "--dir", "photos"], 1, "error: query image ./photos/missing.jpg: no such file",
+     "hint: a query that contains a / or starts with ~ is an image"),
+    (["dog", "-s", "./photos/notes.png", "--dir", "photos"], 1,
+     "error: query image ./photos/notes.png: not an image, or in a format Pillow cannot read",
+     "hint: a query that contains a / or starts with ~ is an image"),
+    (["dog", "-s", "dog", "--dir", "photos"], 2, "error: the query's parts cancel out (their weighted sum is zero)",
+     "hint: change a weight"),
+    (["dog", "--dir", "photos", "--no-index", "--index", "noindex"], 1, "error: there is no index in",
+     "hint: leave out --no-index to build it now"),
+])
+def test_bad_input(gallery, model, args, code, error, hint):
+    (gallery / "notes.png").write_text("these are my notes, not a picture")
+    result = search(*args, model=model)
+    assert result.exit_code == code, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[-2].startswith(error) and lines[-1].startswith(hint), lines
+
+
+def test_html_needs_a_file_on_a_terminal(gallery, model, monkeypatch):
+    from altclip_cli.cli import terminal
+
+    monkeypatch.setattr(terminal, "isatty", lambda stream: True)
+    result = search("a dog", "--dir", "photos", "-f", "html", model=model)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: -f html writes a page: give it a file",
+                                          "hint: add -o results.html (or pipe the output)"]
+
+
+def test_paths_through_xargs_0_in_a_real_pipeline(gallery, tmp_path, model):
+    """altclip search ... -f paths -0 | xargs -0 cp -t picked/ : names with spaces, quotes and a
+    newline arrive whole."""
+    odd = ["with space.png", "new\nline.png", "quote's \"x\".png"]
+    for i, name in enumerate(odd):
+        write_image(gallery / name, 50 + i)
+    (tmp_path / "picked").mkdir()
+    env = {**os.environ, **SAFE_ENV}
+    cmd = " ".join(_altclip_cmd())
+    script = (f'set -o pipefail; {cmd} search "a dog" --dir photos -k 100 -f paths -0 -q -m "$MODEL" '
+              f'| xargs -0 cp -t picked --')
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**env, "MODEL": str(model)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert sorted(os.listdir(tmp_path / "picked")) == sorted([name for name, _ in GALLERY] + odd)
+    for name in odd:
+        assert (tmp_path / "picked" / name).read_bytes() == (gallery / name).read_bytes()

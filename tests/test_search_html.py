@@ -167,3 +167,32 @@ def test_write_replaces_the_file_whole(tmp_path):
     write(str(target), "<!doctype html>new")
     assert target.read_text() == "<!doctype html>new"
     assert [p.name for p in tmp_path.iterdir()] == ["page.html"]  # no temporary left behind
+
+
+# --- through the command line ---------------------------------------------------------------------------
+
+def test_search_writes_the_page_with_o(tmp_path, monkeypatch, tiny_loaded):
+    from test_cli import invoke, jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i in range(7):
+        photo(tmp_path / "photos" / f"p{i}.{'jpg' if i % 2 else 'png'}", (120 + 40 * i, 90), seed=i)
+    photo(tmp_path / "photos" / "<b>bold & co.png", (50, 50), seed=9)
+    model = str(tiny_loaded[0])
+    records = jsonl(invoke("search", "a <dog>", "--dir", "photos", "-k", "6", "-m", model).stdout)
+    result = invoke("search", "a <dog>", "--dir", "photos", "-k", "6", "-m", model, "-o", "page.html")
+    assert (result.exit_code, result.stdout) == (0, "")  # -o *.html: html, nothing on stdout
+    text = (tmp_path / "page.html").read_text(encoding="utf-8")
+    page = Page(text)
+    assert [(int(c["attrs"]["data-rank"]), c["attrs"]["data-path"], float(c["attrs"]["data-score"]))
+            for c in page.cards] == [(r["rank"], r["path"], r["score"]) for r in records]
+    assert all(len(c["imgs"]) == 1 and c["imgs"][0]["src"].startswith("data:image/jpeg;base64,")
+               for c in page.cards)
+    assert page.h1.strip() == "a <dog>" and "&lt;dog&gt;" in text and "<dog>" not in text
+    assert not re.search(r"https?:", text)
+    piped = invoke("search", "a <dog>", "--dir", "photos", "-k", "6", "-m", model, "-f", "html")
+    assert piped.exit_code == 0 and piped.stdout.startswith("<!doctype html>")
+    assert len(Page(piped.stdout).cards) == 6
+    everything = invoke("search", "a <dog>", "--dir", "photos", "-k", "20", "-m", model, "-f", "html").stdout
+    assert "&lt;b&gt;bold &amp; co.png" in everything and "<b>bold" not in everything

@@ -20,6 +20,7 @@ from .commands.classify import classify
 from .commands.embed import embed
 from .commands.index import index
 from .commands.manage import download, info, models
+from .commands.search import search
 from .commands.serve import serve
 from ..errors import AltclipError
 from .options import DEBUG_KEY, MESSAGES_KEY, UsageError, debug_option
@@ -137,7 +138,7 @@ def cli():
     """
 
 
-for _command in (classify, embed, check, download, info, models, cache, index, serve):
+for _command in (classify, embed, check, download, info, models, cache, index, search, serve):
     cli.add_command(_command)
 
 

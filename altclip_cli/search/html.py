@@ -109,15 +109,16 @@ def _escape(text: str) -> str:
     return html.escape(display(str(text)), quote=True)
 
 
-def write(path: str, text: str) -> None:
-    """Write the page to `path` whole or not at all (a temporary file beside it, then a rename)."""
+def write(path: str, data: str | bytes) -> None:
+    """Write the page (or any output: text is written as UTF-8) to `path` whole or not at all: a
+    temporary file beside it, then a rename."""
     import tempfile
 
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".altclip-", suffix=".html.tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".altclip-", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -1,0 +1,288 @@
+"""`altclip search`: the images under a folder ranked against a text or image query, from the
+model's index (brought up to date first)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ..options import UsageError, common_options, messages, model_options
+from .index import DEFAULT_EXCLUDE_TEXT
+
+SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
+
+
+@click.command()
+@click.argument("query", metavar="QUERY")
+@click.option("-a", "--add", "add", multiple=True, metavar="Q",
+              help="Another part to add to the query: a text or an image (repeatable).")
+@click.option("-s", "--subtract", "subtract", multiple=True, metavar="Q",
+              help="A part to subtract from the query: a text or an image (repeatable).")
+@click.option("-k", "--top", "top", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
+              help="Show the N best images.")
+@click.option("--min-score", type=float, default=None, metavar="X",
+              help="Show only images whose score (a cosine, -1 to 1) is at least X.")
+@click.option("-f", "--format", "fmt", type=click.Choice(SEARCH_FORMATS), default=None,
+              help="Output format [default: table on a terminal, html for -o *.html, jsonl otherwise].")
+@click.option("-0", "--null", "null", is_flag=True,
+              help="Print only the paths, each followed by a NUL byte (implies -f paths), for xargs -0.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write the output to FILE (replaced whole) instead of stdout.")
+@click.option("--dir", "search_dir", default=".", show_default=True, type=click.Path(), metavar="DIR",
+              help="Search the images below DIR (indexed first unless --no-index).")
+@click.option("--no-index", is_flag=True, help="Search the index as it is, without bringing it up to date first.")
+@click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
+              help="Where the index lives (as for `altclip index`); auto: the model's own under ALTCLIP_HOME.")
+@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders (names starting with '.').")
+@click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
+              help=f"Do not index folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
+@click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
+              help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
+@click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              metavar="SECONDS", help="Time allowed to read and decode one image; one that takes longer fails.")
+@click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
+              help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
+                   "(must match how the index was built).")
+@model_options
+@common_options
+def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, no_index, index_dir,
+           include_hidden, exclude_dirs, max_pixels, input_timeout, exact_decode, model, device, precision,
+           revision, batch_size, quiet):
+    """Find the images below --dir (default: here) that best match QUERY.
+
+    QUERY and each -a/-s part is a text, in any language, or an image: a part that contains a
+    /, starts with ~ or is an http(s) URL is an image (write ./cat.jpg for a file here). A weight
+    W: in front scales a part ("2:sunset", "0.5:./pool.jpg"; "1:2:30" is the text "2:30"). The
+    query is the weighted sum of the parts' normalised embeddings, -s parts subtracted; scores are
+    cosines (-1 to 1). The folder is indexed first (new and changed images embedded, as
+    `altclip index` does), then every image below it is ranked, exactly.
+
+    \b
+    Examples:
+      altclip search "a dog on a beach"
+      altclip search 猫 --dir ~/Pictures -k 20
+      altclip search "2:golden retriever" -a ./pool.jpg -s fruit
+      altclip search sunset -f paths -0 | xargs -0 cp -t picked/
+      altclip search "birthday cake" -k 50 -o cake.html    # a page of thumbnails
+
+    \b
+    Output (paths are absolute):
+      jsonl: {"rank": 1, "path": "/home/me/Pictures/dog.jpg", "score": 0.3127}
+      json: one array of those; tsv: score<TAB>path (tab, newline, backslash in a path as \\t \\n \\\\);
+      paths: one per line (-0: NUL-separated); table: rank, score, path;
+      html: a self-contained page of thumbnails (-o FILE, or piped to stdout).
+
+    \b
+    Exit codes: 0 done (also with no results), 1 error (a query image that cannot be read, the
+    index, the model), 2 usage error, 130/143 interrupted (the index keeps what was done).
+    """
+    from ...search.query import QueryError, parse_query
+    from ..terminal import isatty
+
+    msgs = messages()
+    try:
+        parts = parse_query(query, add, subtract)
+    except QueryError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from None
+    fmt = _choose_format(fmt, null, output, isatty(sys.stdout))
+    if not os.path.isdir(os.path.expanduser(search_dir)):
+        what = "is not a folder" if os.path.exists(os.path.expanduser(search_dir)) else "no such folder"
+        raise UsageError(f"--dir {search_dir}: {what}", hint="give --dir an existing folder (default: the current one)")
+    root = os.path.realpath(os.path.expanduser(search_dir))
+
+    from ...outputs.signals import sigterm_as_interrupt
+    from ...search.query import describe, open_images, query_vector
+    from ..options import load_model, open_kwargs, pil_pixel_limit
+
+    with sigterm_as_interrupt() as terminated, pil_pixel_limit(max_pixels):
+        try:
+            model_ = load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+            open_kw = open_kwargs(max_pixels, 30.0, 64.0, model_.draft_min_side)
+            try:
+                images = open_images(parts, open_kw)  # a query image that cannot be read fails before indexing
+                vector = query_vector(model_, parts, images, batch_size=batch_size)
+            except QueryError as exc:
+                if exc.usage:  # parts that cancel out
+                    raise UsageError(exc.message, hint=exc.hint) from None
+                raise
+            folder = _index_folder(index_dir, model_)
+            if not no_index:
+                _update(model_, folder, index_dir, root, search_dir, include_hidden, exclude_dirs, open_kw,
+                        batch_size, input_timeout, msgs)
+            hits, searched = _rank(model_, folder, no_index, root, vector, top, min_score)
+        except KeyboardInterrupt:
+            from .. import ExitStatus
+
+            msgs.error("interrupted; the index keeps what was done", hint="run the same command again to go on")
+            click.get_current_context().exit(ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED)
+    if searched == 0:
+        msgs.warn(f"{search_dir}: no indexed images below this folder")
+    elif not hits and min_score is not None:
+        msgs.note(f"no image scores {min_score} or more (the best of {searched:,} images is below it)")
+    _output(fmt, hits, output, null, title=describe(parts), searched=root,
+            note=f"{model_.model_id}, {searched:,} image{'' if searched == 1 else 's'} searched")
+
+
+def _choose_format(fmt, null, output, stdout_is_tty) -> str:
+    if null:
+        if fmt not in (None, "paths"):
+            raise UsageError(f"-0 prints NUL-separated paths; it does not go with -f {fmt}",
+                             hint="leave out -f (or give -f paths) with -0")
+        return "paths"
+    if fmt is None:
+        if output is not None:
+            return "html" if output.lower().endswith((".html", ".htm")) else "jsonl"
+        return "table" if stdout_is_tty else "jsonl"
+    if fmt == "html" and output is None and stdout_is_tty:
+        raise UsageError("-f html writes a page: give it a file", hint="add -o results.html (or pipe the output)")
+    return fmt
+
+
+def _index_folder(index_dir: str, model_):
+    from pathlib import Path
+
+    from ...search.store import default_index_folder
+
+    return default_index_folder(model_.weights_id) if index_dir == "auto" else Path(os.path.expanduser(index_dir))
+
+
+def _update(model_, folder, index_dir, root, search_dir, include_hidden, exclude_dirs, open_kw, batch_size,
+            input_timeout, msgs) -> None:
+    """Bring the index up to date with the images below root (see altclip_cli.search.update)."""
+    from ...search.store import IndexStore
+    from ...search.update import UpdateSummary, index_identity, update_index
+
+    real = os.path.realpath(folder)
+    # As `altclip index` does: an index folder inside the searched one stores relative paths.
+    relative = index_dir != "auto" and (real == root or real.startswith(root.rstrip(os.sep) + os.sep))
+    kw = {"include_hidden": include_hidden, "open_kw": open_kw, "batch_size": batch_size,
+          "input_timeout": input_timeout, "msgs": msgs}
+    if exclude_dirs:
+        kw["exclude_dirs"] = tuple(d for d in exclude_dirs if d)
+    summary = UpdateSummary()
+    with IndexStore.open(folder, identity=index_identity(model_), write=True, create=True,
+                         relative_paths=relative, writer="altclip search") as store:
+        update_index(lambda: model_, store, [root], summary=summary, **kw)
+    if summary.changed:
+        msgs.note(summary.line(search_dir))
+    if summary.failed:
+        msgs.warn(f"{summary.failed:,} image{'s' if summary.failed > 1 else ''} could not be indexed "
+                  "(named above) and cannot be found")
+
+
+def _rank(model_, folder, no_index, root, vector, top, min_score):
+    """([(rank, absolute path, score)], images searched) for the files below root."""
+    from ...search.rank import ExactRanker
+    from ...search.store import INDEX_DB, IndexStore, IndexStoreError
+    from ...search.update import index_identity
+
+    if no_index and not (folder / INDEX_DB).exists():
+        raise IndexStoreError(f"there is no index in {folder}",
+                              hint="leave out --no-index to build it now, or run `altclip index DIR` first")
+    with IndexStore.open(folder, identity=index_identity(model_)) as store, store.snapshot(under=root) as snap:
+        if snap.count == 0:
+            return [], 0
+        hits = ExactRanker(snap.vectors).top_k(vector, top, rows=snap.rows)
+        positions, scores = hits.positions[0], hits.scores[0]
+        if min_score is not None:
+            keep = scores >= min_score
+            positions, scores = positions[keep], scores[keep]
+        paths = snap.paths_of(snap.file_ids[positions])
+        return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count
+
+
+# --- output -----------------------------------------------------------------------------------------
+
+
+def _output(fmt, hits, output, null, *, title, searched, note) -> None:
+    if fmt == "html":
+        from ...search.html import Hit, render
+
+        data = render([Hit(r, p, s) for r, p, s in hits], title, searched=searched, note=note).encode("utf-8")
+    elif fmt == "table":
+        data = _table(hits, output is None)
+    else:
+        data = b"".join(_FORMATTERS[fmt](hits, null))
+    if output is not None:
+        from ...search.html import write
+
+        write(output, data)
+        return
+    out = sys.stdout.buffer
+    out.write(data)
+    out.flush()
+
+
+def _record(rank, path, score) -> dict:
+    from ...inputs.names import display
+
+    return {"rank": rank, "path": display(path), "score": round(score, 4)}
+
+
+def _jsonl(hits, null):
+    from ..formats import dumps
+
+    for hit in hits:
+        yield (dumps(_record(*hit)) + "\n").encode("utf-8")
+
+
+def _json(hits, null):
+    from ..formats import dumps
+
+    body = ",\n".join(dumps(_record(*hit)) for hit in hits)
+    yield (f"[\n{body}\n]\n" if hits else "[]\n").encode("utf-8")
+
+
+_TSV_ESCAPES = {ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
+
+
+def _tsv(hits, null):
+    for _rank, path, score in hits:
+        yield f"{score:.4f}\t".encode() + os.fsencode(path.translate(_TSV_ESCAPES)) + b"\n"
+
+
+def _paths(hits, null):
+    """The file system's own bytes (a name that is not UTF-8 stays openable)."""
+    end = b"\0" if null else b"\n"
+    for _rank, path, _score in hits:
+        if not null and "\n" in path:
+            messages().warn(f"{path!r} has a newline in its name: use -0 to pass such paths on")
+        yield os.fsencode(path) + end
+
+
+_FORMATTERS = {"jsonl": _jsonl, "json": _json, "tsv": _tsv, "paths": _paths}
+
+
+def _table(hits, to_terminal: bool) -> bytes:
+    """rank, score and path (relative to the current folder when below it); rich renders it."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from ...inputs.names import display
+    from ..terminal import no_color
+
+    buf = io.StringIO()
+    width = None
+    if to_terminal:
+        import shutil
+
+        width = shutil.get_terminal_size().columns
+    console = Console(file=buf, no_color=no_color(), highlight=False, emoji=False, width=width,
+                      force_terminal=to_terminal and not no_color())
+    cwd = os.path.realpath(os.getcwd())
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path", overflow="fold")
+    for rank, path, score in hits:
+        shown = os.path.relpath(path, cwd) if path.startswith(cwd.rstrip(os.sep) + os.sep) else path
+        table.add_row(str(rank), f"{score:.4f}", Text(display(shown)))
+    if hits:
+        console.print(table)
+    return buf.getvalue().encode("utf-8")
