@@ -465,3 +465,20 @@ def test_paths_through_xargs_0_in_a_real_pipeline(gallery, tmp_path, model):
     assert sorted(os.listdir(tmp_path / "picked")) == sorted([name for name, _ in GALLERY] + odd)
     for name in odd:
         assert (tmp_path / "picked" / name).read_bytes() == (gallery / name).read_bytes()
+
+
+def test_another_writer_holding_the_index(gallery, model, tiny_loaded):
+    """An `altclip index` run holding the index: search says so (exit 1); --no-index searches what
+    is committed."""
+    from altclip_cli.search.store import IndexStore, default_index_folder
+    from altclip_cli.search.update import index_identity
+
+    first = ok(search("a dog", "--dir", "photos", model=model))
+    loaded = tiny_loaded[1]
+    folder = default_index_folder(loaded.weights_id)
+    with IndexStore.open(folder, identity=index_identity(loaded), write=True, writer="altclip index"):
+        for extra in ([], ["--wait", "0.2"]):
+            result = search("a dog", "--dir", "photos", *extra, model=model)
+            assert result.exit_code == 1 and result.stdout == ""
+            assert re.match(r"error: another altclip index \(pid \d+\) is updating ", result.stderr)
+        assert ok(search("a dog", "--dir", "photos", "--no-index", model=model)) == first  # readers go on

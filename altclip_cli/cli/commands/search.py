@@ -35,6 +35,9 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 @click.option("--no-index", is_flag=True, help="Search the index as it is, without bringing it up to date first.")
 @click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
               help="Where the index lives (as for `altclip index`); auto: the model's own under ALTCLIP_HOME.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+              help="Wait this long for another run updating the same index [default: fail at once; "
+                   "--no-index searches what it has committed so far].")
 @click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders (names starting with '.').")
 @click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
               help=f"Do not index folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
@@ -47,7 +50,7 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
                    "(must match how the index was built).")
 @model_options
 @common_options
-def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, no_index, index_dir,
+def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, no_index, index_dir, wait,
            include_hidden, exclude_dirs, max_pixels, input_timeout, exact_decode, model, device, precision,
            revision, batch_size, quiet):
     """Find the images below --dir (default: here) that best match QUERY.
@@ -109,7 +112,7 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
                 raise
             folder = _index_folder(index_dir, model_)
             if not no_index:
-                _update(model_, folder, index_dir, root, search_dir, include_hidden, exclude_dirs, open_kw,
+                _update(model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs, open_kw,
                         batch_size, input_timeout, msgs)
             hits, searched = _rank(model_, folder, no_index, root, vector, top, min_score)
         except KeyboardInterrupt:
@@ -148,7 +151,7 @@ def _index_folder(index_dir: str, model_):
     return default_index_folder(model_.weights_id) if index_dir == "auto" else Path(os.path.expanduser(index_dir))
 
 
-def _update(model_, folder, index_dir, root, search_dir, include_hidden, exclude_dirs, open_kw, batch_size,
+def _update(model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs, open_kw, batch_size,
             input_timeout, msgs) -> None:
     """Bring the index up to date with the images below root (see altclip_cli.search.update)."""
     from ...search.store import IndexStore
@@ -162,7 +165,7 @@ def _update(model_, folder, index_dir, root, search_dir, include_hidden, exclude
     if exclude_dirs:
         kw["exclude_dirs"] = tuple(d for d in exclude_dirs if d)
     summary = UpdateSummary()
-    with IndexStore.open(folder, identity=index_identity(model_), write=True, create=True,
+    with IndexStore.open(folder, identity=index_identity(model_), write=True, create=True, wait=wait,
                          relative_paths=relative, writer="altclip search") as store:
         update_index(lambda: model_, store, [root], summary=summary, **kw)
     if summary.changed:
