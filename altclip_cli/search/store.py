@@ -49,7 +49,6 @@ import json
 import os
 import sqlite3
 import struct
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,11 +148,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _writer_command(argv: list[str]) -> str:
-    command = next((a for a in argv[1:] if not a.startswith("-")), None)
-    return f"altclip {command}" if command else "altclip"
-
-
 @dataclass
 class FileRow:
     """What the index knows of one file (see `IndexStore.rows_under`)."""
@@ -189,7 +183,7 @@ class IndexStore:
     @classmethod
     def open(cls, folder: str | os.PathLike, *, identity: dict | None = None, write: bool = False,
              create: bool = False, wait: float = 0.0, rebuild: bool = False,
-             relative_paths: bool = False) -> "IndexStore":
+             relative_paths: bool = False, writer: str | None = None) -> "IndexStore":
         """Open the index in `folder`.
 
         identity: {"model": str, "weights": str, "dim": int} (see update.index_identity); when
@@ -199,6 +193,7 @@ class IndexStore:
         index if there is none (needs write and identity); relative_paths: a new index stores
         paths relative to its folder (so the folder can move with the images it indexes).
         rebuild: (with write) delete the index first, damaged or not, and start an empty one.
+        writer: how another writer's refusal names this one while it holds the lock ("altclip index").
         Raises IndexStoreError: no index (without create), damaged, newer schema, another model,
         locked by another writer.
         """
@@ -216,7 +211,7 @@ class IndexStore:
                     raise IndexStoreError(f"cannot create the index folder {folder} ({exc.strerror or exc})") from None
             elif not folder.is_dir():
                 raise _missing(folder)
-            lock = _acquire_write_lock(folder, wait)
+            lock = _acquire_write_lock(folder, wait, writer)
         try:
             if rebuild:
                 _remove_index_files(folder)
@@ -517,7 +512,7 @@ def _encodable(text: str) -> bool:
         return False
 
 
-def _acquire_write_lock(folder: Path, wait: float):
+def _acquire_write_lock(folder: Path, wait: float, writer: str | None):
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(folder / WRITE_LOCK), timeout=max(0.0, wait))
@@ -527,7 +522,7 @@ def _acquire_write_lock(folder: Path, wait: float):
         who = "another altclip process"
         try:
             info = json.loads((folder / WRITER_INFO).read_text(encoding="utf-8"))
-            who = f"another {info['command']} (pid {int(info['pid'])})"
+            who = f"another {info.get('command') or 'altclip process'} (pid {int(info['pid'])})"
         except (OSError, ValueError, KeyError, TypeError):
             pass
         hint = "wait for it to finish, or pass --wait 600 to wait up to 10 minutes for it"
@@ -535,8 +530,7 @@ def _acquire_write_lock(folder: Path, wait: float):
     except OSError as exc:
         raise IndexStoreError(f"cannot lock the index in {folder} ({exc.strerror or exc})") from None
     try:
-        (folder / WRITER_INFO).write_text(json.dumps({"pid": os.getpid(), "command": _writer_command(sys.argv)}),
-                                          encoding="utf-8")
+        (folder / WRITER_INFO).write_text(json.dumps({"pid": os.getpid(), "command": writer}), encoding="utf-8")
     except OSError:
         pass
     return lock

@@ -354,13 +354,15 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
     pending: list = []  # (item, embedding or None, error or None)
 
     def flush():
-        with signals_deferred():  # Ctrl-C and SIGTERM wait for the commit (and the journal of counts)
+        with signals_deferred():  # Ctrl-C and SIGTERM wait for the commit and the counts
             if not pending:
                 return
-            vectors = [emb for _it, emb, _why in pending if emb is not None]
+            batch = pending[:]
+            pending.clear()  # whatever happens below, this batch is not written twice
+            vectors = [emb for _it, emb, _why in batch if emb is not None]
             row = store.append_vectors(np.stack(vectors)) if vectors else None
             upserts = []
-            for it, emb, why in pending:
+            for it, emb, why in batch:
                 if it.content_key is None:
                     it.content_key = keys.get(it.path)
                 vec_row = None
@@ -369,7 +371,7 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
                 for f in [it, *it.followers]:
                     upserts.append(f.row(vec_row, why))
             store.commit(upserts=upserts, meta=settings)
-            for it, emb, _why in pending:
+            for it, emb, _why in batch:
                 group = [it, *it.followers]
                 if emb is None:
                     summary.failed += len(group)
@@ -378,7 +380,6 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
                 summary.added += sum(1 for f in group if f.old_id is None)
                 summary.reused += len(it.followers)
             summary.embedded += len(vectors)
-            pending.clear()
 
     total = sum(1 + len(it.followers) for it in items)
     try:

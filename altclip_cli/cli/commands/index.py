@@ -28,6 +28,8 @@ reuse_index_option = click.option(
 @click.option("--rebuild", is_flag=True, help="Start the index over (a damaged one too) and embed every image.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Wait this long for another run updating the same index [default: fail at once].")
+@click.option("--commit-every", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
+              help="Commit to the index every N images embedded (a killed run loses at most these).")
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
               help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
 @click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
@@ -36,15 +38,16 @@ reuse_index_option = click.option(
               help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing.")
 @model_options
 @common_options
-def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild, wait, max_pixels, input_timeout,
-          exact_decode, model, device, precision, revision, batch_size, quiet):
+def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild, wait, commit_every, max_pixels,
+          input_timeout, exact_decode, model, device, precision, revision, batch_size, quiet):
     """Index the images below PATHS (default: the current folder) for `altclip search`.
 
     New and changed images (by size and modification time) are embedded, deleted ones dropped,
     and renamed or copied ones take their vector from the file with the same content without
     running the model. An image that fails is named on stderr and recorded; it is tried again
     once it changes (or with --retry-failed). Run it again at any time: an unchanged tree takes
-    a walk and no model. Interrupted or killed, it keeps what it committed (every 256 images).
+    a walk and no model. Interrupted or killed, it keeps what it committed (every --commit-every
+    images).
 
     \b
     Examples:
@@ -84,18 +87,18 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     with sigterm_as_interrupt() as terminated:
         try:
             with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait, rebuild=rebuild,
-                                 relative_paths=relative) as store, _pixel_limit(max_pixels):
+                                 relative_paths=relative, writer="altclip index") as store, _pixel_limit(max_pixels):
                 kw = {"include_hidden": include_hidden, "open_kw": open_kwargs(max_pixels, 30.0, 64.0),
                       "batch_size": batch_size, "input_timeout": input_timeout, "msgs": msgs,
-                      "retry_failed": retry_failed, "summary": summary}
+                      "retry_failed": retry_failed, "commit_every": commit_every, "summary": summary}
                 if excludes is not None:
                     kw["exclude_dirs"] = excludes
                 update_index(get_model, store, roots, **kw)
         except KeyboardInterrupt:
             code = ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED
-            msgs.error(f"interrupted; the index keeps what was done ({summary.added + summary.updated + summary.renamed:,} "
-                       f"images indexed, {summary.failed:,} failed)",
-                       hint="run the same command again to go on from there")
+            done = summary.added + summary.updated + summary.renamed
+            msgs.error(f"interrupted; the index keeps what was done ({done:,} image{'' if done == 1 else 's'} "
+                       f"indexed, {summary.failed:,} failed)", hint="run the same command again to go on from there")
             click.get_current_context().exit(code)
     msgs.note(summary.line(what))
     if summary.still_failing:
