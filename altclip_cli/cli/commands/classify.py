@@ -10,6 +10,7 @@ from ...errors import InputError
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
                        stdin_for)
 from ..formats import FORMATS
+from .index import reuse_index_option
 
 
 @click.command()
@@ -24,10 +25,11 @@ from ..formats import FORMATS
               help="Show only the K most likely labels per image [default: all].")
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format [default: table on a terminal, jsonl otherwise].")
+@reuse_index_option
 @image_input_options
 @model_options
 @common_options
-def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_pixels, url_timeout,
+def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recursive, max_pixels, url_timeout,
              url_max_mb, input_timeout, exact_decode, model, device, precision, revision, batch_size, quiet):
     """Score IMAGES against labels: which label fits each image best.
 
@@ -62,14 +64,15 @@ def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_
 
     writer = classify_writer(fmt, sys.stdout)
     failed = 0
+    store = None  # the index of --index, when its vectors are used
     if sources:
         from ..options import load_model, pil_pixel_limit
 
         model_ = load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
         label_emb = model_.label_embeddings(labels, list(templates) or None, batch_size=batch_size)
         opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
-        results = model_.stream_images(sources, open_fn=lambda s: open_source(s, **opener_kw),
-                                       batch_size=batch_size, input_timeout=input_timeout)
+        results, store = _image_results(model_, sources, index_dir, msgs, lambda s: open_source(s, **opener_kw),
+                                        batch_size, input_timeout)
         with (pil_pixel_limit(max_pixels),
               msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar):
             for r in results:
@@ -84,11 +87,32 @@ def classify(images, labels, labels_file, templates, top_k, fmt, recursive, max_
                     writer.write(score_record(name, labels, probs[0], logits[0], top_k))
                 bar.advance()
     writer.close()
+    if store is not None:
+        store.close()
     if failed:
         from .. import ExitStatus
 
         msgs.warn(f"{failed} of {len(sources)} images failed")
         click.get_current_context().exit(ExitStatus.PARTIAL)
+
+
+def _image_results(model, sources, index_dir, msgs, open_fn, batch_size, input_timeout):
+    """(ImageResults in input order, the --index store or None): with --index, the vectors of the
+    images that the index holds unchanged come from it and only the others go through the model."""
+    store, hits = None, {}
+    if index_dir is not None:
+        from ...search.update import indexed_rows, open_for_reuse
+
+        store = open_for_reuse(index_dir, model, warn=msgs.warn)
+        hits = indexed_rows(store, sources) if store is not None else {}
+    rest = [s for i, s in enumerate(sources) if i not in hits] if hits else sources
+    results = model.stream_images(rest, open_fn=open_fn, batch_size=batch_size,
+                                  input_timeout=input_timeout) if rest else iter(())
+    if hits:
+        from ...search.update import merged_results
+
+        results = merged_results(sources, hits, store, results)
+    return results, store
 
 
 def _collect_labels(given, labels_file, images) -> list[str]:

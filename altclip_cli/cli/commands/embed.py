@@ -8,6 +8,7 @@ import click
 
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
                        pil_pixel_limit)
+from .index import reuse_index_option
 
 
 @click.command()
@@ -25,10 +26,11 @@ from ..options import (UsageError, common_options, image_input_options, messages
               help="Continue an interrupted run with -o from its last checkpoint (same inputs and options).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True, metavar="N",
               help="With -o, make the partial output resumable every N inputs.")
+@reuse_index_option
 @image_input_options
 @model_options
 @common_options
-def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, recursive,
+def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, index_dir, recursive,
           max_pixels, url_timeout, url_max_mb, input_timeout, exact_decode, model, device, precision, revision,
           batch_size, quiet):
     """Embed texts or images into AltCLIP's shared space.
@@ -59,6 +61,11 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
         raise UsageError("--resume needs -o OUT.npy")
     if output == "-":
         raise UsageError("-o - is not supported", hint="leave out -o to get jsonl on stdout")
+    if index_dir is not None and text_file is not None:
+        raise UsageError("--index is for images", hint="leave out --index with --text")
+    if index_dir is not None and no_normalize:
+        msgs.warn("--index is not used with --no-normalize: the index holds normalised vectors")
+        index_dir = None
 
     kind = "text" if text_file is not None else "image"
     if kind == "text":
@@ -78,7 +85,7 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
         msgs.warn("nothing to embed: the input list is empty")
 
     run = _Run(kind, model, device, precision, batch_size, not no_normalize, msgs, exact_decode, revision,
-               input_timeout)
+               input_timeout, index_dir)
     opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb)
     with pil_pixel_limit(max_pixels):
         if output is None:
@@ -94,10 +101,11 @@ class _Run:
     """The model (loaded on first need) and the settings of one embed run."""
 
     def __init__(self, kind, model, device, precision, batch_size, normalize, msgs, exact_decode=False,
-                 revision=None, input_timeout=None):
+                 revision=None, input_timeout=None, index_dir=None):
         self.kind, self.model_name, self.device, self.precision = kind, model, device, precision
         self.exact_decode, self.revision, self.input_timeout = exact_decode, revision, input_timeout
         self.batch_size, self.normalize, self.msgs = batch_size, normalize, msgs
+        self.index_dir = index_dir  # --index: vectors of unchanged indexed images from there
         self._model = None
 
     @property
@@ -117,9 +125,31 @@ class _Run:
             return text_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize)
         if not inputs:
             return iter(())
-        return image_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize,
-                             open_kw=opener_kw, input_timeout=self.input_timeout,
-                             on_error=lambda name, why: self.msgs.error(f"{name}: {why}"))
+
+        def batches(sources):
+            return image_batches(self.model, sources, batch_size=self.batch_size, normalize=self.normalize,
+                                 open_kw=opener_kw, input_timeout=self.input_timeout,
+                                 on_error=lambda name, why: self.msgs.error(f"{name}: {why}"))
+
+        if self.index_dir is None:
+            return batches(inputs)
+        return self._with_index(inputs, batches)
+
+    def _with_index(self, inputs, batches):
+        """batches(inputs), with the vectors of the inputs that the --index index holds unchanged
+        taken from it (only the others go through the model)."""
+        from ...runtime.device import default_batch_size
+        from ...search.update import indexed_rows, merged_batches, open_for_reuse
+
+        store = open_for_reuse(self.index_dir, self.model, warn=self.msgs.warn)
+        hits = indexed_rows(store, inputs) if store is not None else {}
+        if not hits:
+            if store is not None:
+                store.close()
+            return batches(inputs)
+        rest = [s for i, s in enumerate(inputs) if i not in hits]
+        size = self.batch_size or default_batch_size(self.model.device, "image")
+        return merged_batches(inputs, hits, store, batches(rest) if rest else iter(()), size)
 
 
 def _to_stdout(run: _Run, inputs, opener_kw) -> int:
