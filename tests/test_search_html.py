@@ -196,3 +196,20 @@ def test_search_writes_the_page_with_o(tmp_path, monkeypatch, tiny_loaded):
     assert len(Page(piped.stdout).cards) == 6
     everything = invoke("search", "a <dog>", "--dir", "photos", "-k", "20", "-m", model, "-f", "html").stdout
     assert "&lt;b&gt;bold &amp; co.png" in everything and "<b>bold" not in everything
+
+
+def test_the_query_images_show_under_the_heading(tmp_path, monkeypatch, tiny_loaded):
+    from test_cli import invoke
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        photo(tmp_path / "photos" / f"p{i}.png", (300, 200), seed=i)
+    result = invoke("search", "a dog", "-s", "./photos/p1.png", "--dir", "photos", "-m", str(tiny_loaded[0]),
+                    "-f", "html")
+    assert result.exit_code == 0, result.stderr
+    page = Page(result.stdout)
+    assert page.h1.strip() == "a dog - ./photos/p1.png" and len(page.cards) == 3
+    header_imgs = [a for tag, a in page.tags if tag == "img" and a.get("alt") == "- ./photos/p1.png"]
+    assert len(header_imgs) == 1 and decode(header_imgs[0]["src"]).size == (96, 64)
+    assert [tag for tag, _ in page.tags].count("img") == 4

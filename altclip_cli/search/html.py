@@ -22,6 +22,7 @@ from typing import Sequence
 from ..inputs.names import display
 
 THUMB_PX = 256
+QUERY_PX = 96  # the query's own images, under the heading
 JPEG_QUALITY = 82
 
 
@@ -36,11 +37,19 @@ class Hit:
 
 def thumbnail(path: str, px: int = THUMB_PX) -> str:
     """A data:image/jpeg;base64 URI of the image at most `px` on a side, or InputError saying why not."""
-    from PIL import Image
-
     from ..inputs.images import open_image
 
     image = open_image(path, name=display(path), draft_min_side=px)  # EXIF orientation, first frame
+    return image_uri(image, px, keep=False)
+
+
+def image_uri(image, px: int = THUMB_PX, *, keep: bool = True) -> str:
+    """A data:image/jpeg;base64 URI of a decoded PIL image at most `px` on a side (keep: leave
+    `image` as it is; else it is shrunk in place)."""
+    from PIL import Image
+
+    if keep:
+        image = image.copy()
     image.thumbnail((px, px), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -67,9 +76,10 @@ def _thumb_or_error(path: str, px: int) -> tuple[str | None, str | None]:
 
 
 def render(hits: Sequence[Hit], query: str, *, searched: str = "", note: str = "", px: int = THUMB_PX,
-           workers: int | None = None) -> str:
+           workers: int | None = None, query_images: Sequence[tuple[str, object]] = ()) -> str:
     """The page as a string. query: the query as one line (see query.describe); searched: the folder
-    searched; note: a line for the footer (the model, the number of files)."""
+    searched; note: a line for the footer (the model, the number of files); query_images: (label,
+    PIL image) of the query's image parts, shown small under the heading."""
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes outside the GIL
         thumbs = list(pool.map(lambda h: _thumb_or_error(h.path, px), hits))
@@ -81,8 +91,11 @@ def render(hits: Sequence[Hit], query: str, *, searched: str = "", note: str = "
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
     footer = " · ".join(x for x in (e(note), f"altclip search, {e(when)}") if x)
     body = cards if hits else '<p class="empty">No results.</p>'
-    return _PAGE.format(title=e(f"altclip search: {query}"), query=e(query), count=count, where=where,
-                        body=body, footer=footer, css=_CSS)
+    shown = "".join(f'<figure class="part"><img src="{image_uri(image, QUERY_PX)}" alt="{e(label)}">'
+                    f'<figcaption>{e(label)}</figcaption></figure>' for label, image in query_images)
+    parts = f'<div class="parts">{shown}</div>' if shown else ""
+    return _PAGE.format(title=e(f"altclip search: {query}"), query=e(query), parts=parts, count=count,
+                        where=where, body=body, footer=footer, css=_CSS)
 
 
 def _card(hit: Hit, uri: str | None, error: str | None, best: float) -> str:
@@ -170,6 +183,10 @@ a { color: inherit; text-decoration: none; }
 .name { display: block; font-weight: 500; overflow-wrap: anywhere; }
 .dir { display: block; color: var(--muted); font-size: 12px; overflow-wrap: anywhere; }
 .empty { color: var(--muted); }
+.parts { display: flex; flex-wrap: wrap; gap: 10px; margin: 10px 0; }
+.part { margin: 0; text-align: center; color: var(--muted); font-size: 12px; }
+.part img { display: block; max-width: 96px; max-height: 96px; border-radius: 8px;
+            border: 1px solid var(--line); margin-bottom: 4px; }
 footer { padding: 0 32px 28px; font-size: 12px; }
 """
 
@@ -186,7 +203,7 @@ _PAGE = """<!doctype html>
 <body>
 <header>
 <h1>{query}</h1>
-<p>{count}{where}</p>
+{parts}<p>{count}{where}</p>
 </header>
 <main>
 {body}

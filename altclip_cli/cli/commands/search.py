@@ -124,7 +124,8 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
         msgs.warn(f"{search_dir}: no indexed images below this folder")
     elif not hits and min_score is not None:
         msgs.note(f"no image scores {min_score} or more (the best of {searched:,} images is below it)")
-    _output(fmt, hits, output, null, title=describe(parts), searched=root,
+    shown = [(("- " if p.weight < 0 else "") + p.given, images[i]) for i, p in enumerate(parts) if p.is_image]
+    _output(fmt, hits, output, null, title=describe(parts), searched=root, query_images=shown,
             note=f"{model_.model_id}, {searched:,} image{'' if searched == 1 else 's'} searched")
 
 
@@ -199,11 +200,12 @@ def _rank(model_, folder, no_index, root, vector, top, min_score):
 # --- output -----------------------------------------------------------------------------------------
 
 
-def _output(fmt, hits, output, null, *, title, searched, note) -> None:
+def _output(fmt, hits, output, null, *, title, searched, note, query_images=()) -> None:
     if fmt == "html":
         from ...search.html import Hit, render
 
-        data = render([Hit(r, p, s) for r, p, s in hits], title, searched=searched, note=note).encode("utf-8")
+        data = render([Hit(r, p, s) for r, p, s in hits], title, searched=searched, note=note,
+                      query_images=query_images).encode("utf-8")
     elif fmt == "table":
         data = _table(hits, output is None)
     else:
@@ -213,7 +215,11 @@ def _output(fmt, hits, output, null, *, title, searched, note) -> None:
 
         write(output, data)
         return
-    out = sys.stdout.buffer
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:  # a text-only stream in place of stdout (an embedding program's)
+        sys.stdout.write(data.decode("utf-8", "surrogateescape"))
+        sys.stdout.flush()
+        return
     out.write(data)
     out.flush()
 
