@@ -50,7 +50,6 @@ import os
 import sqlite3
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -146,17 +145,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     return db
-
-
-@dataclass
-class FileRow:
-    """What the index knows of one file (see `IndexStore.rows_under`)."""
-
-    id: int
-    size: int
-    mtime_ns: int
-    vec_row: int | None
-    failed: bool  # an error is recorded (and there is no vector)
 
 
 class IndexStore:
@@ -308,12 +296,14 @@ class IndexStore:
 
     # --- reading --------------------------------------------------------------------------------------
 
-    def rows_under(self, under: str | os.PathLike | None) -> dict[str, FileRow]:
-        """Every indexed file at or below `under`, by stored path (one SELECT)."""
+    def rows_under(self, under: str | os.PathLike | None) -> dict[str, tuple]:
+        """Every indexed file at or below `under`, by stored path, in one SELECT: plain tuples
+        (path, id, size, mtime_ns, vec_row or None, 1 if an error is recorded else 0), the
+        cheapest Python objects for a million rows."""
         clause, params = self.under_clause(under)
         cur = self._db.execute(
             f"SELECT path, id, size, mtime_ns, vec_row, error IS NOT NULL FROM files WHERE {clause}", params)
-        return {p: FileRow(i, s, m, v, bool(e)) for p, i, s, m, v, e in cur}
+        return {row[0]: row for row in cur}
 
     def count(self) -> tuple[int, int]:
         """(files with a vector, files with an error) in the whole index."""

@@ -202,7 +202,7 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs):
-    """Walk the roots and compare with the index: (keys seen, new or changed _Items, {key: FileRow}
+    """Walk the roots and compare with the index: (keys seen, new or changed _Items, {key: file id}
     of indexed files that are gone)."""
     seen: set[str] = set()
     work: list[_Item] = []
@@ -226,14 +226,14 @@ def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, 
             if key in seen:
                 continue
             seen.add(key)
-            row = rows.get(key)
-            if row is not None and row.size == size and row.mtime_ns == mtime_ns and not (retry_failed and row.failed):
+            row = rows.get(key)  # (path, id, size, mtime_ns, vec_row, failed)
+            if row is not None and row[2] == size and row[3] == mtime_ns and not (retry_failed and row[5]):
                 summary.unchanged += 1
-                summary.still_failing += row.failed
+                summary.still_failing += row[5]
                 continue
             work.append(_Item(key, join(real, rel) if rel else real, join(given, rel) if rel else given, size,
-                              mtime_ns, row.id if row is not None else None))
-    removed = {key: row for key, row in known.items()
+                              mtime_ns, row[1] if row is not None else None))
+    removed = {key: row[1] for key, row in known.items()
                if key not in seen and not any(key == p or key.startswith(p + "/") for p in kept_prefixes)}
     return seen, work, removed
 
@@ -252,7 +252,7 @@ def _reuse_by_content(store, work, removed, summary):
     same_size = Counter(item.size for item in work)
     candidates = [it for it in work if it.size in sizes or same_size[it.size] > 1]
     _hash_all(candidates)
-    removed_ids = {row.id for row in removed.values()}
+    removed_ids = set(removed.values())
     renamed_from: set[int] = set()
     upserts, to_embed = [], []
     leaders: dict[str, _Item] = {}
