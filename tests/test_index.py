@@ -141,16 +141,17 @@ def test_first_run_indexes_everything_and_a_second_run_loads_no_model(photos, mo
     assert sorted(content(folder_of(model))) == sorted(str(p) for p in photos.rglob("*.*g"))
 
 
-def test_an_unchanged_tree_writes_nothing(photos, model):
+def test_an_unchanged_tree_writes_nothing(photos, model, monkeypatch):
     assert index(model, "photos").exit_code == 0
     folder = folder_of(model)
-    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    files = [folder / name for name in (INDEX_DB, INDEX_DB + "-wal", VECTORS) if (folder / name).exists()]
+    before = [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    for method in ("append_vectors", "commit"):
+        monkeypatch.setattr(IndexStore, method, lambda *a, **k: pytest.fail("the index was written"))
     with IndexStore.open(folder, write=True) as store:
         summary = update_index(lambda: pytest.fail("the model was loaded"), store, [photos])
-    assert (summary.unchanged, summary.changed) == (4, False)
-    after = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name in before}
-    assert {k: v for k, v in after.items() if not k.startswith(".")} == {
-        k: v for k, v in before.items() if not k.startswith(".") and k in after}
+    assert (summary.unchanged, summary.changed, summary.files) == (4, False, 4)
+    assert [(p.stat().st_size, p.stat().st_mtime_ns) for p in files] == before
 
 
 def test_a_touched_file_is_embedded_again_and_a_deleted_one_removed(photos, model, tower):
@@ -278,9 +279,9 @@ def _many_photos(root: Path, count: int, size=(64, 48)) -> None:
         write_image(folder / f"img{i:03d}.png", 100 + i, size)
 
 
-def _index_cmd(model, *args) -> list[str]:
+def _index_cmd(model, *args, quiet=True) -> list[str]:
     return [sys.executable, "-m", "altclip_cli", "index", "photos", "-m", str(model), *FP32, "-b", "1",
-            "--commit-every", "4", "-q", *args]
+            "--commit-every", "4", *(["-q"] if quiet else []), *args]
 
 
 def test_kill_9_at_random_points_of_a_real_index_run(tmp_path, model):
@@ -381,6 +382,27 @@ def test_kill_just_before_or_after_the_commit(tmp_path, model, when):
     assert sorted(got) == sorted(reference)
     for path, vector in reference.items():
         np.testing.assert_array_equal(got[path], vector)
+
+
+def test_sigterm_stops_a_real_run_with_143_and_keeps_its_work(tmp_path, model):
+    os.chdir(tmp_path)
+    _many_photos(tmp_path / "photos", 40, (640, 480))
+    env = {**os.environ, **SAFE_ENV}
+    proc = subprocess.Popen(_index_cmd(model, "--index", "idx"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _files_in(tmp_path / "idx") < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.splitlines()[-1] == "hint: run the same command again to go on from there"
+    done = check_invariants(tmp_path / "idx")
+    assert 8 <= done < 40 and len(rows(tmp_path / "idx")) == done
+    result = subprocess.run(_index_cmd(model, "--index", "idx", quiet=False), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert summary_line(result).startswith(f"indexed photos: {40 - done} added (40 files, ")
 
 
 def test_ctrl_c_commits_what_is_done_and_exits_130(photos, model, monkeypatch):
