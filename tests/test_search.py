@@ -482,3 +482,16 @@ def test_another_writer_holding_the_index(gallery, model, tiny_loaded):
             assert result.exit_code == 1 and result.stdout == ""
             assert re.match(r"error: another altclip index \(pid \d+\) is updating ", result.stderr)
         assert ok(search("a dog", "--dir", "photos", "--no-index", model=model)) == first  # readers go on
+
+
+def test_interrupted_while_indexing(gallery, model, monkeypatch):
+    import altclip_cli.search.update as update
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(update, "update_index", interrupted)
+    result = search("a dog", "--dir", "photos", model=model)
+    assert (result.exit_code, result.stdout) == (130, "")
+    assert result.stderr.splitlines() == ["error: interrupted; the index keeps what was done",
+                                          "hint: run the same command again to go on"]
