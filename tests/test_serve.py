@@ -339,6 +339,12 @@ def test_bad_requests_are_4xx_naming_the_problem_and_the_server_stays_up(server,
         assert words in exc.value.message, (payload, exc.value.message)
         assert exc.value.error["type"] and "message" in exc.value.error
 
+    fifo = short_dir() / "fifo.png"
+    os.mkfifo(fifo)  # nobody writes to it: opening it would block a decoder for ever
+    with pytest.raises(RequestFailed) as exc:
+        client.post_json(server.target, "/v1/classify", {"images": [str(fifo)], "labels": ["cat"]}, timeout=30)
+    assert exc.value.status == 422 and exc.value.message == f"{fifo}: not a regular file"
+
     status, _, data = raw_request(server, "POST", "/v1/embed", b"{not json", {"Content-Type": "application/json"})
     assert status == 400 and "not valid JSON" in json.loads(data)["error"]["message"]
     status, _, data = raw_request(server, "POST", "/v1/embed", b'{"texts": ["a"]}', {"Content-Type": "text/plain"})
@@ -596,6 +602,8 @@ def test_listening_beyond_loopback_needs_a_token(tiny_model_dir):
     assert "--token-file" in result.stderr
     result = invoke("serve", "-m", tiny_model_dir, "--socket", "/tmp/x.sock", "--port", "1")
     assert result.exit_code == 2 and "either --socket or --host/--port" in result.stderr
+    result = invoke("serve", "-m", tiny_model_dir, "--token-file", "/dev/null")
+    assert result.exit_code == 2 and "--token-file is for TCP" in result.stderr
 
 
 def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, tiny_model_dir):

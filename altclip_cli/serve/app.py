@@ -20,6 +20,7 @@ import os
 import stat
 import sys
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -126,7 +127,7 @@ class Decoder:
                 out.append(self.pool.result(task, self.input_timeout))
             except InputError as exc:
                 out.append(exc)
-            except TimeoutError:
+            except FutureTimeout:  # the worker is stuck on this input: it is replaced
                 self.pool.abandon(task)
                 out.append(InputError(f"{item.name}: no data after {self.input_timeout:g} s (a hung network mount?)"))
         return out
@@ -249,11 +250,13 @@ def create_app(state: ServeState) -> FastAPI:
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith("multipart/form-data"):
             form = await request.form(max_files=1000, max_fields=10000, max_part_size=state.max_request_bytes)
-            fields, uploads = form_to_classify(form.multi_items())
-            placeholders = [{"data": "-", "name": name} for name, _ in uploads]
-            req = parse_object(ClassifyRequest, {**fields, "images": placeholders})
-            items = [ImageInput(name, data=await upload.read()) for name, upload in uploads]
-            await form.close()
+            try:
+                fields, uploads = form_to_classify(form.multi_items())
+                placeholders = [{"data": "-", "name": name} for name, _ in uploads]
+                req = parse_object(ClassifyRequest, {**fields, "images": placeholders})
+                items = [ImageInput(name, data=await upload.read()) for name, upload in uploads]
+            finally:
+                await form.close()  # uploads over 1 MB were spooled to temporary files
             for i, item in enumerate(items):
                 if not item.data:
                     raise bad_request(f"images[{i}] ({item.name}) is empty (zero bytes)", f"images[{i}]")
