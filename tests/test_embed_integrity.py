@@ -315,3 +315,15 @@ def test_check_passes_a_committed_pair_and_names_every_broken_state(photos, tiny
     assert repaired.exit_code == 0, repaired.stderr
     assert sorted(p for p in os.listdir() if p.startswith("x.")) == ["x.jsonl", "x.manifest.json", "x.npy"]
     assert invoke("check", "x.npy").exit_code == 0
+
+
+def test_resume_with_a_copy_of_the_same_weights_continues(photos, tiny_model_dir, tmp_path):
+    """The weights are identified by their content: a copied (or re-downloaded) model continues."""
+    import shutil
+
+    _interrupted(photos, tiny_model_dir, "--precision", "fp32")
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "elsewhere" / "model"))
+    result = invoke("embed", "--image", *photos, "-o", "x.npy", "-b", "1", "-m", copy, "--precision", "fp32",
+                    "--resume")
+    assert result.exit_code == 0, result.stderr
+    assert "resuming after 2 of 4 inputs" in result.stderr

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cache.identity import content_identity
 from ..cache.identity import enabled as cache_enabled
 from ..cache.labels import LabelCache, text_identity
 from ..cache.weights import weights_identity
@@ -39,7 +40,7 @@ class AltCLIP:
     precision_reason: str = ""
     label_cache: object | None = None  # altclip_cli.cache.labels.LabelCache
     exact_decode: bool = False
-    weights_id: str = ""  # altclip_cli.cache.weights.weights_identity of the weight files
+    weights_id: str = ""  # altclip_cli.cache.identity.content_identity of the weight files
 
     @property
     def draft_min_side(self) -> int | None:
@@ -205,8 +206,8 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     threads = plan_threads(torch_device.type)
     if torch_device.type == "cpu" and torch.get_num_threads() > threads.torch_threads:
         torch.set_num_threads(threads.torch_threads)  # only ever lowered: a caller's own setting stays
-    weights_id = weights_identity(weights)  # cheap: stat + 18 sampled blocks; embed's resume checks it
-    key = weights_id if use_cache and cache_enabled() else None
+    weights_id = content_identity(weights)  # cheap: 18 sampled blocks; indexes and embed's resume use it
+    key = weights_identity(weights) if use_cache and cache_enabled() else None
     net = build_model(folder, weights, torch_device, precision, cache_key=key)
     labels = LabelCache(text_identity(key, folder), precision) if key else None
     return AltCLIP(model_id=str(model), folder=folder, model=net,

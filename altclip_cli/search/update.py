@@ -92,7 +92,7 @@ def model_identity(model: str, *, revision: str | None = None, progress: bool = 
     (downloaded if missing, as `load` would), their fingerprint taken and config.json read."""
     import json
 
-    from ..cache.weights import weights_identity
+    from ..cache.identity import content_identity
     from ..errors import ConfigError
     from ..hub.resolve import resolve_model
 
@@ -102,7 +102,7 @@ def model_identity(model: str, *, revision: str | None = None, progress: bool = 
         dim = int(json.loads(path.read_text(encoding="utf-8")).get("projection_dim", 768))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
-    return {"model": str(model), "weights": weights_identity(resolved.weights), "dim": dim}
+    return {"model": str(model), "weights": content_identity(resolved.weights), "dim": dim}
 
 
 def content_key(path: str, size: int) -> str:
