@@ -321,3 +321,11 @@ def test_draft_decoding_of_large_jpegs(tmp_path):
     assert drafted.size == (800, 600)  # 1/2 scale: the smallest whose shortest side is >= 448
     assert open_image(tmp_path / "big.jpg").size == (1600, 1200)
     assert open_image(tmp_path / "big.png", draft_min_side=448).size == (1600, 1200)  # JPEG only
+
+
+@pytest.mark.parametrize("content", [b"B", b"BM", b"BMx", b"\x89P"])
+def test_a_file_of_a_few_bytes_is_not_an_image(tmp_path, content):
+    path = tmp_path / "tiny.jpg"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match="tiny.jpg: not an image, or in a format Pillow cannot read"):
+        open_image(path)

@@ -33,7 +33,7 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 def _describe(exc: BaseException) -> str:
     """The reason a decode failed, in plain words, keeping PIL's own text for the curious."""
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, UnidentifiedImageError):
+    if isinstance(exc, (UnidentifiedImageError, struct.error)):  # struct: a file of a few bytes
         return "not an image, or in a format Pillow cannot read"
     if "truncated" in text.lower():
         return f"the file is truncated or damaged ({text})"
@@ -104,7 +104,8 @@ def _open_file(fp, label: str, max_pixels: int | None, draft_min_side: int | Non
             "(PIL.Image.MAX_IMAGE_PIXELS) and altclip does not change it",
             hint="raise PIL.Image.MAX_IMAGE_PIXELS in your program (the command line's --max-pixels does)",
         ) from exc
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, MemoryError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError, MemoryError,
+            struct.error) as exc:
         # PIL's plugins raise a zoo of exception types on damaged files.
         raise InputError(f"{label}: {_describe(exc)}") from exc
 
