@@ -1,7 +1,8 @@
 """The HTTP side of `altclip serve`: the routes (FastAPI) and the gate in front of them.
 
 Routes (JSON in and out; errors are {"error": {"message", "type", "param", "code"}}):
-  GET  /v1/health       what runs here: versions, model, weights, device, precision, pid, uptime
+  GET  /v1/health       what runs here: versions, model, weights, device, precision (resolved and
+                        as asked for), decoding, logit scale, pid, uptime, limits, counters
   GET  /v1/models       OpenAI's model list (the one model)
   POST /v1/classify     images + labels -> the records of `altclip classify -f json`
   POST /v1/embed        texts or images -> embeddings (JSON arrays or base64 float32)
@@ -71,6 +72,9 @@ class ServeState:
             "status": "ok", "altclip": __version__, "protocol": PROTOCOL,
             "model": m.model_id, "model_folder": str(m.folder), "revision": self.revision,
             "weights": m.weights_id, "device": str(m.device), "precision": m.precision,
+            "device_requested": _requested(m.device_reason, str(m.device)),
+            "precision_requested": _requested(m.precision_reason, m.precision),
+            "exact_decode": bool(m.exact_decode), "logit_scale": m.logit_scale,
             "embed_dim": m.embed_dim, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
             "transport": self.transport, "paths": self.transport == "unix",
             "limits": {"max_pixels": self.decoder.max_pixels, "max_request_bytes": self.max_request_bytes,
@@ -80,6 +84,13 @@ class ServeState:
             "requests": self.requests, "in_flight": self.in_flight, "waiting": self.batcher.waiting,
             "batching": self.batcher.stats.as_dict(),
         }
+
+
+def _requested(reason: str, resolved: str) -> str:
+    """What `serve` was asked for: "auto", or the device or precision named (runtime.device's
+    reasons start with "auto" when it chose). A client's --precision auto matches only a server
+    that chose too."""
+    return "auto" if reason.startswith("auto") else resolved
 
 
 # --- images -------------------------------------------------------------------------------------------

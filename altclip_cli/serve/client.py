@@ -9,7 +9,8 @@ model itself.
 Failures are typed: `ServerDown` (nothing answers, or the connection was lost before the answer:
 the caller may fall back to loading the model itself), `ServerMismatch` (a server answers but
 runs another model or protocol), `RequestFailed` (the server answered with an error; `ServerBusy`
-for a full queue, with `retry_after`) and `ServerTimeout`.
+for a full queue, with `retry_after`) and `ServerTimeout`. All are `AltclipError`s, so a command
+that meets one ends with its `error:` and `hint:` lines and exit status 1.
 """
 from __future__ import annotations
 
@@ -20,18 +21,15 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ..errors import AltclipError
+
 PROTOCOL = 1  # bumped when a request or response shape changes incompatibly
 DEFAULT_TIMEOUT = 300.0  # seconds to wait for an answer (the server bounds its own work too)
 HEALTH_TIMEOUT = 5.0
 
 
-class ServerError(Exception):
+class ServerError(AltclipError):
     """Base class: a message for people and an optional hint."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
 
 
 class ServerDown(ServerError):
@@ -250,9 +248,9 @@ def check_compatible(info: dict, *, model: str | None = None, revision: str | No
 
 
 def _same_model(model: str, info: dict) -> bool:
-    if model == info.get("model"):
-        return True
+    """A local folder by its real path (the same relative name may be another folder where the
+    server runs); a hub id by name."""
     local = os.path.expanduser(model)
     if os.path.isdir(local):
         return os.path.realpath(local) == os.path.realpath(info.get("model_folder") or "\0")
-    return False
+    return model == info.get("model")
