@@ -114,7 +114,19 @@ def _stack(*decorators):
 
 debug_option = click.option(
     "--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
-    help="Show the Python traceback when something fails (also: ALTCLIP_DEBUG=1).")
+    help="Show the Python traceback when something fails, and `debug:` lines (which server answers, "
+         "or why none) on stderr (also: ALTCLIP_DEBUG=1).")
+
+
+def debug_on() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(DEBUG_KEY)) or debug_from_env()
+
+
+def debug_line(text: str) -> None:
+    """A `debug: ...` line on stderr with --debug or ALTCLIP_DEBUG (--quiet does not hide it)."""
+    if debug_on():
+        click.echo(f"debug: {text}", err=True)
 
 common_options = _stack(
     click.option("-q", "--quiet", is_flag=True, callback=_set_quiet,
@@ -134,6 +146,44 @@ model_options = _stack(
                  help="A branch, tag or commit of a hub model [default: main]; not for a local folder."),
     click.option("-b", "--batch-size", type=click.IntRange(min=1), default=None, metavar="N",
                  help="Images (or texts, labels) per model batch [default: chosen for the device]."),
+)
+
+class ServerSpec(click.ParamType):
+    """auto, off, a socket path (or unix:PATH), or an http(s):// URL."""
+
+    name = "server"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if text.lower() in ("auto", "off"):
+            return text.lower()
+        if not text:
+            self.fail("is empty: use auto, off, a socket path or an http(s):// URL", param, ctx)
+        if "://" in text:
+            from ..serve.client import parse_target
+
+            try:
+                parse_target(text)
+            except ValueError as exc:
+                self.fail(str(exc), param, ctx)
+        return text
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(incomplete, type="file")] + [CompletionItem(c) for c in ("auto", "off")
+                                                             if c.startswith(incomplete)]
+
+
+server_options = _stack(
+    click.option("--server", default="auto", show_default=True, envvar="ALTCLIP_SERVER", show_envvar=True,
+                 type=ServerSpec(), metavar="auto|off|PATH|URL",
+                 help="Use a running `altclip serve` for the model's work. auto: the one on the default socket, "
+                      "if it runs the same model, precision, device and decoding, else in-process (--debug says "
+                      "which); off: in-process; a socket PATH or http://HOST:PORT: that server, which must answer "
+                      "and match."),
+    click.option("--token-file", "token_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                 help="The token of a --server URL that asks for one [default: $ALTCLIP_TOKEN]."),
 )
 
 image_input_options = _stack(
@@ -173,6 +223,9 @@ def pil_pixel_limit(max_pixels):
     few Pillow plugins that check that limit again while decoding (TIFF, ICO) then agree with
     --max-pixels. The limit is never lowered: Pillow checks it on crops too (the preprocessor's
     224 x 224 crop), and altclip's own check already refuses images above a lower cap."""
+    if max_pixels is None:  # nothing to change (and no PIL to import: a run through a server decodes nothing)
+        yield
+        return
     from PIL import Image
 
     saved = Image.MAX_IMAGE_PIXELS
@@ -207,3 +260,35 @@ def load_model(model: str, device: str, precision: str, msgs: Messages, exact_de
         msgs.note(f"loading {model} ...")
     return runtime.load(model, device=device, precision=precision, exact_decode=exact_decode,
                         revision=revision, progress=not msgs.quiet and isatty(msgs.stream))
+
+
+def get_model(server: str, token_file: str | None, model: str, device: str, precision: str, msgs: Messages, *,
+              exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
+              images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0):
+    """The model a command works with: the RemoteModel of the server --server picks
+    (serve/remote.py), else the model loaded in-process (load_model). images: images go to the
+    model (the server's decoding must match); scores: the command scores images against labels."""
+    from ..serve.remote import Wanted, connect
+
+    wanted = Wanted(model=model, revision=revision, device=device, precision=precision, exact_decode=exact_decode,
+                    max_pixels=max_pixels, images=images, scores=scores)
+    remote = connect(server, wanted, token=_token(token_file, msgs), debug=debug_line, warn=msgs.warn,
+                     fetch_kw={"timeout": url_timeout, "max_bytes": int(url_max_mb * 1_000_000)})
+    if remote is not None:
+        return remote
+    return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+
+
+def is_remote(model) -> bool:
+    """Whether get_model's model is a server's (its vectors come from there)."""
+    from ..serve.remote import RemoteModel
+
+    return isinstance(model, RemoteModel)
+
+
+def _token(token_file: str | None, msgs: Messages) -> str | None:
+    if token_file is not None:
+        from ..serve.transport import read_token
+
+        return read_token(token_file, warn=msgs.warn)
+    return os.environ.get("ALTCLIP_TOKEN", "").strip() or None
