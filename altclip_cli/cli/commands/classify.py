@@ -8,7 +8,7 @@ import click
 
 from ...errors import InputError
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
-                       stdin_for)
+                       server_options, stdin_for)
 from ..formats import FORMATS
 from .index import reuse_index_option
 
@@ -28,20 +28,24 @@ from .index import reuse_index_option
 @reuse_index_option
 @image_input_options
 @model_options
+@server_options
 @common_options
 def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recursive, max_pixels, url_timeout,
-             url_max_mb, input_timeout, exact_decode, model, device, precision, revision, batch_size, quiet):
+             url_max_mb, input_timeout, exact_decode, model, device, precision, revision, batch_size, server,
+             token_file, quiet):
     """Score IMAGES against labels: which label fits each image best.
 
     IMAGES are files, folders (-r to include subfolders), globs, http(s) URLs, or - to read a
     list of paths from stdin. Each label is encoded exactly as given, in any language; use
     --template to wrap labels in a sentence. Probabilities are the softmax over the labels.
+    When `altclip serve` runs the same model (see --server), it does the model's work.
 
     \b
     Examples:
       altclip classify cat.jpg -l 猫 -l dog -l "a beach"
       altclip classify photos/ -r --labels-file labels.txt -f csv > scores.csv
       find . -name '*.png' | altclip classify - -l cat -l dog -t "a photo of a {}."
+      altclip classify cat.jpg -l cat -l dog --server off     # never through `altclip serve`
 
     \b
     json is one array, jsonl one object per line, in input order:
@@ -66,9 +70,11 @@ def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recu
     failed = 0
     store = None  # the index of --index, when its vectors are used
     if sources:
-        from ..options import load_model, pil_pixel_limit
+        from ..options import get_model, pil_pixel_limit
 
-        model_ = load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+        model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
+                           revision=revision, max_pixels=max_pixels, scores=True, url_timeout=url_timeout,
+                           url_max_mb=url_max_mb)
         label_emb = model_.label_embeddings(labels, list(templates) or None, batch_size=batch_size)
         opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
         results, store = _image_results(model_, sources, index_dir, msgs, lambda s: open_source(s, **opener_kw),

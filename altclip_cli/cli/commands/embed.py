@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
-                       pil_pixel_limit)
+                       pil_pixel_limit, server_options)
 from .index import reuse_index_option
 
 
@@ -29,10 +29,11 @@ from .index import reuse_index_option
 @reuse_index_option
 @image_input_options
 @model_options
+@server_options
 @common_options
 def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, index_dir, recursive,
           max_pixels, url_timeout, url_max_mb, input_timeout, exact_decode, model, device, precision, revision,
-          batch_size, quiet):
+          batch_size, server, token_file, quiet):
     """Embed texts or images into AltCLIP's shared space.
 
     With -o the rows go to OUT.npy (float32, L2-normalised unless --no-normalize) and
@@ -41,7 +42,8 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
     row. OUT.manifest.json ties the two; nothing appears under these names before the run
     is done, and `altclip check OUT.npy` tells whether a pair belongs together (after a
     kill -9 while the files were being replaced, it names that state). Without -o each
-    input is one jsonl line on stdout with an "embedding" field.
+    input is one jsonl line on stdout with an "embedding" field. When `altclip serve` runs
+    the same model (see --server), it computes the vectors; the files are written here.
 
     \b
     Examples:
@@ -85,7 +87,8 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
         msgs.warn("nothing to embed: the input list is empty")
 
     run = _Run(kind, model, device, precision, batch_size, not no_normalize, msgs, exact_decode, revision,
-               input_timeout, index_dir)
+               input_timeout, index_dir, server=server, token_file=token_file, max_pixels=max_pixels,
+               url_timeout=url_timeout, url_max_mb=url_max_mb)
     opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb)
     with pil_pixel_limit(max_pixels):
         if output is None:
@@ -101,35 +104,50 @@ class _Run:
     """The model (loaded on first need) and the settings of one embed run."""
 
     def __init__(self, kind, model, device, precision, batch_size, normalize, msgs, exact_decode=False,
-                 revision=None, input_timeout=None, index_dir=None):
+                 revision=None, input_timeout=None, index_dir=None, *, server="off", token_file=None,
+                 max_pixels=None, url_timeout=30.0, url_max_mb=64.0):
         self.kind, self.model_name, self.device, self.precision = kind, model, device, precision
         self.exact_decode, self.revision, self.input_timeout = exact_decode, revision, input_timeout
         self.batch_size, self.normalize, self.msgs = batch_size, normalize, msgs
         self.index_dir = index_dir  # --index: vectors of unchanged indexed images from there
+        self.server, self.token_file, self.max_pixels = server, token_file, max_pixels
+        self.url_timeout, self.url_max_mb = url_timeout, url_max_mb
         self._model = None
 
     @property
     def model(self):
+        """The model in this process, or a server's (options.get_model)."""
         if self._model is None:
-            from ..options import load_model
+            from ..options import get_model
 
-            self._model = load_model(self.model_name, self.device, self.precision, self.msgs,
-                                     exact_decode=self.exact_decode, revision=self.revision)
+            self._model = get_model(self.server, self.token_file, self.model_name, self.device, self.precision,
+                                    self.msgs, exact_decode=self.exact_decode, revision=self.revision,
+                                    max_pixels=self.max_pixels, images=self.kind == "image",
+                                    url_timeout=self.url_timeout, url_max_mb=self.url_max_mb)
         return self._model
+
+    def _rows(self):
+        """runtime.rows, or its twin in serve.remote for a server's model (same batches)."""
+        from ..options import is_remote
+
+        if is_remote(self.model):
+            from ...serve import remote as rows
+        else:
+            from ...runtime import rows
+        return rows
 
     def batches(self, inputs, opener_kw):
         """Lists of (name, record, embedding or None) in input order (see runtime/rows.py)."""
-        from ...runtime.rows import image_batches, text_batches
-
+        rows = self._rows()
         if self.kind == "text":
-            return text_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize)
+            return rows.text_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize)
         if not inputs:
             return iter(())
 
         def batches(sources):
-            return image_batches(self.model, sources, batch_size=self.batch_size, normalize=self.normalize,
-                                 open_kw=opener_kw, input_timeout=self.input_timeout,
-                                 on_error=lambda name, why: self.msgs.error(f"{name}: {why}"))
+            return rows.image_batches(self.model, sources, batch_size=self.batch_size, normalize=self.normalize,
+                                      open_kw=opener_kw, input_timeout=self.input_timeout,
+                                      on_error=lambda name, why: self.msgs.error(f"{name}: {why}"))
 
         if self.index_dir is None:
             return batches(inputs)
@@ -138,7 +156,6 @@ class _Run:
     def _with_index(self, inputs, batches):
         """batches(inputs), with the vectors of the inputs that the --index index holds unchanged
         taken from it (only the others go through the model)."""
-        from ...runtime.device import default_batch_size
         from ...search.update import indexed_rows, merged_batches, open_for_reuse
 
         store = open_for_reuse(self.index_dir, self.model, warn=self.msgs.warn)
@@ -148,8 +165,17 @@ class _Run:
                 store.close()
             return batches(inputs)
         rest = [s for i, s in enumerate(inputs) if i not in hits]
-        size = self.batch_size or default_batch_size(self.model.device, "image")
+        size = self.batch_size or self._default_image_batch()
         return merged_batches(inputs, hits, store, batches(rest) if rest else iter(()), size)
+
+    def _default_image_batch(self) -> int:
+        from ..options import is_remote
+
+        if is_remote(self.model):
+            return self.model.default_batch_size("image")
+        from ...runtime.device import default_batch_size
+
+        return default_batch_size(self.model.device, "image")
 
 
 def _to_stdout(run: _Run, inputs, opener_kw) -> int:

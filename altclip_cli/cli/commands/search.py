@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..options import UsageError, common_options, messages, model_options
+from ..options import UsageError, common_options, messages, model_options, server_options
 from .index import DEFAULT_EXCLUDE_TEXT
 
 SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
@@ -49,10 +49,11 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
               help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
                    "(must match how the index was built).")
 @model_options
+@server_options
 @common_options
 def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, no_index, index_dir, wait,
            include_hidden, exclude_dirs, max_pixels, input_timeout, exact_decode, model, device, precision,
-           revision, batch_size, quiet):
+           revision, batch_size, server, token_file, quiet):
     """Find the images below --dir (default: here) that best match QUERY.
 
     QUERY and each -a/-s part is a text, in any language, or an image: a part that contains a
@@ -60,7 +61,8 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
     W: in front scales a part ("2:sunset", "0.5:./pool.jpg"; "1:2:30" is the text "2:30"). The
     query is the weighted sum of the parts' normalised embeddings, -s parts subtracted; scores are
     cosines (-1 to 1). The folder is indexed first (new and changed images embedded, as
-    `altclip index` does), then every image below it is ranked, exactly.
+    `altclip index` does), then every image below it is ranked, exactly. When `altclip serve`
+    runs the same model (see --server), it encodes the query; new images are still indexed here.
 
     \b
     Examples:
@@ -97,23 +99,33 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
 
     from ...outputs.signals import sigterm_as_interrupt
     from ...search.query import describe, open_images, query_vector
-    from ..options import load_model, open_kwargs, pil_pixel_limit
+    from ..options import get_model, is_remote, load_model, open_kwargs, pil_pixel_limit
 
     with sigterm_as_interrupt() as terminated, pil_pixel_limit(max_pixels):
         try:
-            model_ = load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+            model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
+                               revision=revision, max_pixels=max_pixels, images=any(p.is_image for p in parts))
             open_kw = open_kwargs(max_pixels, 30.0, 64.0, model_.draft_min_side)
             try:
                 images = open_images(parts, open_kw)  # a query image that cannot be read fails before indexing
-                vector = query_vector(model_, parts, images, batch_size=batch_size)
+                # A server reads the image parts itself (as files or bytes), as it would any image.
+                given = _query_sources(parts) if is_remote(model_) else images
+                vector = query_vector(model_, parts, given, batch_size=batch_size)
             except QueryError as exc:
                 if exc.usage:  # parts that cancel out
                     raise UsageError(exc.message, hint=exc.hint) from None
                 raise
             folder = _index_folder(index_dir, model_)
             if not no_index:
-                _update(model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs, open_kw,
-                        batch_size, input_timeout, msgs)
+                indexer = model_
+                if is_remote(model_):
+                    def indexer():  # update_index calls it only when some image needs the model
+                        msgs.note("new or changed images to index: loading the model in this process "
+                                  "(indexing does not go through the server)")
+                        return load_model(model, device, model_.precision, msgs, exact_decode=exact_decode,
+                                          revision=revision)
+                _update(indexer, model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs,
+                        open_kw, batch_size, input_timeout, msgs)
             hits, searched = _rank(model_, folder, no_index, root, vector, top, min_score)
         except KeyboardInterrupt:
             from .. import ExitStatus
@@ -152,9 +164,18 @@ def _index_folder(index_dir: str, model_):
     return default_index_folder(model_.weights_id) if index_dir == "auto" else Path(os.path.expanduser(index_dir))
 
 
-def _update(model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs, open_kw, batch_size,
-            input_timeout, msgs) -> None:
-    """Bring the index up to date with the images below root (see altclip_cli.search.update)."""
+def _query_sources(parts) -> dict:
+    """{part index: inputs.sources.Source} for the image parts (what a server's model takes)."""
+    from ...inputs.sources import Source
+
+    return {i: Source(p.value, url=p.value) if p.is_url else Source(p.value, path=os.path.expanduser(p.value))
+            for i, p in enumerate(parts) if p.is_image}
+
+
+def _update(indexer, model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs, open_kw,
+            batch_size, input_timeout, msgs) -> None:
+    """Bring the index up to date with the images below root (see altclip_cli.search.update).
+    indexer: the model that embeds new images, or a callable returning it (called only if some are)."""
     from ...search.store import IndexStore
     from ...search.update import UpdateSummary, index_identity, update_index
 
@@ -168,7 +189,7 @@ def _update(model_, folder, index_dir, root, search_dir, wait, include_hidden, e
     summary = UpdateSummary()
     with IndexStore.open(folder, identity=index_identity(model_), write=True, create=True, wait=wait,
                          relative_paths=relative, writer="altclip search") as store:
-        update_index(lambda: model_, store, [root], summary=summary, **kw)
+        update_index(indexer, store, [root], summary=summary, **kw)
     if summary.changed:
         msgs.note(summary.line(search_dir))
     if summary.failed:
