@@ -87,7 +87,8 @@ def mismatch(info: dict, wanted: Wanted) -> str | None:
     if wanted.images:
         if info.get("exact_decode") is not (wanted.exact_decode is True):
             has = {True: "with", False: "without"}.get(info.get("exact_decode"), "not saying whether with")
-            return f"it decodes images {has} --exact-decode, this command {'with' if wanted.exact_decode else 'without'}"
+            ours = "with" if wanted.exact_decode else "without"
+            return f"it decodes images {has} --exact-decode, this command {ours}"
         ours = DEFAULT_MAX_PIXELS if wanted.max_pixels is None else (wanted.max_pixels or None)
         limits = info.get("limits") or {}
         if "max_pixels" not in limits or limits["max_pixels"] != ours:
@@ -110,7 +111,8 @@ def model_folder(model: str, revision: str | None) -> tuple[str | None, str]:
     snapshot = cached_snapshot(model, revision)
     if snapshot is None:
         rev = f" (revision {revision})" if revision else ""
-        return None, f"{model}{rev} is not a local folder or in this machine's Hugging Face cache, so it cannot be compared"
+        return None, (f"{model}{rev} is neither a local folder nor in this machine's Hugging Face cache, so it "
+                      "cannot be compared")
     return os.path.realpath(snapshot), ""
 
 
@@ -303,7 +305,8 @@ class RemoteModel:
     def scores(self, image_emb: np.ndarray, label_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probs, logits) from normalised embeddings, in float32 (AltCLIP.scores, in numpy:
         equal to its results within a few units in the last place)."""
-        logits = (np.asarray(image_emb, np.float32) @ np.asarray(label_emb, np.float32).T) * np.float32(self.logit_scale)
+        image_emb, label_emb = np.asarray(image_emb, np.float32), np.asarray(label_emb, np.float32)
+        logits = (image_emb @ label_emb.T) * np.float32(self.logit_scale)
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return shifted / shifted.sum(axis=-1, keepdims=True), logits
 
@@ -434,7 +437,9 @@ class RemoteModel:
         records = answer.get("results")
         if not isinstance(records, list) or len(records) != n:
             raise ServerError(f"the server at {self.target} answered {len(records or [])} vectors for {n} inputs")
-        return np.stack([self._vector(r["embedding"]) for r in records]) if n else np.zeros((0, self.embed_dim), np.float32)
+        if not n:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return np.stack([self._vector(r["embedding"]) for r in records])
 
 
 _AGAIN = "see the server's log; run the command again (--server off runs it in-process)"

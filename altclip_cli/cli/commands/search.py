@@ -117,14 +117,13 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
                 raise
             folder = _index_folder(index_dir, model_)
             if not no_index:
-                indexer = model_
-                if is_remote(model_):
-                    def indexer():  # update_index calls it only when some image needs the model
-                        msgs.note("new or changed images to index: loading the model in this process "
-                                  "(indexing does not go through the server)")
-                        return load_model(model, device, model_.precision, msgs, exact_decode=exact_decode,
-                                          revision=revision)
-                _update(indexer, model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs,
+                def local_model():  # update_index calls it only when some image needs the model
+                    msgs.note("new or changed images to index: loading the model in this process "
+                              "(indexing does not go through the server)")
+                    return load_model(model, device, model_.precision, msgs, exact_decode=exact_decode,
+                                      revision=revision)
+
+                _update(local_model if is_remote(model_) else model_, model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs,
                         open_kw, batch_size, input_timeout, msgs)
             hits, searched = _rank(model_, folder, no_index, root, vector, top, min_score)
         except KeyboardInterrupt:
