@@ -322,16 +322,18 @@ class RemoteModel:
         return np.stack([r.embedding for r in results]) if results else np.zeros((0, self.embed_dim), np.float32)
 
     def stream_images(self, sources: Iterable, *, open_fn: Callable | None = None, batch_size: int | None = None,
-                      normalize: bool = True, workers: int | None = None,
-                      input_timeout: float | None = None) -> Iterator:
+                      normalize: bool = True, workers: int | None = None, input_timeout: float | None = None,
+                      boundary: int | None = None) -> Iterator:
         """One inputs.pipeline.ImageResult per Source, in input order, as AltCLIP.stream_images.
         open_fn, workers and input_timeout are the server's business here (its own decoders and
-        --input-timeout); open_fn is not called. Requests of `batch_size` images [default: the
-        server's], two in flight."""
+        --input-timeout); open_fn is not called. One request per `batch_size` sources [default:
+        the server's image batch], also cut at every multiple of `boundary`; two in flight. The
+        server runs each request's images as one batch (unless other clients' requests join it)."""
         size = batch_size or self.default_batch_size("image")
         sources = list(sources)
-        jobs = (lambda start=start: self._embed_images(start, sources[start:start + size], normalize)
-                for start in range(0, len(sources), size))
+        cuts = sorted(set(range(0, len(sources), size)) | set(range(0, len(sources), boundary or size)))
+        jobs = (lambda start=start, end=end: self._embed_images(start, sources[start:end], normalize)
+                for start, end in zip(cuts, cuts[1:] + [len(sources)]))
         for results in _in_order(jobs, REQUESTS_AHEAD):
             yield from results
 
@@ -526,24 +528,25 @@ def text_batches(model, texts: list[str], *, batch_size: int | None = None, norm
 def image_batches(model, sources: list, *, batch_size: int | None = None, normalize: bool = True,
                   open_kw: dict | None = None, input_timeout: float | None = None,
                   on_error: Callable[[str, str], None] = lambda name, why: None):
-    """runtime.rows.image_batches through the server: batches end after every batch_size-th
-    image embedded, as there, so checkpoints fall where an in-process run puts them."""
+    """runtime.rows.image_batches through the server: batch k is sources [k*size, (k+1)*size),
+    one request each, whatever fails among them, so a resumed run batches as a run from the
+    start does, and its checkpoints fall where an in-process run puts them."""
     from ..inputs.sources import reason
 
     if not sources:
         return
     size = batch_size or model.default_batch_size("image")
-    out, good = [], 0
-    for r in model.stream_images(sources, batch_size=size, normalize=normalize, input_timeout=input_timeout):
+    out = []
+    for r in model.stream_images(sources, batch_size=size, normalize=normalize, input_timeout=input_timeout,
+                                 boundary=size):
         name = display(r.source.name)
         if r.embedding is None:
             why = reason(r.error, r.source.name)
             on_error(name, why)
             out.append((r.source.name, {"image": name, "error": why}, None))
-            continue
-        out.append((r.source.name, {"image": name}, r.embedding))
-        good += 1
-        if good % size == 0:
+        else:
+            out.append((r.source.name, {"image": name}, r.embedding))
+        if (r.index + 1) % size == 0:
             yield out
             out = []
     if out:
