@@ -424,12 +424,12 @@ def test_embed_resume_after_an_interruption_equals_a_clean_run(images, model):
     clean = invoke(*args, "-o", "clean.npy")
     assert clean.exit_code == 3
 
-    # chunks end where the runtime's batches of 2 images end: [p0 bad p1] [p2 p3] ...
+    # batches are spans of 2 inputs, failed ones included: [p0 bad] [p1 p2] [p3 p4] ...
     with interrupted_after(4):
         stopped = invoke(*args, "-o", "x.npy")
     assert stopped.exit_code == 130
-    assert "interrupted after 5 of 8 inputs; x.npy was not written" in stopped.stderr
-    assert "hint: run the same command with --resume to continue from input 6" in stopped.stderr
+    assert "interrupted after 4 of 8 inputs; x.npy was not written" in stopped.stderr
+    assert "hint: run the same command with --resume to continue from input 5" in stopped.stderr
     assert sorted(p for p in os.listdir() if p.startswith("x.")) == [
         "x.jsonl.part", "x.npy.checkpoint.json", "x.npy.part"]
 
@@ -438,7 +438,7 @@ def test_embed_resume_after_an_interruption_equals_a_clean_run(images, model):
 
     resumed = invoke(*args, "-o", "x.npy", "--resume")
     assert resumed.exit_code == 3  # bad.jpg, from the first part, still counts
-    assert "resuming after 5 of 8 inputs" in resumed.stderr
+    assert "resuming after 4 of 8 inputs" in resumed.stderr
     assert np.array_equal(np.load("x.npy"), np.load("clean.npy"))
     assert Path("x.jsonl").read_text() == Path("clean.jsonl").read_text()
     assert sorted(p for p in os.listdir() if p.startswith("x.")) == ["x.jsonl", "x.manifest.json", "x.npy"]

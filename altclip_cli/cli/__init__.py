@@ -20,6 +20,7 @@ from .commands.classify import classify
 from .commands.embed import embed
 from .commands.index import index
 from .commands.manage import download, info, models
+from .commands.merge import merge
 from .commands.search import search
 from .commands.serve import serve
 from ..errors import AltclipError
@@ -138,7 +139,7 @@ def cli():
     """
 
 
-for _command in (classify, embed, check, download, info, models, cache, index, search, serve):
+for _command in (classify, embed, merge, check, download, info, models, cache, index, search, serve):
     cli.add_command(_command)
 
 

@@ -115,8 +115,8 @@ def _prepare(source, open_fn: Callable, preprocess: Callable) -> np.ndarray:
 
 def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable,
                       encode_batch: Callable[[np.ndarray], np.ndarray], *, batch_size: int,
-                      workers: int | None = None,
-                      input_timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> Iterator[ImageResult]:
+                      workers: int | None = None, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT,
+                      boundary: int | None = None) -> Iterator[ImageResult]:
     """Yield one ImageResult per source, in order.
 
     open_fn(source) -> PIL image; preprocess(image) -> (3, H, W); encode_batch((B, 3, H, W)) -> (B, D).
@@ -124,6 +124,9 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
     input_timeout: seconds one source may take from when a worker starts on it (time spent
     queued does not count); past that it fails with an InputError and the run goes on
     (None: no limit).
+    boundary: a model batch also ends before every source whose index is a multiple of it, so
+    with boundary == batch_size the batches are sources [k*B, (k+1)*B) whatever fails among them,
+    and a run started at any multiple of B batches its rows as a run from 0 does (rows.py).
     """
     ahead = 2 * batch_size
     pending: list[tuple[int, object, np.ndarray | None, InputError | None]] = []  # waiting for a batch
@@ -138,6 +141,8 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
 
     def settle_oldest() -> Iterator[ImageResult]:
         index, source, task = in_flight.popleft()
+        if boundary and index % boundary == 0 and pending:
+            yield from flush()
         try:
             pending.append((index, source, pool.result(task, input_timeout), None))
         except InputError as e:

@@ -277,6 +277,11 @@ class EmbeddingOutput:
     def rows(self) -> int:
         return self._state.rows
 
+    @property
+    def inputs_sha256(self) -> str:
+        """The digest of the names of the inputs added so far (inputs_digest)."""
+        return self._state.digest
+
     def add(self, items, array) -> None:
         """One batch: `items` is a list of (name, sidecar record without "row") in input order,
         records with an "error" have no row; `array` holds the other inputs' rows in order."""
@@ -318,10 +323,12 @@ class EmbeddingOutput:
                       "digest": state.digest}
             write_atomic(self.checkpoint_file, json.dumps(record).encode("utf-8"))
 
-    def commit(self, *, failed: int = 0, extra: dict | None = None) -> None:
+    def commit(self, *, failed: int = 0, extra: dict | None = None, inputs_sha256: str | None = None) -> None:
         """The real header, fsync, and the pair committed through the journal (manifest.py),
         with Ctrl-C and SIGTERM deferred until it is done. `failed`: the inputs without a row;
-        `extra`: more facts for the manifest (the model's name, the altclip version, ...)."""
+        `extra`: more facts for the manifest (the model's name, the altclip version, ...);
+        `inputs_sha256`: the inputs' digest when the names given to add() were not the inputs'
+        own (altclip merge knows them from the sidecars, where undecodable bytes are U+FFFD)."""
         if self._npy is None:
             raise RuntimeError("commit() before open()")
         with signals_deferred():
@@ -335,7 +342,7 @@ class EmbeddingOutput:
             self._close()
             manifest = {"format": FORMAT, **(extra or {}), "settings": self.settings,
                         "rows": state.rows, "dim": self.dim, "dtype": self.settings["dtype"],
-                        "inputs": state.inputs, "failed": failed, "inputs_sha256": state.digest,
+                        "inputs": state.inputs, "failed": failed, "inputs_sha256": inputs_sha256 or state.digest,
                         "npy": {**file_record(self.part), "name": self.path.name},
                         "jsonl": {**file_record(self.sidecar_part), "name": self.sidecar.name}}
             write_atomic(self.journal, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))

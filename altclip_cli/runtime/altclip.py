@@ -107,13 +107,14 @@ class AltCLIP:
 
     def stream_images(self, sources: Iterable, *, open_fn: Callable | None = None,
                       batch_size: int | None = None, normalize: bool = True,
-                      workers: int | None = None,
-                      input_timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> Iterator[ImageResult]:
+                      workers: int | None = None, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT,
+                      boundary: int | None = None) -> Iterator[ImageResult]:
         """One ImageResult (index, source, embedding or error) per source, in input order, with
         decoding in worker threads ahead of the model. open_fn(source) -> PIL image defaults to
         `open_image` (paths or bytes); an input that fails gives an InputError, never an exception.
         input_timeout: seconds a worker may spend on one input before it fails as stuck (a FIFO
-        with no writer, a hung network mount) and the run goes on without it; None: no limit."""
+        with no writer, a hung network mount) and the run goes on without it; None: no limit.
+        boundary: model batches also end at every multiple of it (see stream_embeddings)."""
         from ..inputs.images import open_image
 
         if open_fn is None:
@@ -126,7 +127,7 @@ class AltCLIP:
         return stream_embeddings(sources, open_fn, self.preprocessor, encode,
                                  batch_size=batch_size or default_batch_size(self.device, "image"),
                                  workers=workers or plan_threads(self.device.type).decode_workers,
-                                 input_timeout=input_timeout)
+                                 input_timeout=input_timeout, boundary=boundary)
 
     def _encode_pixels_halving(self, pixels: torch.Tensor) -> torch.Tensor:
         """encode_pixel_batch, halving the batch on a CUDA out-of-memory error and saying so."""

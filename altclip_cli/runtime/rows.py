@@ -23,26 +23,27 @@ def text_batches(model, texts: list[str], *, batch_size: int | None = None,
 def image_batches(model, sources: list, *, batch_size: int | None = None, normalize: bool = True,
                   open_kw: dict | None = None, input_timeout: float | None = None,
                   on_error: Callable[[str, str], None] = lambda name, why: None) -> Iterator[list[tuple]]:
-    """Batches end where the runtime's batches end (after every `batch_size`-th decoded image),
-    so a resumed run batches the remaining images exactly as an uninterrupted run would, and its
-    rows come out bit for bit the same. on_error(name, why) is called for each failed input."""
+    """Batch k is sources [k*size, (k+1)*size), and the model batches exactly so (the runtime's
+    `boundary`), whatever fails among them: a run that starts at any multiple of `size` (a
+    resumed run, a dataset part) batches its images as one run from the start does, and its rows
+    come out bit for bit the same (the batch's shape changes the last bits of a row on the CPU).
+    on_error(name, why) is called for each failed input."""
     if not sources:
         return
     size = batch_size or default_batch_size(model.device, "image")
     open_kw = {**(open_kw or {}), "draft_min_side": model.draft_min_side}
     results = model.stream_images(sources, open_fn=lambda s: open_source(s, **open_kw), batch_size=size,
-                                  normalize=normalize, input_timeout=input_timeout)
-    out, good = [], 0
+                                  normalize=normalize, input_timeout=input_timeout, boundary=size)
+    out = []
     for r in results:
         name = display(r.source.name)
         if r.embedding is None:
             why = reason(r.error, r.source.name)
             on_error(name, why)
             out.append((r.source.name, {"image": name, "error": why}, None))
-            continue
-        out.append((r.source.name, {"image": name}, r.embedding))
-        good += 1
-        if good % size == 0:
+        else:
+            out.append((r.source.name, {"image": name}, r.embedding))
+        if (r.index + 1) % size == 0:
             yield out
             out = []
     if out:

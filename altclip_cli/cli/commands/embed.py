@@ -8,6 +8,9 @@ import click
 
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
                        pil_pixel_limit, server_options)
+from .embed_dataset import check_usage as check_dataset_usage
+from .embed_dataset import dataset_options, settings_for
+from .embed_dataset import to_dataset as to_dataset_output
 from .index import reuse_index_option
 
 
@@ -17,8 +20,9 @@ from .index import reuse_index_option
               help="Embed the IMAGES (files, folders, globs, URLs; - reads paths from stdin).")
 @click.option("--text", "text_file", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE|-",
               help="Embed the lines of a UTF-8 text file (row i is line i, empty lines included).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="OUT.npy",
-              help="Write an (N, D) array here and OUT.jsonl beside it [default: jsonl on stdout].")
+@click.option("-o", "--output", type=click.Path(), metavar="OUT.npy|DIR/",
+              help="Write an (N, D) array here and OUT.jsonl beside it [default: jsonl on stdout]; a folder "
+                   "(ending in /) gets a dataset of parts (see --part-size, --shard, --ray).")
 @click.option("--no-normalize", is_flag=True, help="Keep the raw projections (default: L2-normalised).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Element type of the array.")
@@ -26,6 +30,7 @@ from .index import reuse_index_option
               help="Continue an interrupted run with -o from its last checkpoint (same inputs and options).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1000, show_default=True, metavar="N",
               help="With -o, make the partial output resumable every N inputs.")
+@dataset_options
 @reuse_index_option
 @image_input_options
 @model_options
@@ -33,7 +38,7 @@ from .index import reuse_index_option
 @common_options
 def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, index_dir, recursive,
           max_pixels, url_timeout, url_max_mb, input_timeout, exact_decode, model, device, precision, revision,
-          batch_size, server, token_file, quiet):
+          batch_size, server, token_file, quiet, dataset):
     """Embed texts or images into AltCLIP's shared space.
 
     With -o the rows go to OUT.npy (float32, L2-normalised unless --no-normalize) and
@@ -45,12 +50,21 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
     input is one jsonl line on stdout with an "embedding" field. When `altclip serve` runs
     the same model (see --server), it computes the vectors; the files are written here.
 
+    With -o DIR/ (a folder) the rows go to a dataset: DIR/manifest.json and parts
+    part-00000.npy + .jsonl (rows numbered within the part), ... of --part-size inputs each,
+    each complete (part-NNNNN.done) or absent. --resume redoes only the parts not done;
+    --shard I/N does only every N-th part, so the tasks of a job array fill one dataset
+    together; --ray hands the parts to Ray actors. `altclip merge DIR -o all.npy` joins the
+    parts into what -o all.npy writes in one run, bit for bit.
+
     \b
     Examples:
       altclip embed --text captions.txt -o captions.npy
       find photos -name '*.jpg' | altclip embed --image - -o photos.npy
       altclip embed --image photos/ -r -o photos.npy --resume
       echo "一只猫" | altclip embed --text -
+      altclip embed --image photos/ -r -o vectors/ --shard $SLURM_ARRAY_TASK_ID/8 --resume
+      altclip embed --image /shared/photos -r -o /shared/vectors/ --ray
     """
     msgs = messages()
     if text_file is not None and (images or image_mode):
@@ -68,6 +82,10 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
     if index_dir is not None and no_normalize:
         msgs.warn("--index is not used with --no-normalize: the index holds normalised vectors")
         index_dir = None
+    from ...outputs.dataset import is_dataset_path
+
+    to_dataset = output is not None and is_dataset_path(output)
+    check_dataset_usage(dataset, to_dataset=to_dataset, server=server, index_dir=index_dir)
 
     kind = "text" if text_file is not None else "image"
     if kind == "text":
@@ -93,6 +111,8 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
     with pil_pixel_limit(max_pixels):
         if output is None:
             failed = _to_stdout(run, inputs, opener_kw)
+        elif to_dataset:
+            return to_dataset_output(run, inputs, names, output, dtype, resume, dataset, opener_kw)
         else:
             failed = _to_file(run, inputs, names, output, dtype, resume, checkpoint_every, opener_kw)
     if failed:
@@ -214,10 +234,7 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
     except KeyboardInterrupt:
         msgs.error(f"interrupted; {output} was not written")
         click.get_current_context().exit(_exit_status().INTERRUPTED)
-    # Everything that changes the numbers: a resume under other settings is refused.
-    settings = {"kind": run.kind, "model": run.model_name, "weights": model.weights_id,
-                "precision": model.precision, "device_type": model.device.type, "dtype": dtype,
-                "normalize": run.normalize, "exact_decode": run.exact_decode if run.kind == "image" else None}
+    settings = settings_for(run, model, dtype)  # everything that changes the numbers: --resume compares it
     out = EmbeddingOutput(output, settings=settings, checkpoint_every=checkpoint_every)
     if out.finish_interrupted_commit():
         msgs.note(f"finished writing {output} and {out.sidecar}, which an interrupted run had left half-replaced")
