@@ -219,12 +219,23 @@ def remove_stale_staging(folder: Path) -> None:
         pid = entry.name[len(prefix):]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not _alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass
@@ -268,13 +279,17 @@ def write_part(folder: Path, manifest: dict, part: int, batches: Iterator[list[t
     npy, sidecar, part_manifest = out.path, out.sidecar, out.manifest
     done = {"part": part, "first_input": start, "inputs": out.inputs_done, "rows": out.rows,
             "failed": len(failures), "inputs_sha256": manifest["part_inputs_sha256"][part],
-            "npy": file_record(npy), "jsonl": file_record(sidecar)}
+            "npy": file_record(npy), "jsonl": file_record(sidecar), "writer": staging.name[len(".staging-"):]}
     done_path(folder, part).unlink(missing_ok=True)  # replacing a complete part: absent meanwhile
     for path in (sidecar, npy, part_manifest):
         os.replace(path, folder / path.name)
     _fsync_dir(folder)
     write_atomic(done_path(folder, part), json.dumps(done, ensure_ascii=False).encode("utf-8"))
     _fsync_dir(folder)
+    try:
+        staging.rmdir()  # empty now; the next part makes it again
+    except OSError:
+        pass
     return PartResult(part, out.inputs_done, out.rows, len(failures), failures)
 
 

@@ -22,18 +22,21 @@ def text_batches(model, texts: list[str], *, batch_size: int | None = None,
 
 def image_batches(model, sources: list, *, batch_size: int | None = None, normalize: bool = True,
                   open_kw: dict | None = None, input_timeout: float | None = None,
-                  on_error: Callable[[str, str], None] = lambda name, why: None) -> Iterator[list[tuple]]:
+                  on_error: Callable[[str, str], None] = lambda name, why: None,
+                  workers: int | None = None) -> Iterator[list[tuple]]:
     """Batch k is sources [k*size, (k+1)*size), and the model batches exactly so (the runtime's
     `boundary`), whatever fails among them: a run that starts at any multiple of `size` (a
     resumed run, a dataset part) batches its images as one run from the start does, and its rows
     come out bit for bit the same (the batch's shape changes the last bits of a row on the CPU).
-    on_error(name, why) is called for each failed input."""
+    on_error(name, why) is called for each failed input; workers: decoding threads [default:
+    runtime.threads' plan for the device]."""
     if not sources:
         return
     size = batch_size or default_batch_size(model.device, "image")
     open_kw = {**(open_kw or {}), "draft_min_side": model.draft_min_side}
     results = model.stream_images(sources, open_fn=lambda s: open_source(s, **open_kw), batch_size=size,
-                                  normalize=normalize, input_timeout=input_timeout, boundary=size)
+                                  normalize=normalize, input_timeout=input_timeout, boundary=size,
+                                  workers=workers)
     out = []
     for r in results:
         name = display(r.source.name)
