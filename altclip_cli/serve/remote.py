@@ -17,22 +17,26 @@ The server reads local images by path over its Unix socket; over TCP, and for UR
 here, with the command's --url-timeout and --url-max-mb), their bytes are sent. Vectors come
 back as float32 bytes (base64), bit for bit what the server computed.
 
-No torch and no PIL here: numpy only, for the vectors.
+No torch and no PIL here, and numpy only where vectors are computed with or written as arrays:
+`echo "a cat" | altclip embed --text -` through a server prints its rows without importing it
+(Float32Row).
 """
 from __future__ import annotations
 
 import base64
+import math
 import os
 import stat
+import struct
+import sys
 import threading
 import time
+from array import array
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..errors import InputError
 from ..inputs.names import display
@@ -40,9 +44,13 @@ from .client import (PROTOCOL, RequestFailed, ServerBusy, ServerDown, ServerErro
                      ServerTimeout, Target, health, parse_target, post_json)
 from .transport import default_socket_path
 
+if TYPE_CHECKING:
+    import numpy as np
+
 AUTO_HEALTH_TIMEOUT = 2.0  # auto asks the default socket this long before it runs in-process
 TEXTS_PER_REQUEST = 1024
 TEXT_CHUNK = 256  # as runtime.rows.TEXT_CHUNK (which imports torch)
+ROWS_WITHOUT_NUMPY = 8  # texts that text_batches prints without numpy (4 ms a row; its import takes 40)
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)  # as inputs.images.DEFAULT_MAX_PIXELS (which imports PIL)
 BUSY_PATIENCE_S = 60.0  # how long a full queue (503) is waited out, in its Retry-After steps
 REQUESTS_AHEAD = 2  # image requests in flight: the server decodes one while it encodes the other
@@ -279,16 +287,30 @@ class RemoteModel:
 
     def encode_texts(self, texts, *, batch_size: int | None = None, normalize: bool = True) -> np.ndarray:
         """(N, D) float32, row i for texts[i]. The server batches as it does for any request."""
+        import numpy as np
+
+        rows = self.text_rows(texts, normalize=normalize)
+        return np.stack(rows) if rows else np.zeros((0, self.embed_dim), np.float32)
+
+    def text_rows(self, texts, *, normalize: bool = True) -> list[Float32Row]:
+        """encode_texts' rows as the server sent them (no numpy needed)."""
         texts = list(texts)
-        parts = [self._vectors(self._post("/v1/embed", {"texts": texts[i:i + TEXTS_PER_REQUEST],
-                                                         "normalize": normalize, "encoding": "base64"}),
-                               min(TEXTS_PER_REQUEST, len(texts) - i))
-                 for i in range(0, len(texts), TEXTS_PER_REQUEST)]
-        return np.concatenate(parts) if parts else np.zeros((0, self.embed_dim), np.float32)
+        rows = []
+        for i in range(0, len(texts), TEXTS_PER_REQUEST):
+            chunk = texts[i:i + TEXTS_PER_REQUEST]
+            answer = self._post("/v1/embed", {"texts": chunk, "normalize": normalize, "encoding": "base64"})
+            records = answer.get("results")
+            if not isinstance(records, list) or len(records) != len(chunk):
+                raise ServerError(f"the server at {self.target} answered {len(records or [])} vectors for "
+                                  f"{len(chunk)} texts")
+            rows += [self._row(r.get("embedding")) for r in records]
+        return rows
 
     def label_embeddings(self, labels, templates=None, *, batch_size: int | None = None) -> np.ndarray:
         """(L, D) float32, L2-normalised; with templates, the normalised mean of each label's
         filled templates (AltCLIP.label_embeddings' prompt ensemble)."""
+        import numpy as np
+
         labels, templates = list(labels), list(templates or [])
         unique = list(dict.fromkeys(labels))
         if not unique:
@@ -305,16 +327,49 @@ class RemoteModel:
     def scores(self, image_emb: np.ndarray, label_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probs, logits) from normalised embeddings, in float32 (AltCLIP.scores, in numpy:
         equal to its results within a few units in the last place)."""
+        import numpy as np
+
         image_emb, label_emb = np.asarray(image_emb, np.float32), np.asarray(label_emb, np.float32)
         logits = (image_emb @ label_emb.T) * np.float32(self.logit_scale)
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         return shifted / shifted.sum(axis=-1, keepdims=True), logits
+
+    # --- classify ----------------------------------------------------------------------------------
+
+    def classify_records(self, sources, labels, templates=None, top_k: int | None = None, *,
+                         batch_size: int | None = None) -> Iterator[dict]:
+        """`altclip classify`'s record per Source, in input order, scored by the server
+        (/v1/classify: its label cache, its torch scores, formatted as cli.formats does):
+        {"image", "scores": [...]} or {"image", "error"}. One request per `batch_size` sources
+        [default: the server's image batch], two in flight."""
+        size = batch_size or self.default_batch_size("image")
+        sources = list(sources)
+        request = {"labels": list(labels), "templates": list(templates or []), "top_k": top_k, "on_error": "record"}
+        jobs = (lambda start=start: self._classify(sources[start:start + size], request)
+                for start in range(0, len(sources), size))
+        for records in _in_order(jobs, REQUESTS_AHEAD):
+            yield from records
+
+    def _classify(self, sources: list, request: dict) -> list[dict]:
+        from ..inputs.sources import reason
+
+        items, failed = self._image_items(sources)
+        records: dict[int, dict] = {}
+        for group in self._request_groups(items, failed, sources):
+            answer = self._post("/v1/classify", {**request, "images": [item for _k, item, _n in group]})
+            self._check_count(answer, len(group))
+            records.update((k, record) for (k, _item, _n), record in zip(group, answer["results"]))
+        for k, exc in failed.items():  # failed here, as cli.formats.error_record has it
+            records[k] = {"image": display(sources[k].name), "error": reason(exc, sources[k].name)}
+        return [records[k] for k in range(len(sources))]
 
     # --- images ------------------------------------------------------------------------------------
 
     def encode_images(self, sources, *, batch_size: int | None = None, normalize: bool = True) -> np.ndarray:
         """(N, D) float32 for image Sources (inputs.sources.Source); the first that fails raises
         its InputError. (AltCLIP.encode_images takes PIL images: the server decodes here.)"""
+        import numpy as np
+
         results = list(self.stream_images(sources, batch_size=batch_size, normalize=normalize))
         for r in results:
             if r.error is not None:
@@ -340,8 +395,23 @@ class RemoteModel:
     def _embed_images(self, start: int, sources: list, normalize: bool) -> list:
         from ..inputs.pipeline import ImageResult
 
-        items: list[tuple[int, dict, int]] = []  # (position in sources, the request's item, its size)
-        failed: dict[int, InputError] = {}
+        items, failed = self._image_items(sources)
+        vectors: dict = {}
+        for group in self._request_groups(items, failed, sources):
+            answer = self._post("/v1/embed", {"images": [item for _k, item, _n in group], "normalize": normalize,
+                                              "encoding": "base64", "on_error": "record"})
+            self._check_count(answer, len(group))
+            for (k, _item, _n), record in zip(group, answer["results"]):
+                if record.get("error") is not None or record.get("row") is None:
+                    failed[k] = InputError(f"{display(sources[k].name)}: {record.get('error') or 'failed'}")
+                else:
+                    vectors[k] = self._row(record.get("embedding")).__array__()
+        return [ImageResult(start + k, src, vectors.get(k), failed.get(k)) for k, src in enumerate(sources)]
+
+    def _image_items(self, sources: list) -> tuple[list[tuple[int, dict, int]], dict[int, InputError]]:
+        """([(position, the request's item, its size)], {position: the InputError of a source
+        that fails here: a missing file over TCP, a URL that does not download})."""
+        items, failed = [], {}
         for k, src in enumerate(sources):
             try:
                 item = self._image_item(src)
@@ -349,20 +419,12 @@ class RemoteModel:
                 failed[k] = exc
                 continue
             items.append((k, item, len(item.get("data", "")) + len(item.get("path", ""))))
-        vectors: dict[int, np.ndarray] = {}
-        for group in self._request_groups(items, failed, sources):
-            answer = self._post("/v1/embed", {"images": [item for _k, item, _n in group], "normalize": normalize,
-                                              "encoding": "base64", "on_error": "record"})
-            records = answer.get("results")
-            if not isinstance(records, list) or len(records) != len(group):
-                raise ServerError(f"the server at {self.target} answered {len(records or [])} results for "
-                                  f"{len(group)} images")
-            for (k, _item, _n), record in zip(group, records):
-                if record.get("error") is not None or record.get("row") is None:
-                    failed[k] = InputError(f"{display(sources[k].name)}: {record.get('error') or 'failed'}")
-                else:
-                    vectors[k] = self._vector(record["embedding"])
-        return [ImageResult(start + k, src, vectors.get(k), failed.get(k)) for k, src in enumerate(sources)]
+        return items, failed
+
+    def _check_count(self, answer: dict, n: int) -> None:
+        records = answer.get("results")
+        if not isinstance(records, list) or len(records) != n:
+            raise ServerError(f"the server at {self.target} answered {len(records or [])} results for {n} images")
 
     def _request_groups(self, items, failed, sources):
         """items split so that no request passes the server's size cap; an image too large for
@@ -428,27 +490,114 @@ class RemoteModel:
         self._requests += 1
         return answer
 
-    def _vector(self, text: str) -> np.ndarray:
-        row = np.frombuffer(base64.b64decode(text), dtype="<f4")
-        if row.shape != (self.embed_dim,):
-            raise ServerError(f"the server at {self.target} answered a vector of {row.size} values, "
+    def _row(self, text) -> Float32Row:
+        data = base64.b64decode(text) if isinstance(text, str) else b""
+        if len(data) != 4 * self.embed_dim:
+            raise ServerError(f"the server at {self.target} answered a vector of {len(data) // 4} values, "
                               f"not {self.embed_dim}")
-        return row.astype(np.float32)
-
-    def _vectors(self, answer: dict, n: int) -> np.ndarray:
-        records = answer.get("results")
-        if not isinstance(records, list) or len(records) != n:
-            raise ServerError(f"the server at {self.target} answered {len(records or [])} vectors for {n} inputs")
-        if not n:
-            return np.zeros((0, self.embed_dim), np.float32)
-        return np.stack([self._vector(r["embedding"]) for r in records])
+        return Float32Row(data)
 
 
 _AGAIN = "see the server's log; run the command again (--server off runs it in-process)"
 
 
+class Float32Row:
+    """One vector as the server sends it: float32 little-endian bytes. numpy takes it as an
+    array (__array__: np.stack(rows) works); iterated, it gives its values as floats that print
+    as numpy prints float32 values (embed's jsonl), without importing numpy."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) // 4
+
+    def __iter__(self):
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:  # already paid for: its scalars print the same, 25 times faster
+            return iter(numpy.frombuffer(self.data, dtype="<f4").astype(numpy.float32))
+        values = array("f", self.data)
+        if sys.byteorder == "big":
+            values.byteswap()
+        return map(Float32, values)
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+
+        row = np.frombuffer(self.data, dtype="<f4").astype(np.float32)  # a writable copy, native order
+        return row if dtype is None else row.astype(dtype)
+
+
+class Float32(float):
+    """A float32 value that prints as numpy prints np.float32 (str and repr)."""
+
+    def __str__(self) -> str:
+        return format_float32(self)
+
+    __repr__ = __str__
+
+
+def format_float32(value: float) -> str:
+    """str(np.float32(value)) for a float32 value, without numpy: the shortest digits that read
+    back as the same float32, positional from 1e-4 to 1e6, else scientific (1e-05, 1.2345679e+08)."""
+    if value != value:
+        return "nan"
+    if value in (math.inf, -math.inf):
+        return "inf" if value > 0 else "-inf"
+    sign = "-" if math.copysign(1.0, value) < 0 else ""
+    if value == 0:
+        return sign + "0.0"
+    digits, exp = _shortest_float32(abs(value))  # value = 0.d1d2... * 10**(exp + 1)
+    if 1e-4 <= abs(value) < 1e6:
+        if exp >= 0:
+            whole = digits[:exp + 1].ljust(exp + 1, "0")
+            return f"{sign}{whole}.{digits[exp + 1:] or '0'}"
+        return f"{sign}0.{'0' * (-exp - 1)}{digits}"
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{sign}{mantissa}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
+
+
+def _as_float32(x: float) -> float:
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:  # past float32's largest: it reads as infinity
+        return math.inf
+
+
+def _shortest_float32(value: float) -> tuple[str, int]:
+    """(digits without trailing zeros, decimal exponent of the first) of the shortest decimal
+    that reads back as the float32 `value` (> 0); of two such, the nearer (numpy's Dragon4)."""
+    def found(p: int) -> tuple[int, int] | None:
+        """A p-digit decimal inside value's rounding interval, the nearer of the two around it."""
+        text = f"{value:.{p - 1}e}"  # the nearest p-digit decimal, exactly rounded (ties to even)
+        cut = text.index("e")
+        mantissa, exp10 = int(text[:cut].replace(".", "")), int(text[cut + 1:]) - p + 1
+        if _as_float32(float(text)) == value:
+            return mantissa, exp10
+        other = mantissa + (1 if float(text) < value else -1)  # the interval may reach the far side only
+        return (other, exp10) if other > 0 and _as_float32(float(f"{other}e{exp10}")) == value else None
+
+    # Nine digits always read back (float32's max_digits10); most values need eight or nine, and
+    # a length that has one has every longer length too: try 8, then downwards while it holds.
+    best = found(8)
+    if best is None:
+        best = found(9)
+    else:
+        for p in range(7, 0, -1):
+            shorter = found(p)
+            if shorter is None:
+                break
+            best = shorter
+    m, exp10 = best
+    return str(m).rstrip("0"), exp10 + len(str(m)) - 1
+
+
 def _normalize(emb: np.ndarray) -> np.ndarray:
     """As torch.nn.functional.normalize: x / max(|x|, 1e-12), in float32."""
+    import numpy as np
+
     norm = np.linalg.norm(emb, axis=-1, keepdims=True)
     return (emb / np.maximum(norm, np.float32(1e-12))).astype(np.float32)
 
@@ -518,11 +667,14 @@ def _start(job: Callable[[], object]) -> Future:
 
 
 def text_batches(model, texts: list[str], *, batch_size: int | None = None, normalize: bool = True):
+    """runtime.rows.text_batches through the server; the rows are Float32Rows (no numpy)."""
+    if len(texts) > ROWS_WITHOUT_NUMPY:
+        import numpy  # noqa: F401 - its import pays for itself: it prints Float32Rows 25 times faster
     size = batch_size or TEXT_CHUNK
     for start in range(0, len(texts), size):
         chunk = texts[start:start + size]
-        emb = model.encode_texts(chunk, batch_size=batch_size, normalize=normalize)
-        yield [(t, {"text": t}, emb[i]) for i, t in enumerate(chunk)]
+        rows = model.text_rows(chunk, normalize=normalize)
+        yield [(t, {"text": t}, rows[i]) for i, t in enumerate(chunk)]
 
 
 def image_batches(model, sources: list, *, batch_size: int | None = None, normalize: bool = True,
