@@ -52,8 +52,8 @@ def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recu
       {"image": "cat.jpg", "scores": [{"label": "猫", "prob": 0.93, "logit": 24.1}, ...]}
       {"image": "bad.jpg", "error": "..."}
     """
-    from ...inputs.sources import display, expand_images, open_source, reason
-    from ..formats import classify_writer, error_record, score_record
+    from ...inputs.sources import expand_images
+    from ..formats import classify_writer
     from ..terminal import isatty
 
     msgs = messages()
@@ -70,27 +70,26 @@ def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recu
     failed = 0
     store = None  # the index of --index, when its vectors are used
     if sources:
-        from ..options import get_model, pil_pixel_limit
+        from ..options import get_model, is_remote, pil_pixel_limit
 
         model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                            revision=revision, max_pixels=max_pixels, scores=True, url_timeout=url_timeout,
                            url_max_mb=url_max_mb)
-        label_emb = model_.label_embeddings(labels, list(templates) or None, batch_size=batch_size)
-        opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
-        results, store = _image_results(model_, sources, index_dir, msgs, lambda s: open_source(s, **opener_kw),
-                                        batch_size, input_timeout)
+        templates = list(templates) or None
+        if is_remote(model_) and index_dir is None:
+            # The server scores too (/v1/classify, with its label cache): no numpy here.
+            records = model_.classify_records(sources, labels, templates, top_k, batch_size=batch_size)
+        else:
+            records, store = _records_here(model_, sources, labels, templates, top_k, index_dir, msgs, batch_size,
+                                           input_timeout, open_kwargs(max_pixels, url_timeout, url_max_mb,
+                                                                      model_.draft_min_side))
         with (pil_pixel_limit(max_pixels),
               msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar):
-            for r in results:
-                name = display(r.source.name)
-                if r.embedding is None:
+            for record in records:
+                if "error" in record:
                     failed += 1
-                    why = reason(r.error, r.source.name)
-                    msgs.error(f"{name}: {why}")
-                    writer.write(error_record(name, why))
-                else:
-                    probs, logits = model_.scores(r.embedding[None], label_emb)
-                    writer.write(score_record(name, labels, probs[0], logits[0], top_k))
+                    msgs.error(f"{record['image']}: {record['error']}")
+                writer.write(record)
                 bar.advance()
     writer.close()
     if store is not None:
@@ -100,6 +99,28 @@ def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recu
 
         msgs.warn(f"{failed} of {len(sources)} images failed")
         click.get_current_context().exit(ExitStatus.PARTIAL)
+
+
+def _records_here(model, sources, labels, templates, top_k, index_dir, msgs, batch_size, input_timeout, opener_kw):
+    """(classify's records in input order, the --index store or None), scored in this process
+    from the model's vectors (and the index's, with --index)."""
+    from ...inputs.sources import display, open_source, reason
+    from ..formats import error_record, score_record
+
+    label_emb = model.label_embeddings(labels, templates, batch_size=batch_size)
+    results, store = _image_results(model, sources, index_dir, msgs, lambda s: open_source(s, **opener_kw),
+                                    batch_size, input_timeout)
+
+    def records():
+        for r in results:
+            name = display(r.source.name)
+            if r.embedding is None:
+                yield error_record(name, reason(r.error, r.source.name))
+            else:
+                probs, logits = model.scores(r.embedding[None], label_emb)
+                yield score_record(name, labels, probs[0], logits[0], top_k)
+
+    return records(), store
 
 
 def _image_results(model, sources, index_dir, msgs, open_fn, batch_size, input_timeout):
