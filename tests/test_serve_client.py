@@ -32,8 +32,8 @@ from altclip_cli.serve.remote import Wanted, connect, mismatch  # noqa: E402
 CLIENT_MAIN = """
 import atexit, sys
 def _modules():
-    heavy = [m for m in ("torch", "PIL", "safetensors", "tokenizers", "huggingface_hub.file_download", "rich",
-                         "fastapi", "pydantic") if m in sys.modules]
+    heavy = [m for m in ("torch", "numpy", "PIL", "safetensors", "tokenizers", "huggingface_hub.file_download",
+                         "rich", "fastapi", "pydantic") if m in sys.modules]
     sys.stderr.write(f"modules: {heavy}\\n")
 atexit.register(_modules)
 from altclip_cli.cli import main
@@ -130,7 +130,7 @@ def test_auto_with_a_matching_server_uses_it_and_imports_no_torch(server, xdg, _
     assert run.code == 0, run.stderr
     after = counters(server.target)
     assert after[0] == before[0] + 3 and after[1] == before[1] + 3  # ours, its health, its embed; three texts
-    assert run.modules == [], run.modules
+    assert run.modules == [], run.modules  # not even numpy: the rows print as numpy prints them
     [line] = run.debug()
     assert line.startswith(f"debug: server: using unix:{xdg}/altclip/altclip.sock (altclip ")
     assert f"{_tiny_model_master}, cpu, fp32)" in line
@@ -149,7 +149,7 @@ def test_classify_through_the_server_equals_in_process_without_torch(server, xdg
     run = altclip(xdg, *args, cwd=pictures)
     local = altclip(xdg, *args, "--server", "off", cwd=pictures)
     assert counters(server.target)[1] > before[1]
-    assert run.modules == [], run.modules  # no torch, no PIL
+    assert run.modules == [], run.modules  # no torch, no PIL, no numpy: the server scores
     assert run.code == local.code == 3  # some inputs failed
     assert run.stderr == local.stderr  # the same error lines for bad.png and missing.png
     got, want = json.loads(run.stdout), json.loads(local.stdout)
@@ -171,7 +171,7 @@ def test_embed_images_to_a_file_through_the_server_equals_in_process(server, xdg
     assert counters(server.target)[1] == before[1] + 5
     local = altclip(xdg, *args, "-o", tmp_path / "l.npy", "--server", "off", cwd=pictures)
     assert run.code == local.code == 3, run.stderr
-    assert run.modules == [], run.modules
+    assert run.modules == ["numpy"], run.modules
     got, want = np.load(tmp_path / "s.npy"), np.load(tmp_path / "l.npy")
     assert got.shape == want.shape == (5, got.shape[1])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
@@ -199,7 +199,7 @@ def test_an_interrupted_run_resumes_through_the_server(server, xdg, pictures, _t
     assert not (tmp_path / "r.npy").exists()
     rest = altclip(xdg, *args, "-o", tmp_path / "r.npy", "--resume", cwd=pictures, env={"ALTCLIP_DEBUG": "1"})
     assert rest.code == 0, rest.stderr
-    assert rest.modules == [] and rest.debug()[0].startswith("debug: server: using")
+    assert rest.modules == ["numpy"] and rest.debug()[0].startswith("debug: server: using")
     assert any(line.startswith("resuming after 4 of 10 inputs") for line in rest.stderr), rest.stderr
     whole = altclip(xdg, *args, "-o", tmp_path / "w.npy", "--server", "off", cwd=pictures)
     assert whole.code == 0
@@ -218,7 +218,7 @@ def test_search_encodes_its_query_through_the_server(server, xdg, pictures, _tin
                for line in first.stderr), first.stderr
     run = altclip(xdg, "search", "a cat", "-s", "dog", *common)
     assert run.code == 0, run.stderr
-    assert run.modules == [], run.modules
+    assert run.modules == ["numpy"], run.modules  # (ranking is numpy's)
     local = altclip(xdg, "search", "a cat", "-s", "dog", *common, "--server", "off")
     got, want = [json.loads(x) for x in run.stdout.splitlines()], [json.loads(x) for x in local.stdout.splitlines()]
     assert [g["path"] for g in got] == [w["path"] for w in want] and len(got) == 5
@@ -227,6 +227,36 @@ def test_search_encodes_its_query_through_the_server(server, xdg, pictures, _tin
     picture = altclip(xdg, "search", str(folder / "img1.png"), *common)  # an image part: the server reads the file
     assert picture.code == 0 and "torch" not in picture.modules
     assert json.loads(picture.stdout.splitlines()[0])["path"] == str(folder / "img1.png")
+
+
+def test_classify_and_embed_with_an_index_through_the_server(server, xdg, pictures, _tiny_model_master, tmp_path):
+    """--index: the index's vectors for unchanged images, the server's for the others, scored here."""
+    folder = tmp_path / "pics"
+    shutil.copytree(pictures, folder)
+    index = tmp_path / "index"
+    built = altclip(xdg, "index", folder / "img0.png", folder / "img1.png", "--index", index,
+                    *model_args(_tiny_model_master))
+    assert built.code == 0, built.stderr
+    names = [str(folder / n) for n in ("img0.png", "img2.png", "img1.png", "bad.png")]
+    for args in (("classify", *names, "-l", "cat", "-l", "dog", "-t", "a {}", "-f", "json"),
+                 ("embed", "--image", *names)):
+        before = counters(server.target)
+        run = altclip(xdg, *args, "--index", index, *model_args(_tiny_model_master))
+        assert counters(server.target)[1] == before[1] + (3 if args[0] == "classify" else 1)  # labels, img2
+        local = altclip(xdg, *args, "--index", index, *model_args(_tiny_model_master), "--server", "off")
+        assert run.code == local.code == 3 and run.stderr == local.stderr
+        assert "torch" not in run.modules and "torch" in local.modules
+        if args[0] == "classify":
+            got, want = json.loads(run.stdout), json.loads(local.stdout)
+            assert [g.get("error") for g in got] == [w.get("error") for w in want]
+            assert_records_close([g for g in got if "scores" in g], [w for w in want if "scores" in w])
+        else:
+            got = [json.loads(x) for x in run.stdout.splitlines()]
+            want = [json.loads(x) for x in local.stdout.splitlines()]
+            assert [g.get("error") for g in got] == [w.get("error") for w in want]
+            for g, w in zip(got, want):
+                if "embedding" in w:
+                    np.testing.assert_allclose(g["embedding"], w["embedding"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("how", ["precision", "model", "exact-decode"])
@@ -336,7 +366,7 @@ def test_a_server_killed_mid_run_fails_the_command_naming_it(_tiny_model_master,
     assert len(errors) == 1 and errors[0].startswith(f"error: the server at unix:{s.target} "), run.stderr
     assert "hint: see the server's log; run the command again (--server off runs it in-process)" in run.stderr
     assert any(line.startswith("the first ") and "--resume continues from there" in line for line in run.stderr)
-    assert not (tmp_path / "k.npy").exists() and run.modules == []
+    assert not (tmp_path / "k.npy").exists() and run.modules == ["numpy"]
 
 
 def test_tcp_with_a_token(_tiny_model_master, pictures, tmp_path):
@@ -361,7 +391,7 @@ def test_tcp_with_a_token(_tiny_model_master, pictures, tmp_path):
         with_file = altclip(xdg, *args, "--token-file", token, cwd=pictures)
         local = altclip(xdg, *args[:-2], "--server", "off", cwd=pictures)
         assert run.code == with_file.code == local.code == 3, run.stderr
-        assert run.modules == [] and run.stdout == with_file.stdout
+        assert run.modules == ["numpy"] and run.stdout == with_file.stdout
         got = [json.loads(x) for x in run.stdout.splitlines()]
         want = [json.loads(x) for x in local.stdout.splitlines()]
         assert [g.get("error") for g in got] == [w.get("error") for w in want]
@@ -512,3 +542,31 @@ def test_the_pixel_cap_copy_equals_the_library_default():
     from altclip_cli.inputs.images import DEFAULT_MAX_PIXELS
 
     assert remote.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
+
+
+def test_float32_rows_print_as_numpy_prints_them():
+    """Float32Row, read without numpy, prints each value as str(np.float32(v)) does (the shortest
+    digits that read back, nearer on a tie, positional from 1e-4 to 1e6) and gives numpy its array."""
+    from altclip_cli.serve.remote import Float32Row, format_float32
+
+    rng = np.random.default_rng(7)
+    powers = np.float32(2.0) ** np.arange(-149, 128).astype(np.float32)
+    values = np.concatenate([
+        rng.integers(0, 2 ** 32, 60_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # any bits
+        (rng.standard_normal(60_000) / 28).astype(np.float32),  # an embedding's values
+        powers, np.nextafter(powers, np.float32(0)), np.nextafter(powers, np.float32(np.inf)),
+        np.array([0.0, -0.0, 1e-4, 9.9999994e-05, 1e6, 999999.94, 0.1, 1e-45, 3.4028235e38, 2 ** -12,
+                  np.nan, np.inf, -np.inf], np.float32)])
+    wrong = [(float(v), format_float32(float(v)), str(v)) for v in values if format_float32(float(v)) != str(v)]
+    assert wrong == []
+
+    row = (rng.standard_normal(64) / 8).astype(np.float32)
+    as_sent = Float32Row(row.astype("<f4").tobytes())
+    code = ("import sys; from altclip_cli.serve.remote import Float32Row; "
+            "print(', '.join(str(v) for v in Float32Row(bytes.fromhex(sys.argv[1])))); print('numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, as_sent.data.hex()], capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines() == [", ".join(str(v) for v in row), "False"], out.stderr
+    assert ", ".join(str(v) for v in as_sent) == ", ".join(str(v) for v in row)  # numpy loaded: its scalars
+    stacked = np.stack([as_sent, as_sent])
+    assert stacked.dtype == np.float32 and (stacked == row).all() and stacked.flags.writeable
+    assert len(as_sent) == 64
