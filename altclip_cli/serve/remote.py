@@ -6,6 +6,10 @@ search call, so that the commands keep one code path for both.
     model = remote or altclip_cli.load(...)          # the same calls from here on
     model.encode_texts(["a cat"]); model.label_embeddings(labels); model.stream_images(sources)
 
+One shortcut: classify's scoring (`classify_records`) is the server's too (/v1/classify, with its
+label cache and torch's softmax), so the client needs no numpy and the records are the ones an
+in-process run writes; `label_embeddings` and `scores` (numpy) serve classify --index.
+
 What "the same model" means without loading it (`mismatch`): the protocol; the model folder (a
 local folder by its real path, a hub id by the snapshot its revision names in this machine's
 Hugging Face cache) against the server's `model_folder`; an explicit --device against the
