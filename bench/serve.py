@@ -5,9 +5,12 @@ loads the model) and through a server that has it loaded already.
     .venv/bin/python bench/serve.py --tiny       # the tiny model: checks the script, times mean little
 
 Measured, each a median over the repetitions:
-- `echo "a cat" | altclip embed --text -`, whole process, against a whole process of a stdlib
-  client (`python -c` with altclip_cli.serve.client) asking the warm server;
-- classify of one JPEG with two labels (labels cached), the same two ways;
+- `echo "a cat" | altclip embed --text -`, whole process, in-process (--server off), through the
+  warm server (`--server SOCKET`: the command's own client), and as a whole process of a bare
+  stdlib client (`python -c` with altclip_cli.serve.client);
+- classify of one JPEG with two labels (labels cached), the same three ways; through the server
+  also less the server's own time for the command's requests (from its per-request log lines):
+  what the command adds to the model's work;
 - one request from a client that is already running (the server's own overhead);
 - images/s: one in-process embedding run over N JPEGs (model load excluded) against 8
   concurrent clients sending the same JPEGs to the server one per request.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -64,7 +68,7 @@ def timed(cmd: list[str], env: dict, stdin: bytes | None = None) -> float:
 def start_server(model: Path, env: dict, folder: Path) -> tuple[subprocess.Popen, str]:
     sock = str(folder / "s.sock")
     log = open(folder / "server.log", "wb")
-    proc = subprocess.Popen([altclip_exe(), "serve", "-m", str(model), "--socket", sock, "-q"],
+    proc = subprocess.Popen([altclip_exe(), "serve", "-m", str(model), "--socket", sock],  # one log line a request
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=child_env(env))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -77,6 +81,20 @@ def start_server(model: Path, env: dict, folder: Path) -> tuple[subprocess.Popen
             time.sleep(0.1)
     proc.kill()
     raise SystemExit("bench: the server did not start in 300 s")
+
+
+def server_ms(log: Path, start: int) -> float:
+    """The server's own time (ms) for the POST requests logged after byte `start` of its log."""
+    text = log.read_bytes()[start:].decode("utf-8", "replace")
+    return sum(float(m.group(1)) for m in re.finditer(r" POST /v1/\S+ 200 ([\d.]+) ms", text))
+
+
+def timed_through(cmd: list[str], env: dict, log: Path, stdin: bytes | None = None) -> tuple[float, float]:
+    """(whole process seconds, the server's seconds for its requests) of a command using the server."""
+    start = log.stat().st_size
+    seconds = timed(cmd, env, stdin)
+    time.sleep(0.05)  # the log line is written as the answer goes out
+    return seconds, server_ms(log, start) / 1000
 
 
 def concurrent_rate(sock: str, paths: list[Path], clients: int = 8) -> float:
@@ -113,6 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny model (a quick check of the script)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--images", type=int, default=32, help="JPEGs for the images/s rows")
+    p.add_argument("--no-rate", action="store_true", help="leave out the images/s rows (the slow part)")
     args = p.parse_args(argv)
     cache = args.cache.expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -123,8 +142,9 @@ def main(argv=None) -> None:
     photo = images[min(8, len(images) - 1)]
     env = {"ALTCLIP_HOME": str(shared_home(cache))}  # weights already cast and cached, as after a first run
     exe = altclip_exe()
-    embed_cmd = [exe, "embed", "-m", str(model), "--text", "-"]
-    classify_cmd = [exe, "classify", str(photo), "-m", str(model), "-f", "json"] + sum((["-l", x] for x in LABELS), [])
+    embed_base = [exe, "embed", "-m", str(model), "--text", "-"]
+    classify_base = [exe, "classify", str(photo), "-m", str(model), "-f", "json"] + sum((["-l", x] for x in LABELS), [])
+    embed_cmd, classify_cmd = embed_base + ["--server", "off"], classify_base + ["--server", "off"]  # in-process
     timed(embed_cmd, env, b"a cat\n")  # warm-up: the weight cache and the page cache
     timed(classify_cmd, env)  # and the labels
 
@@ -133,7 +153,10 @@ def main(argv=None) -> None:
     server, sock = start_server(model, env, folder)
     rows: dict[str, list[float]] = {k: [] for k in
                                     ("embed_cli", "embed_client", "classify_cli", "classify_client", "embed_req",
-                                     "classify_req", "rate_local", "rate_server")}
+                                     "classify_req", "rate_local", "rate_server", "embed_via", "embed_via_server",
+                                     "classify_via", "classify_via_server")}
+    log = folder / "server.log"
+    through = ["--server", sock]
     try:
         embed_client = [PYTHON, "-c", CLIENT, sock, "/v1/embed", json.dumps({"texts": ["a cat"]})]
         classify_body = {"images": [str(photo)], "labels": LABELS}
@@ -145,11 +168,18 @@ def main(argv=None) -> None:
             rows["embed_client"].append(timed(embed_client, env))
             rows["classify_cli"].append(timed(classify_cmd, env))
             rows["classify_client"].append(timed(classify_client, env))
+            for key, cmd, stdin in (("embed_via", embed_base + through, b"a cat\n"),
+                                    ("classify_via", classify_base + through, None)):
+                seconds, serving = timed_through(cmd, env, log, stdin)
+                rows[key].append(seconds)
+                rows[key + "_server"].append(serving)
             for key, path, body in (("embed_req", "/v1/embed", {"texts": ["a cat"]}),
                                     ("classify_req", "/v1/classify", classify_body)):
                 start = time.perf_counter()
                 client.post_json(sock, path, body)
                 rows[key].append(time.perf_counter() - start)
+            if args.no_rate:
+                continue
             child = run_child([PYTHON, "-c", IN_PROCESS_RATE, str(model), *map(str, images)], env)
             result = child.result()
             if result is None:
@@ -164,25 +194,46 @@ def main(argv=None) -> None:
     print(table(rows, args, model, len(images), stats, loads))
 
 
+def command_flags(args) -> str:
+    flags = [" --tiny"] if args.tiny else []
+    flags += [f" --reps {args.reps}"] if args.reps != 3 else []
+    flags += [" --no-rate"] if args.no_rate else ([f" --images {args.images}"] if args.images != 32 else [])
+    return "".join(flags)
+
+
 def table(rows, args, model, n_images, stats, loads) -> str:
-    med = {k: statistics.median(v) for k, v in rows.items()}
+    med = {k: statistics.median(v) for k, v in rows.items() if v}
+    added = {kind: statistics.median(a - b for a, b in zip(rows[f"{kind}_via"], rows[f"{kind}_via_server"]))
+             for kind in ("embed", "classify")}  # what the command adds to the server's work
     info = subprocess.run([altclip_exe(), "info"], capture_output=True, text=True, env=child_env({})).stdout
     precision = next((line for line in info.splitlines() if line.startswith("precision:")), "precision: ?")
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine_line()}; {precision}; "
         f"{'the tiny test model' if args.tiny else 'random weights with BAAI/AltCLIP shapes'} ({model.name}); "
-        f"{args.reps} repetitions, medians; {loads}. Command: `python bench/serve.py{' --tiny' if args.tiny else ''}`.",
+        f"{args.reps} repetitions, medians; {loads}. Command: `python bench/serve.py{command_flags(args)}`.",
         "",
         "| measure | in-process (`altclip ...`) | through the warm server | server / in-process |",
         "|---|---:|---:|---:|",
         f"| `echo \"a cat\" \\| altclip embed --text -`, whole process (s) | {med['embed_cli']:.2f} | "
         f"{med['embed_client']:.2f} | {med['embed_client'] / med['embed_cli']:.2f}x |",
+        f"| the same through the command's own client (`--server SOCKET`), whole process (s) | "
+        f"{med['embed_cli']:.2f} | {med['embed_via']:.3f} | {med['embed_via'] / med['embed_cli']:.2f}x |",
+        f"| the same less the server's time for its requests ({med['embed_via_server'] * 1000:.0f} ms) (s) | "
+        f"n/a | {added['embed']:.3f} | |",
         f"| classify 1 JPEG, 2 labels, whole process (s) | {med['classify_cli']:.2f} | "
         f"{med['classify_client']:.2f} | {med['classify_client'] / med['classify_cli']:.2f}x |",
+        f"| `altclip classify` 1 JPEG, 2 labels, `--server SOCKET`, whole process (s) | {med['classify_cli']:.2f} | "
+        f"{med['classify_via']:.3f} | {med['classify_via'] / med['classify_cli']:.2f}x |",
+        f"| the same less the server's time for its requests ({med['classify_via_server'] * 1000:.0f} ms) (s) | "
+        f"n/a | {added['classify']:.3f} | |",
         f"| one request from a running client: embed 1 text (ms) | n/a | {med['embed_req'] * 1000:.1f} | |",
         f"| one request from a running client: classify 1 JPEG, 2 labels (ms) | n/a | {med['classify_req'] * 1000:.1f} | |",
-        f"| image embedding, {n_images} JPEGs (images/s): one in-process run (load excluded) vs 8 concurrent "
-        f"clients | {med['rate_local']:.2f} | {med['rate_server']:.2f} | {med['rate_server'] / med['rate_local']:.2f}x |",
+    ]
+    if "rate_local" in med:
+        lines.append(f"| image embedding, {n_images} JPEGs (images/s): one in-process run (load excluded) vs 8 concurrent "
+                     f"clients | {med['rate_local']:.2f} | {med['rate_server']:.2f} | "
+                     f"{med['rate_server'] / med['rate_local']:.2f}x |")
+    lines += [
         "",
         f"Server batching over the run: {stats['batches']} forward passes for {stats['items']} inputs, "
         f"{stats['multi_job_batches']} passes shared by several requests (at most {stats['largest_batch_jobs']}).",
