@@ -570,3 +570,47 @@ def test_float32_rows_print_as_numpy_prints_them():
     stacked = np.stack([as_sent, as_sent])
     assert stacked.dtype == np.float32 and (stacked == row).all() and stacked.flags.writeable
     assert len(as_sent) == 64
+
+
+def test_a_full_queue_is_waited_out_and_a_restarted_server_is_noticed(info, monkeypatch):
+    """503 + Retry-After: the request is sent again after the pause; an answer from another model
+    (the server was restarted with it) fails the command instead of mixing vectors."""
+    import base64
+    import http.server
+    import threading
+
+    from altclip_cli.serve.remote import RemoteModel
+
+    answers = [(503, {"error": {"message": "the server is busy: 64 requests are waiting"}}),
+               (200, {"model": info["model"], "results": [
+                   {"row": 0, "text": "a", "embedding": base64.b64encode(b"\0" * 128).decode()}]}),
+               (200, {"model": "another", "results": []})]
+    seen = []
+
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            status, payload = answers.pop(0)
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if status == 503:
+                self.send_header("Retry-After", "0.2")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        model = RemoteModel(client.parse_target(f"http://127.0.0.1:{httpd.server_port}"), info, model_id="m")
+        started = time.monotonic()
+        assert model.encode_texts(["a"]).tolist() == [[0.0] * 32]
+        assert time.monotonic() - started >= 0.2 and len(seen) == 2 and seen[0] == seen[1]
+        with pytest.raises(ServerMismatch, match="now runs another, not .* restarted with another model"):
+            model.encode_texts(["a"])
+    finally:
+        httpd.shutdown()

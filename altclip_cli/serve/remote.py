@@ -38,7 +38,7 @@ import time
 from array import array
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -253,7 +253,6 @@ class RemoteModel:
     model_id: str  # as the command names the model (as AltCLIP.model_id)
     fetch_kw: dict | None = None  # inputs.urls.fetch_url's timeout and max_bytes, for URLs
     draft_min_side = None  # the server decodes; nothing is decoded here
-    _requests: int = field(default=0, repr=False)
 
     @property
     def folder(self) -> Path:
@@ -491,7 +490,6 @@ class RemoteModel:
         if answer.get("model") != self.info.get("model"):
             raise ServerMismatch(f"the server at {self.target} now runs {answer.get('model')}, not "
                                  f"{self.info.get('model')} (it was restarted with another model)", hint=_AGAIN)
-        self._requests += 1
         return answer
 
     def _row(self, text) -> Float32Row:
