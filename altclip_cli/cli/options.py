@@ -148,6 +148,7 @@ model_options = _stack(
                  help="Images (or texts, labels) per model batch [default: chosen for the device]."),
 )
 
+
 class ServerSpec(click.ParamType):
     """auto, off, a socket path (or unix:PATH), or an http(s):// URL."""
 
@@ -272,7 +273,8 @@ def get_model(server: str, token_file: str | None, model: str, device: str, prec
 
     wanted = Wanted(model=model, revision=revision, device=device, precision=precision, exact_decode=exact_decode,
                     max_pixels=max_pixels, images=images, scores=scores)
-    remote = connect(server, wanted, token=_token(token_file, msgs), debug=debug_line, warn=msgs.warn,
+    token = _token(token_file, msgs) if server not in ("auto", "off") else None  # the default socket needs none
+    remote = connect(server, wanted, token=token, debug=debug_line, warn=msgs.warn,
                      fetch_kw={"timeout": url_timeout, "max_bytes": int(url_max_mb * 1_000_000)})
     if remote is not None:
         return remote
