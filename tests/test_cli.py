@@ -154,7 +154,8 @@ def test_classify_jsonl_is_the_default_off_a_terminal(images, model, ref):
     assert [r["image"] for r in records] == ["a.png", "b.jpg"]
     probs, logits = ref.classify(opened("a.png", "b.jpg"), LABELS)
     for record, p, lg in zip(records, probs, logits):
-        assert list(record) == ["image", "scores"]
+        assert list(record) == ["image", "top", "scores"]
+        assert record["top"] == record["scores"][0]["label"]
         scores = record["scores"]
         assert sorted(s["label"] for s in scores) == sorted(LABELS)
         assert [list(s) for s in scores] == [["label", "prob", "logit"]] * len(LABELS)
@@ -192,10 +193,11 @@ def test_classify_csv(images, model):
                     "--top-k", "2", "-m", model)
     assert result.exit_code == 3
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["image", "rank", "label", "prob", "logit", "error"]
+    assert rows[0] == ["image", "rank", "label", "prob", "logit", "error", "top"]
     assert [r[:2] for r in rows[1:3]] == [["a.png", "1"], ["a.png", "2"]]
     assert float(rows[1][3]) >= float(rows[2][3])
-    assert rows[3] == ["bad.jpg", "", "", "", "", "not an image, or in a format Pillow cannot read"]
+    assert rows[1][6] == rows[2][6] == rows[1][2]
+    assert rows[3] == ["bad.jpg", "", "", "", "", "not an image, or in a format Pillow cannot read", ""]
     assert len(rows) == 4
 
 

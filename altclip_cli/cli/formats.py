@@ -10,6 +10,7 @@ from typing import Sequence
 from .terminal import no_color
 
 FORMATS = ("table", "json", "jsonl", "csv")
+UNSURE = "(unsure)"  # how a table marks an image below --min-prob
 
 
 def dumps(obj) -> str:
@@ -30,6 +31,16 @@ def score_record(image: str, labels: Sequence[str], probs, logits, top_k: int | 
         order = order[:top_k]
     return {"image": image,
             "scores": [{"label": labels[j], "prob": number(probs[j]), "logit": number(logits[j])} for j in order]}
+
+
+def with_top(record: dict, min_prob: float | None = None) -> dict:
+    """The record with "top" after "image": its best label, or None (unsure) when the best
+    probability is below min_prob. Error records are returned as they are."""
+    if "error" in record:
+        return record
+    best = record["scores"][0] if record["scores"] else None
+    top = best["label"] if best and (min_prob is None or best["prob"] >= min_prob) else None
+    return {"image": record["image"], "top": top, **{k: v for k, v in record.items() if k not in ("image", "top")}}
 
 
 def error_record(image: str, error: str) -> dict:
@@ -66,10 +77,10 @@ class JsonWriter:
 
 
 class CsvWriter:
-    """One row per (image, label): image,rank,label,prob,logit,error; a failed image gives one row
-    with only image and error."""
+    """One row per (image, label): image,rank,label,prob,logit,error,top; a failed image gives one row
+    with only image and error. top is the image's best label on each of its rows, empty when unsure."""
 
-    HEADER = ("image", "rank", "label", "prob", "logit", "error")
+    HEADER = ("image", "rank", "label", "prob", "logit", "error", "top")
 
     def __init__(self, stream):
         self.stream = stream
@@ -78,10 +89,11 @@ class CsvWriter:
 
     def write(self, record: dict) -> None:
         if "error" in record:
-            self.writer.writerow([record["image"], "", "", "", "", record["error"]])
+            self.writer.writerow([record["image"], "", "", "", "", record["error"], ""])
         else:
+            top = record.get("top") or ""
             for rank, s in enumerate(record["scores"], start=1):
-                self.writer.writerow([record["image"], rank, s["label"], s["prob"], s["logit"], ""])
+                self.writer.writerow([record["image"], rank, s["label"], s["prob"], s["logit"], "", top])
         self.stream.flush()
 
     def close(self) -> None:
@@ -106,7 +118,10 @@ class TableWriter:
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=Text(record["image"], style="bold"), title_justify="left", box=box.SIMPLE_HEAD,
+        title = Text(record["image"], style="bold")
+        if "top" in record and record["top"] is None:
+            title.append(f"  {UNSURE}", style="yellow")
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD,
                       show_edge=False, pad_edge=False)
         table.add_column("label", overflow="fold")
         table.add_column("prob", justify="right")

@@ -16,13 +16,16 @@ from .index import reuse_index_option
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(), metavar="IMAGES...")
 @click.option("-l", "--label", "labels", multiple=True, metavar="LABEL",
-              help="A label, in any language (repeatable; kept in the order given).")
+              help='A label, in any language (repeatable; kept in the order given). "cat|猫|gato" is one label '
+                   'of synonyms, reported as its first; write a literal | as \\|.')
 @click.option("--labels-file", type=click.Path(dir_okay=False, allow_dash=True), metavar="FILE",
-              help="One label per line (UTF-8; blank lines skipped); - reads stdin.")
+              help="One label per line, as -l takes it (UTF-8; blank lines skipped); - reads stdin.")
 @click.option("-t", "--template", "templates", multiple=True, metavar='"... {} ..."',
               help="Text around each label, {} marks the label; several are averaged (prompt ensemble).")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=None, metavar="K",
               help="Show only the K most likely labels per image [default: all].")
+@click.option("--min-prob", type=float, default=None, metavar="P",
+              help="Report an image whose best probability is below P (0 < P <= 1) as unsure: its top is null.")
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format [default: table on a terminal, jsonl otherwise].")
 @reuse_index_option
@@ -30,7 +33,7 @@ from .index import reuse_index_option
 @model_options
 @server_options
 @common_options
-def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recursive, max_pixels, url_timeout,
+def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, index_dir, recursive, max_pixels, url_timeout,
              url_max_mb, input_timeout, exact_decode, model, device, precision, revision, batch_size, server,
              token_file, quiet):
     """Score IMAGES against labels: which label fits each image best.
@@ -46,19 +49,22 @@ def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recu
       altclip classify photos/ -r --labels-file labels.txt -f csv > scores.csv
       find . -name '*.png' | altclip classify - -l cat -l dog -t "a photo of a {}."
       altclip classify cat.jpg -l cat -l dog --server off     # never through `altclip serve`
+      altclip classify photos/ -l "cat|猫|gato" -l "dog|犬|perro" --min-prob 0.6
 
     \b
     json is one array, jsonl one object per line, in input order:
-      {"image": "cat.jpg", "scores": [{"label": "猫", "prob": 0.93, "logit": 24.1}, ...]}
+      {"image": "cat.jpg", "top": "猫", "scores": [{"label": "猫", "prob": 0.93, "logit": 24.1}, ...]}
       {"image": "bad.jpg", "error": "..."}
     """
     from ...inputs.sources import expand_images
-    from ..formats import classify_writer
+    from ..formats import classify_writer, with_top
     from ..terminal import isatty
 
     msgs = messages()
-    labels = _collect_labels(labels, labels_file, images)
+    groups = _collect_labels(labels, labels_file, images)
+    labels = [g[0] for g in groups]  # each group is shown and reported under its first alternative
     _check_templates(templates)
+    _check_min_prob(min_prob)
     _warn_duplicates(labels, msgs)
     if fmt is None:
         fmt = "table" if isatty(sys.stdout) else "jsonl"
@@ -76,16 +82,17 @@ def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recu
                            revision=revision, max_pixels=max_pixels, scores=True, url_timeout=url_timeout,
                            url_max_mb=url_max_mb)
         templates = list(templates) or None
-        if is_remote(model_) and index_dir is None:
+        if is_remote(model_) and index_dir is None and all(len(g) == 1 for g in groups):
             # The server scores too (/v1/classify, with its label cache): no numpy here.
             records = model_.classify_records(sources, labels, templates, top_k, batch_size=batch_size)
         else:
-            records, store = _records_here(model_, sources, labels, templates, top_k, index_dir, msgs, batch_size,
+            records, store = _records_here(model_, sources, groups, templates, top_k, index_dir, msgs, batch_size,
                                            input_timeout, open_kwargs(max_pixels, url_timeout, url_max_mb,
                                                                       model_.draft_min_side))
         with (pil_pixel_limit(max_pixels),
               msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar):
             for record in records:
+                record = with_top(record, min_prob)
                 if "error" in record:
                     failed += 1
                     msgs.error(f"{record['image']}: {record['error']}")
@@ -101,13 +108,14 @@ def classify(images, labels, labels_file, templates, top_k, fmt, index_dir, recu
         click.get_current_context().exit(ExitStatus.PARTIAL)
 
 
-def _records_here(model, sources, labels, templates, top_k, index_dir, msgs, batch_size, input_timeout, opener_kw):
+def _records_here(model, sources, groups, templates, top_k, index_dir, msgs, batch_size, input_timeout, opener_kw):
     """(classify's records in input order, the --index store or None), scored in this process
-    from the model's vectors (and the index's, with --index)."""
+    from the model's vectors (and the index's, with --index). groups: each label's synonyms."""
     from ...inputs.sources import display, open_source, reason
     from ..formats import error_record, score_record
 
-    label_emb = model.label_embeddings(labels, templates, batch_size=batch_size)
+    labels = [g[0] for g in groups]
+    label_emb = group_embeddings(model, groups, templates, batch_size=batch_size)
     results, store = _image_results(model, sources, index_dir, msgs, lambda s: open_source(s, **opener_kw),
                                     batch_size, input_timeout)
 
@@ -121,6 +129,30 @@ def _records_here(model, sources, labels, templates, top_k, index_dir, msgs, bat
                 yield score_record(name, labels, probs[0], logits[0], top_k)
 
     return records(), store
+
+
+def group_embeddings(model, groups, templates=None, *, batch_size: int | None = None):
+    """(G, D) float32 numpy array, L2-normalised: one row per synonym group (e.g. ["cat", "猫", "gato"]).
+    A group's row is the mean of the normalised embeddings of its alternatives (with templates:
+    of every alternative in every template), normalised again. A group of one is exactly
+    model.label_embeddings' row. model: an AltCLIP or a serve.remote.RemoteModel."""
+    import numpy as np  # not at import time: a classify through a server imports no numpy
+
+    groups = [list(g) for g in groups]
+    templates = list(templates or [])
+    out = np.zeros((len(groups), model.embed_dim), np.float32)
+    singles = [i for i, g in enumerate(groups) if len(g) == 1]
+    if singles:
+        out[singles] = model.label_embeddings([groups[i][0] for i in singles], templates, batch_size=batch_size)
+    texts_of = {i: [t.replace("{}", a) for a in g for t in templates] if templates else g
+                for i, g in enumerate(groups) if len(g) > 1}
+    if texts_of:  # one call for every group's texts: one model pass, the label cache per text
+        texts = list(dict.fromkeys(t for ts in texts_of.values() for t in ts))
+        rows = dict(zip(texts, model.label_embeddings(texts, None, batch_size=batch_size)))
+        for i, ts in texts_of.items():
+            mean = np.mean([rows[t] for t in ts], axis=0, dtype=np.float32)  # (D,) of (A*T, D)
+            out[i] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+    return out
 
 
 def _image_results(model, sources, index_dir, msgs, open_fn, batch_size, input_timeout):
@@ -142,8 +174,9 @@ def _image_results(model, sources, index_dir, msgs, open_fn, batch_size, input_t
     return results, store
 
 
-def _collect_labels(given, labels_file, images) -> list[str]:
-    """-l labels then the file's, in order; an empty label is a usage error naming it."""
+def _collect_labels(given, labels_file, images) -> list[list[str]]:
+    """-l labels then the file's, in order, each split into its synonyms; an empty label or
+    alternative is a usage error naming it."""
     labels = list(given)
     for i, label in enumerate(labels, start=1):
         if not label.strip():
@@ -162,7 +195,34 @@ def _collect_labels(given, labels_file, images) -> list[str]:
         labels += [line for line in lines if line.strip()]
     if not labels:
         raise UsageError("no labels given", hint="pass labels with -l LABEL (repeatable) or --labels-file FILE")
-    return labels
+    return [_synonyms(i, label) for i, label in enumerate(labels, start=1)]
+
+
+def _synonyms(i: int, label: str) -> list[str]:
+    """"cat|猫|gato" -> ["cat", "猫", "gato"]; "\\|" is a literal | (other backslashes stay as they are)."""
+    parts, cur, chars = [], [], iter(label)
+    for c in chars:
+        if c == "\\":
+            nxt = next(chars, "")
+            cur.append("|" if nxt == "|" else c + nxt)
+        elif c == "|":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    parts.append("".join(cur))
+    for part in parts:
+        if not part.strip():
+            what = "is only |" if not "".join(parts).strip() else "has an empty alternative"
+            raise UsageError(f"label {i} ({label!r}) {what}",
+                             hint=r'separate synonyms with | as in "cat|猫|gato"; write a literal | as \|')
+    return parts
+
+
+def _check_min_prob(min_prob) -> None:
+    if min_prob is not None and not 0 < min_prob <= 1:
+        raise UsageError(f"--min-prob {min_prob:g} is outside (0, 1]",
+                         hint="give a probability such as --min-prob 0.5")
 
 
 def _check_templates(templates) -> None:
@@ -172,7 +232,7 @@ def _check_templates(templates) -> None:
                              hint='write it like --template "a photo of {}."')
 
 
-def _warn_duplicates(labels, msgs) -> None:
+def _warn_duplicates(labels, msgs) -> None:  # labels: the names the records use
     seen: dict[str, int] = {}
     for label in labels:
         seen[label] = seen.get(label, 0) + 1

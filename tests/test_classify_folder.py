@@ -1,0 +1,139 @@
+"""classify over a folder of photos: synonym groups, --min-prob (unsure), the summary table on a
+terminal, and --sort-into (links, copies, moves; clashes, re-runs, a move killed midway)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from oracle import Reference, require
+from test_cli import invoke, jsonl, write_image
+
+
+@pytest.fixture
+def model(tiny_loaded):
+    return tiny_loaded[0]
+
+
+@pytest.fixture
+def photos(tmp_path, monkeypatch):
+    """cwd with a.png, b.png, c.png (random pixels) and bad.jpg (text)."""
+    monkeypatch.chdir(tmp_path)
+    for i, name in enumerate(("a.png", "b.png", "c.png"), start=1):
+        write_image(tmp_path / name, i)
+    (tmp_path / "bad.jpg").write_text("not an image")
+    return tmp_path
+
+
+# --- synonym groups ----------------------------------------------------------------------------------
+
+GROUPS = [["cat", "猫", "gato", "кошка"], ["dog", "犬"], ["a|b"]]
+
+
+@pytest.mark.parametrize("templates", [[], ["a photo of {}.", "{}, in a picture"]])
+def test_group_probs_are_a_softmax_over_the_reference_group_means(photos, model, templates):
+    require("transformers")
+    ref = Reference(model)
+    args = ["-l", "cat|猫|gato|кошка", "-l", "dog|犬", "-l", r"a\|b"]
+    result = invoke("classify", "a.png", "b.png", *args, *[x for t in templates for x in ("-t", t)], "-m", model)
+    assert result.exit_code == 0, result.stderr
+    records = jsonl(result.stdout)
+
+    rows = []
+    for group in GROUPS:  # every alternative in every template, normalised, averaged, normalised again
+        texts = [t.replace("{}", a) for a in group for t in templates] if templates else group
+        mean = ref.text_embeddings(texts).mean(axis=0)
+        rows.append(mean / np.linalg.norm(mean))
+    images = ref.image_embeddings([photos / "a.png", photos / "b.png"])
+    scale = float(ref.model.logit_scale.detach().exp())
+    logits = images @ np.stack(rows).T * scale
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+
+    names = [g[0] for g in GROUPS]
+    for record, p, lg in zip(records, probs, logits):
+        assert sorted(s["label"] for s in record["scores"]) == sorted(names)
+        assert record["top"] == names[int(np.argmax(p))]
+        for s in record["scores"]:
+            j = names.index(s["label"])
+            assert s["prob"] == pytest.approx(p[j], rel=1e-5, abs=1e-6)
+            assert s["logit"] == pytest.approx(lg[j], rel=1e-5, abs=1e-5)
+
+
+def test_labels_file_takes_groups(photos, model):
+    (photos / "labels.txt").write_text("cat|猫\n\ndog\n", encoding="utf-8")
+    a = invoke("classify", "a.png", "--labels-file", "labels.txt", "-m", model)
+    b = invoke("classify", "a.png", "-l", "cat|猫", "-l", "dog", "-m", model)
+    assert a.exit_code == b.exit_code == 0
+    assert a.stdout == b.stdout
+    assert sorted(s["label"] for s in jsonl(a.stdout)[0]["scores"]) == ["cat", "dog"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-l", "cat|"], "error: label 1 ('cat|') has an empty alternative"),
+    (["-l", "dog", "-l", "|"], "error: label 2 ('|') is only |"),
+    (["-l", "a|| b"], "error: label 1 ('a|| b') has an empty alternative"),
+    (["-l", "x", "--min-prob", "0"], "error: --min-prob 0 is outside (0, 1]"),
+    (["-l", "x", "--min-prob", "1.5"], "error: --min-prob 1.5 is outside (0, 1]"),
+    (["-l", "x", "--min-prob", "-0.1"], "error: --min-prob -0.1 is outside (0, 1]"),
+])
+def test_bad_groups_and_min_prob_are_usage_errors(photos, tmp_path, args, message):
+    # The model folder does not exist: the error comes before any model work.
+    result = invoke("classify", "a.png", *args, "-m", tmp_path / "no-model")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == message
+    assert lines[1].startswith("hint: ") and len(lines) == 2
+
+
+# --- --min-prob ----------------------------------------------------------------------------------------
+
+LABEL_ARGS = ["-l", "cat", "-l", "dog", "-l", "car"]
+
+
+def _best(model):
+    """Each photo's best probability, from a run without --min-prob."""
+    result = invoke("classify", "a.png", "b.png", "c.png", *LABEL_ARGS, "-m", model)
+    return {r["image"]: (r["top"], r["scores"][0]["prob"]) for r in jsonl(result.stdout)}
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_min_prob_json_and_jsonl(photos, model, fmt):
+    best = _best(model)
+    cut = sorted(p for _, p in best.values())[1]  # the lowest is unsure, the other two are not
+    result = invoke("classify", "a.png", "bad.jpg", "b.png", "c.png", *LABEL_ARGS, "--min-prob", cut,
+                    "-f", fmt, "-m", model)
+    assert result.exit_code == 3
+    records = json.loads(result.stdout) if fmt == "json" else jsonl(result.stdout)
+    assert records[1] == {"image": "bad.jpg", "error": "not an image, or in a format Pillow cannot read"}
+    for r in records[:1] + records[2:]:
+        assert list(r) == ["image", "top", "scores"] and len(r["scores"]) == 3
+        label, prob = best[r["image"]]
+        assert r["top"] == (label if prob >= cut else None)
+    assert sum(r.get("top", 0) is None for r in records) == 1
+
+
+def test_min_prob_csv(photos, model):
+    best = _best(model)
+    cut = sorted(p for _, p in best.values())[1]
+    result = invoke("classify", "a.png", "b.png", "c.png", "bad.jpg", *LABEL_ARGS, "--min-prob", cut,
+                    "-f", "csv", "-k", "1", "-m", model)
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["image", "rank", "label", "prob", "logit", "error", "top"]
+    for row in rows[1:4]:
+        label, prob = best[row[0]]
+        assert row[6] == (label if prob >= cut else "")
+    assert rows[4][0] == "bad.jpg" and rows[4][6] == ""
+
+
+def test_min_prob_one_keeps_scores_and_marks_the_table(photos, model):
+    result = invoke("classify", "a.png", *LABEL_ARGS, "--min-prob", "1", "-f", "table", "-m", model)
+    assert result.exit_code == 0
+    assert result.stdout.splitlines()[0].split() == ["a.png", "(unsure)"]
+    result = invoke("classify", "a.png", *LABEL_ARGS, "--min-prob", "1", "-m", model)
+    record = jsonl(result.stdout)[0]
+    assert record["top"] is None and len(record["scores"]) == 3
