@@ -103,6 +103,14 @@ def test_resume_with_ray_skips_the_parts_done_and_other_settings_are_refused(loc
     assert "wrote 2 parts to" in resumed.stderr and "(4 of 4 parts of this run complete, 29 rows)" in resumed.stderr
 
 
+def test_gpus_asked_of_a_cluster_without_them_is_an_error_not_a_hang(local_ray, photos, model):
+    result = invoke("embed", "--image", "imgs", "-o", "ds/", "-m", model, *BASE, "--gpus-per-worker", "1", "--ray")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-2:] == [
+        "error: --gpus-per-worker 1: the Ray cluster has no GPUs",
+        "hint: leave out --gpus-per-worker (or give 0) to embed on the CPUs"]
+
+
 def test_two_nodes_write_one_dataset_in_a_shared_folder(photos, model, tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -142,3 +150,4 @@ def test_without_ray_installed_the_hint_says_how(photos, model, monkeypatch):
     assert result.exit_code == 1
     assert result.stderr.splitlines() == ["error: --ray needs Ray (with Ray Data), which is not installed",
                                           "hint: pip install 'altclip[ray]'"]
+

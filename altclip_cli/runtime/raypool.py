@@ -139,6 +139,19 @@ def _resources(ray, options) -> tuple[int, float, float]:
     return workers, per_gpu, per_cpu
 
 
+def _check_fits(ray, workers: int, per_gpu: float, per_cpu: float, msgs) -> None:
+    """A pool the cluster cannot hold would wait for ever: none of the GPUs asked for is an error,
+    too few CPUs or GPUs (an autoscaling cluster may add them) a warning."""
+    total = ray.cluster_resources()
+    gpus, cpus = total.get("GPU", 0), total.get("CPU", 0)
+    if per_gpu and not gpus:
+        raise AltclipError(f"--gpus-per-worker {per_gpu:g}: the Ray cluster has no GPUs",
+                           hint="leave out --gpus-per-worker (or give 0) to embed on the CPUs")
+    if workers * per_gpu > gpus or workers * per_cpu > cpus:
+        msgs.warn(f"Ray: {workers} actors of {per_gpu:g} GPU and {per_cpu:g} CPU need more than the cluster has now "
+                  f"({gpus:g} GPUs, {cpus:g} CPUs): the run may wait until it has them")
+
+
 def _cause(exc: BaseException) -> AltclipError | None:
     """The AltclipError an actor raised, out of Ray's wrappers."""
     seen = set()
@@ -184,6 +197,7 @@ def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_siz
     started = _connect(ray, run_address(options), msgs)
     try:
         workers, per_gpu, per_cpu = _resources(ray, options)
+        _check_fits(ray, workers, per_gpu, per_cpu, msgs)
         msgs.note(f"Ray: {len(todo)} part{'' if len(todo) == 1 else 's'} for {workers} actor"
                   f"{'' if workers == 1 else 's'} ({per_gpu:g} GPU, {per_cpu:g} CPU each)")
         config = {"kind": run.kind, "model": run.model_name, "model_path": _absolute(run.model_name),
