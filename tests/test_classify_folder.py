@@ -137,3 +137,69 @@ def test_min_prob_one_keeps_scores_and_marks_the_table(photos, model):
     result = invoke("classify", "a.png", *LABEL_ARGS, "--min-prob", "1", "-m", model)
     record = jsonl(result.stdout)[0]
     assert record["top"] is None and len(record["scores"]) == 3
+
+
+# --- the summary table ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def terminal(monkeypatch):
+    from altclip_cli.cli import terminal
+
+    monkeypatch.setattr(terminal, "isatty", lambda stream: True)
+
+
+def _many(folder, n):
+    folder.mkdir()
+    for i in range(n):
+        write_image(folder / f"p{i:03d}.png", 100 + i, size=(8, 8))
+    return sorted(str(p.relative_to(folder.parent)) for p in folder.iterdir())
+
+
+def _counts(lines):
+    """The count table at the end: {label: n}."""
+    start = max(i for i, line in enumerate(lines) if line.split() == ["label", "images"])
+    return {line.rsplit(None, 1)[0].strip(): int(line.rsplit(None, 1)[1]) for line in lines[start + 2:] if line.strip()}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_few_images_keep_the_per_image_view(photos, model, terminal, n):
+    names = ["a.png", "b.png", "c.png"][:n]
+    result = invoke("classify", *names, *LABEL_ARGS, "-m", model)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    titles = [line.strip() for line in lines if line.strip() in names]
+    assert titles == names
+    assert lines[1].split() == ["label", "prob"] and "█" in result.stdout
+    assert "images" not in result.stdout
+
+
+def test_200_images_give_one_summary_table_and_counts(photos, model, terminal):
+    names = _many(photos / "many", 200)
+    result = invoke("classify", "many", "bad.jpg", "-l", "cat|猫", "-l", "dog", "-l", "car", "-m", model)
+    assert result.exit_code == 3
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["image", "best", "prob", "runner-up"]
+    rows = [line.split() for line in lines[2:202]]
+    assert [r[0] for r in rows] == names
+    jl = {r["image"]: r for r in jsonl(invoke("classify", "many", *["-l", "cat|猫", "-l", "dog", "-l", "car"],
+                                               "-f", "jsonl", "-m", model).stdout)}
+    for r in rows:
+        want = jl[r[0]]["scores"]
+        assert r[1:] == [want[0]["label"], f"{100 * want[0]['prob']:.1f}%", want[1]["label"],
+                         f"{100 * want[1]['prob']:.1f}%"]
+    counts = _counts(lines)
+    assert sum(counts[label] for label in ("cat", "dog", "car")) == 200 and counts["(failed)"] == 1
+    for label in ("cat", "dog", "car"):
+        assert counts[label] == sum(r["top"] == label for r in jl.values())
+    assert "bad.jpg" not in result.stdout and "error: bad.jpg" in result.stderr
+
+
+def test_summary_with_top_k_and_unsure(photos, model, terminal):
+    _many(photos / "many", 5)
+    result = invoke("classify", "many", *LABEL_ARGS, "-k", "3", "--min-prob", "1", "-m", model)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["image", "best", "prob", "2nd", "3rd"]
+    assert all(line.split()[1] == "(unsure)" for line in lines[2:7])
+    assert _counts(lines) == {"cat": 0, "dog": 0, "car": 0, "(unsure)": 5}
+

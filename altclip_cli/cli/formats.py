@@ -135,6 +135,71 @@ class TableWriter:
         pass
 
 
+class SummaryWriter:
+    """One table for many images: a row per image (its best label and probability, then the
+    runner-up, or ranks 2..K with -k K; "(unsure)" below --min-prob), then a count per label.
+    Rows are drawn at the end; failed images are counted here and named on stderr."""
+
+    def __init__(self, stream, labels, top_k: int | None = None):
+        from rich.console import Console
+
+        self.console = Console(file=stream, no_color=no_color(), highlight=False, emoji=False)
+        self.labels = list(dict.fromkeys(labels))
+        self.ranks = max(1, min(top_k if top_k is not None else 2, len(self.labels)))
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("image", overflow="fold")
+        table.add_column("best", overflow="fold")
+        table.add_column("prob", justify="right")
+        for rank in range(2, self.ranks + 1):
+            table.add_column("runner-up" if self.ranks == 2 else ordinal(rank), overflow="fold")
+        counts = dict.fromkeys(self.labels, 0)
+        unsure = failed = 0
+        for r in self.records:
+            if "error" in r:
+                failed += 1
+                continue
+            scores = r["scores"]
+            top = r.get("top", scores[0]["label"] if scores else None)
+            if top is None:
+                unsure += 1
+                best = Text(f"{UNSURE} {scores[0]['label']}" if scores else UNSURE, style="yellow")
+            else:
+                counts[top] = counts.get(top, 0) + 1
+                best = Text(top)
+            others = [Text(f"{s['label']} {100 * s['prob']:.1f}%") for s in scores[1:self.ranks]]
+            others += [Text("")] * (self.ranks - 1 - len(others))
+            table.add_row(Text(r["image"]), best, f"{100 * scores[0]['prob']:.1f}%" if scores else "", *others)
+        self.console.print(table)
+        self.console.print()
+        tally = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        tally.add_column("label", overflow="fold")
+        tally.add_column("images", justify="right")
+        for label, n in counts.items():
+            tally.add_row(Text(label), str(n))
+        if unsure:
+            tally.add_row(Text(UNSURE, style="yellow"), str(unsure))
+        if failed:
+            tally.add_row(Text("(failed)", style="red"), str(failed))
+        self.console.print(tally)
+
+
+SUMMARY_AFTER = 3  # a table shows more images than this as one summary table
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def bar(fraction: float, width: int) -> str:
     """A bar of block characters, in eighths: readable without colour."""
     eighths = round(max(0.0, min(1.0, fraction)) * width * 8)
@@ -142,7 +207,10 @@ def bar(fraction: float, width: int) -> str:
     return "█" * full + (" ▏▎▍▌▋▊▉"[rest] if rest else "")
 
 
-def classify_writer(fmt: str, stream):
+def classify_writer(fmt: str, stream, *, images: int = 0, labels=(), top_k: int | None = None):
+    """The writer for fmt; a table of more than SUMMARY_AFTER images is one SummaryWriter table."""
+    if fmt == "table" and images > SUMMARY_AFTER:
+        return SummaryWriter(stream, labels, top_k)
     return {"table": TableWriter, "json": JsonWriter, "jsonl": JsonlWriter, "csv": CsvWriter}[fmt](stream)
 
 

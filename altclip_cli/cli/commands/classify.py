@@ -72,7 +72,7 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, index
     if not sources:
         msgs.warn("no images to classify: the inputs named none")
 
-    writer = classify_writer(fmt, sys.stdout)
+    writer = classify_writer(fmt, sys.stdout, images=len(sources), labels=labels, top_k=top_k)
     failed = 0
     store = None  # the index of --index, when its vectors are used
     if sources:
