@@ -203,3 +203,148 @@ def test_summary_with_top_k_and_unsure(photos, model, terminal):
     assert all(line.split()[1] == "(unsure)" for line in lines[2:7])
     assert _counts(lines) == {"cat": 0, "dog": 0, "car": 0, "(unsure)": 5}
 
+
+# --- --sort-into ---------------------------------------------------------------------------------------
+
+def _tops(model, *names):
+    result = invoke("classify", *names, *LABEL_ARGS, "-f", "jsonl", "-m", model)
+    return {r["image"]: r.get("top") for r in jsonl(result.stdout)}
+
+
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.is_symlink()) for p in root.rglob("*") if not p.is_dir())
+
+
+def test_sort_into_links_then_a_second_run_changes_nothing(photos, model):
+    tops = _tops(model, "a.png", "b.png", "c.png")
+    result = invoke("classify", "a.png", "b.png", "c.png", "bad.jpg", *LABEL_ARGS, "--sort-into", "out", "-m", model)
+    assert result.exit_code == 3
+    out = photos / "out"
+    for name, top in tops.items():
+        link = out / top / name
+        assert link.is_symlink() and link.resolve() == (photos / name).resolve()
+    assert (photos / "bad.jpg").exists() and not list(out.rglob("bad.jpg"))
+    before = _tree(out)
+    again = invoke("classify", "a.png", "b.png", "c.png", "bad.jpg", *LABEL_ARGS, "--sort-into", "out", "-m", model)
+    assert again.exit_code == 3 and _tree(out) == before
+
+
+def test_sort_into_copy_with_a_name_clash_and_unsure(photos, model):
+    tops = _tops(model, "a.png")
+    (photos / "out" / "_unsure").mkdir(parents=True)
+    (photos / "out" / "_unsure" / "a.png").write_bytes(b"another photo")
+    args = ("a.png", *LABEL_ARGS, "--min-prob", "1", "--sort-into", "out", "--copy", "-m", model)
+    assert invoke("classify", *args).exit_code == 0
+    assert (photos / "out" / "_unsure" / "a.png").read_bytes() == b"another photo"  # never overwritten
+    copy = photos / "out" / "_unsure" / "a-1.png"
+    assert not copy.is_symlink() and copy.read_bytes() == (photos / "a.png").read_bytes()
+    before = _tree(photos / "out")
+    assert invoke("classify", *args).exit_code == 0 and _tree(photos / "out") == before
+    assert tops["a.png"] is not None
+
+
+def test_sort_into_move_and_dry_run(photos, model):
+    tops = _tops(model, "a.png", "b.png", "c.png")
+    data = {n: (photos / n).read_bytes() for n in tops}
+    plan = invoke("classify", ".", *LABEL_ARGS, "--sort-into", "out", "--move", "--dry-run", "-m", model)
+    assert plan.exit_code == 3
+    assert not (photos / "out").exists() and all((photos / n).exists() for n in tops)
+    for name, top in tops.items():
+        assert f"move ./{name} -> out/{top}/{name}" in plan.stderr
+    moved = invoke("classify", ".", *LABEL_ARGS, "--sort-into", "out", "--move", "-m", model)
+    assert moved.exit_code == 3
+    for name, top in tops.items():
+        assert not (photos / name).exists() and (photos / "out" / top / name).read_bytes() == data[name]
+    assert (photos / "bad.jpg").exists()
+
+
+@pytest.mark.parametrize("args", [["--min-prob", "0.5", "--copy"], ["--move"], ["--dry-run"]])
+def test_sort_options_need_sort_into(photos, tmp_path, args):
+    result = invoke("classify", "a.png", "-l", "x", *args, "-m", tmp_path / "no-model")
+    if args[0] == "--min-prob":
+        args = args[2:]
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0] == f"error: {args[0]} needs --sort-into DIR"
+
+
+def test_sort_into_folder_that_cannot_be_created(photos, tmp_path):
+    (photos / "file").write_text("x")
+    result = invoke("classify", "a.png", "-l", "x", "--sort-into", "file/sub", "-m", tmp_path / "no-model")
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: --sort-into file/sub: cannot create it") and lines[1].startswith("hint: ")
+
+
+def test_place_library_name_clash_and_idempotence(tmp_path):
+    from altclip_cli.outputs.sortinto import folder_name, place
+
+    src = tmp_path / "x.jpg"
+    src.write_bytes(b"one")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "x.jpg").write_bytes(b"two")
+    (tmp_path / "t" / "x-1.jpg").write_bytes(b"three")
+    p = place(src, tmp_path / "t", "copy")
+    assert (p.action, p.target.name) == ("copy", "x-2.jpg")
+    assert place(src, tmp_path / "t", "copy").action == "already there"
+    assert place(src, tmp_path / "t", "link").target.name == "x-3.jpg"
+    assert place(src, tmp_path / "t", "link").action == "already there"
+    assert [folder_name(x) for x in ("a/b", "..", None, "_unsure", " cat. ", "猫")] == \
+        ["a_b", "_", "_unsure", "_unsure_", "cat", "猫"]
+
+
+KILL_SCRIPT = r"""
+import errno, os, sys
+from pathlib import Path
+from altclip_cli.outputs import sortinto
+if sys.argv[3] == "cross":  # as if DIR were on another filesystem: copy, fsync, rename, unlink
+    def rename(a, b, _rename=os.rename):
+        if Path(a).parent.name == "src":
+            raise OSError(errno.EXDEV, "cross-device link")
+        return _rename(a, b)
+    sortinto.os.rename = rename
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+sortinto.clean_temporaries(out)
+for p in sorted(src.iterdir()):
+    sortinto.place(p, out / ("even" if int(p.stem) % 2 == 0 else "odd"), "move")
+print("done", flush=True)
+"""
+
+
+def _contents(*roots):
+    found = []
+    for root in roots:
+        found += [p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".altclip-sort-")]
+    return sorted(found)
+
+
+@pytest.mark.parametrize("how", ["same", "cross"])
+def test_move_killed_midway_loses_nothing_and_a_rerun_finishes(tmp_path, how):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    files = {f"{i:04d}.bin": os.urandom(64 * 1024) + i.to_bytes(4, "little") for i in range(400)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    want = sorted(files.values())
+    cmd = [sys.executable, "-c", KILL_SCRIPT, str(src), str(out), how]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(out.rglob("*.bin"))) < 40:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = {p.name for p in src.iterdir()}
+    assert 0 < len(left) < 400, "killed too late to test anything"
+    placed = _contents(src, out)
+    # never lost; in exactly one place, except a cross-filesystem move cut between rename and unlink
+    assert sorted(set(placed)) == want
+    assert len(placed) - len(want) <= (1 if how == "cross" else 0)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.stdout == "done\n", done.stderr
+    assert list(src.iterdir()) == [] and _contents(out) == want
+    assert not list(out.rglob(".altclip-sort-*"))

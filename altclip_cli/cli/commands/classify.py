@@ -28,12 +28,19 @@ from .index import reuse_index_option
               help="Report an image whose best probability is below P (0 < P <= 1) as unsure: its top is null.")
 @click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format [default: table on a terminal, jsonl otherwise].")
+@click.option("--sort-into", type=click.Path(file_okay=False), metavar="DIR",
+              help="Put each image into DIR/<label>/ (unsure ones into DIR/_unsure/) as a symbolic link; "
+                   "never overwrites, and a second run changes nothing.")
+@click.option("--copy", "sort_mode", flag_value="copy", help="With --sort-into: copy the images.")
+@click.option("--move", "sort_mode", flag_value="move",
+              help="With --sort-into: move the images (an interrupted move loses none; run it again to finish).")
+@click.option("--dry-run", is_flag=True, help="With --sort-into: print the plan on stderr and change nothing.")
 @reuse_index_option
 @image_input_options
 @model_options
 @server_options
 @common_options
-def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, index_dir, recursive, max_pixels, url_timeout,
+def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_into, sort_mode, dry_run, index_dir, recursive, max_pixels, url_timeout,
              url_max_mb, input_timeout, exact_decode, model, device, precision, revision, batch_size, server,
              token_file, quiet):
     """Score IMAGES against labels: which label fits each image best.
@@ -50,6 +57,7 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, index
       find . -name '*.png' | altclip classify - -l cat -l dog -t "a photo of a {}."
       altclip classify cat.jpg -l cat -l dog --server off     # never through `altclip serve`
       altclip classify photos/ -l "cat|猫|gato" -l "dog|犬|perro" --min-prob 0.6
+      altclip classify photos/ -l cat -l dog --min-prob 0.6 --sort-into sorted/ --move
 
     \b
     json is one array, jsonl one object per line, in input order:
@@ -66,6 +74,7 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, index
     _check_templates(templates)
     _check_min_prob(min_prob)
     _warn_duplicates(labels, msgs)
+    sorter = _sorter(sort_into, sort_mode, dry_run, msgs)
     if fmt is None:
         fmt = "table" if isatty(sys.stdout) else "jsonl"
     sources = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn))
@@ -91,12 +100,14 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, index
                                                                       model_.draft_min_side))
         with (pil_pixel_limit(max_pixels),
               msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar):
-            for record in records:
+            for source, record in zip(sources, records):
                 record = with_top(record, min_prob)
                 if "error" in record:
                     failed += 1
                     msgs.error(f"{record['image']}: {record['error']}")
                 writer.write(record)
+                if sorter is not None and "error" not in record:
+                    sorter(source, record)
                 bar.advance()
     writer.close()
     if store is not None:
@@ -217,6 +228,40 @@ def _synonyms(i: int, label: str) -> list[str]:
             raise UsageError(f"label {i} ({label!r}) {what}",
                              hint=r'separate synonyms with | as in "cat|猫|gato"; write a literal | as \|')
     return parts
+
+
+def _sorter(sort_into, mode, dry_run, msgs):
+    """None without --sort-into; else sort(source, record) placing the image by its top label
+    (the folder checked now, before any model work)."""
+    if sort_into is None:
+        for flag, given in (("--copy" if mode == "copy" else "--move", mode), ("--dry-run", dry_run)):
+            if given:
+                raise UsageError(f"{flag} needs --sort-into DIR", hint="add --sort-into DIR, or leave out " + flag)
+        return None
+    from pathlib import Path
+
+    from ...outputs.sortinto import check_root, clean_temporaries, folder_name, place
+
+    root = Path(sort_into)
+    check_root(root, create=not dry_run)
+    if not dry_run:
+        clean_temporaries(root)
+    mode = mode or "link"
+
+    def sort(source, record) -> None:
+        if source.path is None:
+            msgs.warn(f"{record['image']}: not a local file, not sorted")
+            return
+        try:
+            done = place(source.path, root / folder_name(record["top"]), mode, dry_run=dry_run)
+        except OSError as exc:
+            msgs.error(f"{record['image']}: cannot {mode} it into {root} ({exc.strerror or exc})")
+            return
+        if dry_run or done.action != "already there":
+            msgs.note(f"{mode} {source.path} -> {done.target}" if done.action != "already there"
+                      else f"{source.path}: already at {done.target}")
+
+    return sort
 
 
 def _check_min_prob(min_prob) -> None:
