@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -348,3 +349,22 @@ def test_move_killed_midway_loses_nothing_and_a_rerun_finishes(tmp_path, how):
     assert done.stdout == "done\n", done.stderr
     assert list(src.iterdir()) == [] and _contents(out) == want
     assert not list(out.rglob(".altclip-sort-*"))
+
+
+def test_move_keeps_an_equal_photo_from_elsewhere(tmp_path):
+    """Two photos with the same name and bytes but their own times are two photos: the second
+    move gets a name of its own, and neither source is deleted as a 'duplicate'."""
+    from altclip_cli.outputs.sortinto import place
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "IMG_1.jpg", tmp_path / "b" / "IMG_1.jpg"
+    first.write_bytes(b"same bytes")
+    second.write_bytes(b"same bytes")
+    os.utime(second, ns=(1_000_000_000, 1_000_000_000))
+    target = tmp_path / "sorted" / "cat"
+    place(first, target, "move")
+    placed = place(second, target, "move")
+    assert placed.target == target / "IMG_1-1.jpg"
+    assert sorted(p.name for p in target.iterdir()) == ["IMG_1-1.jpg", "IMG_1.jpg"]
+    assert not first.exists() and not second.exists()

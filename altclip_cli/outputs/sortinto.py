@@ -81,8 +81,8 @@ def place(source: Path | str, folder: Path | str, mode: str = "link", *, dry_run
     source, folder = Path(source), Path(folder)
     found = _existing(source, folder, mode)
     if found is not None:
-        if mode == "move" and not dry_run and _exists(source) and not _same_file(source, found):
-            os.unlink(source)  # a move cut short after its copy: the content is at the target
+        if mode == "move" and not dry_run and _exists(source) and os.path.abspath(source) != os.path.abspath(found):
+            os.unlink(source)  # a move cut short after its link or copy: the photo is at the target
         return Placement(source, found, "already there")
     target = _free_name(folder, source.name)
     if dry_run:
@@ -129,9 +129,28 @@ def _existing(source: Path, folder: Path, mode: str) -> Path | None:
         if mode == "link":
             if candidate.is_symlink() and os.readlink(candidate) == os.path.abspath(source):
                 return candidate
-        elif not candidate.is_symlink() and candidate.is_file() and _exists(source) and _same_content(source, candidate):
+        elif mode == "move" and _exists(source) and _half_moved(source, candidate):
+            return candidate
+        elif mode == "copy" and not candidate.is_symlink() and candidate.is_file() and _exists(source) \
+                and _same_content(source, candidate):
             return candidate
     return None
+
+
+def _half_moved(source: Path, candidate: Path) -> bool:
+    """candidate is source's own move cut short: the same file (a hard link made before the
+    source's unlink), or a complete copy with the source's content and modification time (a
+    copy across filesystems). An equal photo from elsewhere, with its own mtime, is not: it
+    gets a name of its own and the source stays."""
+    if _same_file(source, candidate):
+        return True
+    if candidate.is_symlink() or not candidate.is_file():
+        return False
+    try:
+        same_time = os.stat(source).st_mtime_ns == os.stat(candidate).st_mtime_ns
+    except OSError:
+        return False
+    return same_time and _same_content(source, candidate)
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -152,7 +171,7 @@ def _move(source: Path, target: Path) -> None:
     if _exists(target):  # never overwrite (a name taken since _free_name)
         raise FileExistsError(errno.EEXIST, "exists", str(target))
     try:
-        os.rename(source, target)  # atomic within a filesystem
+        os.rename(source, target)  # atomic within a filesystem: the photo is in exactly one place
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
