@@ -51,7 +51,9 @@ def test_the_python_example_runs_as_written(tiny_model_dir, tmp_path, monkeypatc
     import numpy as np
     from PIL import Image
 
-    block = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "altclip_cli.load(" in b]
+    assert len(blocks) == 1
+    block = blocks[0]
     assert 'altclip_cli.load("BAAI/AltCLIP"' in block
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
