@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..errors import AltclipError
-from .embedfile import EmbeddingOutput, _fsync_dir, inputs_digest, settings_difference, write_atomic
+from ..durable import fsync_dir, write_atomic
+from .embedfile import EmbeddingOutput, inputs_digest, settings_difference
 from .manifest import file_record, read_json
 
 FORMAT = "altclip-dataset/1"
@@ -128,7 +129,7 @@ def ensure_manifest(folder: Path, manifest: dict, *, resume: bool) -> dict:
         write_atomic(tmp, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
         try:
             os.link(tmp, path)  # atomic, complete, and fails if a racing writer linked first
-            _fsync_dir(folder)
+            fsync_dir(folder)
             return manifest
         except FileExistsError:
             pass
@@ -283,9 +284,9 @@ def write_part(folder: Path, manifest: dict, part: int, batches: Iterator[list[t
     done_path(folder, part).unlink(missing_ok=True)  # replacing a complete part: absent meanwhile
     for path in (sidecar, npy, part_manifest):
         os.replace(path, folder / path.name)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     write_atomic(done_path(folder, part), json.dumps(done, ensure_ascii=False).encode("utf-8"))
-    _fsync_dir(folder)
+    fsync_dir(folder)
     try:
         staging.rmdir()  # empty now; the next part makes it again
     except OSError:
@@ -413,8 +414,6 @@ class ConcatView:
         return np.asarray(self.parts[part][index - self._starts[part]])
 
     def __array__(self, dtype=None, copy=None):
-        import numpy as np
-
         whole = self[:]
         return whole.astype(dtype) if dtype is not None else whole
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import AltclipError
 from .manifest import FORMAT, file_record, finish_commit, journal_path, manifest_path, read_json, sidecar_path
 from .signals import signals_deferred
+from ..durable import fsync_dir, write_atomic
 
 HEADER_SIZE = 128  # bytes before the first row; a multiple of 64, as numpy likes
 CHECKPOINT_VERSION = 2  # 2: settings include the weights, the device type and the decoding
@@ -40,30 +41,6 @@ def _fsync(f) -> None:
     os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file in one step: temporary file beside it, fsync, os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            _fsync(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @dataclass(frozen=True)
@@ -351,7 +328,7 @@ class EmbeddingOutput:
             os.replace(self.journal, self.manifest)
             self.committed = True
             self.checkpoint_file.unlink(missing_ok=True)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def stop(self) -> bool:
         """After a run stopped early: checkpoint what is done (True), or remove the .part files

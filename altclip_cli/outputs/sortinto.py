@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AltclipError
+from ..durable import fsync_dir
 
 MODES = ("link", "copy", "move")
 UNSURE_FOLDER = "_unsure"
@@ -199,23 +200,12 @@ def _copy_into_place(source: Path, target: Path) -> None:
             if _exists(target):  # a filesystem without hard links
                 raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
             os.rename(tmp, target)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         if _exists(tmp):
             os.unlink(tmp)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def clean_temporaries(root: Path) -> int:

@@ -55,6 +55,7 @@ from typing import Iterable
 
 from ..errors import AltclipError
 from ..paths import altclip_home
+from ..durable import fsync_dir
 
 SCHEMA_VERSION = 1  # what index.sqlite3 holds; an index with a higher one is refused
 VECTORS_FORMAT = 1  # the layout of vectors.f32
@@ -126,17 +127,6 @@ def _check_header(data: bytes, dim: int, folder: Path) -> None:
                                f"the database says {dim}-wide float32")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -533,7 +523,7 @@ def _remove_index_files(folder: Path) -> None:
             (folder / name).unlink(missing_ok=True)
         except OSError as exc:
             raise IndexStoreError(f"cannot remove {folder / name} ({exc.strerror or exc})") from None
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _read_meta(db: sqlite3.Connection) -> dict | None:
@@ -583,7 +573,7 @@ def _create(db: sqlite3.Connection, folder: Path, identity: dict, relative_paths
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / VECTORS)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     meta = {"schema_version": str(SCHEMA_VERSION), "model": str(identity["model"]),
             "weights": str(identity["weights"]), "dim": str(dim), "dtype": "float32",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
