@@ -249,13 +249,14 @@ def table(rows, args, model, n_images, stats, loads) -> str:
         "",
         "| measure | in-process (`altclip ...`) | through the warm server | server / in-process |",
         "|---|---:|---:|---:|",
-        f"| `echo \"a cat\" \\| altclip embed --text -`, whole process (s) | {med['embed_cli']:.2f} | "
+        f"| `echo \"a cat\" \\| altclip embed --text -` in-process; a bare stdlib client (`python -c`) asking the "
+        f"server, whole process (s) | {med['embed_cli']:.2f} | "
         f"{med['embed_client']:.2f} | {med['embed_client'] / med['embed_cli']:.2f}x |",
-        f"| the same through the command's own client (`--server SOCKET`), whole process (s) | "
+        f"| `altclip embed --text -` through the server (`--server SOCKET`), whole process (s) | "
         f"{med['embed_cli']:.2f} | {med['embed_via']:.3f} | {med['embed_via'] / med['embed_cli']:.2f}x |",
         f"| the same less the server's time for its requests ({med['embed_via_server'] * 1000:.0f} ms) (s) | "
         f"n/a | {added['embed']:.3f} | |",
-        f"| classify 1 JPEG, 2 labels, whole process (s) | {med['classify_cli']:.2f} | "
+        f"| classify 1 JPEG, 2 labels in-process; a bare stdlib client, whole process (s) | {med['classify_cli']:.2f} | "
         f"{med['classify_client']:.2f} | {med['classify_client'] / med['classify_cli']:.2f}x |",
         f"| `altclip classify` 1 JPEG, 2 labels, `--server SOCKET`, whole process (s) | {med['classify_cli']:.2f} | "
         f"{med['classify_via']:.3f} | {med['classify_via'] / med['classify_cli']:.2f}x |",
