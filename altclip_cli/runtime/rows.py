@@ -1,12 +1,12 @@
 """Embedding rows for `altclip embed`: one (name, record, embedding) per input, in input order,
 in batches. `record` is the sidecar line without "row": {"text": ...} or {"image": ...}, plus
-"error" for an input that failed (its embedding is None)."""
+"error" for an input that failed (its embedding is None). Importing it is cheap (no torch): the
+remote model (serve/remote.py) batches its rows with `rows_in_spans` too."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
 from ..inputs.sources import display, open_source, reason
-from .device import default_batch_size
 
 TEXT_CHUNK = 256  # texts per batch handed out (the model batches them further by length)
 
@@ -32,11 +32,19 @@ def image_batches(model, sources: list, *, batch_size: int | None = None, normal
     runtime.threads' plan for the device]."""
     if not sources:
         return
+    from .device import default_batch_size
+
     size = batch_size or default_batch_size(model.device, "image")
     open_kw = {**(open_kw or {}), "draft_min_side": model.draft_min_side}
     results = model.stream_images(sources, open_fn=lambda s: open_source(s, **open_kw), batch_size=size,
                                   normalize=normalize, input_timeout=input_timeout, boundary=size,
                                   workers=workers)
+    yield from rows_in_spans(results, size, on_error)
+
+
+def rows_in_spans(results, size: int, on_error: Callable[[str, str], None]) -> Iterator[list[tuple]]:
+    """ImageResults (in input order) -> lists of (name, record, embedding or None), one list per
+    span of `size` inputs; on_error(name, why) for each input that failed."""
     out = []
     for r in results:
         name = display(r.source.name)

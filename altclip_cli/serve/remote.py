@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 
 AUTO_HEALTH_TIMEOUT = 2.0  # auto asks the default socket this long before it runs in-process
 TEXTS_PER_REQUEST = 1024
-TEXT_CHUNK = 256  # as runtime.rows.TEXT_CHUNK (which imports torch)
 ROWS_WITHOUT_NUMPY = 8  # texts that text_batches prints without numpy (4 ms a row; its import takes 40)
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)  # as inputs.images.DEFAULT_MAX_PIXELS (which imports PIL)
 BUSY_PATIENCE_S = 60.0  # how long a full queue (503) is waited out, in its Retry-After steps
@@ -665,13 +664,15 @@ def _start(job: Callable[[], object]) -> Future:
     return future
 
 
-# --- embed's rows, as runtime.rows makes them (that module imports torch) --------------------------------
+# --- embed's rows, as runtime.rows makes them, from the server --------------------------------
 
 
 def text_batches(model, texts: list[str], *, batch_size: int | None = None, normalize: bool = True):
     """runtime.rows.text_batches through the server; the rows are Float32Rows (no numpy)."""
     if len(texts) > ROWS_WITHOUT_NUMPY:
         import numpy  # noqa: F401 - its import pays for itself: it prints Float32Rows 25 times faster
+    from ..runtime.rows import TEXT_CHUNK
+
     size = batch_size or TEXT_CHUNK
     for start in range(0, len(texts), size):
         chunk = texts[start:start + size]
@@ -685,23 +686,10 @@ def image_batches(model, sources: list, *, batch_size: int | None = None, normal
     """runtime.rows.image_batches through the server: batch k is sources [k*size, (k+1)*size),
     one request each, whatever fails among them, so a resumed run batches as a run from the
     start does, and its checkpoints fall where an in-process run puts them."""
-    from ..inputs.sources import reason
+    from ..runtime.rows import rows_in_spans
 
     if not sources:
         return
     size = batch_size or model.default_batch_size("image")
-    out = []
-    for r in model.stream_images(sources, batch_size=size, normalize=normalize, input_timeout=input_timeout,
-                                 boundary=size):
-        name = display(r.source.name)
-        if r.embedding is None:
-            why = reason(r.error, r.source.name)
-            on_error(name, why)
-            out.append((r.source.name, {"image": name, "error": why}, None))
-        else:
-            out.append((r.source.name, {"image": name}, r.embedding))
-        if (r.index + 1) % size == 0:
-            yield out
-            out = []
-    if out:
-        yield out
+    yield from rows_in_spans(model.stream_images(sources, batch_size=size, normalize=normalize,
+                                                 input_timeout=input_timeout, boundary=size), size, on_error)
