@@ -485,12 +485,12 @@ def test_another_writer_holding_the_index(gallery, model, tiny_loaded):
 
 
 def test_interrupted_while_indexing(gallery, model, monkeypatch):
-    import altclip_cli.search.update as update
+    import altclip_cli.search.run as run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(update, "update_index", interrupted)
+    monkeypatch.setattr(run, "update_index", interrupted)
     result = search("a dog", "--dir", "photos", model=model)
     assert (result.exit_code, result.stdout) == (130, "")
     assert result.stderr.splitlines() == ["error: interrupted; the index keeps what was done",

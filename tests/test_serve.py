@@ -419,6 +419,95 @@ def test_eight_parallel_clients_are_batched_and_correct(server, local, images):
     assert after["batches"] - before["batches"] < 8  # fewer passes than requests
 
 
+# --- search ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(8):
+        (folder / ("sub" if i % 3 == 0 else "") / f"p{i}.png").write_bytes(png_bytes(30 + i, size=(36 + 5 * i, 28 + 3 * i)))
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder
+
+
+def test_search_indexes_the_folder_and_ranks_as_the_reference(server, tiny_loaded, photo_folder, tmp_path):
+    """POST /v1/search: the folder indexed by the server, two requests at once (its updates of one
+    index take turns), then a weighted text + image query ranked as transformers' embeddings rank."""
+    from oracle import Reference
+    from test_search import _same_ranking
+
+    query = [{"text": "a red car", "weight": 2}, {"image": str(photo_folder / "p1.png")},
+             {"text": "a cat", "weight": -0.5}]
+    payload = {"query": query, "dir": str(photo_folder), "index": str(tmp_path / "index"), "top_k": 50}
+    answers = [None, None]
+
+    def ask(i):
+        answers[i] = client.post_json(server.target, "/v1/search", payload)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    first, second = sorted(answers, key=lambda a: -a["update"]["added"])
+    assert first["update"]["added"] == 8 and first["update"]["failed"] == 1
+    assert second["update"]["added"] == 0 and second["update"]["unchanged"] == 9  # the failure is kept too
+    assert [m["level"] for m in first["messages"]] == ["error"]
+    assert first["messages"][0]["message"].startswith(f"{photo_folder / 'broken.png'}: not an image")
+    assert first["results"] == second["results"] and first["searched"] == 8
+
+    paths = sorted(str(p) for p in photo_folder.rglob("p*.png"))
+    reference = Reference(tiny_loaded[0])
+    texts = reference.text_embeddings(["a red car", "a cat"])
+    image = reference.image_embeddings([str(photo_folder / "p1.png")])[0]
+    q = 2 * texts[0] + image - 0.5 * texts[1]
+    _same_ranking(first["results"], paths, reference.image_embeddings(paths) @ (q / np.linalg.norm(q)))
+
+    below = client.post_json(server.target, "/v1/search", {**payload, "dir": str(photo_folder / "sub"),
+                                                           "update": False, "top_k": 2, "min_score": -1})
+    assert below["update"] is None and below["searched"] == 3 and len(below["results"]) == 2
+    assert all(r["path"].startswith(str(photo_folder / "sub") + "/") for r in below["results"])
+
+
+def test_search_requests_that_cannot_be_done_are_named(server, photo_folder, tmp_path):
+    from altclip_cli.search.store import IndexStore
+
+    index = str(tmp_path / "index")
+    good = {"query": [{"text": "a cat"}], "dir": str(photo_folder), "index": index}
+    cases = [
+        ({**good, "colour": "red"}, 400, "unknown field 'colour'", None),
+        ({**good, "query": []}, 400, "query is empty", None),
+        ({**good, "query": [{"text": " "}]}, 400, "the text is empty", None),
+        ({**good, "query": [{"text": "a", "image": "/x.png"}]}, 400, "exactly one of text and image", None),
+        ({**good, "dir": "photos"}, 400, "dir must be an absolute folder", None),
+        ({**good, "dir": str(tmp_path / "nowhere")}, 422, "no such folder", None),
+        ({**good, "index": "idx"}, 400, 'index must be "auto" or an absolute folder', None),
+        ({**good, "update": False}, 422, f"there is no index in {index}", None),
+        ({**good, "query": [{"image": str(photo_folder / "gone.png")}]}, 422, "query image ", None),
+    ]
+    for payload, status, words, code in cases:
+        with pytest.raises(RequestFailed) as exc:
+            client.post_json(server.target, "/v1/search", payload)
+        assert exc.value.status == status and words in exc.value.message, (payload, exc.value.message)
+        if code:
+            assert exc.value.error["code"] == code
+    assert not (tmp_path / "index").exists()  # nothing was indexed for a request refused up front
+    # Parts that cancel out are found once encoded (the folder is indexed meanwhile): a usage error.
+    with pytest.raises(RequestFailed) as exc:
+        client.post_json(server.target, "/v1/search", {**good, "query": [{"text": "cat"}, {"text": "cat", "weight": -1}]})
+    assert exc.value.status == 400 and "cancel out" in exc.value.message and exc.value.error["code"] == "usage"
+
+    client.post_json(server.target, "/v1/search", good)  # builds the index
+    with IndexStore.open(index, write=True, writer="altclip index"):  # another process's update
+        with pytest.raises(RequestFailed) as exc:
+            client.post_json(server.target, "/v1/search", good)
+        assert exc.value.status == 409 and f"another altclip index (pid {os.getpid()}) is updating" in exc.value.message
+        assert "--wait" in exc.value.error["hint"]
+        assert client.post_json(server.target, "/v1/search", {**good, "update": False})["searched"] == 8
+
+
 def test_paths_are_refused_over_tcp_and_the_host_header_is_checked(_tiny_model_master, images):
     s = start_server(_tiny_model_master, tcp=True)
     try:
@@ -428,6 +517,10 @@ def test_paths_are_refused_over_tcp_and_the_host_header_is_checked(_tiny_model_m
         assert info["transport"] == "tcp" and info["paths"] is False
         with pytest.raises(RequestFailed) as exc:
             client.post_json(s.target, "/v1/classify", {"images": [str(images[0])], "labels": ["cat"]})
+        assert exc.value.status == 403 and "Unix socket only" in exc.value.message
+        assert info["search"] is False
+        with pytest.raises(RequestFailed) as exc:
+            client.post_json(s.target, "/v1/search", {"query": [{"text": "a cat"}], "dir": "/"})
         assert exc.value.status == 403 and "Unix socket only" in exc.value.message
         out = client.post_json(s.target, "/v1/classify", {"images": [data_uri(images[0].read_bytes())], "labels": ["cat"]})
         assert out["results"][0]["scores"][0]["label"] == "cat"

@@ -207,26 +207,63 @@ def test_an_interrupted_run_resumes_through_the_server(server, xdg, pictures, _t
     assert (tmp_path / "r.jsonl").read_text() == (tmp_path / "w.jsonl").read_text()
 
 
-def test_search_encodes_its_query_through_the_server(server, xdg, pictures, _tiny_model_master, tmp_path):
+def test_search_through_the_server_indexes_and_ranks_there(server, xdg, pictures, _tiny_model_master, tmp_path):
+    """Over the Unix socket the server indexes the new images with its warm model and ranks: the
+    client imports neither torch nor numpy, prints what an in-process run prints on stderr, and
+    finds the same images with the same scores."""
     folder = tmp_path / "pics"
     shutil.copytree(pictures, folder)
-    index = tmp_path / "index"
-    common = ("--dir", folder, "--index", index, "-f", "jsonl", *model_args(_tiny_model_master))
-    first = altclip(xdg, "search", "a cat", *common)  # new images: indexed in this process, the query by the server
+    common = ("--dir", folder, "-f", "jsonl", *model_args(_tiny_model_master))
+    before = counters(server.target)
+    first = altclip(xdg, "search", "a cat", *common, "--index", tmp_path / "by-server")
     assert first.code == 0, first.stderr
-    assert any(line.startswith("new or changed images to index: loading the model in this process")
-               for line in first.stderr), first.stderr
-    run = altclip(xdg, "search", "a cat", "-s", "dog", *common)
-    assert run.code == 0, run.stderr
-    assert run.modules == ["numpy"], run.modules  # (ranking is numpy's)
-    local = altclip(xdg, "search", "a cat", "-s", "dog", *common, "--server", "off")
-    got, want = [json.loads(x) for x in run.stdout.splitlines()], [json.loads(x) for x in local.stdout.splitlines()]
+    assert counters(server.target)[1] >= before[1] + 6  # 5 images and the query through its model
+    assert first.modules == [], first.modules
+    here = altclip(xdg, "search", "a cat", *common, "--index", tmp_path / "here", "--server", "off")
+    assert here.code == 0 and "torch" in here.modules
+
+    def without_seconds(lines):
+        return [re.sub(r", [0-9.]+ s\)$", ")", line) for line in lines]
+
+    assert without_seconds(first.stderr) == without_seconds(here.stderr)
+    assert any(line.startswith(f"error: {folder / 'bad.png'}: ") for line in first.stderr), first.stderr
+    assert f"indexed {folder}: 5 added, 1 failed (6 files)" in without_seconds(first.stderr)
+    got, want = [json.loads(x) for x in first.stdout.splitlines()], [json.loads(x) for x in here.stdout.splitlines()]
     assert [g["path"] for g in got] == [w["path"] for w in want] and len(got) == 5
     assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=2e-4)
 
-    picture = altclip(xdg, "search", str(folder / "img1.png"), *common)  # an image part: the server reads the file
-    assert picture.code == 0 and "torch" not in picture.modules
+    # The index the server wrote is the one an in-process run reads: nothing to do, same ranking.
+    again = altclip(xdg, "search", "a cat", "-s", "dog", *common, "--index", tmp_path / "by-server")
+    local = altclip(xdg, "search", "a cat", "-s", "dog", *common, "--index", tmp_path / "by-server",
+                    "--server", "off")
+    assert again.code == local.code == 0 and again.stderr == local.stderr == [], (again.stderr, local.stderr)
+    got, want = [json.loads(x) for x in again.stdout.splitlines()], [json.loads(x) for x in local.stdout.splitlines()]
+    assert [g["path"] for g in got] == [w["path"] for w in want]
+    assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=2e-4)
+
+    picture = altclip(xdg, "search", str(folder / "img1.png"), *common, "--index", tmp_path / "by-server")
+    assert picture.code == 0 and picture.modules == [], picture.stderr  # the server reads the query image
     assert json.loads(picture.stdout.splitlines()[0])["path"] == str(folder / "img1.png")
+    missing = altclip(xdg, "search", "./nope.jpg", *common, "--index", tmp_path / "by-server", cwd=folder)
+    assert missing.code == 1 and missing.stderr[0].startswith("error: query image ") and "nope.jpg" in missing.stderr[0]
+    cancel = altclip(xdg, "search", "cat", "-s", "cat", *common, "--index", tmp_path / "by-server", "--no-index")
+    assert cancel.code == 2 and "cancel out" in cancel.stderr[0], cancel.stderr
+
+
+def test_search_over_tcp_encodes_the_query_there_and_indexes_here(_tiny_model_master, pictures, tmp_path):
+    """A TCP server may not see this machine's folders: it encodes the query, the rest runs here."""
+    s = start_server(_tiny_model_master, tcp=True)
+    try:
+        folder = tmp_path / "pics"
+        shutil.copytree(pictures, folder)
+        run = altclip(tmp_path, "search", "a cat", "--dir", folder, "--index", tmp_path / "index", "-f", "jsonl",
+                      *model_args(_tiny_model_master), "--server", s.target)
+        assert run.code == 0, run.stderr
+        assert any(line.startswith("new or changed images to index: loading the model in this process")
+                   for line in run.stderr), run.stderr
+        assert len(run.stdout.splitlines()) == 5
+    finally:
+        assert s.stop() == 0, s.log()
 
 
 def test_classify_and_embed_with_an_index_through_the_server(server, xdg, pictures, _tiny_model_master, tmp_path):

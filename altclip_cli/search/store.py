@@ -91,6 +91,10 @@ class IndexStoreError(AltclipError):
     to go on (often: rebuild it)."""
 
 
+class IndexBusy(IndexStoreError):
+    """Another writer holds the index's write lock (and did not let go within `wait` seconds)."""
+
+
 def default_index_folder(weights_id: str) -> Path:
     """Where `--index auto` keeps a model's index: altclip_home()/indexes/<weights id>/."""
     return altclip_home() / "indexes" / weights_id
@@ -506,7 +510,7 @@ def _acquire_write_lock(folder: Path, wait: float, writer: str | None):
         except (OSError, ValueError, KeyError, TypeError):
             pass
         hint = "wait for it to finish, or pass --wait 600 to wait up to 10 minutes for it"
-        raise IndexStoreError(f"{who} is updating {folder}", hint=hint) from None
+        raise IndexBusy(f"{who} is updating {folder}", hint=hint) from None
     except OSError as exc:
         raise IndexStoreError(f"cannot lock the index in {folder} ({exc.strerror or exc})") from None
     try:

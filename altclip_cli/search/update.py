@@ -126,10 +126,10 @@ class _Silent:
     def note(self, message): pass
 
     def progress(self, description, total=None, **kw):
-        return _NoBar()
+        return NoProgress()
 
 
-class _NoBar:
+class NoProgress:
     def __enter__(self):
         return self
 
@@ -400,6 +400,9 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
     except KeyboardInterrupt:
         flush()
         summary.interrupted = True
+        raise
+    except Exception:  # the model or the server stopping: what was embedded before is kept
+        flush()
         raise
     finally:
         close = getattr(results, "close", None)

@@ -7,6 +7,8 @@ Routes (JSON in and out; errors are {"error": {"message", "type", "param", "code
   POST /v1/classify     images + labels -> the records of `altclip classify -f json`
   POST /v1/embed        texts or images -> embeddings (JSON arrays or base64 float32)
   POST /v1/embeddings   OpenAI's embeddings request and answer; data:image URIs are images
+  POST /v1/search       index a folder and rank its images (the records of `altclip search -f
+                        json`; Unix socket only: see searching.py)
   GET  /docs, /openapi.json
 
 The gate (`Gate`, plain ASGI) checks each request before the routes see it: the bearer token,
@@ -39,8 +41,9 @@ from ..inputs.pipeline import DaemonPool, _prepare
 from ..inputs.sources import reason
 from .batcher import Batcher, QueueFull, Stopped
 from .client import PROTOCOL
-from .requests import (ApiError, ClassifyRequest, EmbeddingsRequest, EmbedRequest, bad_request, decode_base64,
-                       form_to_classify, is_image_uri, parse_json, parse_object)
+from .requests import (ApiError, ClassifyRequest, EmbeddingsRequest, EmbedRequest, SearchRequest, bad_request,
+                       decode_base64, form_to_classify, is_image_uri, parse_json, parse_object)
+from .searching import IndexLocks, run_search
 from .transport import HostPolicy
 
 
@@ -76,7 +79,7 @@ class ServeState:
             "precision_requested": _requested(m.precision_reason, m.precision),
             "exact_decode": bool(m.exact_decode), "logit_scale": m.logit_scale,
             "embed_dim": m.embed_dim, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
-            "transport": self.transport, "paths": self.transport == "unix",
+            "transport": self.transport, "paths": self.transport == "unix", "search": self.transport == "unix",
             "limits": {"max_pixels": self.decoder.max_pixels, "max_request_bytes": self.max_request_bytes,
                        "queue_size": self.batcher.max_waiting, "image_batch": self.batcher.image_batch,
                        "text_batch": self.batcher.text_batch, "batch_window_ms": self.batcher.window_s * 1000,
@@ -112,6 +115,7 @@ class Decoder:
 
     def __init__(self, model, workers: int, max_pixels: int | None, input_timeout: float | None):
         self.model, self.max_pixels, self.input_timeout = model, max_pixels, input_timeout
+        self.workers = workers
         self.pool = DaemonPool(workers)
 
     def _open(self, item: ImageInput):
@@ -373,6 +377,18 @@ def create_app(state: ServeState) -> FastAPI:
         return JSONResponse({"object": "list", "data": data, "model": model.model_id,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
+    search_locks = IndexLocks()
+
+    @app.post("/v1/search", summary="Index a folder and rank its images against a query (Unix socket only)",
+              openapi_extra=_body_doc("SearchRequest"))
+    async def search(request: Request):
+        if state.transport != "unix":
+            raise ApiError(403, "search reads this machine's folders and index: it is served over the Unix socket "
+                                "only", type="permission_error", code="unix_socket_only")
+        req = parse_json(SearchRequest, await _json_body(request))
+        _detail(request, f"{_plural(len(req.query), 'part')}, {req.dir}")
+        return JSONResponse(await run_search(state, req, search_locks))
+
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -415,7 +431,7 @@ def _openapi(app: FastAPI) -> dict:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ClassifyRequest, EmbedRequest, EmbeddingsRequest):
+    for model in (ClassifyRequest, EmbedRequest, EmbeddingsRequest, SearchRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(s.pop("$defs", {}))
         components[model.__name__] = s

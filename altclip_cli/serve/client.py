@@ -194,7 +194,7 @@ def _json_or_raise(target, status: int, headers: dict, data: bytes) -> dict:
         except ValueError:
             retry = None
         raise ServerBusy(status, message, error, retry_after=retry)
-    hint = None
+    hint = error.get("hint") if isinstance(error.get("hint"), str) else None
     if status == 401:
         hint = "this server needs a token: pass the one in its --token-file"
     raise RequestFailed(status, message, error, hint=hint)

@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..errors import InputError
 from ..inputs.names import display
-from .client import (PROTOCOL, RequestFailed, ServerBusy, ServerDown, ServerError, ServerLost, ServerMismatch,
-                     ServerTimeout, Target, health, parse_target, post_json)
+from .client import (DEFAULT_TIMEOUT, PROTOCOL, RequestFailed, ServerBusy, ServerDown, ServerError, ServerLost,
+                     ServerMismatch, ServerTimeout, Target, health, parse_target, post_json)
 from .transport import default_socket_path
 
 if TYPE_CHECKING:
@@ -364,6 +364,52 @@ class RemoteModel:
         for k, exc in failed.items():  # failed here, as cli.formats.error_record has it
             records[k] = {"image": display(sources[k].name), "error": reason(exc, sources[k].name)}
         return [records[k] for k in range(len(sources))]
+
+    # --- search ------------------------------------------------------------------------------------
+
+    @property
+    def searches(self) -> bool:
+        """Whether the server indexes and searches this machine's folders (POST /v1/search, over
+        its Unix socket only: over TCP it may not even see them)."""
+        return bool(self.info.get("search")) and self.target.is_unix
+
+    def search(self, parts, root: str, *, index: str, top: int, min_score: float | None, update: bool,
+               wait: float = 0.0, include_hidden: bool = False, exclude_dirs=None) -> dict:
+        """POST /v1/search: the server brings the index (`index`: "auto" or an absolute folder)
+        up to date below `root` (an absolute folder) unless not `update`, encodes the query
+        (search.query.QueryParts; image parts as any image item) and ranks. Returns its answer:
+        {"results": [{"rank", "path", "score"}], "searched", "update", "messages"}. The server's
+        refusal keeps its message and hint (a QueryError for a usage error, so exit status 2)."""
+        from ..errors import AltclipError
+        from ..inputs.sources import Source
+        from ..search.query import QueryError
+
+        query = []
+        for p in parts:
+            if p.is_image:
+                src = Source(p.value, url=p.value) if p.is_url else Source(p.value, path=os.path.expanduser(p.value))
+                try:
+                    item = self._image_item(src)
+                except InputError as exc:
+                    raise QueryError(f"query image {exc.message}") from None
+                query.append({"image": item, "weight": p.weight})
+            else:
+                query.append({"text": p.value, "weight": p.weight})
+        payload = {"query": query, "dir": root, "index": index, "top_k": top, "min_score": min_score,
+                   "update": update, "wait": wait, "include_hidden": include_hidden,
+                   "exclude_dirs": list(exclude_dirs) if exclude_dirs is not None else None}
+        try:  # an update may embed many images: no deadline but the server's own per image
+            return post_json(self.target, "/v1/search", payload, timeout=None if update else DEFAULT_TIMEOUT)
+        except RequestFailed as exc:
+            if isinstance(exc, ServerBusy):
+                raise
+            hint = exc.error.get("hint")
+            if exc.error.get("code") == "usage":
+                raise QueryError(exc.message, hint, usage=True) from None
+            raise AltclipError(exc.message, hint) from None
+        except ServerDown as exc:
+            raise ServerLost(f"the server at {self.target} went away during the search ({exc.message})",
+                             hint="the index keeps what the server committed; run the command again") from None
 
     # --- images ------------------------------------------------------------------------------------
 

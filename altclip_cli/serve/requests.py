@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,13 +21,18 @@ class ApiError(Exception):
     """An HTTP error answer: status, a message that names the problem, OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None,
+                 hint: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
+        self.hint = hint  # what to do about it, as the command line's hint: line
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        if self.hint:
+            error["hint"] = self.hint
+        return {"error": error}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -109,6 +115,44 @@ class EmbedRequest(_Strict):
         if self.texts is not None and not self.texts:
             raise ValueError("texts is empty: give at least one text")
         return self
+
+
+class QueryPart(_Strict):
+    text: str | None = Field(None, description="A text part, in any language.")
+    image: ImageRef | None = Field(None, description="An image part: an image item (a path or data).")
+    weight: float = Field(1.0, description="Its weight; negative subtracts it.")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.text is None) == (self.image is None):
+            raise ValueError("give exactly one of text and image")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("the text is empty")
+        if not math.isfinite(self.weight):
+            raise ValueError("the weight must be a finite number")
+        return self
+
+
+class SearchRequest(_Strict):
+    """`altclip search` as a request: the server indexes the folder `dir` (unless update is
+    false) and ranks the images below it. Paths are the server's: Unix socket only."""
+
+    query: list[QueryPart] = Field(description="The query's parts: their weighted sum is the query.")
+    dir: str = Field(description="An absolute folder: the images below it are indexed and searched.")
+    index: str = Field("auto", description='Where the index lives: "auto" (the model\'s own) or an absolute folder.')
+    top_k: int = Field(10, ge=1, description="The number of results.")
+    min_score: float | None = Field(None, description="Only results whose cosine is at least this.")
+    update: bool = Field(True, description="Index new and changed images below dir first.")
+    wait: float = Field(0.0, ge=0, le=86_400, description="Seconds to wait for another process updating the index.")
+    include_hidden: bool = False
+    exclude_dirs: list[str] | None = Field(None, description="Folder names not to index [default: .git, node_modules, ...].")
+
+    @field_validator("query")
+    @classmethod
+    def _some_parts(cls, v):
+        if not v:
+            raise ValueError("query is empty: give at least one part")
+        return v
 
 
 class EmbeddingsRequest(_Strict):

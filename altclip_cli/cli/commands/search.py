@@ -62,7 +62,8 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
     query is the weighted sum of the parts' normalised embeddings, -s parts subtracted; scores are
     cosines (-1 to 1). The folder is indexed first (new and changed images embedded, as
     `altclip index` does), then every image below it is ranked, exactly. When `altclip serve`
-    runs the same model (see --server), it encodes the query; new images are still indexed here.
+    runs the same model (see --server), its warm model does the work: over its Unix socket it
+    indexes and ranks too; over TCP it encodes the query and the rest is done here.
 
     \b
     Examples:
@@ -83,7 +84,8 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
     Exit codes: 0 done (also with no results), 1 error (a query image that cannot be read, the
     index, the model), 2 usage error, 130/143 interrupted (the index keeps what was done).
     """
-    from ...search.query import QueryError, parse_query
+    from ...search.query import QueryError, describe, open_images, parse_query
+    from ..options import load_model
     from ..terminal import isatty
 
     msgs = messages()
@@ -98,34 +100,30 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
     root = os.path.realpath(os.path.expanduser(search_dir))
 
     from ...outputs.signals import sigterm_as_interrupt
-    from ...search.query import describe, open_images, query_vector
-    from ..options import get_model, is_remote, load_model, open_kwargs, pil_pixel_limit
+    from ..options import get_model, is_remote, open_kwargs, pil_pixel_limit
 
+    walk = {"include_hidden": include_hidden, "exclude_dirs": tuple(d for d in exclude_dirs if d) or None}
     with sigterm_as_interrupt() as terminated, pil_pixel_limit(max_pixels):
         try:
+            # The images to index go to the model too: a server's decoding must be this command's.
             model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
-                               revision=revision, max_pixels=max_pixels, images=any(p.is_image for p in parts))
+                               revision=revision, max_pixels=max_pixels,
+                               images=not no_index or any(p.is_image for p in parts))
             open_kw = open_kwargs(max_pixels, 30.0, 64.0, model_.draft_min_side)
-            try:
-                images = open_images(parts, open_kw)  # a query image that cannot be read fails before indexing
-                # A server reads the image parts itself (as files or bytes), as it would any image.
-                given = _query_sources(parts) if is_remote(model_) else images
-                vector = query_vector(model_, parts, given, batch_size=batch_size)
-            except QueryError as exc:
-                if exc.usage:  # parts that cancel out
-                    raise UsageError(exc.message, hint=exc.hint) from None
-                raise
-            folder = _index_folder(index_dir, model_)
-            if not no_index:
-                def local_model():  # update_index calls it only when some image needs the model
-                    msgs.note("new or changed images to index: loading the model in this process "
-                              "(indexing does not go through the server)")
-                    return load_model(model, device, model_.precision, msgs, exact_decode=exact_decode,
-                                      revision=revision)
-
-                _update(local_model if is_remote(model_) else model_, model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs,
-                        open_kw, batch_size, input_timeout, msgs)
-            hits, searched = _rank(model_, folder, no_index, root, vector, top, min_score)
+            if is_remote(model_) and model_.searches:
+                hits, searched = _search_on_server(model_, parts, root, search_dir, index_dir, top, min_score,
+                                                   no_index, wait, walk, msgs)
+                images = open_images(parts, open_kw) if fmt == "html" else {}  # the page shows them
+            else:
+                images, hits, searched = _search_here(
+                    model_, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, open_kw,
+                    batch_size, input_timeout, msgs,
+                    load_here=lambda: load_model(model, device, model_.precision, msgs, exact_decode=exact_decode,
+                                                 revision=revision))
+        except QueryError as exc:
+            if exc.usage:  # parts that cancel out
+                raise UsageError(exc.message, hint=exc.hint) from None
+            raise
         except KeyboardInterrupt:
             from .. import ExitStatus
 
@@ -135,9 +133,63 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
         msgs.warn(f"{search_dir}: no indexed images below this folder")
     elif not hits and min_score is not None:
         msgs.note(f"no image scores {min_score} or more (the best of {searched:,} images is below it)")
-    shown = [(("- " if p.weight < 0 else "") + p.given, images[i]) for i, p in enumerate(parts) if p.is_image]
+    shown = [(("- " if p.weight < 0 else "") + p.given, images[i]) for i, p in enumerate(parts) if i in images]
     _output(fmt, hits, output, null, title=describe(parts), searched=root, query_images=shown,
             note=f"{model_.model_id}, {searched:,} image{'' if searched == 1 else 's'} searched")
+
+
+def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, open_kw,
+                 batch_size, input_timeout, msgs, load_here):
+    """(query images, hits, images searched), the index updated and ranked in this process; the
+    query is encoded by model_ (loaded here, or a server's that cannot search this folder)."""
+    from ...search.query import open_images, query_vector
+    from ...search.run import index_folder, rank_below, report_update, update_below
+    from ...search.update import UpdateSummary, index_identity
+    from ..options import is_remote
+
+    images = open_images(parts, open_kw)  # a query image that cannot be read fails before indexing
+    # A server reads the image parts itself (as files or bytes), as it would any image.
+    given = _query_sources(parts) if is_remote(model_) else images
+    vector = query_vector(model_, parts, given, batch_size=batch_size)
+    identity = index_identity(model_)
+    folder = index_folder(index_dir, model_.weights_id)
+    if not no_index:
+        def local_model():  # update_index calls it only when some image needs the model
+            msgs.note("new or changed images to index: loading the model in this process "
+                      "(the server cannot read this folder)")
+            return load_here()
+
+        summary = UpdateSummary()
+        walk_kw = {k: v for k, v in walk.items() if v is not None}
+        update_below(local_model if is_remote(model_) else model_, identity, folder, index_dir, root, wait=wait,
+                     summary=summary, open_kw=open_kw, batch_size=batch_size, input_timeout=input_timeout,
+                     msgs=msgs, **walk_kw)
+        report_update(summary, search_dir, msgs)
+    hits, searched = rank_below(identity, folder, root, vector, top, min_score)
+    return images, hits, searched
+
+
+def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, msgs):
+    """(hits, images searched) from the server's POST /v1/search: it indexes below root with its
+    warm model and ranks; its messages (failed images, the summary) are printed here."""
+    from ...search.run import report_update
+    from ...search.update import UpdateSummary
+
+    index = index_dir if index_dir == "auto" else os.path.abspath(os.path.expanduser(index_dir))
+    answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
+                           wait=wait, **walk)
+    for line in answer.get("messages", []):
+        if line.get("level") == "error":
+            msgs.error(line.get("message", ""), hint=line.get("hint"))
+        elif line.get("level") == "warning":
+            msgs.warn(line.get("message", ""))
+        else:
+            msgs.note(line.get("message", ""))
+    if answer.get("update") is not None:
+        known = UpdateSummary.__dataclass_fields__
+        report_update(UpdateSummary(**{k: v for k, v in answer["update"].items() if k in known}), search_dir, msgs)
+    hits = [(int(r["rank"]), r["path"], float(r["score"])) for r in answer.get("results", [])]
+    return hits, int(answer.get("searched", 0))
 
 
 def _choose_format(fmt, null, output, stdout_is_tty) -> str:
@@ -155,66 +207,12 @@ def _choose_format(fmt, null, output, stdout_is_tty) -> str:
     return fmt
 
 
-def _index_folder(index_dir: str, model_):
-    from pathlib import Path
-
-    from ...search.store import default_index_folder
-
-    return default_index_folder(model_.weights_id) if index_dir == "auto" else Path(os.path.expanduser(index_dir))
-
-
 def _query_sources(parts) -> dict:
     """{part index: inputs.sources.Source} for the image parts (what a server's model takes)."""
     from ...inputs.sources import Source
 
     return {i: Source(p.value, url=p.value) if p.is_url else Source(p.value, path=os.path.expanduser(p.value))
             for i, p in enumerate(parts) if p.is_image}
-
-
-def _update(indexer, model_, folder, index_dir, root, search_dir, wait, include_hidden, exclude_dirs, open_kw,
-            batch_size, input_timeout, msgs) -> None:
-    """Bring the index up to date with the images below root (see altclip_cli.search.update).
-    indexer: the model that embeds new images, or a callable returning it (called only if some are)."""
-    from ...search.store import IndexStore
-    from ...search.update import UpdateSummary, index_identity, update_index
-
-    real = os.path.realpath(folder)
-    # As `altclip index` does: an index folder inside the searched one stores relative paths.
-    relative = index_dir != "auto" and (real == root or real.startswith(root.rstrip(os.sep) + os.sep))
-    kw = {"include_hidden": include_hidden, "open_kw": open_kw, "batch_size": batch_size,
-          "input_timeout": input_timeout, "msgs": msgs}
-    if exclude_dirs:
-        kw["exclude_dirs"] = tuple(d for d in exclude_dirs if d)
-    summary = UpdateSummary()
-    with IndexStore.open(folder, identity=index_identity(model_), write=True, create=True, wait=wait,
-                         relative_paths=relative, writer="altclip search") as store:
-        update_index(indexer, store, [root], summary=summary, **kw)
-    if summary.changed:
-        msgs.note(summary.line(search_dir))
-    if summary.failed:
-        msgs.warn(f"{summary.failed:,} image{'s' if summary.failed > 1 else ''} could not be indexed "
-                  "(named above) and cannot be found")
-
-
-def _rank(model_, folder, no_index, root, vector, top, min_score):
-    """([(rank, absolute path, score)], images searched) for the files below root."""
-    from ...search.rank import ExactRanker
-    from ...search.store import INDEX_DB, IndexStore, IndexStoreError
-    from ...search.update import index_identity
-
-    if no_index and not (folder / INDEX_DB).exists():
-        raise IndexStoreError(f"there is no index in {folder}",
-                              hint="leave out --no-index to build it now, or run `altclip index DIR` first")
-    with IndexStore.open(folder, identity=index_identity(model_)) as store, store.snapshot(under=root) as snap:
-        if snap.count == 0:
-            return [], 0
-        hits = ExactRanker(snap.vectors).top_k(vector, top, rows=snap.rows)
-        positions, scores = hits.positions[0], hits.scores[0]
-        if min_score is not None:
-            keep = scores >= min_score
-            positions, scores = positions[keep], scores[keep]
-        paths = snap.paths_of(snap.file_ids[positions])
-        return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count
 
 
 # --- output -----------------------------------------------------------------------------------------

@@ -1,0 +1,76 @@
+"""The two halves of a search that `altclip search` and `altclip serve` (POST /v1/search) share:
+bring the index up to date with the images below a folder, then rank those images against a
+query vector.
+
+    identity = index_identity(model)                       # update.py
+    folder = index_folder("auto", model.weights_id)
+    summary = update_below(model, identity, folder, "auto", root, writer="altclip search")
+    hits, searched = rank_below(identity, folder, root, vector, top=10)
+
+`root` is an absolute, real path; hits are (rank, absolute path, score) tuples, best first.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .store import INDEX_DB, IndexStore, IndexStoreError, default_index_folder
+from .update import UpdateSummary, update_index
+
+
+def index_folder(index: str, weights_id: str) -> Path:
+    """The folder `--index DIR|auto` names: the model's own under ALTCLIP_HOME for "auto"."""
+    return default_index_folder(weights_id) if index == "auto" else Path(os.path.expanduser(index))
+
+
+def stores_relative(index: str, folder: Path, root: str) -> bool:
+    """As `altclip index` does: an index folder given inside the searched one stores paths
+    relative to itself, so that the folder and its index move together."""
+    real = os.path.realpath(folder)
+    return index != "auto" and (real == root or real.startswith(root.rstrip(os.sep) + os.sep))
+
+
+def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *, wait: float = 0.0,
+                 writer: str = "altclip search", summary: UpdateSummary | None = None,
+                 **update_kw) -> UpdateSummary:
+    """Open (or create) the index in `folder` and bring it up to date with the images below
+    `root` (update.update_index; `indexer` is the model, or a callable returning it, called only
+    when some image needs embedding). `summary` is filled in place, so an interrupted run's is
+    kept. Raises IndexStoreError (another writer, another model, a damaged index)."""
+    summary = summary if summary is not None else UpdateSummary()
+    with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait,
+                         relative_paths=stores_relative(index, folder, root), writer=writer) as store:
+        update_index(indexer, store, [root], summary=summary, **update_kw)
+    return summary
+
+
+def report_update(summary: UpdateSummary, what: str, msgs) -> None:
+    """The update's stderr lines: one summary note when something changed, one warning when
+    images could not be indexed (each was named as it failed)."""
+    if summary.changed:
+        msgs.note(summary.line(what))
+    if summary.failed:
+        msgs.warn(f"{summary.failed:,} image{'s' if summary.failed > 1 else ''} could not be indexed "
+                  "(named above) and cannot be found")
+
+
+def rank_below(identity: dict, folder: Path, root: str, vector, top: int,
+               min_score: float | None = None) -> tuple[list[tuple[int, str, float]], int]:
+    """([(rank, absolute path, score)], images searched): the `top` indexed images at or below
+    `root` by cosine with `vector` ((D,) unit float32), those under `min_score` left out.
+    IndexStoreError when there is no index in `folder`."""
+    from .rank import ExactRanker
+
+    if not (folder / INDEX_DB).exists():
+        raise IndexStoreError(f"there is no index in {folder}",
+                              hint="leave out --no-index to build it now, or run `altclip index DIR` first")
+    with IndexStore.open(folder, identity=identity) as store, store.snapshot(under=root) as snap:
+        if snap.count == 0:
+            return [], 0
+        hits = ExactRanker(snap.vectors).top_k(vector, top, rows=snap.rows)
+        positions, scores = hits.positions[0], hits.scores[0]
+        if min_score is not None:
+            keep = scores >= min_score
+            positions, scores = positions[keep], scores[keep]
+        paths = snap.paths_of(snap.file_ids[positions])
+        return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count

@@ -1,0 +1,170 @@
+"""POST /v1/search: `altclip search` done by the server with its warm model.
+
+The request names a folder and an index on this machine (so it is taken over the Unix socket
+only). The server decodes the query's images first (an unreadable one fails the request before
+any indexing), then encodes the query while it brings the index up to date below the folder
+(search.run.update_below: new and changed images go through the model thread like any other
+request's), and ranks (search.run.rank_below). The answer carries the records of
+`altclip search -f json` plus what the command prints on stderr: the update's counts and its
+messages (each image that failed, folders that could not be read).
+
+Updates of one index run one at a time in this server (a second request waits for the first,
+then finds little to do); another process updating the same index makes the request wait up to
+`wait` seconds, then fail with 409 as the command does.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import AltclipError, InputError
+from ..search.query import QueryError, combine
+from ..search.run import index_folder, rank_below, update_below
+from ..search.store import IndexBusy, IndexStoreError
+from ..search.update import NoProgress, UpdateSummary, index_identity
+from .batcher import QueueFull
+from .requests import ApiError, SearchRequest, bad_request
+
+
+class BatchedModel:
+    """The server's AltCLIP as update_index uses it, with its forward passes on the model thread
+    (batcher.Batcher): an index update shares the model with the other requests, one pass at a
+    time, instead of running a second pass beside them."""
+
+    def __init__(self, model, batcher, decode_workers: int):
+        self._model, self._batcher, self._workers = model, batcher, decode_workers
+
+    def __getattr__(self, name):  # model_id, weights_id, precision, device, draft_min_side, ...
+        return getattr(self._model, name)
+
+    def stream_images(self, sources, *, open_fn, batch_size=None, input_timeout=None, **_ignored):
+        from ..inputs.pipeline import stream_embeddings
+
+        return stream_embeddings(sources, open_fn, self._model.preprocessor, self._encode,
+                                 batch_size=self._batcher.image_batch, workers=self._workers,
+                                 input_timeout=input_timeout)
+
+    def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        return _wait(lambda: self._batcher.submit_images(pixels, True))
+
+
+def _wait(submit) -> np.ndarray:
+    """The result of a batcher job, its queue's refusals waited out (an index update is not a
+    client that can be told to come back later)."""
+    while True:
+        try:
+            future: Future = submit()
+        except QueueFull as exc:
+            time.sleep(min(max(exc.retry_after, 0.05), 1.0))
+            continue
+        return future.result()
+
+
+class RecordedMessages:
+    """update_index's messages, kept for the answer (the client prints them as its own)."""
+
+    quiet = True
+
+    def __init__(self):
+        self.lines: list[dict] = []
+
+    def warn(self, message):
+        self.lines.append({"level": "warning", "message": message})
+
+    def error(self, message, hint=None):
+        self.lines.append({"level": "error", "message": message, **({"hint": hint} if hint else {})})
+
+    def note(self, message):
+        self.lines.append({"level": "note", "message": message})
+
+    def progress(self, description, total=None, **kw):
+        return NoProgress()
+
+
+class IndexLocks:
+    """One lock per index folder: this server's updates of an index run one at a time."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def of(self, folder) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(os.path.realpath(folder), threading.Lock())
+
+
+async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
+    """The answer to one SearchRequest (see the module doc); ApiError for what cannot be done."""
+    from .app import ImageInput, _image_failure, _image_inputs, _model_job, _submit
+
+    model = state.model
+    root = _folder(req.dir)
+    if req.index != "auto" and not os.path.isabs(req.index):
+        raise bad_request(f"index must be \"auto\" or an absolute folder, not {req.index!r}", "index")
+    identity = index_identity(model)
+    folder = index_folder(req.index, model.weights_id)
+
+    images = [p.image for p in req.query if p.image is not None]
+    items: list[ImageInput] = _image_inputs(images, state)
+    decoded = await state.decoder.decode(items)
+    if (failure := _image_failure(decoded, items)) is not None:
+        raise ApiError(422, f"query image {failure.message}", param="query", code="bad_image")
+
+    async def vector():
+        texts = [p.text for p in req.query if p.text is not None]
+        rows = {}
+        if texts:
+            ids = await run_in_threadpool(model.tokenizer.encode, texts)
+            rows["text"] = iter(await _model_job(_submit(state.batcher.submit_texts, ids, True)))
+        if decoded:
+            rows["image"] = iter(await _model_job(_submit(state.batcher.submit_images, np.stack(decoded), True)))
+        parts = [next(rows["text" if p.text is not None else "image"]) for p in req.query]
+        return combine(parts, [p.weight for p in req.query])
+
+    summary, messages = UpdateSummary(), RecordedMessages()
+
+    def update():
+        kw = {"include_hidden": req.include_hidden, "open_kw": {"max_pixels": state.decoder.max_pixels},
+              "input_timeout": state.decoder.input_timeout, "msgs": messages}
+        if req.exclude_dirs is not None:
+            kw["exclude_dirs"] = tuple(d for d in req.exclude_dirs if d)
+        indexer = BatchedModel(model, state.batcher, state.decoder.workers)
+        with locks.of(folder):
+            update_below(indexer, identity, folder, req.index, root, wait=req.wait, writer="altclip serve",
+                         summary=summary, **kw)
+
+    try:
+        # The query is encoded while the folder is walked: the two overlap on a warm server.
+        jobs = [vector()] + ([run_in_threadpool(update)] if req.update else [])
+        query, *_ = await asyncio.gather(*jobs)
+        hits, searched = await run_in_threadpool(rank_below, identity, folder, root, query, req.top_k, req.min_score)
+    except QueryError as exc:
+        raise ApiError(400, exc.message, param="query", code="usage" if exc.usage else None, hint=exc.hint) from None
+    except IndexStoreError as exc:
+        raise ApiError(409 if isinstance(exc, IndexBusy) else 422, exc.message, param="index", code="index", hint=exc.hint) from None
+    except InputError as exc:
+        raise ApiError(422, exc.message, code="bad_image") from None
+    except AltclipError as exc:
+        raise ApiError(500, exc.message, type="server_error", hint=exc.hint) from None
+    return {"model": model.model_id, "dir": root, "index": str(folder), "searched": searched,
+            "results": [{"rank": r, "path": p, "score": round(s, 4)} for r, p, s in hits],
+            "update": dataclasses.asdict(summary) if req.update else None, "messages": messages.lines}
+
+
+def _folder(path: str) -> str:
+    """The request's dir, absolute and real; ApiError when it is not an existing folder."""
+    if not os.path.isabs(path):
+        raise bad_request(f"dir must be an absolute folder (the server's working folder is not yours): {path!r}",
+                          "dir")
+    if not os.path.isdir(path):
+        what = "is not a folder" if os.path.exists(path) else "no such folder"
+        raise ApiError(422, f"dir {path}: {what}", param="dir", code="no_folder",
+                       hint="give --dir an existing folder (default: the current one)")
+    return os.path.realpath(path)
