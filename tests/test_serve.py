@@ -453,7 +453,8 @@ def test_search_indexes_the_folder_and_ranks_as_the_reference(server, tiny_loade
         t.join(120)
     first, second = sorted(answers, key=lambda a: -a["update"]["added"])
     assert first["update"]["added"] == 8 and first["update"]["failed"] == 1
-    assert second["update"]["added"] == 0 and second["update"]["unchanged"] == 9  # the failure is kept too
+    assert second["update"]["added"] == 0 and second["update"]["failed"] == 0  # the failure is not tried again
+    assert first["walked"] and second["walked"] is (not sys.platform.startswith("linux"))  # watched: no walk
     assert [m["level"] for m in first["messages"]] == ["error"]
     assert first["messages"][0]["message"].startswith(f"{photo_folder / 'broken.png'}: not an image")
     assert first["results"] == second["results"] and first["searched"] == 8
@@ -506,6 +507,43 @@ def test_search_requests_that_cannot_be_done_are_named(server, photo_folder, tmp
         assert exc.value.status == 409 and f"another altclip index (pid {os.getpid()}) is updating" in exc.value.message
         assert "--wait" in exc.value.error["hint"]
         assert client.post_json(server.target, "/v1/search", {**good, "update": False})["searched"] == 8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the server watches folders with inotify")
+def test_search_skips_the_walk_of_a_watched_tree_until_something_changes(server, photo_folder, tmp_path,
+                                                                          _tiny_model_master):
+    index = str(tmp_path / "index")
+
+    def ask(folder=photo_folder, **extra):
+        payload = {"query": [{"text": "a cat"}], "dir": str(folder), "index": index, "top_k": 50, **extra}
+        return client.post_json(server.target, "/v1/search", payload)
+
+    first = ask()
+    assert first["walked"] and first["update"]["added"] == 8
+    again = ask()
+    assert not again["walked"] and again["results"] == first["results"]
+    assert not ask(photo_folder / "sub")["walked"]  # below a watched tree
+    assert ask(exclude_dirs=["sub"])["walked"]  # other walk options: walked (and sub's images dropped)
+    assert ask()["walked"]  # the index changed since the watched walk: walked again, sub's images back
+    assert not ask()["walked"]
+
+    (photo_folder / "sub" / "new.png").write_bytes(png_bytes(99))
+    found = ask()
+    assert found["walked"] and found["update"]["added"] == 1
+    assert str(photo_folder / "sub" / "new.png") in [r["path"] for r in found["results"]]
+    (photo_folder / "p1.png").write_bytes(png_bytes(98))  # replaced in place
+    assert ask()["update"]["updated"] == 1
+
+    # Another process adds to the index (here a hidden file, which the server's walks leave out):
+    # the server notices the index changed and walks, so the result is what a walk finds.
+    (photo_folder / ".hidden.png").write_bytes(png_bytes(97))
+    ask()  # (the new file is an event: walked, and the watch armed again)
+    result = invoke("index", str(photo_folder), "--include-hidden", "--index", index, "-m", str(_tiny_model_master),
+                    "--precision", "fp32")
+    assert result.exit_code == 0 and "1 added" in result.stderr, result.stderr
+    after = ask()
+    assert after["walked"] and after["update"]["removed"] == 1
+    assert str(photo_folder / ".hidden.png") not in [r["path"] for r in after["results"]]
 
 
 def test_paths_are_refused_over_tcp_and_the_host_header_is_checked(_tiny_model_master, images):

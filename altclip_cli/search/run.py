@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 from .store import INDEX_DB, IndexStore, IndexStoreError, default_index_folder
-from .update import UpdateSummary, update_index
+from .summary import UpdateSummary
+from .update import update_index
 
 
 def index_folder(index: str, weights_id: str) -> Path:
@@ -42,16 +43,6 @@ def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *
                          relative_paths=stores_relative(index, folder, root), writer=writer) as store:
         update_index(indexer, store, [root], summary=summary, **update_kw)
     return summary
-
-
-def report_update(summary: UpdateSummary, what: str, msgs) -> None:
-    """The update's stderr lines: one summary note when something changed, one warning when
-    images could not be indexed (each was named as it failed)."""
-    if summary.changed:
-        msgs.note(summary.line(what))
-    if summary.failed:
-        msgs.warn(f"{summary.failed:,} image{'s' if summary.failed > 1 else ''} could not be indexed "
-                  "(named above) and cannot be found")
 
 
 def rank_below(identity: dict, folder: Path, root: str, vector, top: int,

@@ -41,45 +41,13 @@ from pathlib import Path
 from typing import Callable
 
 from .store import IndexStore, IndexStoreError, default_index_folder, INDEX_DB
+from .summary import UpdateSummary
 from .walk import DEFAULT_EXCLUDES, walk_images
 
 HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
 TAIL_BYTES = 64 << 10  # ... and the last 64 KiB
 COMMIT_EVERY = 256  # images embedded between two commits
 DEFAULT_INPUT_TIMEOUT = 120.0  # as altclip_cli.inputs.pipeline (not imported: it imports numpy)
-
-
-@dataclass
-class UpdateSummary:
-    """What one update did. added/updated/renamed count files now indexed with a vector (some of
-    them `reused` another file's vector without the model); `failed` the files that failed in this
-    run; `still_failing` unchanged files whose earlier failure stands; `files` the image files found
-    under the roots; `interrupted` a run stopped by KeyboardInterrupt after committing its work."""
-
-    added: int = 0
-    updated: int = 0
-    renamed: int = 0
-    removed: int = 0
-    failed: int = 0
-    unchanged: int = 0
-    reused: int = 0
-    embedded: int = 0
-    still_failing: int = 0
-    files: int = 0
-    seconds: float = 0.0
-    interrupted: bool = False
-    skipped_names: list = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.added or self.updated or self.renamed or self.removed or self.failed)
-
-    def line(self, what: str) -> str:
-        """'indexed WHAT: 12 added, 3 updated, 2 renamed, 1 removed, 1 failed (1,234 files, 0.8 s)'."""
-        counts = [(self.added, "added"), (self.updated, "updated"), (self.renamed, "renamed"),
-                  (self.removed, "removed"), (self.failed, "failed")]
-        text = ", ".join(f"{n:,} {word}" for n, word in counts if n) or "no changes"
-        return f"indexed {what}: {text} ({self.files:,} file{'' if self.files == 1 else 's'}, {self.seconds:.1f} s)"
 
 
 def index_identity(model) -> dict:
@@ -160,7 +128,8 @@ class _Item:
 def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: bool = False,
                  exclude_dirs=DEFAULT_EXCLUDES, open_kw: dict | None = None, batch_size: int | None = None,
                  input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, msgs=None, retry_failed: bool = False,
-                 commit_every: int = COMMIT_EVERY, summary: UpdateSummary | None = None) -> UpdateSummary:
+                 commit_every: int = COMMIT_EVERY, summary: UpdateSummary | None = None,
+                 before_listing: Callable[[str], None] | None = None) -> UpdateSummary:
     """Bring `store` (opened with write=True) up to date with the image files at or below `roots`
     (folders or files). See the module doc. get_model: a zero-argument callable returning the
     loaded AltCLIP (called only if some image needs embedding), or the model itself. open_kw: the
@@ -168,13 +137,15 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     Messages (errors per failed image, warnings, a progress bar on a terminal); None: silent.
     summary: filled in place as the run goes (what an interrupted run committed is in it).
     Raises IndexStoreError when the loaded model does not match the index (weights, width,
-    precision, decoding); KeyboardInterrupt after committing what was done."""
+    precision, decoding); KeyboardInterrupt after committing what was done.
+    before_listing(folder): called before each folder is listed (see walk.walk_images)."""
     started = time.monotonic()
     summary = summary if summary is not None else UpdateSummary()
     msgs = msgs or _Silent()
     get = get_model if callable(get_model) else (lambda: get_model)
 
-    seen, work, removed = _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs)
+    seen, work, removed = _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs,
+                                   before_listing)
     summary.files = len(seen)
     if work or removed:
         to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary)
@@ -201,7 +172,7 @@ def _inside(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs):
+def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs, before_listing=None):
     """Walk the roots and compare with the index: (keys seen, new or changed _Items, {key: file id}
     of indexed files that are gone)."""
     seen: set[str] = set()
@@ -211,7 +182,7 @@ def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, 
     skip = frozenset({str(store.folder)})
     for given, real in _unique_roots(roots):
         walk = walk_images(real, include_hidden=include_hidden, exclude_dirs=exclude_dirs, skip_dirs=skip,
-                           warn=msgs.warn)
+                           warn=msgs.warn, before_listing=before_listing)
         summary.skipped_names += walk.skipped_names
         for name in walk.skipped_names:
             msgs.warn(f"{_printable(name)}: the file name is not valid UTF-8, so the index cannot hold it; skipped")

@@ -36,9 +36,11 @@ class Walk:
 
 
 def walk_images(root: str, *, include_hidden: bool = False, exclude_dirs=DEFAULT_EXCLUDES,
-                skip_dirs: frozenset = frozenset(), warn: Callable[[str], None] = lambda msg: None) -> Walk:
+                skip_dirs: frozenset = frozenset(), warn: Callable[[str], None] = lambda msg: None,
+                before_listing: Callable[[str], None] | None = None) -> Walk:
     """The image files at or below `root` (an absolute path); `skip_dirs`: absolute paths of
-    folders not to enter (the index's own folder)."""
+    folders not to enter (the index's own folder); before_listing(folder) is called before each
+    folder is listed (watch.TreeWatch.add)."""
     out = Walk()
     try:
         st = os.stat(root)
@@ -58,6 +60,8 @@ def walk_images(root: str, *, include_hidden: bool = False, exclude_dirs=DEFAULT
     splitext = os.path.splitext
     while stack:
         prefix, folder = stack.pop()
+        if before_listing is not None:
+            before_listing(folder)
         try:
             with os.scandir(folder) as it:
                 entries = sorted(it, key=lambda e: e.name)

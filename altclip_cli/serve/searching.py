@@ -11,6 +11,12 @@ messages (each image that failed, folders that could not be read).
 Updates of one index run one at a time in this server (a second request waits for the first,
 then finds little to do); another process updating the same index makes the request wait up to
 `wait` seconds, then fail with 409 as the command does.
+
+A warm server also remembers the trees it has walked (`FreshTrees`): each walk arms an inotify
+watch on every folder it lists (search/watch.py), so a later search below the same folder, with
+the same walk options, skips the walk when no event came since, nobody else has written the
+index, and the walk is recent (TRUST_CLEAN_S). Anything the watch cannot vouch for (another
+file system type than a local one, the watch limit, another OS) is walked every time.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -27,8 +34,10 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import AltclipError, InputError
 from ..search.query import QueryError, combine
 from ..search.run import index_folder, rank_below, update_below
-from ..search.store import IndexBusy, IndexStoreError
-from ..search.update import NoProgress, UpdateSummary, index_identity
+from ..search.store import INDEX_DB, VECTORS, IndexBusy, IndexStoreError
+from ..search.summary import UpdateSummary
+from ..search.update import NoProgress, index_identity
+from ..search.watch import TreeWatch
 from .batcher import QueueFull
 from .requests import ApiError, SearchRequest, bad_request
 
@@ -88,16 +97,76 @@ class RecordedMessages:
         return NoProgress()
 
 
+TRUST_CLEAN_S = 300.0  # a watched tree with no event is still walked again after this long
+MAX_TREES = 16  # watched trees kept (each is one inotify instance)
+
+
+@dataclass(eq=False)
+class _Tree:
+    root: str
+    options: tuple  # (include_hidden, exclude_dirs)
+    watch: TreeWatch
+    index_state: tuple  # index_state() right after the walk's update
+
+
+class FreshTrees:
+    """The trees this server walked for one index, and whether each is still as walked."""
+
+    def __init__(self):
+        self._trees: list[_Tree] = []
+
+    def fresh(self, root: str, options: tuple, index_state: tuple) -> bool:
+        """Whether `root` lies at or below a watched tree walked with the same options, with no
+        change below it since, the index as that update left it, and the walk recent enough."""
+        for tree in list(self._trees):
+            if tree.options != options or not (root == tree.root or root.startswith(tree.root.rstrip("/") + "/")):
+                continue
+            if (tree.watch.changed() or tree.index_state != index_state
+                    or time.monotonic() - tree.watch.armed_at > TRUST_CLEAN_S):
+                self._drop(tree)
+                continue
+            return True
+        return False
+
+    def keep(self, root: str, options: tuple, watch: TreeWatch, index_state: tuple) -> None:
+        if not watch.usable or watch.folders == 0:
+            watch.close()
+            return
+        for tree in [t for t in self._trees if t.root == root and t.options == options]:
+            self._drop(tree)
+        self._trees.append(_Tree(root, options, watch, index_state))
+        while len(self._trees) > MAX_TREES:
+            self._drop(self._trees[0])
+
+    def _drop(self, tree: _Tree) -> None:
+        tree.watch.close()
+        self._trees.remove(tree)
+
+
+def index_state(folder) -> tuple:
+    """(size, mtime_ns) of the index's files: any commit by anyone changes it (SQLite's WAL file
+    grows, a checkpoint rewrites the database, new vectors grow their file)."""
+    out = []
+    for name in (INDEX_DB, INDEX_DB + "-wal", VECTORS):
+        try:
+            st = os.stat(os.path.join(folder, name))
+            out.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 class IndexLocks:
     """One lock per index folder: this server's updates of an index run one at a time."""
 
     def __init__(self):
         self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, tuple[threading.Lock, FreshTrees]] = {}
 
-    def of(self, folder) -> threading.Lock:
+    def of(self, folder) -> tuple[threading.Lock, FreshTrees]:
+        """The index's lock, and its FreshTrees (used under that lock)."""
         with self._guard:
-            return self._locks.setdefault(os.path.realpath(folder), threading.Lock())
+            return self._locks.setdefault(os.path.realpath(folder), (threading.Lock(), FreshTrees()))
 
 
 async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
@@ -129,16 +198,29 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         return combine(parts, [p.weight for p in req.query])
 
     summary, messages = UpdateSummary(), RecordedMessages()
+    walked = False
 
     def update():
+        nonlocal walked
         kw = {"include_hidden": req.include_hidden, "open_kw": {"max_pixels": state.decoder.max_pixels},
               "input_timeout": state.decoder.input_timeout, "msgs": messages}
         if req.exclude_dirs is not None:
             kw["exclude_dirs"] = tuple(d for d in req.exclude_dirs if d)
+        options = (req.include_hidden, kw.get("exclude_dirs"))
         indexer = BatchedModel(model, state.batcher, state.decoder.workers)
-        with locks.of(folder):
-            update_below(indexer, identity, folder, req.index, root, wait=req.wait, writer="altclip serve",
-                         summary=summary, **kw)
+        lock, trees = locks.of(folder)
+        with lock:
+            if trees.fresh(root, options, index_state(folder)):
+                return  # nothing changed below root since this server's last walk of it
+            walked = True
+            watch = TreeWatch()
+            try:
+                update_below(indexer, identity, folder, req.index, root, wait=req.wait, writer="altclip serve",
+                             summary=summary, before_listing=watch.add, **kw)
+            except BaseException:
+                watch.close()
+                raise
+            trees.keep(root, options, watch, index_state(folder))
 
     try:
         # The query is encoded while the folder is walked: the two overlap on a warm server.
@@ -155,7 +237,8 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         raise ApiError(500, exc.message, type="server_error", hint=exc.hint) from None
     return {"model": model.model_id, "dir": root, "index": str(folder), "searched": searched,
             "results": [{"rank": r, "path": p, "score": round(s, 4)} for r, p, s in hits],
-            "update": dataclasses.asdict(summary) if req.update else None, "messages": messages.lines}
+            "update": dataclasses.asdict(summary) if req.update else None, "walked": walked,
+            "messages": messages.lines}
 
 
 def _folder(path: str) -> str:

@@ -64,7 +64,8 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
 
     from ...outputs.signals import sigterm_as_interrupt
     from ...search.store import IndexStore, default_index_folder
-    from ...search.update import UpdateSummary, model_identity, update_index
+    from ...search.summary import UpdateSummary
+    from ...search.update import model_identity, update_index
     from .. import ExitStatus
     from ..options import load_model, open_kwargs
     from ..terminal import isatty

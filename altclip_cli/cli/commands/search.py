@@ -143,8 +143,9 @@ def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_
     """(query images, hits, images searched), the index updated and ranked in this process; the
     query is encoded by model_ (loaded here, or a server's that cannot search this folder)."""
     from ...search.query import open_images, query_vector
-    from ...search.run import index_folder, rank_below, report_update, update_below
-    from ...search.update import UpdateSummary, index_identity
+    from ...search.run import index_folder, rank_below, update_below
+    from ...search.summary import UpdateSummary, report_update
+    from ...search.update import index_identity
     from ..options import is_remote
 
     images = open_images(parts, open_kw)  # a query image that cannot be read fails before indexing
@@ -172,8 +173,7 @@ def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_
 def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, msgs):
     """(hits, images searched) from the server's POST /v1/search: it indexes below root with its
     warm model and ranks; its messages (failed images, the summary) are printed here."""
-    from ...search.run import report_update
-    from ...search.update import UpdateSummary
+    from ...search.summary import UpdateSummary, report_update
 
     index = index_dir if index_dir == "auto" else os.path.abspath(os.path.expanduser(index_dir))
     answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
@@ -185,6 +185,10 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
             msgs.warn(line.get("message", ""))
         else:
             msgs.note(line.get("message", ""))
+    if not no_index and answer.get("walked") is False:
+        from ..options import debug_line
+
+        debug_line(f"server: nothing changed below {root} since the server last walked it (it watches the folders)")
     if answer.get("update") is not None:
         known = UpdateSummary.__dataclass_fields__
         report_update(UpdateSummary(**{k: v for k, v in answer["update"].items() if k in known}), search_dir, msgs)

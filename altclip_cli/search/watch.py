@@ -1,0 +1,134 @@
+"""Knowing that nothing changed below a folder since it was walked, without walking it again
+(Linux inotify, through ctypes; elsewhere `TreeWatch.available()` is False and every search walks).
+
+A long-running process (`altclip serve`) arms a `TreeWatch` on each folder just before the walk
+lists it (walk.walk_images' `before_listing`), so that a change made after a folder was listed,
+or to a file after it was stat'ed, is an event on the watch. `changed()` then says whether any
+event came since: any creation, deletion, rename, write or attribute change (mtime) below the
+tree. Reading files (the decoder, the content hash) is not an event.
+
+The watch refuses (`usable` False) what it cannot vouch for, and the caller walks instead:
+  - a folder on a file system whose changes may come from elsewhere (NFS, SMB, FUSE mounts: other
+    machines' writes are never events here); only local file systems are trusted (LOCAL_FS);
+  - a folder the kernel would not watch (the per-user watch limit, fs.inotify.max_user_watches);
+  - a queue overflow (it is an event: the tree counts as changed).
+Changes that inotify never reports (writes through a shared memory map) are covered by a cap on
+how long a clean watch is trusted (the caller's).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import sys
+import time
+
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF = 0x400, 0x800
+IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
+CHANGES = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+           | IN_DELETE_SELF | IN_MOVE_SELF)
+
+# File systems whose every change is made by this machine's kernel (so an event here).
+LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs", "zfs", "jfs", "reiserfs",
+                      "bcachefs", "nilfs2", "vfat", "exfat", "ntfs3", "hfsplus", "overlay", "ramfs"})
+
+_libc = None
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        lib.inotify_init1.argtypes = [ctypes.c_int]
+        lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        _libc = lib
+    return _libc
+
+
+def _mount_types() -> dict[int, str]:
+    """{st_dev: file system type} of this process's mounts (/proc/self/mountinfo)."""
+    out = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if " - " not in line or len(fields) < 3:
+                    continue
+                major, _, minor = fields[2].partition(":")
+                fstype = line.split(" - ", 1)[1].split()[0]
+                out[os.makedev(int(major), int(minor))] = fstype
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+class TreeWatch:
+    """Watches the folders given to `add` (see the module doc). Close it when done."""
+
+    def __init__(self, max_folders: int = 100_000):
+        self.fd = -1
+        self.usable = self.available()
+        self.why_not = None if self.usable else "inotify is not available here"
+        self.folders = 0
+        self.max_folders = max_folders
+        self.armed_at = time.monotonic()
+        self._types = _mount_types() if self.usable else {}
+        if self.usable:
+            fd = _lib().inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if fd < 0:
+                self._give_up(f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+            else:
+                self.fd = fd
+
+    @staticmethod
+    def available() -> bool:
+        return sys.platform.startswith("linux") and os.path.exists("/proc/self/mountinfo")
+
+    def add(self, folder: str) -> None:
+        """Watch one folder's entries (call it before listing the folder)."""
+        if not self.usable:
+            return
+        if self.folders >= self.max_folders:
+            return self._give_up(f"more than {self.max_folders:,} folders")
+        try:
+            dev = os.stat(folder).st_dev
+        except OSError as exc:
+            return self._give_up(f"{folder}: {exc.strerror or exc}")
+        fstype = self._types.get(dev)
+        if fstype not in LOCAL_FS:
+            return self._give_up(f"{folder} is on a {fstype or 'unknown'} file system, whose changes may come "
+                                 "from elsewhere")
+        wd = _lib().inotify_add_watch(self.fd, os.fsencode(folder), CHANGES)
+        if wd < 0:
+            err = ctypes.get_errno()
+            hint = " (raise fs.inotify.max_user_watches)" if err == errno.ENOSPC else ""
+            return self._give_up(f"cannot watch {folder}: {os.strerror(err)}{hint}")
+        self.folders += 1
+
+    def changed(self) -> bool:
+        """Whether anything changed below the watched folders since they were added (True when
+        the watch is not usable: the caller must walk)."""
+        if not self.usable:
+            return True
+        try:
+            return bool(os.read(self.fd, 1 << 16))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _give_up(self, why: str) -> None:
+        self.usable = False
+        self.why_not = why
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        self.close()
