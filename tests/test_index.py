@@ -486,6 +486,37 @@ def test_a_snapshot_sees_only_committed_vectors(photos, model, loaded):
     reader.close()
 
 
+def test_a_snapshot_cache_reuses_the_rows_until_anyone_commits(photos, model, loaded):
+    """A long-lived reader (the server) reads the rows below a folder once, and again after any
+    commit, by another connection or process, or after the index was rebuilt."""
+    from altclip_cli.search.store import SnapshotCache
+
+    assert index(model, "photos").exit_code == 0
+    folder = folder_of(model)
+    cache = SnapshotCache()
+
+    def snap(under=None):
+        with IndexStore.open(folder) as store, store.snapshot(under, cache=cache) as s:
+            return s.rows, s.count, s.paths_of(s.file_ids)
+
+    rows, count, paths = snap()
+    assert count == 4 and np.shares_memory(snap()[0], rows)  # no commit since: the same arrays
+    below = snap(photos / "sub")
+    assert below[1] == 2 and np.shares_memory(snap(photos / "sub")[0], below[0])
+    assert np.shares_memory(snap()[0], rows)
+    with IndexStore.open(folder, write=True) as writer:  # a commit that changes no row still counts
+        writer.commit(upserts=[(writer.key_of(paths[0]), 1, 1, None, int(rows[0]), None)])
+    again, count, _ = snap()
+    assert not np.shares_memory(again, rows) and count == 4
+    with IndexStore.open(folder, write=True) as writer:
+        writer.commit(deletes=[int(i) for i in range(1, 3)])
+    assert snap()[1] == 2
+    assert index(model, "photos", "--rebuild").exit_code == 0  # new files: the cache opens them
+    rows, count, paths = snap()
+    assert count == 4 and sorted(paths) == sorted(str(p) for p in photos.rglob("*") if p.is_file())
+    cache.close()
+
+
 # --- damaged, newer, foreign ----------------------------------------------------------------------------
 
 

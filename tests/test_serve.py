@@ -501,6 +501,7 @@ def test_search_requests_that_cannot_be_done_are_named(server, photo_folder, tmp
     assert exc.value.status == 400 and "cancel out" in exc.value.message and exc.value.error["code"] == "usage"
 
     client.post_json(server.target, "/v1/search", good)  # builds the index
+    (photo_folder / "p0.png").touch()  # a change: the next search walks, and needs the write lock
     with IndexStore.open(index, write=True, writer="altclip index"):  # another process's update
         with pytest.raises(RequestFailed) as exc:
             client.post_json(server.target, "/v1/search", good)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .store import INDEX_DB, IndexStore, IndexStoreError, default_index_folder
+from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache, default_index_folder
 from .summary import UpdateSummary
 from .update import update_index
 
@@ -45,17 +45,18 @@ def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *
     return summary
 
 
-def rank_below(identity: dict, folder: Path, root: str, vector, top: int,
-               min_score: float | None = None) -> tuple[list[tuple[int, str, float]], int]:
+def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_score: float | None = None, *,
+               cache: SnapshotCache | None = None) -> tuple[list[tuple[int, str, float]], int]:
     """([(rank, absolute path, score)], images searched): the `top` indexed images at or below
     `root` by cosine with `vector` ((D,) unit float32), those under `min_score` left out.
-    IndexStoreError when there is no index in `folder`."""
+    IndexStoreError when there is no index in `folder`. cache: a long-lived reader's
+    store.SnapshotCache for this index."""
     from .rank import ExactRanker
 
     if not (folder / INDEX_DB).exists():
         raise IndexStoreError(f"there is no index in {folder}",
                               hint="leave out --no-index to build it now, or run `altclip index DIR` first")
-    with IndexStore.open(folder, identity=identity) as store, store.snapshot(under=root) as snap:
+    with IndexStore.open(folder, identity=identity) as store, store.snapshot(under=root, cache=cache) as snap:
         if snap.count == 0:
             return [], 0
         hits = ExactRanker(snap.vectors).top_k(vector, top, rows=snap.rows)

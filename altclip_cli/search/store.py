@@ -49,6 +49,7 @@ import json
 import os
 import sqlite3
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Iterable
@@ -357,30 +358,35 @@ class IndexStore:
             out[i] = np.frombuffer(data, ROW_DTYPE)
         return out
 
-    def snapshot(self, under: str | os.PathLike | None = None) -> "Snapshot":
+    def snapshot(self, under: str | os.PathLike | None = None, *, cache: "SnapshotCache | None" = None) -> "Snapshot":
         """A consistent read-only view of the committed files with a vector at or below `under`
         (all when None), taken in one SQLite read transaction (see Snapshot). Close it (or use it as
-        a context manager) when done: it holds that read transaction."""
+        a context manager) when done: it holds that read transaction. cache: a long-lived
+        reader's SnapshotCache of this index (its connection, and the rows of recent folders)."""
         import numpy as np
 
-        db = _connect_readonly(self.folder)
+        db = cache.begin(self.folder) if cache is not None else _connect_readonly(self.folder)
         try:
-            db.execute("BEGIN")
+            if cache is None:
+                db.execute("BEGIN")
             committed = int(db.execute("SELECT value FROM meta WHERE key = 'vectors_committed'").fetchone()[0])
             clause, params = self.under_clause(under)
-            cur = db.execute(f"SELECT id, vec_row FROM files WHERE vec_row IS NOT NULL AND {clause}", params)
-            flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
-            pairs = flat.reshape(-1, 2)
-            if len(pairs) and int(pairs[:, 1].max()) >= committed:
+            pairs = cache.rows(db, (clause, *params)) if cache is not None else None
+            if pairs is None:
+                cur = db.execute(f"SELECT id, vec_row FROM files WHERE vec_row IS NOT NULL AND {clause}", params)
+                flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
+                pairs = np.ascontiguousarray(flat.reshape(-1, 2).T)  # (2, N): ids, vector rows
+                if cache is not None:
+                    cache.keep((clause, *params), pairs)
+            if pairs.shape[1] and int(pairs[1].max()) >= committed:
                 raise _damaged(self.folder, "a file row points past the committed vectors")
             vectors = _map_vectors(self.folder, committed, self.dim)
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            raise _damaged(self.folder, f"{INDEX_DB}: {exc}") from None
-        except BaseException:
-            db.close()
+        except BaseException as exc:
+            cache.end() if cache is not None else db.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise _damaged(self.folder, f"{INDEX_DB}: {exc}") from None
             raise
-        return Snapshot(self, db, vectors, np.ascontiguousarray(pairs[:, 1]), np.ascontiguousarray(pairs[:, 0]))
+        return Snapshot(self, db, vectors, pairs[1], pairs[0], cache=cache)
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -446,9 +452,11 @@ class Snapshot:
     count: N.
     paths_of(file_ids): their absolute paths (meant for a few, e.g. the top k)."""
 
-    def __init__(self, store: IndexStore, db: sqlite3.Connection, vectors, rows, file_ids):
+    def __init__(self, store: IndexStore, db: sqlite3.Connection, vectors, rows, file_ids,
+                 cache: "SnapshotCache | None" = None):
         self.store = store
         self._db = db
+        self._cache = cache
         self.vectors = vectors
         self.rows = rows
         self.file_ids = file_ids
@@ -469,8 +477,12 @@ class Snapshot:
 
     def close(self) -> None:
         if self._db is not None:
-            self._db.close()  # ends the read transaction
+            if self._cache is not None:
+                self._cache.end()  # ends the read transaction; the connection stays the cache's
+            else:
+                self._db.close()  # ends the read transaction
             self._db = None
+
 
     def __enter__(self):
         return self
@@ -478,6 +490,72 @@ class Snapshot:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class SnapshotCache:
+    """For a long-lived reader of one index (`altclip serve`): one read connection, and the file
+    rows its snapshots read below the last few folders, reused while no one has written the
+    index since (SQLite's PRAGMA data_version on that connection: any other connection's
+    commit, in any process, changes it). A repeated search then skips the SELECT of every row
+    below its folder. One snapshot at a time holds it (a lock); close it when done."""
+
+    MAX_FOLDERS = 8
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._file: tuple | None = None  # (st_dev, st_ino) of the database the connection has open
+        self._version = None
+        self._rows: dict[tuple, object] = {}
+
+    def begin(self, folder: Path) -> sqlite3.Connection:
+        """The connection, in a new read transaction (the lock held until end())."""
+        self._lock.acquire()
+        try:
+            st = os.stat(folder / INDEX_DB)
+            if self._db is None or self._file != (st.st_dev, st.st_ino):  # new, or the index was rebuilt
+                self._drop()
+                self._db = _connect_readonly(folder)
+                self._file = (st.st_dev, st.st_ino)
+            self._db.execute("BEGIN")
+            return self._db
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def rows(self, db: sqlite3.Connection, key: tuple):
+        """The rows kept for `key` if nothing was committed since they were read, else None.
+        Call it after the transaction's first read (its data_version is then the snapshot's)."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._rows.clear()
+            self._version = version
+        return self._rows.get(key)
+
+    def keep(self, key: tuple, pairs) -> None:
+        self._rows.pop(key, None)
+        self._rows[key] = pairs
+        while len(self._rows) > self.MAX_FOLDERS:
+            self._rows.pop(next(iter(self._rows)))
+
+    def end(self) -> None:
+        try:
+            if self._db is not None and self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._drop()
+        finally:
+            self._lock.release()
+
+    def _drop(self) -> None:
+        if self._db is not None:
+            self._db.close()
+        self._db, self._file, self._version = None, None, None
+        self._rows.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
 
 
 # --- helpers -----------------------------------------------------------------------------------------

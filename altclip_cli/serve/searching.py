@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import AltclipError, InputError
 from ..search.query import QueryError, combine
 from ..search.run import index_folder, rank_below, update_below
-from ..search.store import INDEX_DB, VECTORS, IndexBusy, IndexStoreError
+from ..search.store import INDEX_DB, VECTORS, IndexBusy, IndexStoreError, SnapshotCache
 from ..search.summary import UpdateSummary
 from ..search.update import NoProgress, index_identity
 from ..search.watch import TreeWatch
@@ -145,28 +145,38 @@ class FreshTrees:
 
 def index_state(folder) -> tuple:
     """(size, mtime_ns) of the index's files: any commit by anyone changes it (SQLite's WAL file
-    grows, a checkpoint rewrites the database, new vectors grow their file)."""
+    grows, a checkpoint rewrites the database, new vectors grow their file). An empty WAL file
+    counts as none: a reader opening the index creates one."""
     out = []
     for name in (INDEX_DB, INDEX_DB + "-wal", VECTORS):
         try:
             st = os.stat(os.path.join(folder, name))
-            out.append((st.st_size, st.st_mtime_ns))
+            out.append((st.st_size, st.st_mtime_ns) if st.st_size else None)
         except OSError:
             out.append(None)
     return tuple(out)
 
 
+@dataclass(eq=False)
+class IndexState:
+    """What this server keeps per index: the lock its updates take turns on, the trees it
+    watches (used under that lock), and its reader's SnapshotCache."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    trees: FreshTrees = field(default_factory=FreshTrees)
+    snapshots: SnapshotCache = field(default_factory=SnapshotCache)
+
+
 class IndexLocks:
-    """One lock per index folder: this server's updates of an index run one at a time."""
+    """The IndexState of each index folder this server has searched."""
 
     def __init__(self):
         self._guard = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, FreshTrees]] = {}
+        self._states: dict[str, IndexState] = {}
 
-    def of(self, folder) -> tuple[threading.Lock, FreshTrees]:
-        """The index's lock, and its FreshTrees (used under that lock)."""
+    def of(self, folder) -> IndexState:
         with self._guard:
-            return self._locks.setdefault(os.path.realpath(folder), (threading.Lock(), FreshTrees()))
+            return self._states.setdefault(os.path.realpath(folder), IndexState())
 
 
 async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
@@ -208,9 +218,9 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
             kw["exclude_dirs"] = tuple(d for d in req.exclude_dirs if d)
         options = (req.include_hidden, kw.get("exclude_dirs"))
         indexer = BatchedModel(model, state.batcher, state.decoder.workers)
-        lock, trees = locks.of(folder)
-        with lock:
-            if trees.fresh(root, options, index_state(folder)):
+        kept = locks.of(folder)
+        with kept.lock:
+            if kept.trees.fresh(root, options, index_state(folder)):
                 return  # nothing changed below root since this server's last walk of it
             walked = True
             watch = TreeWatch()
@@ -220,13 +230,14 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
             except BaseException:
                 watch.close()
                 raise
-            trees.keep(root, options, watch, index_state(folder))
+            kept.trees.keep(root, options, watch, index_state(folder))
 
     try:
         # The query is encoded while the folder is walked: the two overlap on a warm server.
         jobs = [vector()] + ([run_in_threadpool(update)] if req.update else [])
         query, *_ = await asyncio.gather(*jobs)
-        hits, searched = await run_in_threadpool(rank_below, identity, folder, root, query, req.top_k, req.min_score)
+        hits, searched = await run_in_threadpool(rank_below, identity, folder, root, query, req.top_k, req.min_score,
+                                                 cache=locks.of(folder).snapshots)
     except QueryError as exc:
         raise ApiError(400, exc.message, param="query", code="usage" if exc.usage else None, hint=exc.hint) from None
     except IndexStoreError as exc:
