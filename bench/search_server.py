@@ -10,7 +10,7 @@ search "a dog running on the beach" --dir TREE --index INDEX -f jsonl` process (
 - the first search after the server started: the server walks the tree (and starts watching it);
 - searches of the unchanged, watched tree: the server skips the walk;
 - the same less the server's own time for the request (from its log line): what the client costs;
-- a search right after one file was touched: the server walks the tree again;
+- a search right after one file was touched: the server walks that file's folder again (1,000 files);
 - `--no-index`: the index searched as it is;
 - in-process (`--server off`): the model loaded, the tree walked, the query encoded here;
 - `altclip --help`: the floor of any altclip process.
@@ -130,7 +130,7 @@ def report(rows, args, precision: str, skipped: bool, started, loads: str) -> st
     row("through the warm server, the tree unchanged since the server's last walk (watched)", med("watched"), GOAL_S)
     row("the same less the server's own time for the request", med("watched") - med("watched_server"))
     row("the server's own time for that request (query encoding + ranking)", med("watched_server"))
-    row("through the server, one file touched before (the server walks the tree again)", med("touched"))
+    row("through the server, one file touched before (the server walks its folder again)", med("touched"))
     row("through the server, the first search after it started (walk, then watch)", med("first"))
     row("through the server, `--no-index`", med("no_index"))
     row("in-process (`--server off`): model load, walk, query, ranking", med("in_process"))

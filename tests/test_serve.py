@@ -454,7 +454,8 @@ def test_search_indexes_the_folder_and_ranks_as_the_reference(server, tiny_loade
     first, second = sorted(answers, key=lambda a: -a["update"]["added"])
     assert first["update"]["added"] == 8 and first["update"]["failed"] == 1
     assert second["update"]["added"] == 0 and second["update"]["failed"] == 0  # the failure is not tried again
-    assert first["walked"] and second["walked"] is (not sys.platform.startswith("linux"))  # watched: no walk
+    assert first["walked"] == [str(photo_folder)]
+    assert bool(second["walked"]) is (not sys.platform.startswith("linux"))  # watched: no walk
     assert [m["level"] for m in first["messages"]] == ["error"]
     assert first["messages"][0]["message"].startswith(f"{photo_folder / 'broken.png'}: not an image")
     assert first["results"] == second["results"] and first["searched"] == 8
@@ -528,12 +529,29 @@ def test_search_skips_the_walk_of_a_watched_tree_until_something_changes(server,
     assert ask()["walked"]  # the index changed since the watched walk: walked again, sub's images back
     assert not ask()["walked"]
 
+    # A change is walked where it happened: the folder that holds it.
     (photo_folder / "sub" / "new.png").write_bytes(png_bytes(99))
     found = ask()
-    assert found["walked"] and found["update"]["added"] == 1
+    assert found["walked"] == [str(photo_folder / "sub")] and found["update"]["added"] == 1
     assert str(photo_folder / "sub" / "new.png") in [r["path"] for r in found["results"]]
+    assert found["update"]["files"] == found["searched"] == 9
     (photo_folder / "p1.png").write_bytes(png_bytes(98))  # replaced in place
-    assert ask()["update"]["updated"] == 1
+    replaced = ask()
+    assert replaced["walked"] == [str(photo_folder)] and replaced["update"]["updated"] == 1
+    # A new folder is walked (and watched from then on); a new hidden one is not, its folder is.
+    (photo_folder / "new" / "deeper").mkdir(parents=True)
+    (photo_folder / "new" / "deeper" / "a.png").write_bytes(png_bytes(96))
+    (photo_folder / ".cache").mkdir()
+    (photo_folder / ".cache" / "thumb.png").write_bytes(png_bytes(95))
+    grown = ask(photo_folder / "sub")  # below the change: nothing to walk for this folder ...
+    assert not grown["walked"]
+    grown = ask()  # ... while the whole tree's search walks it
+    assert sorted(grown["walked"]) == [str(photo_folder)] and grown["update"]["added"] == 1
+    paths = [r["path"] for r in grown["results"]]
+    assert str(photo_folder / "new" / "deeper" / "a.png") in paths and not any("/.cache/" in p for p in paths)
+    (photo_folder / "new" / "deeper" / "a.png").unlink()
+    gone = ask()
+    assert gone["walked"] == [str(photo_folder / "new" / "deeper")] and gone["update"]["removed"] == 1
 
     # Another process adds to the index (here a hidden file, which the server's walks leave out):
     # the server notices the index changed and walks, so the result is what a walk finds.
@@ -541,10 +559,10 @@ def test_search_skips_the_walk_of_a_watched_tree_until_something_changes(server,
     ask()  # (the new file is an event: walked, and the watch armed again)
     result = invoke("index", str(photo_folder), "--include-hidden", "--index", index, "-m", str(_tiny_model_master),
                     "--precision", "fp32")
-    assert result.exit_code == 0 and "1 added" in result.stderr, result.stderr
+    assert result.exit_code == 0 and "2 added" in result.stderr, result.stderr  # (and .cache/thumb.png)
     after = ask()
-    assert after["walked"] and after["update"]["removed"] == 1
-    assert str(photo_folder / ".hidden.png") not in [r["path"] for r in after["results"]]
+    assert after["walked"] == [str(photo_folder)] and after["update"]["removed"] == 2
+    assert not any("/." in r["path"] for r in after["results"])
 
 
 def test_paths_are_refused_over_tcp_and_the_host_header_is_checked(_tiny_model_master, images):

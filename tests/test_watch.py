@@ -81,3 +81,15 @@ def test_too_many_folders_gives_up(tree):
     w = TreeWatch(max_folders=2)
     walk_images(str(tree), before_listing=w.add)
     assert not w.usable and "more than 2 folders" in w.why_not and w.changed()
+
+
+def test_changes_name_where_they_happened(tree):
+    w = armed(tree)
+    (tree / "a" / "b" / "z.png").write_bytes(b"new pixels")
+    (tree / "a" / "new").mkdir()
+    (tree / "x.png").unlink()
+    assert w.changes() == {str(tree / "a" / "b" / "z.png"), str(tree / "a" / "new"), str(tree / "x.png")}
+    assert w.changes() == set()  # consumed
+    os.utime(tree / "a", ns=(0, 0))  # a watched folder's own change names the folder
+    assert w.changes() == {str(tree / "a")}
+    w.close()

@@ -31,17 +31,18 @@ def stores_relative(index: str, folder: Path, root: str) -> bool:
     return index != "auto" and (real == root or real.startswith(root.rstrip(os.sep) + os.sep))
 
 
-def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *, wait: float = 0.0,
-                 writer: str = "altclip search", summary: UpdateSummary | None = None,
+def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *, roots: list | None = None,
+                 wait: float = 0.0, writer: str = "altclip search", summary: UpdateSummary | None = None,
                  **update_kw) -> UpdateSummary:
     """Open (or create) the index in `folder` and bring it up to date with the images below
     `root` (update.update_index; `indexer` is the model, or a callable returning it, called only
-    when some image needs embedding). `summary` is filled in place, so an interrupted run's is
-    kept. Raises IndexStoreError (another writer, another model, a damaged index)."""
+    when some image needs embedding), or only below `roots` (folders at or below root: where a
+    watch saw changes). `summary` is filled in place, so an interrupted run's is kept. Raises
+    IndexStoreError (another writer, another model, a damaged index)."""
     summary = summary if summary is not None else UpdateSummary()
     with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait,
                          relative_paths=stores_relative(index, folder, root), writer=writer) as store:
-        update_index(indexer, store, [root], summary=summary, **update_kw)
+        update_index(indexer, store, roots or [root], summary=summary, **update_kw)
     return summary
 
 

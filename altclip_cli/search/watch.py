@@ -5,7 +5,9 @@ A long-running process (`altclip serve`) arms a `TreeWatch` on each folder just 
 lists it (walk.walk_images' `before_listing`), so that a change made after a folder was listed,
 or to a file after it was stat'ed, is an event on the watch. `changed()` then says whether any
 event came since: any creation, deletion, rename, write or attribute change (mtime) below the
-tree. Reading files (the decoder, the content hash) is not an event.
+tree. Reading files (the decoder, the content hash) is not an event. `changes()` names what
+changed (the path of each entry created, deleted, renamed or written, or of a watched folder
+itself), so that a caller can walk those places again instead of the whole tree.
 
 The watch refuses (`usable` False) what it cannot vouch for, and the caller walks instead:
   - a folder on a file system whose changes may come from elsewhere (NFS, SMB, FUSE mounts: other
@@ -21,12 +23,15 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 import sys
 import time
 
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
 IN_DELETE_SELF, IN_MOVE_SELF = 0x400, 0x800
+IN_Q_OVERFLOW = 0x4000
+EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then len bytes of name)
 IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
 CHANGES = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
            | IN_DELETE_SELF | IN_MOVE_SELF)
@@ -74,6 +79,7 @@ class TreeWatch:
         self.why_not = None if self.usable else "inotify is not available here"
         self.folders = 0
         self.max_folders = max_folders
+        self._paths: dict[int, str] = {}  # watch descriptor -> the folder as added
         self.armed_at = time.monotonic()
         self._types = _mount_types() if self.usable else {}
         if self.usable:
@@ -106,19 +112,39 @@ class TreeWatch:
             err = ctypes.get_errno()
             hint = " (raise fs.inotify.max_user_watches)" if err == errno.ENOSPC else ""
             return self._give_up(f"cannot watch {folder}: {os.strerror(err)}{hint}")
-        self.folders += 1
+        self._paths[wd] = folder  # the same folder added again: the same descriptor
+        self.folders = len(self._paths)
+
+    def changes(self) -> set[str] | None:
+        """The paths that changed since the last call (or since the folders were added): each
+        entry created, deleted, renamed, written or touched in a watched folder, or the watched
+        folder itself for a change of its own. An empty set: nothing changed. None: unknown (a
+        queue overflow, or the watch not usable): the caller must walk the whole tree. The
+        events are consumed."""
+        if not self.usable:
+            return None
+        out: set[str] = set()
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return out
+            except OSError:
+                return None
+            at = 0
+            while at + EVENT.size <= len(data):
+                wd, mask, _cookie, length = EVENT.unpack_from(data, at)
+                name = data[at + EVENT.size:at + EVENT.size + length].split(b"\0", 1)[0]
+                at += EVENT.size + length
+                folder = self._paths.get(wd)
+                if mask & IN_Q_OVERFLOW or folder is None:
+                    return None
+                out.add(os.path.join(folder, os.fsdecode(name)) if name else folder)
 
     def changed(self) -> bool:
-        """Whether anything changed below the watched folders since they were added (True when
-        the watch is not usable: the caller must walk)."""
-        if not self.usable:
-            return True
-        try:
-            return bool(os.read(self.fd, 1 << 16))
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
+        """Whether anything changed below the watched folders (True when unknown). Consumes
+        the events, as changes() does."""
+        return self.changes() != set()
 
     def _give_up(self, why: str) -> None:
         self.usable = False

@@ -14,9 +14,10 @@ then finds little to do); another process updating the same index makes the requ
 
 A warm server also remembers the trees it has walked (`FreshTrees`): each walk arms an inotify
 watch on every folder it lists (search/watch.py), so a later search below the same folder, with
-the same walk options, skips the walk when no event came since, nobody else has written the
-index, and the walk is recent (TRUST_CLEAN_S). Anything the watch cannot vouch for (another
-file system type than a local one, the watch limit, another OS) is walked every time.
+the same walk options, skips the walk when no event came since, or walks only the folders where
+something changed, as long as nobody else has written the index and the whole walk is recent
+(TRUST_CLEAN_S). Anything the watch cannot vouch for (another file system type than a local
+one, the watch limit, another OS, a queue overflow) makes the next search walk the whole tree.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from ..search.run import index_folder, rank_below, update_below
 from ..search.store import INDEX_DB, VECTORS, IndexBusy, IndexStoreError, SnapshotCache
 from ..search.summary import UpdateSummary
 from ..search.update import NoProgress, index_identity
+from ..search.walk import DEFAULT_EXCLUDES
 from ..search.watch import TreeWatch
 from .batcher import QueueFull
 from .requests import ApiError, SearchRequest, bad_request
@@ -102,31 +104,43 @@ MAX_TREES = 16  # watched trees kept (each is one inotify instance)
 
 
 @dataclass(eq=False)
-class _Tree:
+class WatchedTree:
     root: str
     options: tuple  # (include_hidden, exclude_dirs)
     watch: TreeWatch
-    index_state: tuple  # index_state() right after the walk's update
+    index_state: tuple  # index_state() right after this server's last update below root
+    pending: set = field(default_factory=set)  # paths that changed and were not walked again yet
+
+    def walked(self, below: str, index_state: tuple) -> None:
+        """The update below `below` is done: its changes are no longer pending."""
+        self.pending = {p for p in self.pending if not _within(p, below)}
+        self.index_state = index_state
 
 
 class FreshTrees:
-    """The trees this server walked for one index, and whether each is still as walked."""
+    """The trees this server walked for one index, and what changed in them since."""
 
     def __init__(self):
-        self._trees: list[_Tree] = []
+        self._trees: list[WatchedTree] = []
 
-    def fresh(self, root: str, options: tuple, index_state: tuple) -> bool:
-        """Whether `root` lies at or below a watched tree walked with the same options, with no
-        change below it since, the index as that update left it, and the walk recent enough."""
+    def plan(self, root: str, options: tuple, index_state: tuple) -> tuple[WatchedTree | None, list[str]]:
+        """What to walk to bring the index up to date below `root`: (a watched tree covering it,
+        the folders below root to walk again, [] when nothing changed there), or (None, [root])
+        when there is no tree to trust (none covers root with these walk options, the index was
+        written by someone else, the watch lost track, or TRUST_CLEAN_S went by)."""
         for tree in list(self._trees):
-            if tree.options != options or not (root == tree.root or root.startswith(tree.root.rstrip("/") + "/")):
+            if tree.options != options or not _within(root, tree.root):
                 continue
-            if (tree.watch.changed() or tree.index_state != index_state
+            changes = tree.watch.changes()
+            if (changes is None or tree.index_state != index_state
                     or time.monotonic() - tree.watch.armed_at > TRUST_CLEAN_S):
                 self._drop(tree)
                 continue
-            return True
-        return False
+            tree.pending |= changes
+            if any(_within(root, p) for p in tree.pending):  # root itself, or a folder on its path
+                return tree, [root]
+            return tree, _walk_roots({p for p in tree.pending if _within(p, root)}, options)
+        return None, [root]
 
     def keep(self, root: str, options: tuple, watch: TreeWatch, index_state: tuple) -> None:
         if not watch.usable or watch.folders == 0:
@@ -134,13 +148,30 @@ class FreshTrees:
             return
         for tree in [t for t in self._trees if t.root == root and t.options == options]:
             self._drop(tree)
-        self._trees.append(_Tree(root, options, watch, index_state))
+        self._trees.append(WatchedTree(root, options, watch, index_state))
         while len(self._trees) > MAX_TREES:
             self._drop(self._trees[0])
 
-    def _drop(self, tree: _Tree) -> None:
+    def _drop(self, tree: WatchedTree) -> None:
         tree.watch.close()
         self._trees.remove(tree)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _walk_roots(paths: set[str], options: tuple) -> list[str]:
+    """The folders to walk for changed paths: a folder that changed (unless the walk leaves it
+    out: hidden, or an excluded name), else the folder holding the path; none inside another."""
+    include_hidden, exclude_dirs = options
+    excluded = set(exclude_dirs if exclude_dirs is not None else DEFAULT_EXCLUDES)
+    folders = set()
+    for p in paths:
+        name = os.path.basename(p)
+        skipped = (name.startswith(".") and not include_hidden) or name in excluded
+        folders.add(p if os.path.isdir(p) and not skipped else os.path.dirname(p))
+    return sorted(f for f in folders if not any(f != other and _within(f, other) for other in folders))
 
 
 def index_state(folder) -> tuple:
@@ -208,7 +239,7 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         return combine(parts, [p.weight for p in req.query])
 
     summary, messages = UpdateSummary(), RecordedMessages()
-    walked = False
+    walked: list[str] = []  # the folders walked (root, or those below it where something changed)
 
     def update():
         nonlocal walked
@@ -220,17 +251,22 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         indexer = BatchedModel(model, state.batcher, state.decoder.workers)
         kept = locks.of(folder)
         with kept.lock:
-            if kept.trees.fresh(root, options, index_state(folder)):
+            tree, roots = kept.trees.plan(root, options, index_state(folder))
+            if not roots:
                 return  # nothing changed below root since this server's last walk of it
-            walked = True
-            watch = TreeWatch()
+            walked = roots
+            watch = tree.watch if tree is not None else TreeWatch()
             try:
-                update_below(indexer, identity, folder, req.index, root, wait=req.wait, writer="altclip serve",
-                             summary=summary, before_listing=watch.add, **kw)
+                update_below(indexer, identity, folder, req.index, root, roots=roots, wait=req.wait,
+                             writer="altclip serve", summary=summary, before_listing=watch.add, **kw)
             except BaseException:
-                watch.close()
+                if tree is None:
+                    watch.close()
                 raise
-            kept.trees.keep(root, options, watch, index_state(folder))
+            if tree is None:
+                kept.trees.keep(root, options, watch, index_state(folder))
+            else:
+                tree.walked(root, index_state(folder))
 
     try:
         # The query is encoded while the folder is walked: the two overlap on a warm server.
@@ -246,6 +282,8 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         raise ApiError(422, exc.message, code="bad_image") from None
     except AltclipError as exc:
         raise ApiError(500, exc.message, type="server_error", hint=exc.hint) from None
+    if walked and walked != [root]:
+        summary.files = searched  # a part was walked: the line names the images below root
     return {"model": model.model_id, "dir": root, "index": str(folder), "searched": searched,
             "results": [{"rank": r, "path": p, "score": round(s, 4)} for r, p, s in hits],
             "update": dataclasses.asdict(summary) if req.update else None, "walked": walked,

@@ -185,7 +185,7 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
             msgs.warn(line.get("message", ""))
         else:
             msgs.note(line.get("message", ""))
-    if not no_index and answer.get("walked") is False:
+    if not no_index and not answer.get("walked"):
         from ..options import debug_line
 
         debug_line(f"server: nothing changed below {root} since the server last walked it (it watches the folders)")
