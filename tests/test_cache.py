@@ -440,3 +440,29 @@ def test_cache_json_does_not_go_with_clear():
     result = invoke("cache", "--json", "clear")
     assert result.exit_code == 2
     assert result.stderr.startswith("error: --json lists entries")
+
+
+def test_search_indexes_are_listed_and_removed_only_when_named(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20 + i, 16), (40 * i, 90, 200)).save(photos / f"{i}.png")
+    assert invoke("index", photos, "-m", tiny_model_dir).exit_code == 0
+    [row] = [json.loads(line) for line in invoke("cache").stdout.splitlines() if '"indexes"' in line]
+    folder = Path(row["path"])
+    assert folder.parent == altclip_home() / "indexes" and (folder / "index.sqlite3").is_file()
+    assert row["model"] == row["name"] == str(tiny_model_dir) and row["images"] == 3
+    assert row["bytes"] == tree_size(folder) > 0
+
+    assert invoke("cache", "clear").stderr.startswith("removed 1 entry (1 weights)")  # caches only
+    assert folder.exists()
+    with FileLock(str(folder / ".write.lock")):  # an `altclip index` run updating it
+        result = invoke("cache", "clear", "--indexes")
+        assert result.stderr.startswith(f"warning: skipped indexes: {tiny_model_dir}: another altclip process")
+    assert invoke("cache", "clear", "--indexes", "--older-than", "1d").stderr == \
+        "nothing to remove (nothing unused for 1d)\n"
+    result = invoke("cache", "clear", "--indexes")
+    assert result.exit_code == 0 and result.stderr.startswith("removed 1 entry (1 indexes), freed ")
+    assert not folder.exists()

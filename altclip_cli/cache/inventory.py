@@ -1,6 +1,8 @@
 """What altclip keeps under `altclip_home()`, for `altclip cache`: weight-cache entries
-(weights.py), checkpoints converted from pickle (hub/convert.py) and the label cache
-(labels.py), each with its size and last use, and their removal. An entry whose lock another
+(weights.py), checkpoints converted from pickle (hub/convert.py), the label cache (labels.py)
+and the search indexes of `--index auto` (search/store.py), each with its size and last use, and
+their removal. Indexes are not caches (rebuilding one embeds every image again): they are
+listed, and removed only when asked for by name (kind "indexes"). An entry whose lock another
 process holds (it is being written) is never removed. The Hugging Face cache is not altclip's:
 it is shared with other tools, and `hf cache` manages it.
 
@@ -14,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..paths import converted_dir
+from ..paths import altclip_home, converted_dir
 from . import labels as label_cache
 from . import weights as weight_cache
 
-KINDS = ("weights", "converted", "labels")
+KINDS = ("weights", "converted", "labels")  # what `clear` removes unless told otherwise
+ALL_KINDS = KINDS + ("indexes",)
 UNKNOWN_SOURCES = "unknown (older format)"
 CONVERTED_FILE = "model.safetensors"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -39,7 +42,7 @@ class Entry:
     precisions: list[str] = field(default_factory=list)  # weights: the compute dtypes stored
     model: str | None = None          # converted: the hub id
     commit: str | None = None         # converted: the commit
-    rows: int | None = None           # labels: the number of cached embeddings (None: unreadable)
+    rows: int | None = None           # labels: cached embeddings; indexes: images with a vector (None: unreadable)
 
     def record(self) -> dict:
         """The entry as JSON-able data (what `altclip cache --json` prints)."""
@@ -49,6 +52,8 @@ class Entry:
             out.update(sources=self.sources, precisions=self.precisions)
         elif self.kind == "converted":
             out.update(model=self.model, commit=self.commit)
+        elif self.kind == "indexes":
+            out.update(model=self.model, images=self.rows)
         else:
             out.update(rows=self.rows)
         return out
@@ -75,7 +80,7 @@ def iso_time(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def entries(kinds=KINDS) -> list[Entry]:
+def entries(kinds=ALL_KINDS) -> list[Entry]:
     """What altclip keeps of the given kinds, weights first, each kind newest first."""
     found = []
     if "weights" in kinds:
@@ -84,6 +89,8 @@ def entries(kinds=KINDS) -> list[Entry]:
         found += sorted(_converted_entries(), key=lambda e: -e.last_used)
     if "labels" in kinds:
         found += _label_entries()
+    if "indexes" in kinds:
+        found += sorted(_index_entries(), key=lambda e: -e.last_used)
     return found
 
 
@@ -132,6 +139,31 @@ def _label_entries() -> list[Entry]:
         return []
     return [Entry(kind="labels", name="label embeddings", path=path, size=_label_files_size(path),
                   last_used=_mtime(path) or 0.0, lock=None, rows=label_cache.count_rows(path))]
+
+
+def _index_entries() -> list[Entry]:
+    """indexes/<weights id>/: the model it was made with and its images, read without writing
+    (a read-only SQLite connection); last use is its newest file's mtime (the last update)."""
+    root = altclip_home() / "indexes"
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        model, images = None, None
+        db_path = folder / "index.sqlite3"
+        try:
+            db = sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)
+            try:
+                model = (db.execute("SELECT value FROM meta WHERE key = 'model'").fetchone() or [None])[0]
+                images = db.execute("SELECT COUNT(*) FROM files WHERE vec_row IS NOT NULL").fetchone()[0]
+            finally:
+                db.close()
+        except (sqlite3.Error, ValueError):
+            pass
+        out.append(Entry(kind="indexes", name=model or f"unreadable ({folder.name})", path=folder,
+                         size=_tree_size(folder), last_used=_newest_mtime(folder), lock=folder / ".write.lock",
+                         model=model, rows=images))
+    return out
 
 
 def _label_files_size(path: Path) -> int:

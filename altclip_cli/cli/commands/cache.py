@@ -20,8 +20,9 @@ def _json_option(f):
 @click.pass_context
 def cache(ctx, as_json):
     """List what altclip keeps under ALTCLIP_HOME (default ~/.cache/altclip): weights cast to
-    the compute dtype, checkpoints converted from pytorch_model.bin, and label embeddings,
-    each with its size and last use. The same as `altclip cache list`.
+    the compute dtype, checkpoints converted from pytorch_model.bin, label embeddings, and the
+    search indexes of `--index auto`, each with its size and last use. The same as
+    `altclip cache list`.
 
     The Hugging Face cache, where models are downloaded to, is shared with other tools:
     its place is shown but altclip leaves it alone (`hf cache` manages it).
@@ -55,18 +56,22 @@ def list_(as_json, quiet):
 @click.option("--weights", is_flag=True, help="Weights cast to the compute dtype.")
 @click.option("--converted", is_flag=True, help="Checkpoints converted from pytorch_model.bin.")
 @click.option("--labels", is_flag=True, help="Label embeddings.")
+@click.option("--indexes", is_flag=True,
+              help="Search indexes under ALTCLIP_HOME (only when named: rebuilding one embeds every image again).")
 @click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @common_options
-def clear(older_than, weights, converted, labels, dry_run, quiet):
-    """Remove altclip's cache entries: every kind unless --weights, --converted or --labels
-    pick some, and all of them unless --older-than keeps those used recently. Everything
-    removed is rebuilt when next needed. An entry another altclip is writing is skipped with
-    a warning. The Hugging Face cache is never touched (`hf cache` manages it).
+def clear(older_than, weights, converted, labels, indexes, dry_run, quiet):
+    """Remove altclip's cache entries: every kind of cache unless --weights, --converted or
+    --labels pick some, and all of them unless --older-than keeps those used recently. Everything
+    removed is rebuilt when next needed. Search indexes are removed only with --indexes (with
+    --older-than: those not updated for that long). An entry another altclip is writing is
+    skipped with a warning. The Hugging Face cache is never touched (`hf cache` manages it).
 
     \b
     Examples:
       altclip cache clear --older-than 30d
       altclip cache clear --converted --dry-run
+      altclip cache clear --indexes --older-than 52w
     """
     from ...cache import inventory
 
@@ -78,7 +83,8 @@ def clear(older_than, weights, converted, labels, dry_run, quiet):
         except ValueError as e:
             raise UsageError(f"--older-than: {e}",
                              hint="give a number and a unit (s, m, h, d, w): 90m, 12h, 30d, 2w") from None
-    picked = [kind for kind, on in zip(inventory.KINDS, (weights, converted, labels)) if on] or list(inventory.KINDS)
+    chosen = (weights, converted, labels, indexes)
+    picked = [kind for kind, on in zip(inventory.ALL_KINDS, chosen) if on] or list(inventory.KINDS)
     result = inventory.clear(picked, seconds, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for entry in result.removed if dry_run else ():
@@ -88,7 +94,7 @@ def clear(older_than, weights, converted, labels, dry_run, quiet):
     for entry, reason in result.failed:
         msgs.error(f"could not remove {entry.kind}: {entry.name} ({reason})")
     if result.removed:
-        kinds = ", ".join(f"{sum(e.kind == k for e in result.removed)} {k}" for k in inventory.KINDS
+        kinds = ", ".join(f"{sum(e.kind == k for e in result.removed)} {k}" for k in inventory.ALL_KINDS
                           if any(e.kind == k for e in result.removed))
         msgs.note(f"{verb} {_count(result.removed)} ({kinds}), "
                   f"{'freeing' if dry_run else 'freed'} {human_size(result.freed)}")
@@ -130,13 +136,15 @@ def _table(entries, total: dict) -> None:
         for col in ("kind", "what", "", "size", "last used"):
             table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
         for e in entries:
-            detail = {"weights": ", ".join(e.precisions), "converted": "",
-                      "labels": f"{e.rows} rows" if e.rows is not None else "unreadable"}[e.kind]
+            rows = f"{e.rows:,} {'rows' if e.kind == 'labels' else 'images'}" if e.rows is not None else "unreadable"
+            detail = {"weights": ", ".join(e.precisions), "converted": ""}.get(e.kind, rows)
             table.add_row(e.kind, Text(e.name), detail, human_size(e.size), ago(now - e.last_used))
         console.print(table)
         console.print()
     console.print(Text(f"total: {_count(entries) if entries else 'nothing'}, {human_size(total['bytes'])} "
                        f"in {total['altclip_home']}"))
+    if any(e.kind == "indexes" for e in entries):
+        console.print(Text("search indexes are removed only when named: `altclip cache clear --indexes`"))
     console.print(Text(f"models are downloaded to the Hugging Face cache, {total['hf_cache']}: shared with "
                        "other tools, left alone here (`hf cache` manages it)"))
 
