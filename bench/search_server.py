@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 import fixtures  # noqa: E402
 from index import build_tree  # noqa: E402
 from run import altclip_exe, child_env, load_average, machine_line, shared_home  # noqa: E402
-from serve import IDLE_WAIT, start_server, timed, timed_through  # noqa: E402
+from serve import IDLE_WAIT, add_when_idle, prepare, start_server, timed, timed_through  # noqa: E402
 
 from altclip_cli.serve import client  # noqa: E402
 
@@ -48,16 +48,10 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny model (a quick check of the script)")
     p.add_argument("--files", type=int, default=100_000)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--when-idle", action="store_true",
-                   help="start each whole-process measurement when the CPU is 90%% idle (a shared machine)")
+    add_when_idle(p)
     args = p.parse_args(argv)
-    IDLE_WAIT["on"] = args.when_idle
-    cache = args.cache.expanduser().resolve()
-    cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(HERE / "fixtures.py"), "--cache", str(cache)] + (["--tiny"] if args.tiny else []),
-                   check=True, stdout=sys.stderr)
-    model = fixtures.model_dir(cache, args.tiny)
-    env = {"ALTCLIP_HOME": str(shared_home(cache))}
+    model = prepare(args)
+    env = {"ALTCLIP_HOME": str(shared_home(args.cache.expanduser().resolve()))}
     exe = altclip_exe()
     started = datetime.now(timezone.utc)
     load_before = load_average()

@@ -83,6 +83,22 @@ def wait_idle(limit: float = 600.0) -> None:
     IDLE_WAIT["waited"] += time.monotonic() - start
 
 
+def add_when_idle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--when-idle", action="store_true",
+                   help="start each whole-process measurement when the CPU is 90%% idle (a shared machine)")
+
+
+def prepare(args) -> Path:
+    """--when-idle taken into account, the fixtures made (their progress on stderr), and the
+    model folder --tiny picks."""
+    IDLE_WAIT["on"] = args.when_idle
+    cache = args.cache.expanduser().resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run([PYTHON, str(HERE / "fixtures.py"), "--cache", str(cache)] + (["--tiny"] if args.tiny else []),
+                   check=True, stdout=sys.stderr)
+    return fixtures.model_dir(cache, args.tiny)
+
+
 def timed(cmd: list[str], env: dict, stdin: bytes | None = None) -> float:
     wait_idle()
     start = time.perf_counter()
@@ -160,15 +176,10 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--images", type=int, default=32, help="JPEGs for the images/s rows")
     p.add_argument("--no-rate", action="store_true", help="leave out the images/s rows (the slow part)")
-    p.add_argument("--when-idle", action="store_true",
-                   help="start each whole-process measurement when the CPU is 90%% idle (a shared machine)")
+    add_when_idle(p)
     args = p.parse_args(argv)
-    IDLE_WAIT["on"] = args.when_idle
+    model = prepare(args)
     cache = args.cache.expanduser().resolve()
-    cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([PYTHON, str(HERE / "fixtures.py"), "--cache", str(cache)] + (["--tiny"] if args.tiny else []),
-                   check=True)
-    model = fixtures.model_dir(cache, args.tiny)
     images = fixtures.image_paths(cache)[:args.images]
     photo = images[min(8, len(images) - 1)]
     env = {"ALTCLIP_HOME": str(shared_home(cache))}  # weights already cast and cached, as after a first run

@@ -250,6 +250,30 @@ def test_search_through_the_server_indexes_and_ranks_there(server, xdg, pictures
     assert cancel.code == 2 and "cancel out" in cancel.stderr[0], cancel.stderr
 
 
+def test_a_search_that_indexes_on_the_server_reports_its_progress(_tiny_model_master, tmp_path):
+    """While the server embeds new images, /v1/health shows the update's progress, and the
+    client's progress callback (the command's bar on a terminal) follows it to the end."""
+    from altclip_cli.search.query import parse_query
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.png").write_bytes(png_bytes(200 + i, size=(30 + i, 24)))
+    s = start_server(_tiny_model_master, "--batch-size", "2", delay=0.15)  # 6 slow passes
+    try:
+        remote = connect(s.target, Wanted(model=str(_tiny_model_master), precision="fp32"))
+        assert remote.searches
+        seen = []
+        answer = remote.search(parse_query("a cat"), str(folder), index=str(tmp_path / "index"), top=3,
+                               min_score=None, update=True, progress=lambda done, total: seen.append((done, total)))
+        assert answer["update"]["added"] == 12 and len(answer["results"]) == 3
+        assert seen and {total for _done, total in seen} == {12}
+        assert [done for done, _total in seen] == sorted(done for done, _total in seen)
+        assert s.health()["indexing"] == []  # gone once the request is answered
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 def test_search_over_tcp_encodes_the_query_there_and_indexes_here(_tiny_model_master, pictures, tmp_path):
     """A TCP server may not see this machine's folders: it encodes the query, the rest runs here."""
     s = start_server(_tiny_model_master, tcp=True)

@@ -94,10 +94,10 @@ class _Silent:
     def note(self, message): pass
 
     def progress(self, description, total=None, **kw):
-        return NoProgress()
+        return _NoProgress()
 
 
-class NoProgress:
+class _NoProgress:
     def __enter__(self):
         return self
 

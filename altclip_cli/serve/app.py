@@ -68,6 +68,7 @@ class ServeState:
     last_activity: float = field(default_factory=time.monotonic)
     server: object = None  # the uvicorn.Server, for the idle timeout
     stop_reason: str | None = None
+    indexing: dict = field(default_factory=dict)  # the index updates of searches under way: their progress
 
     def health(self) -> dict:
         m = self.model
@@ -85,6 +86,7 @@ class ServeState:
                        "text_batch": self.batcher.text_batch, "batch_window_ms": self.batcher.window_s * 1000,
                        "idle_timeout_s": self.idle_timeout},
             "requests": self.requests, "in_flight": self.in_flight, "waiting": self.batcher.waiting,
+            "indexing": [dict(update) for update in list(self.indexing.values())],
             "batching": self.batcher.stats.as_dict(),
         }
 

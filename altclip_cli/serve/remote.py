@@ -38,6 +38,7 @@ import time
 from array import array
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -58,6 +59,8 @@ DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)  # as inputs.images.DEFA
 BUSY_PATIENCE_S = 60.0  # how long a full queue (503) is waited out, in its Retry-After steps
 REQUESTS_AHEAD = 2  # image requests in flight: the server decodes one while it encodes the other
 REQUEST_SHARE = 0.9  # of the server's --max-request-mb that one request of image bytes may fill
+PROGRESS_POLL_S = 0.25  # how often a search asks the server how its indexing goes
+HEALTH_TIMEOUT_WHILE_BUSY = 2.0
 
 
 @dataclass(frozen=True)
@@ -374,12 +377,15 @@ class RemoteModel:
         return bool(self.info.get("search")) and self.target.is_unix
 
     def search(self, parts, root: str, *, index: str, top: int, min_score: float | None, update: bool,
-               wait: float = 0.0, include_hidden: bool = False, exclude_dirs=None) -> dict:
+               wait: float = 0.0, include_hidden: bool = False, exclude_dirs=None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
         """POST /v1/search: the server brings the index (`index`: "auto" or an absolute folder)
         up to date below `root` (an absolute folder) unless not `update`, encodes the query
         (search.query.QueryParts; image parts as any image item) and ranks. Returns its answer:
         {"results": [{"rank", "path", "score"}], "searched", "update", "messages"}. The server's
-        refusal keeps its message and hint (a QueryError for a usage error, so exit status 2)."""
+        refusal keeps its message and hint (a QueryError for a usage error, so exit status 2).
+        progress(done, total): called while the server embeds new images below root (its
+        /v1/health, asked every PROGRESS_POLL_S while the request runs)."""
         from ..errors import AltclipError
         from ..inputs.sources import Source
         from ..search.query import QueryError
@@ -399,7 +405,11 @@ class RemoteModel:
                    "update": update, "wait": wait, "include_hidden": include_hidden,
                    "exclude_dirs": list(exclude_dirs) if exclude_dirs is not None else None}
         try:  # an update may embed many images: no deadline but the server's own per image
-            return post_json(self.target, "/v1/search", payload, timeout=None if update else DEFAULT_TIMEOUT)
+            call = lambda: post_json(self.target, "/v1/search", payload,  # noqa: E731
+                                     timeout=None if update else DEFAULT_TIMEOUT)
+            if progress is None or not update:
+                return call()
+            return self._polling(call, lambda info: _indexing(info, root, progress))
         except RequestFailed as exc:
             if isinstance(exc, ServerBusy):
                 raise
@@ -410,6 +420,19 @@ class RemoteModel:
         except ServerDown as exc:
             raise ServerLost(f"the server at {self.target} went away during the search ({exc.message})",
                              hint="the index keeps what the server committed; run the command again") from None
+
+    def _polling(self, call: Callable[[], dict], seen: Callable[[dict], None]) -> dict:
+        """call() in a thread; until it returns, seen(the server's health) every PROGRESS_POLL_S."""
+        job = _start(call)
+        while True:
+            try:
+                return job.result(timeout=PROGRESS_POLL_S)
+            except FutureTimeout:
+                pass
+            try:
+                seen(health(self.target, timeout=HEALTH_TIMEOUT_WHILE_BUSY))
+            except ServerError:
+                pass  # the request's own answer says what went wrong, if anything did
 
     # --- images ------------------------------------------------------------------------------------
 
@@ -639,6 +662,13 @@ def _shortest_float32(value: float) -> tuple[str, int]:
             best = shorter
     m, exp10 = best
     return str(m).rstrip("0"), exp10 + len(str(m)) - 1
+
+
+def _indexing(info: dict, root: str, progress: Callable[[int, int], None]) -> None:
+    for update in info.get("indexing") or []:
+        if update.get("dir") == root and update.get("total"):
+            progress(int(update.get("done") or 0), int(update["total"]))
+            return
 
 
 def _normalize(emb: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -37,7 +38,7 @@ from ..search.query import QueryError, combine
 from ..search.run import index_folder, rank_below, update_below
 from ..search.store import INDEX_DB, VECTORS, IndexBusy, IndexStoreError, SnapshotCache
 from ..search.summary import UpdateSummary
-from ..search.update import NoProgress, index_identity
+from ..search.update import index_identity
 from ..search.walk import DEFAULT_EXCLUDES
 from ..search.watch import TreeWatch
 from .batcher import QueueFull
@@ -79,12 +80,14 @@ def _wait(submit) -> np.ndarray:
 
 
 class RecordedMessages:
-    """update_index's messages, kept for the answer (the client prints them as its own)."""
+    """update_index's messages, kept for the answer (the client prints them as its own), and its
+    progress, kept in `progress_entry` (what /v1/health shows under "indexing")."""
 
     quiet = True
 
-    def __init__(self):
+    def __init__(self, progress_entry: dict | None = None):
         self.lines: list[dict] = []
+        self.progress_entry = progress_entry if progress_entry is not None else {}
 
     def warn(self, message):
         self.lines.append({"level": "warning", "message": message})
@@ -96,9 +99,27 @@ class RecordedMessages:
         self.lines.append({"level": "note", "message": message})
 
     def progress(self, description, total=None, **kw):
-        return NoProgress()
+        return _Progress(self.progress_entry, total)
 
 
+class _Progress:
+    """update_index's progress bar, as numbers: {"done": n, "total": t} in the entry."""
+
+    def __init__(self, entry: dict, total):
+        self.entry = entry
+        entry.update(done=0, total=total)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, n: int = 1) -> None:
+        self.entry["done"] = self.entry.get("done", 0) + n
+
+
+_update_ids = itertools.count()
 TRUST_CLEAN_S = 300.0  # a watched tree with no event is still walked again after this long
 MAX_TREES = 16  # watched trees kept (each is one inotify instance)
 
@@ -238,7 +259,8 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         parts = [next(rows["text" if p.text is not None else "image"]) for p in req.query]
         return combine(parts, [p.weight for p in req.query])
 
-    summary, messages = UpdateSummary(), RecordedMessages()
+    progress = {"dir": root, "index": str(folder), "done": 0, "total": None}
+    summary, messages = UpdateSummary(), RecordedMessages(progress)
     walked: list[str] = []  # the folders walked (root, or those below it where something changed)
 
     def update():
@@ -268,6 +290,8 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
             else:
                 tree.walked(root, index_state(folder))
 
+    key = next(_update_ids)
+    state.indexing[key] = progress  # shown by /v1/health while the request runs
     try:
         # The query is encoded while the folder is walked: the two overlap on a warm server.
         jobs = [vector()] + ([run_in_threadpool(update)] if req.update else [])
@@ -282,6 +306,8 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         raise ApiError(422, exc.message, code="bad_image") from None
     except AltclipError as exc:
         raise ApiError(500, exc.message, type="server_error", hint=exc.hint) from None
+    finally:
+        state.indexing.pop(key, None)
     if walked and walked != [root]:
         summary.files = searched  # a part was walked: the line names the images below root
     return {"model": model.model_id, "dir": root, "index": str(folder), "searched": searched,

@@ -175,9 +175,16 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
     warm model and ranks; its messages (failed images, the summary) are printed here."""
     from ...search.summary import UpdateSummary, report_update
 
+    from ..terminal import isatty
+
     index = index_dir if index_dir == "auto" else os.path.abspath(os.path.expanduser(index_dir))
-    answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
-                           wait=wait, **walk)
+    bar = _ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
+    try:
+        answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
+                               wait=wait, progress=bar, **walk)
+    finally:
+        if bar is not None:
+            bar.close()
     for line in answer.get("messages", []):
         if line.get("level") == "error":
             msgs.error(line.get("message", ""), hint=line.get("hint"))
@@ -194,6 +201,24 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
         report_update(UpdateSummary(**{k: v for k, v in answer["update"].items() if k in known}), search_dir, msgs)
     hits = [(int(r["rank"]), r["path"], float(r["score"])) for r in answer.get("results", [])]
     return hits, int(answer.get("searched", 0))
+
+
+class _ServerProgress:
+    """The bar of `altclip index`, drawn from the numbers the server reports while it indexes."""
+
+    def __init__(self, msgs):
+        self.msgs, self.bar, self.shown = msgs, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = self.msgs.progress("indexing (altclip serve)", total=total).__enter__()
+        self.bar.advance(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def _choose_format(fmt, null, output, stdout_is_tty) -> str:
