@@ -12,12 +12,9 @@ Updates of one index run one at a time in this server (a second request waits fo
 then finds little to do); another process updating the same index makes the request wait up to
 `wait` seconds, then fail with 409 as the command does.
 
-A warm server also remembers the trees it has walked (`FreshTrees`): each walk arms an inotify
-watch on every folder it lists (search/watch.py), so a later search below the same folder, with
-the same walk options, skips the walk when no event came since, or walks only the folders where
-something changed, as long as nobody else has written the index and the whole walk is recent
-(TRUST_CLEAN_S). Anything the watch cannot vouch for (another file system type than a local
-one, the watch limit, another OS, a queue overflow) makes the next search walk the whole tree.
+A warm server also remembers the trees it has walked (search/fresh.py): a later search below
+the same folder skips the walk when nothing changed there since, or walks only the folders where
+something did.
 """
 from __future__ import annotations
 
@@ -34,12 +31,12 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AltclipError, InputError
+from ..search.fresh import FreshTrees, index_state
 from ..search.query import QueryError, combine
 from ..search.run import index_folder, rank_below, update_below
-from ..search.store import INDEX_DB, VECTORS, IndexBusy, IndexStoreError, SnapshotCache
+from ..search.store import IndexBusy, IndexStoreError, SnapshotCache
 from ..search.summary import UpdateSummary
 from ..search.update import index_identity
-from ..search.walk import DEFAULT_EXCLUDES
 from ..search.watch import TreeWatch
 from .batcher import QueueFull
 from .requests import ApiError, SearchRequest, bad_request
@@ -119,96 +116,7 @@ class _Progress:
         self.entry["done"] = self.entry.get("done", 0) + n
 
 
-_update_ids = itertools.count()
-TRUST_CLEAN_S = 300.0  # a watched tree with no event is still walked again after this long
-MAX_TREES = 16  # watched trees kept (each is one inotify instance)
-
-
-@dataclass(eq=False)
-class WatchedTree:
-    root: str
-    options: tuple  # (include_hidden, exclude_dirs)
-    watch: TreeWatch
-    index_state: tuple  # index_state() right after this server's last update below root
-    pending: set = field(default_factory=set)  # paths that changed and were not walked again yet
-
-    def walked(self, below: str, index_state: tuple) -> None:
-        """The update below `below` is done: its changes are no longer pending."""
-        self.pending = {p for p in self.pending if not _within(p, below)}
-        self.index_state = index_state
-
-
-class FreshTrees:
-    """The trees this server walked for one index, and what changed in them since."""
-
-    def __init__(self):
-        self._trees: list[WatchedTree] = []
-
-    def plan(self, root: str, options: tuple, index_state: tuple) -> tuple[WatchedTree | None, list[str]]:
-        """What to walk to bring the index up to date below `root`: (a watched tree covering it,
-        the folders below root to walk again, [] when nothing changed there), or (None, [root])
-        when there is no tree to trust (none covers root with these walk options, the index was
-        written by someone else, the watch lost track, or TRUST_CLEAN_S went by)."""
-        for tree in list(self._trees):
-            if tree.options != options or not _within(root, tree.root):
-                continue
-            changes = tree.watch.changes()
-            if (changes is None or tree.index_state != index_state
-                    or time.monotonic() - tree.watch.armed_at > TRUST_CLEAN_S):
-                self._drop(tree)
-                continue
-            tree.pending |= changes
-            if any(_within(root, p) for p in tree.pending):  # root itself, or a folder on its path
-                return tree, [root]
-            return tree, _walk_roots({p for p in tree.pending if _within(p, root)}, options)
-        return None, [root]
-
-    def keep(self, root: str, options: tuple, watch: TreeWatch, index_state: tuple) -> None:
-        if not watch.usable or watch.folders == 0:
-            watch.close()
-            return
-        for tree in [t for t in self._trees if t.root == root and t.options == options]:
-            self._drop(tree)
-        self._trees.append(WatchedTree(root, options, watch, index_state))
-        while len(self._trees) > MAX_TREES:
-            self._drop(self._trees[0])
-
-    def _drop(self, tree: WatchedTree) -> None:
-        tree.watch.close()
-        self._trees.remove(tree)
-
-
-def _within(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
-def _walk_roots(paths: set[str], options: tuple) -> list[str]:
-    """The folders to walk for changed paths: a folder that changed (unless the walk leaves it
-    out: hidden, or an excluded name), else the folder holding the path; none inside another."""
-    include_hidden, exclude_dirs = options
-    excluded = set(exclude_dirs if exclude_dirs is not None else DEFAULT_EXCLUDES)
-    folders = set()
-    for p in paths:
-        name = os.path.basename(p)
-        skipped = (name.startswith(".") and not include_hidden) or name in excluded
-        folders.add(p if os.path.isdir(p) and not skipped else os.path.dirname(p))
-    return sorted(f for f in folders if not any(f != other and _within(f, other) for other in folders))
-
-
-def index_state(folder) -> tuple:
-    """(size, mtime_ns) of the index's files: any commit by anyone changes it (SQLite's WAL file
-    grows, a checkpoint rewrites the database, new vectors grow their file). An empty WAL file
-    counts as none: a reader opening the index creates one."""
-    out = []
-    for name in (INDEX_DB, INDEX_DB + "-wal", VECTORS):
-        try:
-            st = os.stat(os.path.join(folder, name))
-            out.append((st.st_size, st.st_mtime_ns) if st.st_size else None)
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
+_update_ids = itertools.count()  # keys of ServeState.indexing
 @dataclass(eq=False)
 class IndexState:
     """What this server keeps per index: the lock its updates take turns on, the trees it
