@@ -517,6 +517,111 @@ def test_a_snapshot_cache_reuses_the_rows_until_anyone_commits(photos, model, lo
     cache.close()
 
 
+# --- compaction ------------------------------------------------------------------------------------------
+
+
+def _churned(tmp_path, model) -> tuple[Path, dict]:
+    """photos/ (12 images) indexed in idx/, then 3 deleted and 2 changed and indexed again: 5
+    unused vectors. Returns (the index folder, {path: vector} the index must hold)."""
+    os.chdir(tmp_path)
+    _many_photos(tmp_path / "photos", 12)
+    env = {**os.environ, **SAFE_ENV}
+    assert subprocess.run(_index_cmd(model, "--index", "idx"), env=env, timeout=300).returncode == 0
+    for i in (1, 5, 9):
+        next((tmp_path / "photos").rglob(f"img{i:03d}.png")).unlink()
+    for i in (2, 7):
+        write_image(next((tmp_path / "photos").rglob(f"img{i:03d}.png")), 900 + i)
+    assert subprocess.run(_index_cmd(model, "--index", "idx"), env=env, timeout=300).returncode == 0
+    with IndexStore.open(tmp_path / "idx") as store:
+        assert store.rows == 14 and len(rows(tmp_path / "idx")) == 9
+    return tmp_path / "idx", content(tmp_path / "idx")
+
+
+def test_compact_drops_the_unused_vectors_and_keeps_every_files_own(tmp_path, model):
+    folder, before = _churned(tmp_path, model)
+    with IndexStore.open(folder, write=True) as store:
+        assert store.unused_rows() == 5 and store.compact_if_worth() is None  # under COMPACT_MIN_UNUSED
+    result = subprocess.run(_index_cmd(model, "--index", "idx", "--compact", quiet=False), capture_output=True,
+                            text=True, env={**os.environ, **SAFE_ENV}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "compacted the index's vectors: 5 no longer used dropped (9 kept)" in result.stderr
+    assert check_invariants(folder) == 9 and (folder / VECTORS).stat().st_size == HEADER_SIZE + 9 * 16 * 4
+    after = content(folder)
+    assert sorted(after) == sorted(before)
+    for path, vector in before.items():
+        np.testing.assert_array_equal(after[path], vector)
+    assert not (folder / (VECTORS + ".new")).exists()
+    with IndexStore.open(folder, write=True) as store:
+        assert store.compact() == (9, 9)  # nothing unused: nothing rewritten
+
+
+# The real command, SIGKILLed by itself at one step of its compaction.
+COMPACT_FAULT = textwrap.dedent("""
+    import os, signal, sys
+    from altclip_cli.search import store
+    step = sys.argv[1]
+
+    def killing(name, after):
+        real = getattr(store, name)
+        def wrapped(*args, **kwargs):
+            if not after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(store, name, wrapped)
+
+    {"written": lambda: killing("_commit_renumbering", False), "committed": lambda: killing("_commit_renumbering", True),
+     "renamed": lambda: killing("_put_in_place", True)}[step]()
+    from altclip_cli.cli import main
+    main(sys.argv[2:])
+""")
+
+
+@pytest.mark.parametrize("step", ["written", "committed", "renamed"])
+def test_a_compaction_killed_at_any_step_loses_nothing(tmp_path, model, step):
+    """Killed after the new file is written, after the renumbering is committed (the new file not
+    yet in place), or after it is: readers see every file's own vector meanwhile, and the next
+    writer finishes or undoes the compaction."""
+    folder, before = _churned(tmp_path, model)
+    args = _index_cmd(model, "--index", "idx", "--compact")[3:]
+    proc = subprocess.run([sys.executable, "-c", COMPACT_FAULT, step, *args], env={**os.environ, **SAFE_ENV},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (folder / (VECTORS + ".new")).exists() is (step != "renamed")
+
+    def same(got):
+        assert sorted(got) == sorted(before)
+        for path, vector in before.items():
+            np.testing.assert_array_equal(got[path], vector)
+
+    same(content(folder))  # a reader, before any writer came by
+    with IndexStore.open(folder) as reader:  # classify --index's reader: lookup, then the vectors
+        found = reader.lookup(before)
+        same({p: reader.vector(found[p][2]) for p in before})
+    IndexStore.open(folder, write=True).close()  # the next writer: finishes or undoes it
+    assert not (folder / (VECTORS + ".new")).exists()
+    committed = check_invariants(folder)
+    assert committed == (14 if step == "written" else 9)
+    assert (folder / VECTORS).stat().st_size == HEADER_SIZE + committed * 16 * 4
+    same(content(folder))
+
+
+def test_a_reader_keeps_its_view_while_another_process_compacts(tmp_path, model):
+    folder, before = _churned(tmp_path, model)
+    reader = IndexStore.open(folder)
+    found = reader.lookup(before)
+    snap = reader.snapshot()
+    with IndexStore.open(folder, write=True) as writer:
+        assert writer.compact() == (14, 9)
+    kept = dict(zip(snap.paths_of(snap.file_ids), (np.array(snap.vectors[r]) for r in snap.rows)))
+    snap.close()
+    assert sorted(kept) == sorted(before) and all(np.array_equal(kept[p], v) for p, v in before.items())
+    found_again = reader.lookup(before)  # the rows renumbered: the reader follows to the new file
+    assert {p: r[2] for p, r in found_again.items()} != {p: r[2] for p, r in found.items()}
+    assert all(np.array_equal(reader.vector(found_again[p][2]), v) for p, v in before.items())
+    reader.close()
+
+
 # --- damaged, newer, foreign ----------------------------------------------------------------------------
 
 

@@ -14,9 +14,18 @@ index.sqlite3 (stdlib sqlite3, WAL):
       its row in vectors.f32 (NULL when it failed, with the reason in `error`). Duplicates and
       renamed files share a row, so vec_row is not the file id.
 
-vectors.f32: a 64-byte header (magic b"ALTCLIPV", format version, dim, dtype code, zero
-padding, crc32 of the bytes before it, all little-endian uint32), then rows of `dim`
-little-endian float32, L2-normalised image embeddings. Append-only; readers memory-map it.
+vectors.f32: a 64-byte header (magic b"ALTCLIPV", format version, dim, dtype code as
+little-endian uint32, a 16-byte token, zero padding, crc32 of the bytes before it), then rows of
+`dim` little-endian float32, L2-normalised image embeddings. Append-only between compactions;
+readers memory-map it. The token (meta `vectors_token`, all zeros before the first compaction)
+names the file's generation: a reader uses the file whose token the database names.
+
+Compaction (`compact`: vectors no file uses any more, after deletions and changes, are dropped):
+the live rows are written to vectors.f32.new with a new token and fsynced, then one transaction
+renumbers the files' rows and commits the new token, then vectors.f32.new replaces vectors.f32.
+Killed before the commit, the next writer deletes vectors.f32.new; killed after it, the next
+writer finishes the rename, and readers meanwhile read vectors.f32.new (its token is the one
+committed). A reader whose transaction began before the commit keeps the old file it mapped.
 
 Crash safety: a writer appends vectors and fsyncs them, THEN commits the file rows and the new
 `vectors_committed` in one SQLite transaction (`append_vectors`, then `commit`). On opening for
@@ -62,14 +71,19 @@ SCHEMA_VERSION = 1  # what index.sqlite3 holds; an index with a higher one is re
 VECTORS_FORMAT = 1  # the layout of vectors.f32
 INDEX_DB = "index.sqlite3"
 VECTORS = "vectors.f32"
+VECTORS_NEW = VECTORS + ".new"  # a compaction's new file, until it replaces VECTORS
 WRITE_LOCK = ".write.lock"
 WRITER_INFO = ".writer"  # JSON: pid and command of the lock holder, for the "another writer" message
 MAGIC = b"ALTCLIPV"
 HEADER_SIZE = 64
+TOKEN_AT, TOKEN_SIZE = 20, 16  # the file's generation, in the header after magic, version, dim, dtype
+ZERO_TOKEN = bytes(TOKEN_SIZE)  # before the first compaction (and in files of older altclips)
+COMPACT_MIN_UNUSED = 4096  # compact_if_worth: at least this many unused rows, and a quarter of the file
 DTYPE_CODES = {"float32": 1}
 ROW_DTYPE = "<f4"
 ITEMSIZE = 4
 SQL_CHUNK = 500  # values per IN (...) query, under SQLite's parameter limit
+COPY_ROWS = 4096  # vector rows a compaction copies at a time
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -110,10 +124,101 @@ def _damaged(folder: Path, what: str) -> IndexStoreError:
     return IndexStoreError(f"the index in {folder} is damaged: {what}", hint=rebuild_hint(folder))
 
 
-def vectors_header(dim: int) -> bytes:
-    """The 64-byte header of vectors.f32 for rows of `dim` float32."""
-    body = struct.pack("<8sIII", MAGIC, VECTORS_FORMAT, dim, DTYPE_CODES["float32"]).ljust(HEADER_SIZE - 4, b"\0")
+def vectors_header(dim: int, token: bytes = ZERO_TOKEN) -> bytes:
+    """The 64-byte header of vectors.f32 for rows of `dim` float32, of generation `token`."""
+    body = (struct.pack("<8sIII", MAGIC, VECTORS_FORMAT, dim, DTYPE_CODES["float32"]) + token).ljust(
+        HEADER_SIZE - 4, b"\0")
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+class StaleVectors(IndexStoreError):
+    """No vector file has the token the database names: a compaction replaced the file after
+    this reader's transaction began (begin again), or the index is damaged."""
+
+
+def _open_matching(folder: Path, dim: int, token: bytes, mode: str = "rb"):
+    """(open file positioned after its header, its name): vectors.f32 when its header carries
+    `token`, else vectors.f32.new when it does (a compaction committed, not yet renamed).
+    StaleVectors when neither does; damaged when vectors.f32 is missing or its header is bad."""
+    try:
+        f = open(folder / VECTORS, mode)
+    except FileNotFoundError:
+        raise _damaged(folder, f"{VECTORS} is missing") from None
+    except OSError as exc:
+        raise IndexStoreError(f"cannot open {folder / VECTORS} ({exc.strerror or exc})") from None
+    try:
+        header = f.read(HEADER_SIZE)
+        _check_header(header, dim, folder)
+    except BaseException:
+        f.close()
+        raise
+    if header[TOKEN_AT:TOKEN_AT + TOKEN_SIZE] == token:
+        return f, VECTORS
+    f.close()
+    try:
+        f = open(folder / VECTORS_NEW, mode)
+    except OSError:
+        raise StaleVectors(f"the index in {folder} is damaged: {VECTORS} is not the file its database names",
+                           hint=rebuild_hint(folder)) from None
+    header = f.read(HEADER_SIZE)
+    if (len(header) == HEADER_SIZE and header[TOKEN_AT:TOKEN_AT + TOKEN_SIZE] == token
+            and header[-4:] == struct.pack("<I", zlib.crc32(header[:-4]))):
+        return f, VECTORS_NEW
+    f.close()
+    raise StaleVectors(f"the index in {folder} is damaged: {VECTORS} is not the file its database names",
+                       hint=rebuild_hint(folder))
+
+
+def _write_rows(path: Path, source, rows, dim: int, token: bytes) -> None:
+    """A new vector file at `path`: the header of generation `token`, then `rows` (int64,
+    increasing) of the open vector file `source`, in that order; fsynced."""
+    row_bytes = dim * ITEMSIZE
+    with open(path, "wb") as out:
+        out.write(vectors_header(dim, token))
+        fd = source.fileno()
+        for start in range(0, len(rows), COPY_ROWS):  # runs of consecutive rows are read at once
+            chunk = [int(r) for r in rows[start:start + COPY_ROWS]]
+            first = prev = chunk[0]
+            for r in chunk[1:] + [None]:
+                if r is not None and r == prev + 1:
+                    prev = r
+                    continue
+                out.write(os.pread(fd, (prev - first + 1) * row_bytes, HEADER_SIZE + first * row_bytes))
+                first = prev = r
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _commit_renumbering(db: sqlite3.Connection, used, token: bytes) -> None:
+    """One transaction: every file's vector row becomes its place among `used`, and the new
+    file's token and row count are committed."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS renumber (old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
+        db.execute("DELETE FROM renumber")
+        db.executemany("INSERT INTO renumber (old, new) VALUES (?, ?)", zip(used.tolist(), range(len(used))))
+        db.execute("UPDATE files SET vec_row = (SELECT new FROM renumber WHERE renumber.old = files.vec_row) "
+                   "WHERE vec_row IS NOT NULL")
+        db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                       [("vectors_committed", str(len(used))), ("vectors_token", token.hex())])
+        db.execute("DELETE FROM renumber")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _put_in_place(folder: Path) -> None:
+    os.replace(folder / VECTORS_NEW, folder / VECTORS)
+    fsync_dir(folder)
+
+
+def _meta_token(meta: dict) -> bytes:
+    try:
+        return bytes.fromhex(meta.get("vectors_token") or "") or ZERO_TOKEN
+    except ValueError:
+        return ZERO_TOKEN
 
 
 def _check_header(data: bytes, dim: int, folder: Path) -> None:
@@ -214,19 +319,32 @@ class IndexStore:
             raise
 
     def _open_vectors(self) -> None:
-        path = self.folder / VECTORS
+        """The vector file the database names (see the module doc). A writer finishes or undoes
+        a compaction a killed run left half-way; a reader that finds the file replaced since it
+        read the meta reads the meta again."""
+        for attempt in range(5):
+            try:
+                f, name = _open_matching(self.folder, self.dim, _meta_token(self.meta),
+                                         "r+b" if self.writable else "rb")
+                break
+            except StaleVectors:
+                if self.writable or attempt == 4:
+                    raise
+                self._reread_meta()
+        if self.writable:
+            if name == VECTORS_NEW:  # the compaction was committed: put its file in place
+                f.close()
+                os.replace(self.folder / VECTORS_NEW, self.folder / VECTORS)
+                fsync_dir(self.folder)
+                f = open(self.folder / VECTORS, "r+b")
+                f.seek(HEADER_SIZE)
+            elif (self.folder / VECTORS_NEW).exists():  # a compaction killed before its commit
+                (self.folder / VECTORS_NEW).unlink()
         try:
-            f = open(path, "r+b" if self.writable else "rb")
-        except FileNotFoundError:
-            raise _damaged(self.folder, f"{VECTORS} is missing") from None
-        except OSError as exc:
-            raise IndexStoreError(f"cannot open {path} ({exc.strerror or exc})") from None
-        try:
-            _check_header(f.read(HEADER_SIZE), self.dim, self.folder)
             size = os.fstat(f.fileno()).st_size
             need = HEADER_SIZE + self.rows * self.row_bytes
             if size < need:
-                raise _damaged(self.folder, f"{VECTORS} holds {(size - HEADER_SIZE) // self.row_bytes} rows; "
+                raise _damaged(self.folder, f"{name} holds {(size - HEADER_SIZE) // self.row_bytes} rows; "
                                             f"{self.rows} are committed")
             if self.writable and size > need:  # appended by a run that was killed before it committed
                 f.truncate(need)
@@ -235,6 +353,12 @@ class IndexStore:
             f.close()
             raise
         self._vf = f
+
+    def _reread_meta(self) -> None:
+        meta = _read_meta(self._db)
+        if meta is not None:
+            self.meta = meta
+            self.rows = int(meta.get("vectors_committed", "0"))
 
     def close(self) -> None:
         """Close the files and release the write lock."""
@@ -331,15 +455,35 @@ class IndexStore:
                 continue
         out = {}
         items = [k for k in keys if _encodable(k)]
-        for start in range(0, len(items), SQL_CHUNK):
-            chunk = items[start:start + SQL_CHUNK]
-            cur = self._db.execute(
-                f"SELECT path, size, mtime_ns, vec_row, error FROM files WHERE path IN ({','.join('?' * len(chunk))})",
-                chunk)
-            for key, size, mtime_ns, vec_row, error in cur:
-                for p in keys[key]:
-                    out[p] = (size, mtime_ns, vec_row, error)
+        own = not self._db.in_transaction
+        if own:  # the rows and the vector file they number, as of one moment
+            self._db.execute("BEGIN")
+        try:
+            self._follow_compaction()
+            for start in range(0, len(items), SQL_CHUNK):
+                chunk = items[start:start + SQL_CHUNK]
+                cur = self._db.execute(
+                    f"SELECT path, size, mtime_ns, vec_row, error FROM files WHERE path IN ({','.join('?' * len(chunk))})",
+                    chunk)
+                for key, size, mtime_ns, vec_row, error in cur:
+                    for p in keys[key]:
+                        out[p] = (size, mtime_ns, vec_row, error)
+        finally:
+            if own:
+                self._db.execute("COMMIT")
         return out
+
+    def _follow_compaction(self) -> None:
+        """A reader whose vector file a compaction (by another process) replaced opens the new
+        one, so that the rows it reads next (in the same transaction) number that file's."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'vectors_token'").fetchone()
+        if self.writable or _meta_token({"vectors_token": row[0] if row else None}) == _meta_token(self.meta):
+            return
+        self._reread_meta()
+        if self._vf is not None:
+            self._vf.close()
+            self._vf = None
+        self._open_vectors()
 
     def vector(self, vec_row: int):
         """Row `vec_row` of vectors.f32: a (dim,) float32 array."""
@@ -363,13 +507,23 @@ class IndexStore:
         (all when None), taken in one SQLite read transaction (see Snapshot). Close it (or use it as
         a context manager) when done: it holds that read transaction. cache: a long-lived
         reader's SnapshotCache of this index (its connection, and the rows of recent folders)."""
+        for attempt in range(5):
+            try:
+                return self._snapshot(under, cache)
+            except StaleVectors:  # replaced by a compaction after this transaction began
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _snapshot(self, under, cache) -> "Snapshot":
         import numpy as np
 
         db = cache.begin(self.folder) if cache is not None else _connect_readonly(self.folder)
         try:
             if cache is None:
                 db.execute("BEGIN")
-            committed = int(db.execute("SELECT value FROM meta WHERE key = 'vectors_committed'").fetchone()[0])
+            meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('vectors_committed', 'vectors_token')"))
+            committed = int(meta["vectors_committed"])
             clause, params = self.under_clause(under)
             pairs = cache.rows(db, (clause, *params)) if cache is not None else None
             if pairs is None:
@@ -380,7 +534,7 @@ class IndexStore:
                     cache.keep((clause, *params), pairs)
             if pairs.shape[1] and int(pairs[1].max()) >= committed:
                 raise _damaged(self.folder, "a file row points past the committed vectors")
-            vectors = _map_vectors(self.folder, committed, self.dim)
+            vectors = _map_vectors(self.folder, committed, self.dim, _meta_token(meta))
         except BaseException as exc:
             cache.end() if cache is not None else db.close()
             if isinstance(exc, sqlite3.DatabaseError):
@@ -436,6 +590,40 @@ class IndexStore:
                 db.execute("ROLLBACK")
             raise
         self.meta.update({k: str(v) for k, v in values.items()})
+
+    def unused_rows(self) -> int:
+        """Rows of the vector file that no file uses any more (deleted or changed since)."""
+        (used,) = self._db.execute("SELECT COUNT(DISTINCT vec_row) FROM files WHERE vec_row IS NOT NULL").fetchone()
+        return self.rows - int(used)
+
+    def compact_if_worth(self) -> tuple[int, int] | None:
+        """compact() when at least COMPACT_MIN_UNUSED rows and a quarter of the file are unused
+        (so the rewrite costs at most a few times what was deleted); None otherwise."""
+        unused = self.unused_rows()
+        if unused >= COMPACT_MIN_UNUSED and 4 * unused >= self.rows:
+            return self.compact()
+        return None
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the vector file without its unused rows, crash-safe (see the module doc):
+        (rows before, rows after)."""
+        import numpy as np
+
+        self._need_write()
+        cur = self._db.execute("SELECT DISTINCT vec_row FROM files WHERE vec_row IS NOT NULL ORDER BY vec_row")
+        used = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
+        before = self.rows
+        if len(used) == before:
+            return before, before
+        token = os.urandom(TOKEN_SIZE)
+        _write_rows(self.folder / VECTORS_NEW, self._vf, used, self.dim, token)
+        _commit_renumbering(self._db, used, token)
+        self.meta.update(vectors_committed=str(len(used)), vectors_token=token.hex())
+        self.rows = len(used)
+        _put_in_place(self.folder)
+        self._vf.close()
+        self._vf = open(self.folder / VECTORS, "r+b")
+        return before, len(used)
 
     def _need_write(self) -> None:
         if not self.writable or self._db is None:
@@ -600,7 +788,7 @@ def _acquire_write_lock(folder: Path, wait: float, writer: str | None):
 
 def _remove_index_files(folder: Path) -> None:
     """The database first: without it the folder holds no index, whatever else is left."""
-    for name in (INDEX_DB, INDEX_DB + "-wal", INDEX_DB + "-shm", VECTORS):
+    for name in (INDEX_DB, INDEX_DB + "-wal", INDEX_DB + "-shm", VECTORS, VECTORS_NEW):
         try:
             (folder / name).unlink(missing_ok=True)
         except OSError as exc:
@@ -706,19 +894,16 @@ def _connect_readonly(folder: Path) -> sqlite3.Connection:
         raise _damaged(folder, f"{INDEX_DB} cannot be read ({exc})") from None
 
 
-def _map_vectors(folder: Path, rows: int, dim: int):
-    """The first `rows` rows of vectors.f32 as a read-only memmap (header and length checked)."""
+def _map_vectors(folder: Path, rows: int, dim: int, token: bytes):
+    """The first `rows` rows of the vector file of generation `token` as a read-only memmap
+    (header and length checked). The mapping stays valid when a compaction replaces the file."""
     import numpy as np
 
-    path = folder / VECTORS
-    try:
-        with open(path, "rb") as f:
-            _check_header(f.read(HEADER_SIZE), dim, folder)
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        raise _damaged(folder, f"{VECTORS} is missing") from None
-    if size < HEADER_SIZE + rows * dim * ITEMSIZE:
-        raise _damaged(folder, f"{VECTORS} holds {(size - HEADER_SIZE) // (dim * ITEMSIZE)} rows; {rows} are committed")
-    if rows == 0:
-        return np.zeros((0, dim), np.float32)
-    return np.memmap(path, dtype=ROW_DTYPE, mode="r", offset=HEADER_SIZE, shape=(rows, dim))
+    f, name = _open_matching(folder, dim, token)
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HEADER_SIZE + rows * dim * ITEMSIZE:
+            raise _damaged(folder, f"{name} holds {(size - HEADER_SIZE) // (dim * ITEMSIZE)} rows; {rows} are committed")
+        if rows == 0:
+            return np.zeros((0, dim), np.float32)
+        return np.memmap(f, dtype=ROW_DTYPE, mode="r", offset=HEADER_SIZE, shape=(rows, dim))

@@ -26,6 +26,9 @@ reuse_index_option = click.option(
               help=f"Skip folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
 @click.option("--retry-failed", is_flag=True, help="Try again the images that failed before, changed or not.")
 @click.option("--rebuild", is_flag=True, help="Start the index over (a damaged one too) and embed every image.")
+@click.option("--compact", is_flag=True,
+              help="Rewrite the vector file without the vectors no file uses any more (done on its own when a "
+                   "quarter of it, and at least 4,096 vectors, are unused).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Wait this long for another run updating the same index [default: fail at once].")
 @click.option("--commit-every", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
@@ -38,8 +41,8 @@ reuse_index_option = click.option(
               help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing.")
 @model_options
 @common_options
-def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild, wait, commit_every, max_pixels,
-          input_timeout, exact_decode, model, device, precision, revision, batch_size, quiet):
+def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild, compact, wait, commit_every,
+          max_pixels, input_timeout, exact_decode, model, device, precision, revision, batch_size, quiet):
     """Index the images below PATHS (default: the current folder) for `altclip search`.
 
     New and changed images (by size and modification time) are embedded, deleted ones dropped,
@@ -80,6 +83,7 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
         os.path.isdir(r) and (real == r or real.startswith(r.rstrip(os.sep) + os.sep))
         for r in (os.path.realpath(p) for p in roots))
     summary = UpdateSummary()
+    compacted = None  # (vector rows before, after) when the run compacted the index
 
     def get_model():
         return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
@@ -95,6 +99,8 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
                 if excludes is not None:
                     kw["exclude_dirs"] = excludes
                 update_index(get_model, store, roots, **kw)
+                if compact or summary.removed or summary.updated:  # only then can vectors fall out of use
+                    compacted = store.compact() if compact else store.compact_if_worth()
         except KeyboardInterrupt:
             code = ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED
             done = summary.added + summary.updated + summary.renamed
@@ -102,6 +108,9 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
                        f"indexed, {summary.failed:,} failed)", hint="run the same command again to go on from there")
             click.get_current_context().exit(code)
     msgs.note(summary.line(what))
+    if compacted is not None and compacted[0] > compacted[1]:
+        dropped = compacted[0] - compacted[1]
+        msgs.note(f"compacted the index's vectors: {dropped:,} no longer used dropped ({compacted[1]:,} kept)")
     if summary.still_failing:
         msgs.note(f"{summary.still_failing:,} image{'s' if summary.still_failing > 1 else ''} that failed before "
                   "and did not change since were not tried again (--retry-failed tries them)")
