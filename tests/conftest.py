@@ -1,8 +1,14 @@
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 import pytest
+
+# A test run started in the background of a script (`cmd &`) inherits SIGINT ignored, and so does
+# every process it starts: the tests of Ctrl-C need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers: tiny.py, tokenizer_fixture.py, hubserver.py
 

@@ -8,15 +8,9 @@ else has written the index (`index_state`) and the whole walk is recent (TRUST_C
 Anything the watch cannot vouch for (another file system type than a local one, the watch
 limit, another OS, a queue overflow) makes the next update walk the whole tree.
 
-    trees = FreshTrees()
-    tree, roots = trees.plan(root, options, index_state(folder))
-    if roots:                       # [] when nothing changed below root
-        watch = tree.watch if tree else TreeWatch()
-        update_index(..., roots, before_listing=watch.add)
-        if tree is None:
-            trees.keep(root, options, watch, index_state(folder))
-        else:
-            tree.walked(root, index_state(folder))
+    trees = FreshTrees()                     # one per index, kept for the process's life
+    walked = update_watched(trees, model, identity, folder, "auto", root)   # as run.update_below
+    # walked: [root] the first time, then [] while nothing changes, or the folders that changed
 """
 from __future__ import annotations
 
@@ -24,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from .run import update_below
 from .store import INDEX_DB, VECTORS
 from .walk import DEFAULT_EXCLUDES
 from .watch import TreeWatch
@@ -115,3 +110,29 @@ def index_state(folder) -> tuple:
         except OSError:
             out.append(None)
     return tuple(out)
+
+
+def update_watched(trees: FreshTrees, indexer, identity: dict, folder, index: str, root: str, *,
+                   include_hidden: bool = False, exclude_dirs=None, **update_kw) -> list[str]:
+    """run.update_below for `root`, walking only what `trees` does not know to be unchanged, and
+    watching what it walks: the folders walked ([root], some below it, or [] for none). Calls
+    on one index must not overlap (the caller holds a lock per index)."""
+    options = (include_hidden, exclude_dirs)
+    if exclude_dirs is not None:  # else walk.DEFAULT_EXCLUDES
+        update_kw["exclude_dirs"] = exclude_dirs
+    tree, roots = trees.plan(root, options, index_state(folder))
+    if not roots:
+        return []
+    watch = tree.watch if tree is not None else TreeWatch()
+    try:
+        update_below(indexer, identity, folder, index, root, roots=roots, before_listing=watch.add,
+                     include_hidden=include_hidden, **update_kw)
+    except BaseException:
+        if tree is None:
+            watch.close()
+        raise
+    if tree is None:
+        trees.keep(root, options, watch, index_state(folder))
+    else:
+        tree.walked(root, index_state(folder))
+    return roots

@@ -462,9 +462,9 @@ class IndexStore:
             self._follow_compaction()
             for start in range(0, len(items), SQL_CHUNK):
                 chunk = items[start:start + SQL_CHUNK]
+                marks = ",".join("?" * len(chunk))
                 cur = self._db.execute(
-                    f"SELECT path, size, mtime_ns, vec_row, error FROM files WHERE path IN ({','.join('?' * len(chunk))})",
-                    chunk)
+                    f"SELECT path, size, mtime_ns, vec_row, error FROM files WHERE path IN ({marks})", chunk)
                 for key, size, mtime_ns, vec_row, error in cur:
                     for p in keys[key]:
                         out[p] = (size, mtime_ns, vec_row, error)
@@ -903,7 +903,8 @@ def _map_vectors(folder: Path, rows: int, dim: int, token: bytes):
     with f:
         size = os.fstat(f.fileno()).st_size
         if size < HEADER_SIZE + rows * dim * ITEMSIZE:
-            raise _damaged(folder, f"{name} holds {(size - HEADER_SIZE) // (dim * ITEMSIZE)} rows; {rows} are committed")
+            held = (size - HEADER_SIZE) // (dim * ITEMSIZE)
+            raise _damaged(folder, f"{name} holds {held} rows; {rows} are committed")
         if rows == 0:
             return np.zeros((0, dim), np.float32)
         return np.memmap(f, dtype=ROW_DTYPE, mode="r", offset=HEADER_SIZE, shape=(rows, dim))

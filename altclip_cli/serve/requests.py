@@ -145,7 +145,8 @@ class SearchRequest(_Strict):
     update: bool = Field(True, description="Index new and changed images below dir first.")
     wait: float = Field(0.0, ge=0, le=86_400, description="Seconds to wait for another process updating the index.")
     include_hidden: bool = False
-    exclude_dirs: list[str] | None = Field(None, description="Folder names not to index [default: .git, node_modules, ...].")
+    exclude_dirs: list[str] | None = Field(
+        None, description="Folder names not to index [default: .git, node_modules, ...].")
 
     @field_validator("query")
     @classmethod

@@ -31,13 +31,12 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AltclipError, InputError
-from ..search.fresh import FreshTrees, index_state
+from ..search.fresh import FreshTrees, update_watched
 from ..search.query import QueryError, combine
-from ..search.run import index_folder, rank_below, update_below
+from ..search.run import index_folder, rank_below
 from ..search.store import IndexBusy, IndexStoreError, SnapshotCache
 from ..search.summary import UpdateSummary
 from ..search.update import index_identity
-from ..search.watch import TreeWatch
 from .batcher import QueueFull
 from .requests import ApiError, SearchRequest, bad_request
 
@@ -177,26 +176,11 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
               "input_timeout": state.decoder.input_timeout, "msgs": messages}
         if req.exclude_dirs is not None:
             kw["exclude_dirs"] = tuple(d for d in req.exclude_dirs if d)
-        options = (req.include_hidden, kw.get("exclude_dirs"))
         indexer = BatchedModel(model, state.batcher, state.decoder.workers)
         kept = locks.of(folder)
         with kept.lock:
-            tree, roots = kept.trees.plan(root, options, index_state(folder))
-            if not roots:
-                return  # nothing changed below root since this server's last walk of it
-            walked = roots
-            watch = tree.watch if tree is not None else TreeWatch()
-            try:
-                update_below(indexer, identity, folder, req.index, root, roots=roots, wait=req.wait,
-                             writer="altclip serve", summary=summary, before_listing=watch.add, **kw)
-            except BaseException:
-                if tree is None:
-                    watch.close()
-                raise
-            if tree is None:
-                kept.trees.keep(root, options, watch, index_state(folder))
-            else:
-                tree.walked(root, index_state(folder))
+            walked = update_watched(kept.trees, indexer, identity, folder, req.index, root, wait=req.wait,
+                                    writer="altclip serve", summary=summary, **kw)
 
     key = next(_update_ids)
     state.indexing[key] = progress  # shown by /v1/health while the request runs
@@ -209,7 +193,8 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
     except QueryError as exc:
         raise ApiError(400, exc.message, param="query", code="usage" if exc.usage else None, hint=exc.hint) from None
     except IndexStoreError as exc:
-        raise ApiError(409 if isinstance(exc, IndexBusy) else 422, exc.message, param="index", code="index", hint=exc.hint) from None
+        status = 409 if isinstance(exc, IndexBusy) else 422
+        raise ApiError(status, exc.message, param="index", code="index", hint=exc.hint) from None
     except InputError as exc:
         raise ApiError(422, exc.message, code="bad_image") from None
     except AltclipError as exc:
