@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 import fixtures  # noqa: E402
 from index import build_tree  # noqa: E402
 from run import altclip_exe, child_env, load_average, machine_line, shared_home  # noqa: E402
-from serve import IDLE_WAIT, add_when_idle, prepare, start_server, timed, timed_through  # noqa: E402
+from serve import add_when_idle, loads_line, prepare, start_server, timed, timed_through  # noqa: E402
 
 from altclip_cli.serve import client  # noqa: E402
 
@@ -87,16 +86,13 @@ def main(argv=None) -> None:
                 seconds, serving = timed_through(through, env, server_log)
                 rows["watched"].append(seconds)
                 rows["watched_server"].append(serving)
-                os.utime(next((tree / "d000").iterdir()))  # a change: the next search walks the tree again
+                os.utime(next((tree / "d000").iterdir()))  # a change: the next search walks its folder
                 rows["touched"].append(timed(through, env))
                 rows["no_index"].append(timed(through + ["--no-index"], env))
         finally:
             server.terminate()
             server.wait(60)
-    loads = f"load average {load_before} before, {load_average()} after"
-    if args.when_idle:
-        loads += f"; each measurement started when the CPU was 90% idle ({IDLE_WAIT['waited']:.0f} s waited)"
-    print(report(rows, args, precision, skipped, started, loads))
+    print(report(rows, args, precision, skipped, started, loads_line(load_before, args)))
 
 
 def log(message: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -81,6 +80,14 @@ def wait_idle(limit: float = 600.0) -> None:
     while cpu_idle_share() < 0.9 and time.monotonic() - start < limit:
         pass
     IDLE_WAIT["waited"] += time.monotonic() - start
+
+
+def loads_line(load_before: str, args) -> str:
+    """The load averages before and after a run, and how long --when-idle waited."""
+    loads = f"load average {load_before} before, {load_average()} after"
+    if args.when_idle:
+        loads += f"; each measurement started when the CPU was 90% idle ({IDLE_WAIT['waited']:.0f} s waited)"
+    return loads
 
 
 def add_when_idle(p: argparse.ArgumentParser) -> None:
@@ -233,10 +240,7 @@ def main(argv=None) -> None:
     finally:
         server.terminate()
         server.wait(60)
-    loads = f"load average {load_before} before, {load_average()} after"
-    if args.when_idle:
-        loads += f"; each measurement started when the CPU was 90% idle ({IDLE_WAIT['waited']:.0f} s waited)"
-    print(table(rows, args, model, len(images), stats, loads))
+    print(table(rows, args, model, len(images), stats, loads_line(load_before, args)))
 
 
 def command_flags(args) -> str:
