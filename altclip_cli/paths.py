@@ -23,3 +23,13 @@ def altclip_home() -> Path:
 def converted_dir() -> Path:
     """Safetensors files converted from pytorch_model.bin: converted/<org>--<name>/<commit>/."""
     return altclip_home() / "converted"
+
+
+def indexes_dir() -> Path:
+    """The search indexes of `--index auto`, one folder per model (search/store.py)."""
+    return altclip_home() / "indexes"
+
+
+def default_index_folder(weights_id: str) -> Path:
+    """Where `--index auto` keeps a model's search index: indexes/<weights id>/."""
+    return indexes_dir() / weights_id

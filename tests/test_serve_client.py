@@ -274,6 +274,26 @@ def test_a_search_that_indexes_on_the_server_reports_its_progress(_tiny_model_ma
         assert s.stop() == 0, s.log()
 
 
+def test_search_through_a_server_uses_this_commands_own_index(server, xdg, pictures, _tiny_model_master,
+                                                              tmp_path):
+    """--index auto names the index under the command's ALTCLIP_HOME, not the server's: a run
+    in-process afterwards finds it up to date."""
+    from altclip_cli.serve.client import health
+
+    folder = tmp_path / "pics"
+    shutil.copytree(pictures, folder)
+    home = tmp_path / "home"
+    env = {"ALTCLIP_HOME": str(home)}
+    common = ("--dir", folder, "-f", "jsonl", *model_args(_tiny_model_master))
+    run = altclip(xdg, "search", "a cat", *common, env=env)
+    assert run.code == 0 and "torch" not in run.modules, run.stderr
+    assert (home / "indexes" / health(server.target)["weights"] / "index.sqlite3").is_file()
+    local = altclip(xdg, "search", "a cat", *common, "--server", "off", env=env)
+    assert local.code == 0 and local.stderr == [], local.stderr  # nothing left to index
+    assert [json.loads(x)["path"] for x in local.stdout.splitlines()] == \
+        [json.loads(x)["path"] for x in run.stdout.splitlines()]
+
+
 def test_search_over_tcp_encodes_the_query_there_and_indexes_here(_tiny_model_master, pictures, tmp_path):
     """A TCP server may not see this machine's folders: it encodes the query, the rest runs here."""
     s = start_server(_tiny_model_master, tcp=True)

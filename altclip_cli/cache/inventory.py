@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..paths import altclip_home, converted_dir
+from ..paths import converted_dir, indexes_dir
 from . import labels as label_cache
 from . import weights as weight_cache
 
@@ -144,7 +144,7 @@ def _label_entries() -> list[Entry]:
 def _index_entries() -> list[Entry]:
     """indexes/<weights id>/: the model it was made with and its images, read without writing
     (a read-only SQLite connection); last use is its newest file's mtime (the last update)."""
-    root = altclip_home() / "indexes"
+    root = indexes_dir()
     if not root.is_dir():
         return []
     out = []

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import AltclipError
-from ..paths import altclip_home
+from ..paths import default_index_folder  # noqa: F401 (where --index auto is: part of this module's API)
 from ..durable import fsync_dir
 
 SCHEMA_VERSION = 1  # what index.sqlite3 holds; an index with a higher one is refused
@@ -108,11 +108,6 @@ class IndexStoreError(AltclipError):
 
 class IndexBusy(IndexStoreError):
     """Another writer holds the index's write lock (and did not let go within `wait` seconds)."""
-
-
-def default_index_folder(weights_id: str) -> Path:
-    """Where `--index auto` keeps a model's index: altclip_home()/indexes/<weights id>/."""
-    return altclip_home() / "indexes" / weights_id
 
 
 def rebuild_hint(folder: Path) -> str:

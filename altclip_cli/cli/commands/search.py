@@ -177,7 +177,11 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
 
     from ..terminal import isatty
 
-    index = index_dir if index_dir == "auto" else os.path.abspath(os.path.expanduser(index_dir))
+    from ...paths import default_index_folder
+
+    # This command's index, wherever the server keeps its own (its ALTCLIP_HOME may not be ours).
+    folder = default_index_folder(remote.weights_id) if index_dir == "auto" else os.path.expanduser(index_dir)
+    index = os.path.abspath(folder)
     bar = _ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
     try:
         answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
