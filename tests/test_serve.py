@@ -511,6 +511,30 @@ def test_search_requests_that_cannot_be_done_are_named(server, photo_folder, tmp
         assert client.post_json(server.target, "/v1/search", {**good, "update": False})["searched"] == 8
 
 
+def test_index_requests(server, photo_folder, tmp_path):
+    """POST /v1/index: `altclip index` by the server; what it cannot do is named."""
+    index = str(tmp_path / "index")
+    answer = client.post_json(server.target, "/v1/index", {"paths": [{"path": str(photo_folder), "name": "photos"}],
+                                                           "index": index})
+    assert answer["update"]["added"] == 8 and answer["update"]["failed"] == 1 and answer["compacted"] is None
+    assert answer["messages"][0]["message"].startswith("photos/broken.png: not an image")
+    (photo_folder / "p1.png").unlink()
+    answer = client.post_json(server.target, "/v1/index", {"paths": [{"path": str(photo_folder)}], "index": index,
+                                                           "compact": True})
+    assert answer["update"]["removed"] == 1 and answer["compacted"] == [8, 7]
+    cases = [
+        ({"paths": []}, 400, "paths is empty"),
+        ({"paths": [{"path": "photos"}]}, 400, "paths[0] must be absolute"),
+        ({"paths": [{"path": str(tmp_path / "gone")}]}, 422, "no such file or folder"),
+        ({"paths": [{"path": str(photo_folder)}], "index": "idx"}, 400, 'index must be "auto" or an absolute folder'),
+        ({"paths": [{"path": str(photo_folder)}], "rebuilt": True}, 400, "unknown field 'rebuilt'"),
+    ]
+    for payload, status, words in cases:
+        with pytest.raises(RequestFailed) as exc:
+            client.post_json(server.target, "/v1/index", payload)
+        assert exc.value.status == status and words in exc.value.message, (payload, exc.value.message)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the server watches folders with inotify")
 def test_search_skips_the_walk_of_a_watched_tree_until_something_changes(server, photo_folder, tmp_path,
                                                                           _tiny_model_master):
@@ -576,9 +600,11 @@ def test_paths_are_refused_over_tcp_and_the_host_header_is_checked(_tiny_model_m
             client.post_json(s.target, "/v1/classify", {"images": [str(images[0])], "labels": ["cat"]})
         assert exc.value.status == 403 and "Unix socket only" in exc.value.message
         assert info["search"] is False
-        with pytest.raises(RequestFailed) as exc:
-            client.post_json(s.target, "/v1/search", {"query": [{"text": "a cat"}], "dir": "/"})
-        assert exc.value.status == 403 and "Unix socket only" in exc.value.message
+        for path, body in (("/v1/search", {"query": [{"text": "a cat"}], "dir": "/"}),
+                           ("/v1/index", {"paths": [{"path": "/"}]})):
+            with pytest.raises(RequestFailed) as exc:
+                client.post_json(s.target, path, body)
+            assert exc.value.status == 403 and "Unix socket only" in exc.value.message
         out = client.post_json(s.target, "/v1/classify", {"images": [data_uri(images[0].read_bytes())], "labels": ["cat"]})
         assert out["results"][0]["scores"][0]["label"] == "cat"
 

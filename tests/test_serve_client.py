@@ -294,6 +294,32 @@ def test_search_through_a_server_uses_this_commands_own_index(server, xdg, pictu
         [json.loads(x)["path"] for x in run.stdout.splitlines()]
 
 
+def test_index_through_the_server_equals_in_process(server, xdg, pictures, _tiny_model_master, tmp_path):
+    """`altclip index` with a server running: the server indexes (the client imports no torch),
+    with the messages, summary and exit code of an in-process run, into the same index."""
+    folder = tmp_path / "pics"
+    shutil.copytree(pictures, folder)
+    before = counters(server.target)
+    run = altclip(xdg, "index", "pics", "--index", "by-server", *model_args(_tiny_model_master), cwd=tmp_path)
+    here = altclip(xdg, "index", "pics", "--index", "here", *model_args(_tiny_model_master), "--server", "off",
+                   cwd=tmp_path)
+    assert run.code == here.code == 3  # bad.png
+    assert counters(server.target)[1] == before[1] + 5
+    assert "torch" not in run.modules and "torch" in here.modules
+
+    def without_seconds(lines):
+        return [re.sub(r", [0-9.]+ s\)$", ")", line) for line in lines]
+
+    assert without_seconds(run.stderr) == without_seconds(here.stderr)
+    assert "error: pics/bad.png: not an image" in run.stderr[0] and run.stderr[-1].startswith("indexed pics: 5 added")
+    again = altclip(xdg, "index", "pics", "--index", "by-server", *model_args(_tiny_model_master), "--server", "off",
+                    cwd=tmp_path)
+    assert again.code == 0 and again.stderr[0].startswith("indexed pics: no changes (6 files"), again.stderr
+    rebuilt = altclip(xdg, "index", "pics", "--index", "by-server", "--rebuild", *model_args(_tiny_model_master),
+                      cwd=tmp_path)
+    assert rebuilt.code == 3 and rebuilt.stderr[-1].startswith("indexed pics: 5 added, 1 failed"), rebuilt.stderr
+
+
 def test_search_over_tcp_encodes_the_query_there_and_indexes_here(_tiny_model_master, pictures, tmp_path):
     """A TCP server may not see this machine's folders: it encodes the query, the rest runs here."""
     s = start_server(_tiny_model_master, tcp=True)

@@ -269,16 +269,26 @@ def get_model(server: str, token_file: str | None, model: str, device: str, prec
     """The model a command works with: the RemoteModel of the server --server picks
     (serve/remote.py), else the model loaded in-process (load_model). images: images go to the
     model (the server's decoding must match); scores: the command scores images against labels."""
+    remote = connect_server(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
+                            revision=revision, max_pixels=max_pixels, images=images, scores=scores,
+                            url_timeout=url_timeout, url_max_mb=url_max_mb)
+    if remote is not None:
+        return remote
+    return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+
+
+def connect_server(server: str, token_file: str | None, model: str, device: str, precision: str, msgs: Messages, *,
+                   exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
+                   images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0):
+    """The RemoteModel of the server --server picks (serve/remote.connect), or None to run
+    in-process; see get_model."""
     from ..serve.remote import Wanted, connect
 
     wanted = Wanted(model=model, revision=revision, device=device, precision=precision, exact_decode=exact_decode,
                     max_pixels=max_pixels, images=images, scores=scores)
     token = _token(token_file, msgs) if server not in ("auto", "off") else None  # the default socket needs none
-    remote = connect(server, wanted, token=token, debug=debug_line, warn=msgs.warn,
-                     fetch_kw={"timeout": url_timeout, "max_bytes": int(url_max_mb * 1_000_000)})
-    if remote is not None:
-        return remote
-    return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+    return connect(server, wanted, token=token, debug=debug_line, warn=msgs.warn,
+                   fetch_kw={"timeout": url_timeout, "max_bytes": int(url_max_mb * 1_000_000)})
 
 
 def is_remote(model) -> bool:

@@ -24,11 +24,13 @@ def index_folder(index: str, weights_id: str) -> Path:
     return default_index_folder(weights_id) if index == "auto" else Path(os.path.expanduser(index))
 
 
-def stores_relative(index: str, folder: Path, root: str) -> bool:
-    """As `altclip index` does: an index folder given inside the searched one stores paths
-    relative to itself, so that the folder and its index move together."""
+def stores_relative(index: str, folder: Path, roots) -> bool:
+    """An index folder given inside a folder it indexes (`roots`: one path or several) stores
+    paths relative to itself, so that the folder and its index move together."""
     real = os.path.realpath(folder)
-    return index != "auto" and (real == root or real.startswith(root.rstrip(os.sep) + os.sep))
+    folders = [os.path.realpath(r) for r in ([roots] if isinstance(roots, (str, os.PathLike)) else roots)]
+    return index != "auto" and any(os.path.isdir(r) and (real == r or real.startswith(r.rstrip(os.sep) + os.sep))
+                                   for r in folders)
 
 
 def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *, roots: list | None = None,
@@ -44,6 +46,24 @@ def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *
                          relative_paths=stores_relative(index, folder, root), writer=writer) as store:
         update_index(indexer, store, roots or [root], summary=summary, **update_kw)
     return summary
+
+
+def index_paths(indexer, identity: dict, folder: Path, index: str, roots: list, *, rebuild: bool = False,
+                compact: bool = False, wait: float = 0.0, writer: str = "altclip index",
+                summary: UpdateSummary | None = None, **update_kw) -> tuple[int, int] | None:
+    """`altclip index`: open (or create; with `rebuild`, start over) the index in `folder`, bring
+    it up to date with the images at or below `roots` (paths, or (name, path) pairs: see
+    update.update_index), and compact its vector file when asked or when worth it (only a run
+    that removed or changed files can make it so). Returns the compaction's (rows before,
+    after), or None. `summary` is filled in place (an interrupted run's is kept)."""
+    summary = summary if summary is not None else UpdateSummary()
+    paths = [r[1] if isinstance(r, tuple) else r for r in roots]
+    with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait, rebuild=rebuild,
+                         relative_paths=stores_relative(index, folder, paths), writer=writer) as store:
+        update_index(indexer, store, roots, summary=summary, **update_kw)
+        if compact or summary.removed or summary.updated:
+            return store.compact() if compact else store.compact_if_worth()
+    return None
 
 
 def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_score: float | None = None, *,

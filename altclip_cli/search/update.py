@@ -131,7 +131,7 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
                  commit_every: int = COMMIT_EVERY, summary: UpdateSummary | None = None,
                  before_listing: Callable[[str], None] | None = None) -> UpdateSummary:
     """Bring `store` (opened with write=True) up to date with the image files at or below `roots`
-    (folders or files). See the module doc. get_model: a zero-argument callable returning the
+    (folders or files; or (name, path) pairs, the name used in messages). See the module doc. get_model: a zero-argument callable returning the
     loaded AltCLIP (called only if some image needs embedding), or the model itself. open_kw: the
     keyword arguments of altclip_cli.inputs.sources.open_source (max_pixels, ...). msgs: the CLI's
     Messages (errors per failed image, warnings, a progress bar on a terminal); None: silent.
@@ -158,11 +158,12 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
 
 
 def _unique_roots(roots) -> list[tuple[str, str]]:
-    """(as given, real path) per root, without roots that lie inside another one."""
+    """(as given, real path) per root, without roots that lie inside another one. A root is a
+    path, or a (name for messages, path) pair (a server names files as its client gave them)."""
     real = []
     for root in roots:
-        given = os.fspath(root)
-        path = os.path.realpath(os.path.expanduser(given))
+        given, where = root if isinstance(root, tuple) else (os.fspath(root), os.fspath(root))
+        path = os.path.realpath(os.path.expanduser(where))
         if all(path != r for _, r in real):
             real.append((given, path))
     return [(g, r) for g, r in real if not any(_inside(r, other) for _, other in real if other != r)]

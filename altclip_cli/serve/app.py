@@ -9,6 +9,7 @@ Routes (JSON in and out; errors are {"error": {"message", "type", "param", "code
   POST /v1/embeddings   OpenAI's embeddings request and answer; data:image URIs are images
   POST /v1/search       index a folder and rank its images (the records of `altclip search -f
                         json`; Unix socket only: see searching.py)
+  POST /v1/index        `altclip index` (Unix socket only)
   GET  /docs, /openapi.json
 
 The gate (`Gate`, plain ASGI) checks each request before the routes see it: the bearer token,
@@ -41,9 +42,9 @@ from ..inputs.pipeline import DaemonPool, _prepare
 from ..inputs.sources import reason
 from .batcher import Batcher, QueueFull, Stopped
 from .client import PROTOCOL
-from .requests import (ApiError, ClassifyRequest, EmbeddingsRequest, EmbedRequest, SearchRequest, bad_request,
-                       decode_base64, form_to_classify, is_image_uri, parse_json, parse_object)
-from .searching import IndexLocks, run_search
+from .requests import (ApiError, ClassifyRequest, EmbeddingsRequest, EmbedRequest, IndexRequest, SearchRequest,
+                       bad_request, decode_base64, form_to_classify, is_image_uri, parse_json, parse_object)
+from .searching import IndexLocks, run_index, run_search
 from .transport import HostPolicy
 
 
@@ -391,6 +392,16 @@ def create_app(state: ServeState) -> FastAPI:
         _detail(request, f"{_plural(len(req.query), 'part')}, {req.dir}")
         return JSONResponse(await run_search(state, req, search_locks))
 
+    @app.post("/v1/index", summary="Bring a search index up to date with folders (Unix socket only)",
+              openapi_extra=_body_doc("IndexRequest"))
+    async def index(request: Request):
+        if state.transport != "unix":
+            raise ApiError(403, "indexing reads this machine's folders: it is served over the Unix socket only",
+                           type="permission_error", code="unix_socket_only")
+        req = parse_json(IndexRequest, await _json_body(request))
+        _detail(request, ", ".join(p.path for p in req.paths))
+        return JSONResponse(await run_index(state, req, search_locks))
+
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -433,7 +444,7 @@ def _openapi(app: FastAPI) -> dict:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ClassifyRequest, EmbedRequest, EmbeddingsRequest, SearchRequest):
+    for model in (ClassifyRequest, EmbedRequest, EmbeddingsRequest, SearchRequest, IndexRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(s.pop("$defs", {}))
         components[model.__name__] = s

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..errors import InputError
 from ..inputs.names import display
-from .client import (DEFAULT_TIMEOUT, PROTOCOL, RequestFailed, ServerBusy, ServerDown, ServerError, ServerLost,
+from .client import (PROTOCOL, RequestFailed, ServerBusy, ServerDown, ServerError, ServerLost,
                      ServerMismatch, ServerTimeout, Target, health, parse_target, post_json)
 from .transport import default_socket_path
 
@@ -386,7 +386,6 @@ class RemoteModel:
         refusal keeps its message and hint (a QueryError for a usage error, so exit status 2).
         progress(done, total): called while the server embeds new images below root (its
         /v1/health, asked every PROGRESS_POLL_S while the request runs)."""
-        from ..errors import AltclipError
         from ..inputs.sources import Source
         from ..search.query import QueryError
 
@@ -404,21 +403,38 @@ class RemoteModel:
         payload = {"query": query, "dir": root, "index": index, "top_k": top, "min_score": min_score,
                    "update": update, "wait": wait, "include_hidden": include_hidden,
                    "exclude_dirs": list(exclude_dirs) if exclude_dirs is not None else None}
-        try:  # an update may embed many images: no deadline but the server's own per image
-            call = lambda: post_json(self.target, "/v1/search", payload,  # noqa: E731
-                                     timeout=None if update else DEFAULT_TIMEOUT)
-            if progress is None or not update:
-                return call()
-            return self._polling(call, lambda info: _indexing(info, root, progress))
+        try:
+            return self._indexing_request("/v1/search", payload, ("dir", root), progress if update else None)
         except RequestFailed as exc:
-            if isinstance(exc, ServerBusy):
-                raise
-            hint = exc.error.get("hint")
-            if exc.error.get("code") == "usage":
-                raise QueryError(exc.message, hint, usage=True) from None
-            raise AltclipError(exc.message, hint) from None
+            if exc.error.get("code") == "usage" and not isinstance(exc, ServerBusy):
+                raise QueryError(exc.message, exc.hint, usage=True) from None
+            raise
+
+    def index(self, paths: list[tuple[str, str]], *, index: str, include_hidden: bool = False, exclude_dirs=None,
+              retry_failed: bool = False, rebuild: bool = False, compact: bool = False, wait: float = 0.0,
+              progress: Callable[[int, int], None] | None = None) -> dict:
+        """POST /v1/index: `altclip index` by the server, for `paths` ((name for messages, absolute
+        path) pairs) into `index` (an absolute folder, or "auto"). Returns its answer: {"update"
+        (search.summary.UpdateSummary's fields), "compacted", "messages"}. progress as for search."""
+        payload = {"paths": [{"path": p, "name": n} for n, p in paths], "index": index,
+                   "include_hidden": include_hidden, "retry_failed": retry_failed, "rebuild": rebuild,
+                   "compact": compact, "wait": wait,
+                   "exclude_dirs": list(exclude_dirs) if exclude_dirs is not None else None}
+        return self._indexing_request("/v1/index", payload, ("index", index), progress)
+
+    def _indexing_request(self, path: str, payload: dict, mine: tuple[str, str],
+                          progress: Callable[[int, int], None] | None) -> dict:
+        """A request that may index for long: no deadline but the server's own per image; while
+        it runs, progress(done, total) from the server's health entry whose `mine[0]` is `mine[1]`.
+        A refusal is an AltclipError with the server's message and hint (RequestFailed, so its
+        code stays readable); the server going away is ServerLost."""
+        call = lambda: post_json(self.target, path, payload, timeout=None)  # noqa: E731
+        try:
+            if progress is None:
+                return call()
+            return self._polling(call, lambda info: _indexing(info, mine, progress))
         except ServerDown as exc:
-            raise ServerLost(f"the server at {self.target} went away during the search ({exc.message})",
+            raise ServerLost(f"the server at {self.target} went away during the run ({exc.message})",
                              hint="the index keeps what the server committed; run the command again") from None
 
     def _polling(self, call: Callable[[], dict], seen: Callable[[dict], None]) -> dict:
@@ -664,9 +680,10 @@ def _shortest_float32(value: float) -> tuple[str, int]:
     return str(m).rstrip("0"), exp10 + len(str(m)) - 1
 
 
-def _indexing(info: dict, root: str, progress: Callable[[int, int], None]) -> None:
+def _indexing(info: dict, mine: tuple[str, str], progress: Callable[[int, int], None]) -> None:
+    key, value = mine
     for update in info.get("indexing") or []:
-        if update.get("dir") == root and update.get("total"):
+        if update.get(key) == value and update.get("total"):
             progress(int(update.get("done") or 0), int(update["total"]))
             return
 

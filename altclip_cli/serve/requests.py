@@ -156,6 +156,33 @@ class SearchRequest(_Strict):
         return v
 
 
+class IndexPath(_Strict):
+    path: str = Field(description="An absolute file or folder on the server's machine.")
+    name: str | None = Field(None, description="How messages name it [default: the path].")
+
+
+class IndexRequest(_Strict):
+    """`altclip index` as a request: the server brings the index up to date with the images at or
+    below `paths`. Paths are the server's: Unix socket only."""
+
+    paths: list[IndexPath] = Field(description="What to index: absolute files or folders.")
+    index: str = Field("auto", description='Where the index lives: "auto" (the model\'s own) or an absolute folder.')
+    include_hidden: bool = False
+    exclude_dirs: list[str] | None = Field(
+        None, description="Folder names not to index [default: .git, node_modules, ...].")
+    retry_failed: bool = Field(False, description="Try again the images that failed before, changed or not.")
+    rebuild: bool = Field(False, description="Start the index over and embed every image.")
+    compact: bool = Field(False, description="Rewrite the vector file without the vectors no file uses.")
+    wait: float = Field(0.0, ge=0, le=86_400, description="Seconds to wait for another process updating the index.")
+
+    @field_validator("paths")
+    @classmethod
+    def _some_paths(cls, v):
+        if not v:
+            raise ValueError("paths is empty: give at least one file or folder")
+        return v
+
+
 class EmbeddingsRequest(_Strict):
     """OpenAI's embeddings request; an input that is a data:image/...;base64, URI is an image
     (or every input, with "modality": "image", as Infinity has it)."""

@@ -1,4 +1,5 @@
-"""POST /v1/search: `altclip search` done by the server with its warm model.
+"""POST /v1/search and POST /v1/index: `altclip search` and `altclip index` done by the server
+with its warm model.
 
 The request names a folder and an index on this machine (so it is taken over the Unix socket
 only). The server decodes the query's images first (an unreadable one fails the request before
@@ -14,7 +15,7 @@ then finds little to do); another process updating the same index makes the requ
 
 A warm server also remembers the trees it has walked (search/fresh.py): a later search below
 the same folder skips the walk when nothing changed there since, or walks only the folders where
-something did.
+something did. /v1/index always walks its paths whole, as `altclip index` does.
 """
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import AltclipError, InputError
 from ..search.fresh import FreshTrees, update_watched
 from ..search.query import QueryError, combine
-from ..search.run import index_folder, rank_below
+from ..search.run import index_folder, index_paths, rank_below
 from ..search.store import IndexBusy, IndexStoreError, SnapshotCache
 from ..search.summary import UpdateSummary
 from ..search.update import index_identity
 from .batcher import QueueFull
-from .requests import ApiError, SearchRequest, bad_request
+from .requests import ApiError, IndexRequest, SearchRequest, bad_request
 
 
 class BatchedModel:
@@ -207,6 +208,50 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
             "results": [{"rank": r, "path": p, "score": round(s, 4)} for r, p, s in hits],
             "update": dataclasses.asdict(summary) if req.update else None, "walked": walked,
             "messages": messages.lines}
+
+
+async def run_index(state, req: IndexRequest, locks: IndexLocks) -> dict:
+    """The answer to one IndexRequest: `altclip index` done here (search.run.index_paths), its
+    counts, its compaction and its messages; ApiError for what cannot be done."""
+    model = state.model
+    roots = []
+    for i, item in enumerate(req.paths):
+        if not os.path.isabs(item.path):
+            raise bad_request(f"paths[{i}] must be absolute (the server's working folder is not yours): "
+                              f"{item.path!r}", f"paths[{i}]")
+        if not os.path.exists(item.path):
+            raise ApiError(422, f"{item.name or item.path}: no such file or folder", param=f"paths[{i}]",
+                           code="no_folder")
+        roots.append((item.name or item.path, item.path))
+    if req.index != "auto" and not os.path.isabs(req.index):
+        raise bad_request(f"index must be \"auto\" or an absolute folder, not {req.index!r}", "index")
+    folder = index_folder(req.index, model.weights_id)
+    progress = {"dir": roots[0][1], "index": str(folder), "done": 0, "total": None}
+    summary, messages = UpdateSummary(), RecordedMessages(progress)
+    kw = {"include_hidden": req.include_hidden, "open_kw": {"max_pixels": state.decoder.max_pixels},
+          "input_timeout": state.decoder.input_timeout, "msgs": messages, "retry_failed": req.retry_failed}
+    if req.exclude_dirs is not None:
+        kw["exclude_dirs"] = tuple(d for d in req.exclude_dirs if d)
+
+    def update():
+        indexer = BatchedModel(model, state.batcher, state.decoder.workers)
+        with locks.of(folder).lock:
+            return index_paths(indexer, index_identity(model), folder, req.index, roots, rebuild=req.rebuild,
+                               compact=req.compact, wait=req.wait, writer="altclip serve", summary=summary, **kw)
+
+    key = next(_update_ids)
+    state.indexing[key] = progress  # shown by /v1/health while the request runs
+    try:
+        compacted = await run_in_threadpool(update)
+    except IndexStoreError as exc:
+        status = 409 if isinstance(exc, IndexBusy) else 422
+        raise ApiError(status, exc.message, param="index", code="index", hint=exc.hint) from None
+    except AltclipError as exc:
+        raise ApiError(500, exc.message, type="server_error", hint=exc.hint) from None
+    finally:
+        state.indexing.pop(key, None)
+    return {"model": model.model_id, "index": str(folder), "update": dataclasses.asdict(summary),
+            "compacted": list(compacted) if compacted else None, "messages": messages.lines}
 
 
 def _folder(path: str) -> str:

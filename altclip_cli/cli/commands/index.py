@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import common_options, messages, model_options
+from ..options import common_options, messages, model_options, server_options
 
 DEFAULT_EXCLUDE_TEXT = ".git, node_modules, @eaDir, System Volume Information, __pycache__"
 
@@ -40,9 +40,11 @@ reuse_index_option = click.option(
 @click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
               help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing.")
 @model_options
+@server_options
 @common_options
 def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild, compact, wait, commit_every,
-          max_pixels, input_timeout, exact_decode, model, device, precision, revision, batch_size, quiet):
+          max_pixels, input_timeout, exact_decode, model, device, precision, revision, batch_size, server, token_file,
+          quiet):
     """Index the images below PATHS (default: the current folder) for `altclip search`.
 
     New and changed images (by size and modification time) are embedded, deleted ones dropped,
@@ -63,46 +65,55 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     3 done but some images failed, 130/143 interrupted (the work so far is kept).
     """
     import os
-    from pathlib import Path
 
     from ...outputs.signals import sigterm_as_interrupt
-    from ...search.store import IndexStore, default_index_folder
+    from ...paths import default_index_folder
+    from ...search.run import index_paths
     from ...search.summary import UpdateSummary
-    from ...search.update import model_identity, update_index
     from .. import ExitStatus
-    from ..options import load_model, open_kwargs
+    from ..options import connect_server, load_model, open_kwargs
     from ..terminal import isatty
 
     msgs = messages()
     roots = list(paths) or ["."]
     excludes = tuple(d for d in exclude_dirs if d) if exclude_dirs else None
-    identity = model_identity(model, revision=revision, progress=not msgs.quiet and isatty(msgs.stream))
-    folder = default_index_folder(identity["weights"]) if index_dir == "auto" else Path(index_dir)
-    real = os.path.realpath(folder)
-    relative = index_dir != "auto" and any(
-        os.path.isdir(r) and (real == r or real.startswith(r.rstrip(os.sep) + os.sep))
-        for r in (os.path.realpath(p) for p in roots))
     summary = UpdateSummary()
     compacted = None  # (vector rows before, after) when the run compacted the index
-
-    def get_model():
-        return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
-
+    remote = connect_server(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
+                            revision=revision, max_pixels=max_pixels)
+    if remote is not None and not remote.searches:  # over TCP the server may not see these folders
+        remote = None
     what = ", ".join(roots)
     with sigterm_as_interrupt() as terminated:
         try:
-            with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait, rebuild=rebuild,
-                                 relative_paths=relative, writer="altclip index") as store, _pixel_limit(max_pixels):
+            if remote is not None:
+                folder = default_index_folder(remote.weights_id) if index_dir == "auto" else index_dir
+                compacted = _index_on_server(remote, roots, os.path.abspath(os.path.expanduser(folder)),
+                                             include_hidden, excludes, retry_failed, rebuild, compact, wait,
+                                             summary, msgs)
+            else:
+                from ...search.update import model_identity
+
+                identity = model_identity(model, revision=revision, progress=not msgs.quiet and isatty(msgs.stream))
+                folder = default_index_folder(identity["weights"]) if index_dir == "auto" else index_dir
+
+                def get_model():
+                    return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
+
                 kw = {"include_hidden": include_hidden, "open_kw": open_kwargs(max_pixels, 30.0, 64.0),
                       "batch_size": batch_size, "input_timeout": input_timeout, "msgs": msgs,
-                      "retry_failed": retry_failed, "commit_every": commit_every, "summary": summary}
+                      "retry_failed": retry_failed, "commit_every": commit_every}
                 if excludes is not None:
                     kw["exclude_dirs"] = excludes
-                update_index(get_model, store, roots, **kw)
-                if compact or summary.removed or summary.updated:  # only then can vectors fall out of use
-                    compacted = store.compact() if compact else store.compact_if_worth()
+                with _pixel_limit(max_pixels):
+                    compacted = index_paths(get_model, identity, os.path.expanduser(folder), index_dir, roots,
+                                            rebuild=rebuild, compact=compact, wait=wait, summary=summary, **kw)
         except KeyboardInterrupt:
             code = ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED
+            if remote is not None:
+                msgs.error(f"interrupted; the server (pid {remote.info.get('pid')}) goes on updating the index",
+                           hint="run the same command again to see where it stands")
+                click.get_current_context().exit(code)
             done = summary.added + summary.updated + summary.renamed
             msgs.error(f"interrupted; the index keeps what was done ({done:,} image{'' if done == 1 else 's'} "
                        f"indexed, {summary.failed:,} failed)", hint="run the same command again to go on from there")
@@ -116,6 +127,31 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
                   "and did not change since were not tried again (--retry-failed tries them)")
     if summary.failed:
         click.get_current_context().exit(ExitStatus.PARTIAL)
+
+
+def _index_on_server(remote, roots, index, include_hidden, excludes, retry_failed, rebuild, compact, wait, summary,
+                     msgs):
+    """`altclip index` by the server (POST /v1/index): its messages printed here, its counts
+    copied into `summary`; returns its compaction (rows before, after) or None."""
+    import os
+
+    from ..terminal import isatty
+    from .search import ServerProgress, replay
+
+    paths = [(root, os.path.realpath(os.path.expanduser(root))) for root in roots]
+    bar = ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
+    try:
+        answer = remote.index(paths, index=index, include_hidden=include_hidden, exclude_dirs=excludes,
+                              retry_failed=retry_failed, rebuild=rebuild, compact=compact, wait=wait, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    replay(answer.get("messages", []), msgs)
+    for name, value in (answer.get("update") or {}).items():
+        if name in summary.__dataclass_fields__:
+            setattr(summary, name, value)
+    compacted = answer.get("compacted")
+    return tuple(compacted) if compacted else None
 
 
 def _pixel_limit(max_pixels):

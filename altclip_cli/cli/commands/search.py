@@ -182,20 +182,14 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
     # This command's index, wherever the server keeps its own (its ALTCLIP_HOME may not be ours).
     folder = default_index_folder(remote.weights_id) if index_dir == "auto" else os.path.expanduser(index_dir)
     index = os.path.abspath(folder)
-    bar = _ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
+    bar = ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
     try:
         answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
                                wait=wait, progress=bar, **walk)
     finally:
         if bar is not None:
             bar.close()
-    for line in answer.get("messages", []):
-        if line.get("level") == "error":
-            msgs.error(line.get("message", ""), hint=line.get("hint"))
-        elif line.get("level") == "warning":
-            msgs.warn(line.get("message", ""))
-        else:
-            msgs.note(line.get("message", ""))
+    replay(answer.get("messages", []), msgs)
     if not no_index and not answer.get("walked"):
         from ..options import debug_line
 
@@ -207,7 +201,18 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
     return hits, int(answer.get("searched", 0))
 
 
-class _ServerProgress:
+def replay(lines: list[dict], msgs) -> None:
+    """A server's messages (serve/searching.RecordedMessages) printed as this command's own."""
+    for line in lines:
+        if line.get("level") == "error":
+            msgs.error(line.get("message", ""), hint=line.get("hint"))
+        elif line.get("level") == "warning":
+            msgs.warn(line.get("message", ""))
+        else:
+            msgs.note(line.get("message", ""))
+
+
+class ServerProgress:
     """The bar of `altclip index`, drawn from the numbers the server reports while it indexes."""
 
     def __init__(self, msgs):
