@@ -52,7 +52,8 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     running the model. An image that fails is named on stderr and recorded; it is tried again
     once it changes (or with --retry-failed). Run it again at any time: an unchanged tree takes
     a walk and no model. Interrupted or killed, it keeps what it committed (every --commit-every
-    images).
+    images). When `altclip serve` runs the same model (see --server), its warm model indexes
+    over its Unix socket (with its own batch size, input timeout and commits).
 
     \b
     Examples:
