@@ -47,6 +47,7 @@ from .walk import DEFAULT_EXCLUDES, walk_images
 HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
 TAIL_BYTES = 64 << 10  # ... and the last 64 KiB
 COMMIT_EVERY = 256  # images embedded between two commits
+HASH_CHUNK = 64  # files hashed by one thread-pool task
 DEFAULT_INPUT_TIMEOUT = 120.0  # as altclip_cli.inputs.pipeline (not imported: it imports numpy)
 
 
@@ -257,25 +258,27 @@ def _reuse_by_content(store, work, removed, summary):
 
 
 def _hash_all(items) -> None:
-    """Content keys, read in a few threads (hashlib and file reads release the GIL); a file that
+    """Content keys, read in a few threads (hashlib and file reads release the GIL), a run of
+    files per task (a task per file would cost more than hashing a small one); a file that
     cannot be read keeps None and is embedded, which reports why."""
     if not items:
         return
 
-    def one(item):
-        try:
-            item.content_key = content_key(item.path, item.size)
-        except OSError:
-            item.content_key = None
+    def run(chunk):
+        for item in chunk:
+            try:
+                item.content_key = content_key(item.path, item.size)
+            except OSError:
+                item.content_key = None
 
     if len(items) < 8:
-        for item in items:
-            one(item)
+        run(items)
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    chunks = [items[i:i + HASH_CHUNK] for i in range(0, len(items), HASH_CHUNK)]
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="altclip-hash") as pool:
-        list(pool.map(one, items))
+        list(pool.map(run, chunks))
 
 
 def _check_model(store, model) -> dict:
