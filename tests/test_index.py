@@ -752,6 +752,15 @@ def test_classify_with_index_equals_without_and_skips_the_tower_for_indexed_imag
     assert indexed.stdout == plain.stdout
     assert indexed.stderr == plain.stderr
     assert [r["image"] for r in jsonl(indexed.stdout)][-1] == "photos/sub/deeper/d.png"
+    # late.png was added, with the vector `altclip index` gives it: the next run needs no image tower.
+    added = content(folder_of(model))[str(photos / "late.png")]
+    tower.clear()
+    assert invoke(*args, "--index", "auto").stdout == plain.stdout and sum(tower) == 0
+    result = index(model, "photos", "-b", "1")  # late.png is indexed already; bad.jpg is new and fails
+    assert summary_line(result).startswith("indexed photos: 1 failed (6 files, "), result.stderr
+    shutil.rmtree(folder_of(model))
+    assert index(model, "photos", "-b", "1").exit_code == 3
+    np.testing.assert_array_equal(content(folder_of(model))[str(photos / "late.png")], added)
 
 
 def test_embed_with_index_equals_without(photos, model, tower):
@@ -768,6 +777,30 @@ def test_embed_with_index_equals_without(photos, model, tower):
     assert sum(tower) == 1
     np.testing.assert_array_equal(np.load("indexed.npy"), np.load("plain.npy"))
     assert Path("indexed.jsonl").read_text() == Path("plain.jsonl").read_text()
+    assert rows(folder_of(model))[str(photos / "b.jpg")][0] == 4  # b.jpg's new vector, added
+    tower.clear()
+    again = invoke("embed", "--image", "photos", "-r", "-m", model, *FP32, "-b", "1", "-o", "again.npy",
+                   "--index", "auto")
+    assert again.exit_code == 0 and sum(tower) == 0
+    np.testing.assert_array_equal(np.load("again.npy"), np.load("plain.npy"))
+
+
+def test_additions_wait_for_no_one_and_say_so(photos, model, tower, monkeypatch):
+    """Another run holding the index: the images new to it are not added, with a warning; the
+    results are those of a run without --index."""
+    from altclip_cli.search import reuse
+
+    monkeypatch.setattr(reuse, "ADD_WAIT_S", 0.1)
+    assert index(model, "photos", "-b", "1").exit_code == 0
+    write_image(photos / "late.png", 13)
+    args = ["classify", "photos", "-r", "-l", "cat", "-m", model, *FP32, "-b", "1"]
+    plain = invoke(*args)
+    with IndexStore.open(folder_of(model), write=True, writer="altclip index"):
+        held = invoke(*args, "--index", "auto")
+    assert held.exit_code == 0 and held.stdout == plain.stdout
+    assert held.stderr.startswith("warning: --index: another altclip index (pid ")
+    assert held.stderr.rstrip().endswith("the images new to it are not added this time (`altclip index` adds them)")
+    assert str(photos / "late.png") not in rows(folder_of(model))
 
 
 def test_index_of_another_precision_is_not_used(photos, model, tower):
@@ -783,9 +816,15 @@ def test_index_of_another_precision_is_not_used(photos, model, tower):
 def test_index_option_usage(photos, model):
     result = invoke("embed", "--text", "-", "--index", "auto", "-m", model, input="x\n")
     assert result.exit_code == 2 and result.stderr.startswith("error: --index is for images")
-    result = invoke("classify", "photos", "-r", "-l", "cat", "-m", model, *FP32, "--index", "nowhere")
-    assert result.exit_code == 0
-    assert f"warning: --index: there is no index in nowhere; every image goes through the model" in result.stderr
+def test_index_that_does_not_exist_yet_is_made_from_the_run(photos, model, tower):
+    result = invoke("classify", "photos", "-r", "-l", "cat", "-m", model, *FP32, "--index", "new")
+    assert result.exit_code == 0 and sum(tower) == 4
+    assert result.stderr == ("warning: --index: there is no index in new yet; every image goes through the model, "
+                             "and the images are added to a new one\n")
+    tower.clear()
+    again = invoke("classify", "photos", "-r", "-l", "cat", "-m", model, *FP32, "--index", "new")
+    assert again.exit_code == 0 and again.stderr == "" and sum(tower) == 0 and again.stdout == result.stdout
+    assert check_invariants("new") == 4
 
 
 def test_the_summary_line():

@@ -1,5 +1,5 @@
 """Bringing an index up to date with folders (`altclip index`, and `altclip search` before it
-ranks), and taking vectors from an index instead of the image tower (`classify`/`embed --index`).
+ranks). classify/embed --index are reuse.py's.
 
 How to call it::
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .store import IndexStore, IndexStoreError, default_index_folder, INDEX_DB
+from .store import IndexStore, IndexStoreError
 from .summary import UpdateSummary
 from .walk import DEFAULT_EXCLUDES, walk_images
 
@@ -383,87 +383,3 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
         close = getattr(results, "close", None)
         if close is not None:
             close()
-
-
-# --- classify / embed --index: vectors from the index instead of the image tower -------------------------
-
-
-def open_for_reuse(spec: str, model, *, warn: Callable[[str], None]) -> IndexStore | None:
-    """The index named by --index (a folder, or "auto": the model's default one), read-only, when
-    its vectors are what this run would compute: the same weights (else IndexStoreError), precision
-    and decoding (else a warning and None). None, with a warning, when there is no index there."""
-    folder = default_index_folder(model.weights_id) if spec == "auto" else Path(spec)
-    if not (folder / INDEX_DB).exists():
-        warn(f"--index: there is no index in {folder}; every image goes through the model "
-             "(build one with `altclip index PATHS...`)")
-        return None
-    store = IndexStore.open(folder, identity=index_identity(model))
-    for key, ours in (("precision", model.precision), ("exact_decode", "1" if model.exact_decode else "0")):
-        theirs = store.meta.get(key)
-        if theirs is not None and theirs != ours:
-            what = (f"at {theirs} precision, this run at {ours}" if key == "precision" else
-                    f"{'with' if theirs == '1' else 'without'} --exact-decode, this run is not")
-            warn(f"--index: the vectors in {folder} were computed {what}: not using them")
-            store.close()
-            return None
-    return store
-
-
-def indexed_rows(store: IndexStore, sources) -> dict[int, int]:
-    """{position in sources: vector row} for the local files (Sources with a path) that the index
-    holds with a vector and the same size and mtime_ns as now."""
-    local = [(i, s.path) for i, s in enumerate(sources) if getattr(s, "path", None) and not getattr(s, "error", None)]
-    found = store.lookup([p for _i, p in local])
-    hits = {}
-    for i, path in local:
-        record = found.get(path)
-        if record is None or record[2] is None:
-            continue
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) == (record[0], record[1]):
-            hits[i] = record[2]
-    return hits
-
-
-def merged_results(sources, hits: dict[int, int], store: IndexStore, results):
-    """ImageResults in input order: the index's vector at the positions in `hits`, and in between
-    the model's `results` for the other sources (in their order)."""
-    from ..inputs.pipeline import ImageResult
-
-    results = iter(results)
-    for i, source in enumerate(sources):
-        if i in hits:
-            yield ImageResult(i, source, store.vector(hits[i]))
-        else:
-            r = next(results)
-            yield ImageResult(i, r.source, r.embedding, r.error)
-
-
-def merged_batches(sources, hits: dict[int, int], store: IndexStore, batches, size: int):
-    """image_batches' (name, record, embedding) lists in input order, taking the index's vector at
-    the positions in `hits` and the model's `batches` (of the other sources) in between. Closes
-    `store` when done."""
-    from ..inputs.sources import display
-
-    def items():
-        model_items = (item for batch in batches for item in batch)
-        for i, source in enumerate(sources):
-            if i in hits:
-                yield (source.name, {"image": display(source.name)}, store.vector(hits[i]))
-            else:
-                yield next(model_items)
-
-    out = []
-    try:
-        for item in items():
-            out.append(item)
-            if len(out) >= size:
-                yield out
-                out = []
-        if out:
-            yield out
-    finally:
-        store.close()

@@ -168,18 +168,22 @@ def group_embeddings(model, groups, templates=None, *, batch_size: int | None = 
 
 def _image_results(model, sources, index_dir, msgs, open_fn, batch_size, input_timeout):
     """(ImageResults in input order, the --index store or None): with --index, the vectors of the
-    images that the index holds unchanged come from it and only the others go through the model."""
-    store, hits = None, {}
+    images that the index holds unchanged come from it, and only the others go through the model
+    (and are added to it)."""
+    store, hits, additions = None, {}, None
     if index_dir is not None:
-        from ...search.update import indexed_rows, open_for_reuse
+        from ...search.reuse import IndexAdditions, indexed_rows, open_for_reuse
 
         store = open_for_reuse(index_dir, model, warn=msgs.warn)
         hits = indexed_rows(store, sources) if store is not None else {}
+        additions = IndexAdditions.for_run(index_dir, model, store, warn=msgs.warn)
     rest = [s for i, s in enumerate(sources) if i not in hits] if hits else sources
     results = model.stream_images(rest, open_fn=open_fn, batch_size=batch_size,
                                   input_timeout=input_timeout) if rest else iter(())
+    if additions is not None and rest:
+        results = additions.taking(rest, results)
     if hits:
-        from ...search.update import merged_results
+        from ...search.reuse import merged_results
 
         results = merged_results(sources, hits, store, results)
     return results, store

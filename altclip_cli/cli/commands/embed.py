@@ -175,18 +175,24 @@ class _Run:
 
     def _with_index(self, inputs, batches):
         """batches(inputs), with the vectors of the inputs that the --index index holds unchanged
-        taken from it (only the others go through the model)."""
-        from ...search.update import indexed_rows, merged_batches, open_for_reuse
+        taken from it (only the others go through the model, and are added to it)."""
+        from ...search.reuse import IndexAdditions, indexed_rows, merged_batches, open_for_reuse
 
         store = open_for_reuse(self.index_dir, self.model, warn=self.msgs.warn)
         hits = indexed_rows(store, inputs) if store is not None else {}
+        additions = IndexAdditions.for_run(self.index_dir, self.model, store, warn=self.msgs.warn)
+
+        def embedded(sources):
+            model_batches = batches(sources)
+            return additions.taking_batches(sources, model_batches) if additions is not None else model_batches
+
         if not hits:
             if store is not None:
                 store.close()
-            return batches(inputs)
+            return embedded(inputs)
         rest = [s for i, s in enumerate(inputs) if i not in hits]
         size = self.batch_size or self._default_image_batch()
-        return merged_batches(inputs, hits, store, batches(rest) if rest else iter(()), size)
+        return merged_batches(inputs, hits, store, embedded(rest) if rest else iter(()), size)
 
     def _default_image_batch(self) -> int:
         from ..options import is_remote
