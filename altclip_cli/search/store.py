@@ -682,7 +682,7 @@ class SnapshotCache:
     commit, in any process, changes it). A repeated search then skips the SELECT of every row
     below its folder. One snapshot at a time holds it (a lock); close it when done."""
 
-    MAX_FOLDERS = 8
+    MAX_FOLDERS = 4  # each holds two int64 per file below its folder (16 MB for a million)
 
     def __init__(self):
         self._lock = threading.Lock()
