@@ -320,6 +320,19 @@ def test_index_through_the_server_equals_in_process(server, xdg, pictures, _tiny
     assert rebuilt.code == 3 and rebuilt.stderr[-1].startswith("indexed pics: 5 added, 1 failed"), rebuilt.stderr
 
 
+def test_info_names_the_server_on_the_default_socket(server, xdg, tmp_path):
+    running = altclip(xdg, "info")
+    line = next(x for x in running.stdout.decode().splitlines() if x.startswith("server: "))
+    pid = client.health(server.target)["pid"]
+    assert line.startswith(f"server: unix:{xdg / 'altclip' / 'altclip.sock'}: ") and f"pid {pid}, up " in line
+    assert json.loads(altclip(xdg, "info", "--json").stdout)["server"]["pid"] == pid
+    empty = tmp_path / "run"
+    empty.mkdir(mode=0o700)
+    none = altclip(empty, "info")
+    assert f"server: none on unix:{empty / 'altclip' / 'altclip.sock'} (`altclip serve` starts one)" in \
+        none.stdout.decode().splitlines()
+
+
 def test_search_over_tcp_encodes_the_query_there_and_indexes_here(_tiny_model_master, pictures, tmp_path):
     """A TCP server may not see this machine's folders: it encodes the query, the rest runs here."""
     s = start_server(_tiny_model_master, tcp=True)

@@ -48,7 +48,8 @@ def download(model, revision, quiet):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
 @common_options
 def info(device, precision, as_json, quiet):
-    """Version, the device and precision altclip would use and why, the caches, library versions."""
+    """Version, the device and precision altclip would use and why, the caches, the server on the
+    default socket (if one runs), library versions."""
     from ...hub import cached_models
     from ...hub.hfcache import hub_cache, offline
     from ...paths import altclip_home
@@ -67,6 +68,7 @@ def info(device, precision, as_json, quiet):
         "altclip_home": str(altclip_home()),
         "offline": offline(),
         "cached_models": [m.repo_id for m in cached_models()],
+        "server": _server_status(),
         "libraries": {name: _version(name) for name in LIBRARIES},
     }
     if as_json:
@@ -80,9 +82,38 @@ def info(device, precision, as_json, quiet):
         f"hugging face cache: {data['hf_cache']}" + (" (offline)" if data["offline"] else ""),
         f"altclip cache: {data['altclip_home']}",
         "cached models: " + (", ".join(data["cached_models"]) or "none"),
+        "server: " + _server_line(data["server"]),
         "libraries: " + ", ".join(f"{k} {v or '-'}" for k, v in data["libraries"].items()),
     ]
     click.echo("\n".join(lines))
+
+
+def _server_status() -> dict:
+    """What answers on the default socket: {"socket", "running"} and, when one runs, its model,
+    device, precision, altclip version, pid and uptime."""
+    from ...serve.client import ServerError, health
+    from ...serve.transport import default_socket_path
+
+    path = default_socket_path()
+    out = {"socket": str(path), "running": False}
+    if not path.exists():
+        return out
+    try:
+        info = health(str(path), timeout=1.0)
+    except ServerError:
+        return out
+    out.update(running=True, **{k: info.get(k) for k in ("model", "device", "precision", "altclip", "pid",
+                                                          "uptime_s")})
+    return out
+
+
+def _server_line(server: dict) -> str:
+    if not server["running"]:
+        return f"none on unix:{server['socket']} (`altclip serve` starts one)"
+    hours = (server.get("uptime_s") or 0) / 3600
+    up = f"{hours:.1f} h" if hours >= 1 else f"{(server.get('uptime_s') or 0) / 60:.0f} min"
+    return (f"unix:{server['socket']}: {server['model']} on {server['device']}, {server['precision']} "
+            f"(altclip {server['altclip']}, pid {server['pid']}, up {up})")
 
 
 @click.command(short_help="The known models: size, languages, cached or not.")
