@@ -548,6 +548,9 @@ def test_search_skips_the_walk_of_a_watched_tree_until_something_changes(server,
     assert first["walked"] and first["update"]["added"] == 8
     again = ask()
     assert not again["walked"] and again["results"] == first["results"]
+    inside = str(photo_folder / "index-here")  # an index inside the tree: its own writes are no change
+    assert ask(index=inside)["update"]["added"] == 8
+    assert not ask(index=inside)["walked"]
     assert not ask(photo_folder / "sub")["walked"]  # below a watched tree
     assert ask(exclude_dirs=["sub"])["walked"]  # other walk options: walked (and sub's images dropped)
     assert ask()["walked"]  # the index changed since the watched walk: walked again, sub's images back
