@@ -2,6 +2,7 @@
 is documented there, and the project's documents speak of the project alone."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -62,3 +63,13 @@ def test_the_python_example_runs_as_written(tiny_model_dir, tmp_path, monkeypatc
     namespace: dict = {}
     exec(block.replace('"BAAI/AltCLIP"', repr(str(tiny_model_dir))), namespace)  # noqa: S102
     assert namespace["probs"].shape == (2, 3) and namespace["text_emb"].shape[0] == 2
+
+    # The search block, with the model the first one loaded.
+    [search_block] = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "altclip_cli.search" in b]
+    os.makedirs("photos/sub")
+    for i, name in enumerate(("a.png", "b.png", "sub/c.png")):
+        Image.fromarray(rng.integers(0, 256, (50 + i, 70, 3), dtype=np.uint8)).save(os.path.join("photos", name))
+    monkeypatch.setenv("ALTCLIP_HOME", str(tmp_path / "home"))
+    exec(search_block, namespace)  # noqa: S102
+    assert len(namespace["hits"]) == 3 and namespace["hits"][0].rank == 1
+    assert {h.path for h in namespace["hits"]} == {str(tmp_path / "photos" / n) for n in ("a.png", "b.png", "sub/c.png")}

@@ -276,6 +276,23 @@ def test_a_weighted_query_with_an_image_equals_the_reference(gallery, model, ref
     assert records[0]["path"] == real(gallery / "cake.png")  # the image itself is the best match here
 
 
+def test_the_library_search_is_the_commands(gallery, tiny_loaded):
+    """altclip_cli.search.search: the same index (kept up to date first) and the same ranking as
+    `altclip search` at the same precision."""
+    from altclip_cli.search import search as library_search
+
+    folder, loaded = tiny_loaded
+    records = ok(invoke("search", "2:a red car", "-s", "a cat", "--dir", "photos", "-k", "50", "-m", folder,
+                        "--precision", "fp32", "--index", "by-command"))
+    hits = library_search(loaded, "2:a red car", "photos", subtract=["a cat"], top=50, index="by-library")
+    assert [h.path for h in hits] == [r["path"] for r in records] and len(hits) == len(GALLERY)
+    assert [h.rank for h in hits] == [r["rank"] for r in records]
+    assert [h.score for h in hits] == pytest.approx([r["score"] for r in records], abs=6e-5)  # records: 4 decimals
+    again = library_search(loaded, "2:a red car", "photos", subtract=["a cat"], top=3, index="by-command",
+                           update=False)  # the command's index, as it is
+    assert [h.path for h in again] == [r["path"] for r in records[:3]]
+
+
 def _same_ranking(records, paths, want_scores):
     """Every image once, each score within 1e-4 of the reference's, and in the reference's order
     (where two reference scores are closer than 1e-4 either order is right)."""

@@ -1,5 +1,52 @@
 """Search over one's own images: an index per model (store.py) that `altclip index` keeps up to
 date by walking folders (walk.py, update.py), and the ranking of its vectors against a query.
 
+From Python, `search` is `altclip search`::
+
+    import altclip_cli
+    from altclip_cli.search import search
+
+    model = altclip_cli.load()
+    for hit in search(model, "a dog on a beach", "~/Pictures", top=5):
+        print(hit.rank, hit.score, hit.path)
+
 Cheap to import: the modules here import numpy, PIL and torch inside the functions that need them.
 """
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int  # 1 for the best
+    path: str  # absolute
+    score: float  # the cosine between the query and the image, -1 to 1
+
+
+def search(model, query: str, folder: str | os.PathLike = ".", *, add: Iterable[str] = (),
+           subtract: Iterable[str] = (), top: int = 10, min_score: float | None = None, index: str = "auto",
+           update: bool = True) -> list[SearchHit]:
+    """The `top` images at or below `folder` that best match `query`, best first, as `altclip
+    search` finds them. model: a loaded AltCLIP (altclip_cli.load). query, add, subtract: parts as
+    on the command line (a text, or an image path or URL: one with a "/"; "W:" weights). index:
+    "auto" (the model's own index under ALTCLIP_HOME) or a folder. update: bring the index up to
+    date with the folder first (new and changed images embedded), as `altclip index` does.
+    Raises search.query.QueryError (a bad query), IndexStoreError (the index), InputError."""
+    from ..errors import InputError
+    from .query import parse_query, query_vector
+    from .run import index_folder, rank_below, update_below
+    from .update import index_identity
+
+    root = os.path.realpath(os.path.expanduser(os.fspath(folder)))
+    if not os.path.isdir(root):
+        raise InputError(f"{folder}: not a folder")
+    vector = query_vector(model, parse_query(query, add, subtract))
+    identity = index_identity(model)
+    where = index_folder(index, model.weights_id)
+    if update:
+        update_below(model, identity, where, index, root)
+    hits, _searched = rank_below(identity, where, root, vector, top, min_score)
+    return [SearchHit(rank, path, score) for rank, path, score in hits]
