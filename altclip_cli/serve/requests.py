@@ -133,20 +133,25 @@ class QueryPart(_Strict):
         return self
 
 
-class SearchRequest(_Strict):
+class _Indexing(_Strict):
+    """What search and index requests share: where the index is and how folders are walked."""
+
+    index: str = Field("auto", description='Where the index lives: "auto" (the model\'s own) or an absolute folder.')
+    include_hidden: bool = False
+    exclude_dirs: list[str] | None = Field(
+        None, description="Folder names not to index [default: .git, node_modules, ...].")
+    wait: float = Field(0.0, ge=0, le=86_400, description="Seconds to wait for another process updating the index.")
+
+
+class SearchRequest(_Indexing):
     """`altclip search` as a request: the server indexes the folder `dir` (unless update is
     false) and ranks the images below it. Paths are the server's: Unix socket only."""
 
     query: list[QueryPart] = Field(description="The query's parts: their weighted sum is the query.")
     dir: str = Field(description="An absolute folder: the images below it are indexed and searched.")
-    index: str = Field("auto", description='Where the index lives: "auto" (the model\'s own) or an absolute folder.')
     top_k: int = Field(10, ge=1, description="The number of results.")
     min_score: float | None = Field(None, description="Only results whose cosine is at least this.")
     update: bool = Field(True, description="Index new and changed images below dir first.")
-    wait: float = Field(0.0, ge=0, le=86_400, description="Seconds to wait for another process updating the index.")
-    include_hidden: bool = False
-    exclude_dirs: list[str] | None = Field(
-        None, description="Folder names not to index [default: .git, node_modules, ...].")
 
     @field_validator("query")
     @classmethod
@@ -161,19 +166,14 @@ class IndexPath(_Strict):
     name: str | None = Field(None, description="How messages name it [default: the path].")
 
 
-class IndexRequest(_Strict):
+class IndexRequest(_Indexing):
     """`altclip index` as a request: the server brings the index up to date with the images at or
     below `paths`. Paths are the server's: Unix socket only."""
 
     paths: list[IndexPath] = Field(description="What to index: absolute files or folders.")
-    index: str = Field("auto", description='Where the index lives: "auto" (the model\'s own) or an absolute folder.')
-    include_hidden: bool = False
-    exclude_dirs: list[str] | None = Field(
-        None, description="Folder names not to index [default: .git, node_modules, ...].")
     retry_failed: bool = Field(False, description="Try again the images that failed before, changed or not.")
     rebuild: bool = Field(False, description="Start the index over and embed every image.")
     compact: bool = Field(False, description="Rewrite the vector file without the vectors no file uses.")
-    wait: float = Field(0.0, ge=0, le=86_400, description="Seconds to wait for another process updating the index.")
 
     @field_validator("paths")
     @classmethod
