@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 import fixtures  # noqa: E402
+from run import cpu_name  # noqa: E402
 
 PYTHON = sys.executable
 REINDEX_GOAL_S = 5.0
@@ -350,16 +351,6 @@ def compare_vectors(npy: Path, index_dir: Path, paths: list[Path]) -> float:
 
 
 # --- the report ------------------------------------------------------------------------------------
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> str:

@@ -227,14 +227,19 @@ def repetition(bench: Bench, rep: int) -> None:
 # --- the report ------------------------------------------------------------------------------------
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or ""
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores"
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores"
 
 
 def versions() -> str:

@@ -44,6 +44,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+from run import cpu_name  # noqa: E402
 from altclip_cli.search.rank import DEFAULT_CHUNK_ROWS, ExactRanker  # noqa: E402
 
 WARM_GOAL_S = 0.5
@@ -157,16 +158,6 @@ def tiny_model(folder: Path) -> Path:
     from tiny import write_model
 
     return write_model(folder / "altclip-tiny")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def blas() -> str:

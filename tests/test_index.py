@@ -540,7 +540,7 @@ def _churned(tmp_path, model) -> tuple[Path, dict]:
 def test_compact_drops_the_unused_vectors_and_keeps_every_files_own(tmp_path, model):
     folder, before = _churned(tmp_path, model)
     with IndexStore.open(folder, write=True) as store:
-        assert store.unused_rows() == 5 and store.compact_if_worth() is None  # under COMPACT_MIN_UNUSED
+        assert store.compact(only_if_worth=True) is None  # 5 unused: under COMPACT_MIN_UNUSED
     result = subprocess.run(_index_cmd(model, "--index", "idx", "--compact", quiet=False), capture_output=True,
                             text=True, env={**os.environ, **SAFE_ENV}, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+from ..quiet import NoProgress
 from .terminal import isatty, no_color
 
 
@@ -48,27 +49,16 @@ class Messages:
         """A context manager giving `advance(n)`; draws a bar only on a terminal, never when quiet,
         and not while the command's data goes to a terminal (the output shows the progress there)."""
         if self.quiet or not isatty(self.stream) or (data_to_stdout and isatty(sys.stdout)):
-            return _NoProgress()
+            return NoProgress()
         return _RichProgress(self.stream, description, total)
 
     def status(self, text: str):
         """A spinner while something slow happens (loading a model), on a terminal only."""
         if self.quiet or not isatty(self.stream):
-            return _NoProgress()
+            return NoProgress()
         from rich.console import Console
 
         return Console(file=self.stream, no_color=no_color()).status(text)
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def advance(self, n: int = 1) -> None:
-        pass
 
 
 class _RichProgress:

@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .store import INDEX_DB, IndexBusy, IndexStore, IndexStoreError, default_index_folder
+from .run import index_folder
+from .store import INDEX_DB, IndexBusy, IndexStore, IndexStoreError
 from .update import COMMIT_EVERY, _check_model, content_key, index_identity
 
 ADD_WAIT_S = 2.0
@@ -29,7 +30,7 @@ def open_for_reuse(spec: str, model, *, warn: Callable[[str], None]) -> IndexSto
     """The index named by --index (a folder, or "auto": the model's default one), read-only, when
     its vectors are what this run would compute: the same weights (else IndexStoreError), precision
     and decoding (else a warning and None). None, with a warning, when there is no index there."""
-    folder = index_folder(spec, model)
+    folder = index_folder(spec, model.weights_id)
     if not (folder / INDEX_DB).exists():
         warn(f"--index: there is no index in {folder} yet; every image goes through the model, and the "
              "images are added to a new one")
@@ -106,10 +107,6 @@ def merged_batches(sources, hits: dict[int, int], store: IndexStore, batches, si
         store.close()
 
 
-def index_folder(spec: str, model) -> Path:
-    return default_index_folder(model.weights_id) if spec == "auto" else Path(os.path.expanduser(spec))
-
-
 class IndexAdditions:
     """The images a run embeds that its --index index does not hold as they are now, added to it
     (see the module doc). `taking` wraps the model's results; `add` takes one more."""
@@ -117,7 +114,6 @@ class IndexAdditions:
     def __init__(self, folder: Path, model, warn: Callable[[str], None]):
         self.folder, self.model, self.warn = folder, model, warn
         self.pending: list[tuple] = []  # (path, size, mtime_ns, embedding)
-        self.added = 0
         self.off = False
         self._stats: dict[str, tuple[int, int]] = {}
 
@@ -125,7 +121,7 @@ class IndexAdditions:
     def for_run(cls, spec: str, model, store: IndexStore | None, *, warn: Callable[[str], None]):
         """The additions of a run whose --index is `spec`, or None when the index is not this run's
         (open_for_reuse found it made at another precision or decoding: store None, index there)."""
-        folder = index_folder(spec, model)
+        folder = index_folder(spec, model.weights_id)
         if store is None and (folder / INDEX_DB).exists():
             return None
         return cls(folder, model, warn)
@@ -202,7 +198,6 @@ class IndexAdditions:
                     real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
                     upserts.append((store.key_of(real), size, mtime_ns, key, first + k, None))
                 store.commit(upserts=upserts, meta=settings)
-            self.added += len(batch)
         except IndexBusy as exc:
             self.off = True
             self.warn(f"--index: {exc.message}; the images new to it are not added this time "

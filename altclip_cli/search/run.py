@@ -62,7 +62,7 @@ def index_paths(indexer, identity: dict, folder: Path, index: str, roots: list, 
                          relative_paths=stores_relative(index, folder, paths), writer=writer) as store:
         update_index(indexer, store, roots, summary=summary, **update_kw)
         if compact or summary.removed or summary.updated:
-            return store.compact() if compact else store.compact_if_worth()
+            return store.compact(only_if_worth=not compact)
     return None
 
 

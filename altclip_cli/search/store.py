@@ -78,7 +78,7 @@ MAGIC = b"ALTCLIPV"
 HEADER_SIZE = 64
 TOKEN_AT, TOKEN_SIZE = 20, 16  # the file's generation, in the header after magic, version, dim, dtype
 ZERO_TOKEN = bytes(TOKEN_SIZE)  # before the first compaction (and in files of older altclips)
-COMPACT_MIN_UNUSED = 4096  # compact_if_worth: at least this many unused rows, and a quarter of the file
+COMPACT_MIN_UNUSED = 4096  # compact(only_if_worth=True): at least this many unused rows, and a quarter of the file
 DTYPE_CODES = {"float32": 1}
 ROW_DTYPE = "<f4"
 ITEMSIZE = 4
@@ -586,29 +586,21 @@ class IndexStore:
             raise
         self.meta.update({k: str(v) for k, v in values.items()})
 
-    def unused_rows(self) -> int:
-        """Rows of the vector file that no file uses any more (deleted or changed since)."""
-        (used,) = self._db.execute("SELECT COUNT(DISTINCT vec_row) FROM files WHERE vec_row IS NOT NULL").fetchone()
-        return self.rows - int(used)
-
-    def compact_if_worth(self) -> tuple[int, int] | None:
-        """compact() when at least COMPACT_MIN_UNUSED rows and a quarter of the file are unused
-        (so the rewrite costs at most a few times what was deleted); None otherwise."""
-        unused = self.unused_rows()
-        if unused >= COMPACT_MIN_UNUSED and 4 * unused >= self.rows:
-            return self.compact()
-        return None
-
-    def compact(self) -> tuple[int, int]:
-        """Rewrite the vector file without its unused rows, crash-safe (see the module doc):
-        (rows before, rows after)."""
+    def compact(self, *, only_if_worth: bool = False) -> tuple[int, int] | None:
+        """Rewrite the vector file without the rows no file uses any more (deleted or changed
+        since), crash-safe (see the module doc): (rows before, rows after). only_if_worth: only
+        when at least COMPACT_MIN_UNUSED rows and a quarter of the file are unused (so the
+        rewrite costs at most a few times what was deleted), else None."""
         import numpy as np
 
         self._need_write()
         cur = self._db.execute("SELECT DISTINCT vec_row FROM files WHERE vec_row IS NOT NULL ORDER BY vec_row")
         used = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
         before = self.rows
-        if len(used) == before:
+        unused = before - len(used)
+        if only_if_worth and not (unused >= COMPACT_MIN_UNUSED and 4 * unused >= before):
+            return None
+        if unused == 0:
             return before, before
         token = os.urandom(TOKEN_SIZE)
         _write_rows(self.folder / VECTORS_NEW, self._vf, used, self.dim, token)
@@ -665,7 +657,6 @@ class Snapshot:
             else:
                 self._db.close()  # ends the read transaction
             self._db = None
-
 
     def __enter__(self):
         return self

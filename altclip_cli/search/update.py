@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..quiet import Silent
 from .store import IndexStore, IndexStoreError
 from .summary import UpdateSummary
 from .walk import DEFAULT_EXCLUDES, walk_images
@@ -85,30 +86,6 @@ def content_key(path: str, size: int) -> str:
     return f"{size}:{digest.hexdigest()}"
 
 
-class _Silent:
-    quiet = True
-
-    def warn(self, message): pass
-
-    def error(self, message, hint=None): pass
-
-    def note(self, message): pass
-
-    def progress(self, description, total=None, **kw):
-        return _NoProgress()
-
-
-class _NoProgress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-
 @dataclass(eq=False)
 class _Item:
     """A new or changed file."""
@@ -142,7 +119,7 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     before_listing(folder): called before each folder is listed (see walk.walk_images)."""
     started = time.monotonic()
     summary = summary if summary is not None else UpdateSummary()
-    msgs = msgs or _Silent()
+    msgs = msgs or Silent()
     get = get_model if callable(get_model) else (lambda: get_model)
 
     seen, work, removed = _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs,

@@ -26,12 +26,14 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AltclipError, InputError
+from ..quiet import NoProgress
 from ..search.fresh import FreshTrees, update_watched
 from ..search.query import QueryError, combine
 from ..search.run import index_folder, index_paths, rank_below
@@ -84,7 +86,7 @@ class RecordedMessages:
 
     def __init__(self, progress_entry: dict | None = None):
         self.lines: list[dict] = []
-        self.progress_entry = progress_entry if progress_entry is not None else {}
+        self.progress_entry = {"done": 0, "total": None, **(progress_entry or {})}
 
     def warn(self, message):
         self.lines.append({"level": "warning", "message": message})
@@ -99,24 +101,20 @@ class RecordedMessages:
         return _Progress(self.progress_entry, total)
 
 
-class _Progress:
+class _Progress(NoProgress):
     """update_index's progress bar, as numbers: {"done": n, "total": t} in the entry."""
 
     def __init__(self, entry: dict, total):
         self.entry = entry
         entry.update(done=0, total=total)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
     def advance(self, n: int = 1) -> None:
         self.entry["done"] = self.entry.get("done", 0) + n
 
 
 _update_ids = itertools.count()  # keys of ServeState.indexing
+
+
 @dataclass(eq=False)
 class IndexState:
     """What this server keeps per index: the lock its updates take turns on, the trees it
@@ -145,10 +143,8 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
 
     model = state.model
     root = _folder(req.dir)
-    if req.index != "auto" and not os.path.isabs(req.index):
-        raise bad_request(f"index must be \"auto\" or an absolute folder, not {req.index!r}", "index")
     identity = index_identity(model)
-    folder = index_folder(req.index, model.weights_id)
+    folder = _index(req, model)
 
     images = [p.image for p in req.query if p.image is not None]
     items: list[ImageInput] = _image_inputs(images, state)
@@ -167,41 +163,22 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         parts = [next(rows["text" if p.text is not None else "image"]) for p in req.query]
         return combine(parts, [p.weight for p in req.query])
 
-    progress = {"dir": root, "index": str(folder), "done": 0, "total": None}
-    summary, messages = UpdateSummary(), RecordedMessages(progress)
+    summary, messages = UpdateSummary(), RecordedMessages({"dir": root, "index": str(folder)})
     walked: list[str] = []  # the folders walked (root, or those below it where something changed)
 
     def update():
         nonlocal walked
-        kw = {"include_hidden": req.include_hidden, "open_kw": {"max_pixels": state.decoder.max_pixels},
-              "input_timeout": state.decoder.input_timeout, "msgs": messages}
-        if req.exclude_dirs is not None:
-            kw["exclude_dirs"] = tuple(d for d in req.exclude_dirs if d)
-        indexer = BatchedModel(model, state.batcher, state.decoder.workers)
         kept = locks.of(folder)
         with kept.lock:
-            walked = update_watched(kept.trees, indexer, identity, folder, req.index, root, wait=req.wait,
-                                    writer="altclip serve", summary=summary, **kw)
+            walked = update_watched(kept.trees, _indexer(state), identity, folder, req.index, root, wait=req.wait,
+                                    summary=summary, **_walk_kw(state, req, messages))
 
-    key = next(_update_ids)
-    state.indexing[key] = progress  # shown by /v1/health while the request runs
-    try:
+    with _shown(state, messages), _api_errors():
         # The query is encoded while the folder is walked: the two overlap on a warm server.
         jobs = [vector()] + ([run_in_threadpool(update)] if req.update else [])
         query, *_ = await asyncio.gather(*jobs)
         hits, searched = await run_in_threadpool(rank_below, identity, folder, root, query, req.top_k, req.min_score,
                                                  cache=locks.of(folder).snapshots)
-    except QueryError as exc:
-        raise ApiError(400, exc.message, param="query", code="usage" if exc.usage else None, hint=exc.hint) from None
-    except IndexStoreError as exc:
-        status = 409 if isinstance(exc, IndexBusy) else 422
-        raise ApiError(status, exc.message, param="index", code="index", hint=exc.hint) from None
-    except InputError as exc:
-        raise ApiError(422, exc.message, code="bad_image") from None
-    except AltclipError as exc:
-        raise ApiError(500, exc.message, type="server_error", hint=exc.hint) from None
-    finally:
-        state.indexing.pop(key, None)
     if walked and walked != [root]:
         summary.files = searched  # a part was walked: the line names the images below root
     return {"model": model.model_id, "dir": root, "index": str(folder), "searched": searched,
@@ -223,35 +200,69 @@ async def run_index(state, req: IndexRequest, locks: IndexLocks) -> dict:
             raise ApiError(422, f"{item.name or item.path}: no such file or folder", param=f"paths[{i}]",
                            code="no_folder")
         roots.append((item.name or item.path, item.path))
-    if req.index != "auto" and not os.path.isabs(req.index):
-        raise bad_request(f"index must be \"auto\" or an absolute folder, not {req.index!r}", "index")
-    folder = index_folder(req.index, model.weights_id)
-    progress = {"dir": roots[0][1], "index": str(folder), "done": 0, "total": None}
-    summary, messages = UpdateSummary(), RecordedMessages(progress)
-    kw = {"include_hidden": req.include_hidden, "open_kw": {"max_pixels": state.decoder.max_pixels},
-          "input_timeout": state.decoder.input_timeout, "msgs": messages, "retry_failed": req.retry_failed}
-    if req.exclude_dirs is not None:
-        kw["exclude_dirs"] = tuple(d for d in req.exclude_dirs if d)
+    folder = _index(req, model)
+    summary, messages = UpdateSummary(), RecordedMessages({"dir": roots[0][1], "index": str(folder)})
 
     def update():
-        indexer = BatchedModel(model, state.batcher, state.decoder.workers)
         with locks.of(folder).lock:
-            return index_paths(indexer, index_identity(model), folder, req.index, roots, rebuild=req.rebuild,
-                               compact=req.compact, wait=req.wait, writer="altclip serve", summary=summary, **kw)
+            return index_paths(_indexer(state), index_identity(model), folder, req.index, roots, rebuild=req.rebuild,
+                               compact=req.compact, wait=req.wait, summary=summary, retry_failed=req.retry_failed,
+                               **_walk_kw(state, req, messages))
 
-    key = next(_update_ids)
-    state.indexing[key] = progress  # shown by /v1/health while the request runs
-    try:
+    with _shown(state, messages), _api_errors():
         compacted = await run_in_threadpool(update)
+    return {"model": model.model_id, "index": str(folder), "update": dataclasses.asdict(summary),
+            "compacted": list(compacted) if compacted else None, "messages": messages.lines}
+
+
+def _index(req, model):
+    """The request's index folder; ApiError unless it is "auto" or absolute."""
+    if req.index != "auto" and not os.path.isabs(req.index):
+        raise bad_request(f"index must be \"auto\" or an absolute folder, not {req.index!r}", "index")
+    return index_folder(req.index, model.weights_id)
+
+
+def _indexer(state) -> BatchedModel:
+    return BatchedModel(state.model, state.batcher, state.decoder.workers)
+
+
+def _walk_kw(state, req, messages) -> dict:
+    """The keyword arguments of an index update (search.run) from a request: the walk, the
+    server's decoding limits, the messages kept for the answer, and this server named to other
+    writers."""
+    kw = {"include_hidden": req.include_hidden, "open_kw": {"max_pixels": state.decoder.max_pixels},
+          "input_timeout": state.decoder.input_timeout, "msgs": messages, "writer": "altclip serve"}
+    if req.exclude_dirs is not None:
+        kw["exclude_dirs"] = tuple(d for d in req.exclude_dirs if d)
+    return kw
+
+
+@contextmanager
+def _shown(state, messages: RecordedMessages):
+    """The request's index update listed in /v1/health ("indexing") while the request runs."""
+    key = next(_update_ids)
+    state.indexing[key] = messages.progress_entry
+    try:
+        yield
+    finally:
+        state.indexing.pop(key, None)
+
+
+@contextmanager
+def _api_errors():
+    """The library's errors as the answers they are: a bad query 400 (code "usage" for parts that
+    cancel out), another writer 409, a damaged or foreign index and an unusable image 422."""
+    try:
+        yield
+    except QueryError as exc:
+        raise ApiError(400, exc.message, param="query", code="usage" if exc.usage else None, hint=exc.hint) from None
     except IndexStoreError as exc:
         status = 409 if isinstance(exc, IndexBusy) else 422
         raise ApiError(status, exc.message, param="index", code="index", hint=exc.hint) from None
+    except InputError as exc:
+        raise ApiError(422, exc.message, code="bad_image") from None
     except AltclipError as exc:
         raise ApiError(500, exc.message, type="server_error", hint=exc.hint) from None
-    finally:
-        state.indexing.pop(key, None)
-    return {"model": model.model_id, "index": str(folder), "update": dataclasses.asdict(summary),
-            "compacted": list(compacted) if compacted else None, "messages": messages.lines}
 
 
 def _folder(path: str) -> str:
