@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from altclip_cli.search.store import (HEADER_SIZE, INDEX_DB, VECTORS, IndexStore, IndexStoreError,
-                                      default_index_folder)
+from altclip_cli.paths import default_index_folder
+from altclip_cli.search.store import HEADER_SIZE, INDEX_DB, VECTORS, IndexStore, IndexStoreError
 from altclip_cli.search.update import UpdateSummary, index_identity, model_identity, update_index
 from test_cli import SAFE_ENV, invoke, jsonl, write_image
 

@@ -487,7 +487,8 @@ def test_paths_through_xargs_0_in_a_real_pipeline(gallery, tmp_path, model):
 def test_another_writer_holding_the_index(gallery, model, tiny_loaded):
     """An `altclip index` run holding the index: search says so (exit 1); --no-index searches what
     is committed."""
-    from altclip_cli.search.store import IndexStore, default_index_folder
+    from altclip_cli.paths import default_index_folder
+    from altclip_cli.search.store import IndexStore
     from altclip_cli.search.update import index_identity
 
     first = ok(search("a dog", "--dir", "photos", model=model))

@@ -83,6 +83,34 @@ class _RichProgress:
         self._progress.advance(self._task, n)
 
 
-# --- classify ---------------------------------------------------------------------------------------
+# --- what a server says while it works for a command ------------------------------------------------
 
 
+def replay(lines: list[dict], msgs) -> None:
+    """A server's messages (serve/searching.RecordedMessages) printed as this command's own."""
+    for line in lines:
+        if line.get("level") == "error":
+            msgs.error(line.get("message", ""), hint=line.get("hint"))
+        elif line.get("level") == "warning":
+            msgs.warn(line.get("message", ""))
+        else:
+            msgs.note(line.get("message", ""))
+
+
+class ServerProgress:
+    """An indexing bar drawn from the numbers a server reports while it indexes: the callback of
+    serve.remote.RemoteModel.search and .index (done, total)."""
+
+    def __init__(self, msgs):
+        self.msgs, self.bar, self.shown = msgs, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = self.msgs.progress("indexing (altclip serve)", total=total).__enter__()
+        self.bar.advance(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None

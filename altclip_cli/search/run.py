@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache, default_index_folder
+from ..paths import default_index_folder
+from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
 from .update import update_index
 

@@ -1,6 +1,6 @@
 """The index of one model's image embeddings: a folder holding `index.sqlite3` and `vectors.f32`.
 
-By default the folder is `altclip_home()/indexes/<weights id>/` (`default_index_folder`); a
+By default the folder is `altclip_home()/indexes/<weights id>/` (paths.default_index_folder); a
 different model (weights or width) is a different index, and opening an index with another
 model's identity is refused, naming both.
 
@@ -64,7 +64,6 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import AltclipError
-from ..paths import default_index_folder  # noqa: F401 (where --index auto is: part of this module's API)
 from ..durable import fsync_dir
 
 SCHEMA_VERSION = 1  # what index.sqlite3 holds; an index with a higher one is refused

@@ -26,6 +26,11 @@ class UpdateSummary:
     interrupted: bool = False
     skipped_names: list = field(default_factory=list)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "UpdateSummary":
+        """A summary sent as JSON (a server's); fields this version does not know are left out."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
     @property
     def changed(self) -> bool:
         return bool(self.added or self.updated or self.renamed or self.removed or self.failed)

@@ -3,7 +3,8 @@ ranks). classify/embed --index are reuse.py's.
 
 How to call it::
 
-    from altclip_cli.search.store import IndexStore, default_index_folder
+    from altclip_cli.paths import default_index_folder
+    from altclip_cli.search.store import IndexStore
     from altclip_cli.search.update import index_identity, model_identity, update_index
 
     identity = model_identity("BAAI/AltCLIP")        # no torch: resolves the files, reads config.json

@@ -89,9 +89,9 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
         try:
             if remote is not None:
                 folder = default_index_folder(remote.weights_id) if index_dir == "auto" else index_dir
-                compacted = _index_on_server(remote, roots, os.path.abspath(os.path.expanduser(folder)),
-                                             include_hidden, excludes, retry_failed, rebuild, compact, wait,
-                                             summary, msgs)
+                summary, compacted = _index_on_server(remote, roots, os.path.abspath(os.path.expanduser(folder)),
+                                                      include_hidden, excludes, retry_failed, rebuild, compact,
+                                                      wait, msgs)
             else:
                 from ...search.update import model_identity
 
@@ -130,14 +130,14 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
         click.get_current_context().exit(ExitStatus.PARTIAL)
 
 
-def _index_on_server(remote, roots, index, include_hidden, excludes, retry_failed, rebuild, compact, wait, summary,
-                     msgs):
-    """`altclip index` by the server (POST /v1/index): its messages printed here, its counts
-    copied into `summary`; returns its compaction (rows before, after) or None."""
+def _index_on_server(remote, roots, index, include_hidden, excludes, retry_failed, rebuild, compact, wait, msgs):
+    """`altclip index` by the server (POST /v1/index), its messages printed here: (its
+    UpdateSummary, its compaction (rows before, after) or None)."""
     import os
 
+    from ...search.summary import UpdateSummary
+    from ..messages import ServerProgress, replay
     from ..terminal import isatty
-    from .search import ServerProgress, replay
 
     paths = [(root, os.path.realpath(os.path.expanduser(root))) for root in roots]
     bar = ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
@@ -148,11 +148,8 @@ def _index_on_server(remote, roots, index, include_hidden, excludes, retry_faile
         if bar is not None:
             bar.close()
     replay(answer.get("messages", []), msgs)
-    for name, value in (answer.get("update") or {}).items():
-        if name in summary.__dataclass_fields__:
-            setattr(summary, name, value)
     compacted = answer.get("compacted")
-    return tuple(compacted) if compacted else None
+    return UpdateSummary.from_dict(answer.get("update") or {}), (tuple(compacted) if compacted else None)
 
 
 def _pixel_limit(max_pixels):

@@ -173,11 +173,10 @@ def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_
 def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, msgs):
     """(hits, images searched) from the server's POST /v1/search: it indexes below root with its
     warm model and ranks; its messages (failed images, the summary) are printed here."""
-    from ...search.summary import UpdateSummary, report_update
-
-    from ..terminal import isatty
-
     from ...paths import default_index_folder
+    from ...search.summary import UpdateSummary, report_update
+    from ..messages import ServerProgress, replay
+    from ..terminal import isatty
 
     # This command's index, wherever the server keeps its own (its ALTCLIP_HOME may not be ours).
     folder = default_index_folder(remote.weights_id) if index_dir == "auto" else os.path.expanduser(index_dir)
@@ -195,39 +194,9 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
 
         debug_line(f"server: nothing changed below {root} since the server last walked it (it watches the folders)")
     if answer.get("update") is not None:
-        known = UpdateSummary.__dataclass_fields__
-        report_update(UpdateSummary(**{k: v for k, v in answer["update"].items() if k in known}), search_dir, msgs)
+        report_update(UpdateSummary.from_dict(answer["update"]), search_dir, msgs)
     hits = [(int(r["rank"]), r["path"], float(r["score"])) for r in answer.get("results", [])]
     return hits, int(answer.get("searched", 0))
-
-
-def replay(lines: list[dict], msgs) -> None:
-    """A server's messages (serve/searching.RecordedMessages) printed as this command's own."""
-    for line in lines:
-        if line.get("level") == "error":
-            msgs.error(line.get("message", ""), hint=line.get("hint"))
-        elif line.get("level") == "warning":
-            msgs.warn(line.get("message", ""))
-        else:
-            msgs.note(line.get("message", ""))
-
-
-class ServerProgress:
-    """The bar of `altclip index`, drawn from the numbers the server reports while it indexes."""
-
-    def __init__(self, msgs):
-        self.msgs, self.bar, self.shown = msgs, None, 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = self.msgs.progress("indexing (altclip serve)", total=total).__enter__()
-        self.bar.advance(done - self.shown)
-        self.shown = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
 
 
 def _choose_format(fmt, null, output, stdout_is_tty) -> str:
