@@ -5,6 +5,7 @@ processes; the server is `altclip serve` on the tiny model, on the default socke
 XDG_RUNTIME_DIR."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -635,28 +637,42 @@ def test_auto_runs_in_process_when_the_default_socket_is_stale(monkeypatch):
         shutil.rmtree(xdg, ignore_errors=True)
 
 
-def test_an_explicit_server_that_is_not_altclip_is_a_mismatch(tmp_path):
+@contextlib.contextmanager
+def fake_server(answer):
+    """A loopback HTTP server that answers every request with answer(method, body) -> (status,
+    JSON payload, extra headers); yields its URL."""
     import http.server
-    import threading
 
-    class NotUs(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b'{"hello": "world"}'
-            self.send_response(200)
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            status, payload, headers = answer(self.command, self.rfile.read(length) if length else b"")
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
+
+        do_GET = do_POST = _answer
 
         def log_message(self, *args):
             pass
 
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), NotUs)
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Fake)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        with pytest.raises(ServerMismatch, match="answers, but not as an altclip server"):
-            connect(f"http://127.0.0.1:{httpd.server_port}", Wanted(model="x"))
+        yield f"http://127.0.0.1:{httpd.server_port}"
     finally:
         httpd.shutdown()
+
+
+def test_an_explicit_server_that_is_not_altclip_is_a_mismatch(tmp_path):
+    with fake_server(lambda method, body: (200, {"hello": "world"}, {})) as url:
+        with pytest.raises(ServerMismatch, match="answers, but not as an altclip server"):
+            connect(url, Wanted(model="x"))
 
 
 def test_the_pixel_cap_copy_equals_the_library_default():
@@ -697,8 +713,6 @@ def test_a_full_queue_is_waited_out_and_a_restarted_server_is_noticed(info, monk
     """503 + Retry-After: the request is sent again after the pause; an answer from another model
     (the server was restarted with it) fails the command instead of mixing vectors."""
     import base64
-    import http.server
-    import threading
 
     from altclip_cli.serve.remote import RemoteModel
 
@@ -708,30 +722,15 @@ def test_a_full_queue_is_waited_out_and_a_restarted_server_is_noticed(info, monk
                (200, {"model": "another", "results": []})]
     seen = []
 
-    class Fake(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            status, payload = answers.pop(0)
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if status == 503:
-                self.send_header("Retry-After", "0.2")
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(method, body):
+        seen.append(json.loads(body))
+        status, payload = answers.pop(0)
+        return status, payload, {"Retry-After": "0.2"} if status == 503 else {}
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Fake)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        model = RemoteModel(client.parse_target(f"http://127.0.0.1:{httpd.server_port}"), info, model_id="m")
+    with fake_server(answer) as url:
+        model = RemoteModel(client.parse_target(url), info, model_id="m")
         started = time.monotonic()
         assert model.encode_texts(["a"]).tolist() == [[0.0] * 32]
         assert time.monotonic() - started >= 0.2 and len(seen) == 2 and seen[0] == seen[1]
         with pytest.raises(ServerMismatch, match="now runs another, not .* restarted with another model"):
             model.encode_texts(["a"])
-    finally:
-        httpd.shutdown()
