@@ -70,6 +70,16 @@ def altclip(xdg: Path, *args, stdin: bytes | None = None, env: dict | None = Non
     return Run(proc)
 
 
+def assert_embed_lines_close(got_stdout: bytes, want_stdout: bytes) -> None:
+    """`altclip embed`'s jsonl lines: the same errors, and embeddings within 1e-6."""
+    got = [json.loads(x) for x in got_stdout.splitlines()]
+    want = [json.loads(x) for x in want_stdout.splitlines()]
+    assert [g.get("error") for g in got] == [w.get("error") for w in want]
+    for g, w in zip(got, want):
+        if "embedding" in w:
+            np.testing.assert_allclose(g["embedding"], w["embedding"], rtol=0, atol=1e-6)
+
+
 def counters(target) -> tuple[int, int]:
     """(requests, inputs through the model) of a server; the requests count this health request."""
     info = client.health(target)
@@ -374,12 +384,7 @@ def test_classify_and_embed_with_an_index_through_the_server(server, xdg, pictur
             assert [g.get("error") for g in got] == [w.get("error") for w in want]
             assert_records_close([g for g in got if "scores" in g], [w for w in want if "scores" in w])
         else:
-            got = [json.loads(x) for x in run.stdout.splitlines()]
-            want = [json.loads(x) for x in local.stdout.splitlines()]
-            assert [g.get("error") for g in got] == [w.get("error") for w in want]
-            for g, w in zip(got, want):
-                if "embedding" in w:
-                    np.testing.assert_allclose(g["embedding"], w["embedding"], rtol=0, atol=1e-6)
+            assert_embed_lines_close(run.stdout, local.stdout)
 
 
 @pytest.mark.parametrize("how", ["precision", "model", "exact-decode"])
@@ -515,12 +520,7 @@ def test_tcp_with_a_token(_tiny_model_master, pictures, tmp_path):
         local = altclip(xdg, *args[:-2], "--server", "off", cwd=pictures)
         assert run.code == with_file.code == local.code == 3, run.stderr
         assert run.modules == ["numpy"] and run.stdout == with_file.stdout
-        got = [json.loads(x) for x in run.stdout.splitlines()]
-        want = [json.loads(x) for x in local.stdout.splitlines()]
-        assert [g.get("error") for g in got] == [w.get("error") for w in want]
-        for g, w in zip(got, want):
-            if "embedding" in w:
-                np.testing.assert_allclose(g["embedding"], w["embedding"], rtol=0, atol=1e-6)
+        assert_embed_lines_close(run.stdout, local.stdout)
         assert "POST /v1/embed 200" in s.log()
     finally:
         assert s.stop() == 0
