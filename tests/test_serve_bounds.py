@@ -63,7 +63,7 @@ def test_a_request_with_more_items_than_the_cap_gets_413_naming_it(_tiny_model_m
         assert s.health()["limits"]["max_texts"] == 3
         with pytest.raises(RequestFailed) as exc:
             client.post_json(s.target, "/v1/embeddings", {"model": "altclip", "input": ["a", "b", "c", "d"]})
-        assert exc.value.status == 413 and "holds 4 texts; this server takes at most 3" in exc.value.message
+        assert exc.value.status == 413 and "holds 4 inputs; this server takes at most 3" in exc.value.message
     finally:
         assert s.stop() == 0, s.log()
 

@@ -36,8 +36,9 @@ from ..outputs.records import error_record, score_record
 from .client import PROTOCOL
 from .gate import answer_errors, describe
 from .jobs import ImageInput, embed_images, image_failure, image_inputs, model_job, submit
-from .requests import (ApiError, ClassifyRequest, EmbeddingsRequest, EmbedRequest, IndexRequest, SearchRequest,
-                       bad_request, decode_base64, form_to_classify, is_image_uri, parse_json, parse_object)
+from .requests import (NOT_BLANK, ApiError, ClassifyRequest, EmbeddingsRequest, EmbedRequest, ErrorAnswer, ImageItem,
+                       IndexRequest, SearchRequest, bad_request, decode_base64, form_to_classify, is_image_uri,
+                       modality_rules, parse_json, parse_object)
 from .searching import IndexLocks, run_index, run_search
 from .state import ServeState
 
@@ -56,7 +57,7 @@ def create_app(state: ServeState) -> FastAPI:
     answer_errors(app)
     for router in (info_routes(state), model_routes(state), openai_routes(state), search_routes(state)):
         app.include_router(router)
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app, state)
     return app
 
 
@@ -66,7 +67,7 @@ def create_app(state: ServeState) -> FastAPI:
 def info_routes(state: ServeState) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/v1/health", summary="What runs here")
+    @router.get("/v1/health", summary="What runs here", responses=_errors())
     async def health():
         return JSONResponse(state.health())
 
@@ -80,8 +81,8 @@ def model_routes(state: ServeState) -> APIRouter:
     router = APIRouter()
     model = state.model
 
-    @router.post("/v1/classify", summary="Score images against labels",
-                 openapi_extra=_body_doc("ClassifyRequest", True))
+    @router.post("/v1/classify", summary="Score images against labels", responses=_errors(*MODEL_ERRORS),
+                 openapi_extra=_body_doc("ClassifyRequest", multipart=_classify_form(state)))
     async def classify(request: Request):
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith("multipart/form-data"):
@@ -126,7 +127,8 @@ def model_routes(state: ServeState) -> APIRouter:
 
         return await run_in_threadpool(answer)
 
-    @router.post("/v1/embed", summary="Embed texts or images", openapi_extra=_body_doc("EmbedRequest"))
+    @router.post("/v1/embed", summary="Embed texts or images", responses=_errors(*MODEL_ERRORS),
+                 openapi_extra=_body_doc("EmbedRequest"))
     async def embed(request: Request):
         req = await _parse(request, EmbedRequest)
         head = {"model": model.model_id, "dim": model.embed_dim, "dtype": "float32", "normalized": req.normalize,
@@ -167,13 +169,13 @@ def openai_routes(state: ServeState) -> APIRouter:
     router = APIRouter()
     model = state.model
 
-    @router.get("/v1/models", summary="OpenAI's model list: the one model")
+    @router.get("/v1/models", summary="OpenAI's model list: the one model", responses=_errors())
     async def models():
         return JSONResponse({"object": "list", "data": [
             {"id": model.model_id, "object": "model", "created": state.started_epoch, "owned_by": "altclip"}]})
 
     @router.post("/v1/embeddings", summary="OpenAI-compatible embeddings (texts; data:image URIs are images)",
-                 openapi_extra=_body_doc("EmbeddingsRequest"))
+                 responses=_errors(*MODEL_ERRORS, 404), openapi_extra=_body_doc("EmbeddingsRequest"))
     async def embeddings(request: Request):
         req = await _parse(request, EmbeddingsRequest)
         _check_model_name(req.model, model)
@@ -181,7 +183,8 @@ def openai_routes(state: ServeState) -> APIRouter:
             raise bad_request(f"dimensions {req.dimensions} is not available: this model's embeddings have "
                               f"{model.embed_dim}", "dimensions")
         inputs: list[str] = req.input
-        text_at, image_at = _by_kind(inputs, req.modality)
+        check_count(len(inputs), max(state.max_images, state.max_texts), "inputs")  # before any pass over them
+        text_at, image_at = await run_in_threadpool(_by_kind, inputs, req.modality)
         check_count(len(image_at), state.max_images, "images")
         check_count(len(text_at), state.max_texts, "texts")
         describe(request, ", ".join(x for x in (_plural(len(text_at), "text") if text_at else "",
@@ -235,13 +238,28 @@ def _by_kind(inputs: list[str], modality: str | None) -> tuple[list[int], list[i
     return text_at, image_at
 
 
-def _check_model_name(name: str, model) -> None:
-    """The served model by its id, its last path part (AltCLIP for BAAI/AltCLIP) or "altclip"."""
+def _served_names(model) -> set[str]:
+    """The names /v1/embeddings takes for the served model (in any case): its id, its last path
+    part (AltCLIP for BAAI/AltCLIP), "altclip", and its folder."""
     served = model.model_id
-    accepted = {served, served.rstrip("/").rsplit("/", 1)[-1], "altclip", os.path.realpath(str(model.folder))}
+    return {served, served.rstrip("/").rsplit("/", 1)[-1], "altclip", os.path.realpath(str(model.folder))}
+
+
+def _check_model_name(name: str, model) -> None:
+    accepted = _served_names(model)
     if name not in accepted and name.lower() not in {a.lower() for a in accepted}:
-        raise ApiError(404, f"model {name!r} is not served here; this server runs {served!r}",
+        raise ApiError(404, f"model {name!r} is not served here; this server runs {model.model_id!r}",
                        param="model", code="model_not_found")
+
+
+def _any_case_pattern(names) -> str:
+    """A JSON Schema pattern matching exactly these names, in any case."""
+    def char(c: str) -> str:
+        if c.lower() != c.upper():
+            return f"[{c.lower()}{c.upper()}]" if len(c.lower()) == len(c.upper()) == 1 else c
+        return "\\" + c if c in ".^$*+?()[]{}|\\" else c
+
+    return "^(?:" + "|".join("".join(map(char, name)) for name in sorted({n.lower() for n in names})) + ")$"
 
 
 # --- POST /v1/search, POST /v1/index (Unix socket only) ---------------------------------------------------
@@ -252,19 +270,20 @@ def search_routes(state: ServeState) -> APIRouter:
     search_locks = IndexLocks()
 
     @router.post("/v1/search", summary="Index a folder and rank its images against a query (Unix socket only)",
-                 openapi_extra=_body_doc("SearchRequest"))
+                 responses=_errors(*SEARCH_ERRORS), openapi_extra=_body_doc("SearchRequest"))
     async def search(request: Request):
         if state.transport != "unix":
             raise ApiError(403, "search reads this machine's folders and index: it is served over the Unix socket "
                                 "only", type="permission_error", code="unix_socket_only")
         req = await _parse(request, SearchRequest)
+        check_count(len(req.query), max(state.max_images, state.max_texts), "query parts")
         check_count(sum(p.image is not None for p in req.query), state.max_images, "query images")
         check_count(sum(p.text is not None for p in req.query), state.max_texts, "query texts")
         describe(request, f"{_plural(len(req.query), 'part')}, {req.dir}")
         return JSONResponse(await run_search(state, req, search_locks))
 
     @router.post("/v1/index", summary="Bring a search index up to date with folders (Unix socket only)",
-                 openapi_extra=_body_doc("IndexRequest"))
+                 responses=_errors(*SEARCH_ERRORS), openapi_extra=_body_doc("IndexRequest"))
     async def index(request: Request):
         if state.transport != "unix":
             raise ApiError(403, "indexing reads this machine's folders: it is served over the Unix socket only",
@@ -321,26 +340,77 @@ async def _idle_watchdog(state: ServeState) -> None:
 # --- the OpenAPI schema ---------------------------------------------------------------------------------
 
 
-def _body_doc(schema: str, multipart: bool = False) -> dict:
+# Every error status an endpoint answers, with why (the body is always ErrorAnswer). The gate's
+# (401 with --token-file, 403 for Host or Origin over TCP, 413 over the size cap) apply to all.
+ERROR_WHY = {
+    400: "The request is malformed: not JSON, a missing, unknown or invalid field (the message names it).",
+    401: "The token is missing or wrong (a server started with --token-file).",
+    403: "Refused: the Host or Origin header (a TCP server without a token), or what only the Unix socket serves "
+         "(server-side paths, search, index).",
+    404: "The model named is not the one served here.",
+    409: "Another process is updating the index (after waiting `wait` seconds).",
+    413: "The body is over --max-request-mb, or holds more images or texts than --max-items.",
+    415: "The body is not application/json (nor, for classify, multipart/form-data).",
+    422: "Well-formed, but unusable: an image that does not decode (not an image, over the pixel cap, unreadable), "
+         "or a folder or index that cannot be used.",
+    500: "The index could not be updated or read (the message says why).",
+    503: "The server is busy (its queue is full: come back after Retry-After seconds) or stopping.",
+}
+GATE_ERRORS = (401, 403, 413)
+MODEL_ERRORS = (400, 415, 422, 503)
+SEARCH_ERRORS = (400, 409, 415, 422, 500, 503)
+
+
+def _errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorAnswer, "description": ERROR_WHY[status]}
+            for status in sorted({*GATE_ERRORS, *statuses})}
+
+
+LABEL = {"pattern": NOT_BLANK["pattern"]}  # any value whose text is not blank (a list's text is "[...]")
+TEMPLATE = {"type": "string", "pattern": r"\{\}"}
+
+
+def _classify_form(state: ServeState) -> dict:
+    """The multipart form of /v1/classify (requests.form_to_classify). A form's values are text,
+    so a field is one value or several (repeated), and a label is any value whose text is not
+    blank."""
+    return {"type": "object", "required": ["image", "label"], "additionalProperties": False, "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary", "minLength": 1},  # files only
+                  "minItems": 1, "maxItems": state.max_images},
+        "label": {"anyOf": [{**LABEL, "type": ["string", "number", "boolean", "object", "null"]},
+                            {"type": "array", "items": LABEL, "minItems": 1}]},
+        "template": {"anyOf": [TEMPLATE, {"type": "array", "items": TEMPLATE}]},  # none is fine
+        "top_k": {"type": "integer", "minimum": 1}, "on_error": {"type": "string", "enum": ["fail", "record"]}}}
+
+
+def _body_doc(schema: str, multipart: dict | None = None) -> dict:
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
     if multipart:
-        content["multipart/form-data"] = {"schema": {"type": "object", "properties": {
-            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-            "label": {"type": "array", "items": {"type": "string"}},
-            "template": {"type": "array", "items": {"type": "string"}},
-            "top_k": {"type": "integer"}, "on_error": {"type": "string", "enum": ["fail", "record"]}},
-            "required": ["image", "label"]}}
+        content["multipart/form-data"] = {"schema": multipart}
     return {"requestBody": {"required": True, "content": content}}
 
 
-def _openapi(app: FastAPI) -> dict:
+def _openapi(app: FastAPI, state: ServeState) -> dict:
+    """The schema, with the request models as components and this server's own limits: the
+    images and texts one request may hold, the embeddings' dimension."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (ClassifyRequest, EmbedRequest, EmbeddingsRequest, SearchRequest, IndexRequest):
+    for model in (ImageItem, ClassifyRequest, EmbedRequest, EmbeddingsRequest, SearchRequest, IndexRequest):
         s = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(s.pop("$defs", {}))
         components[model.__name__] = s
+    components["ClassifyRequest"]["properties"]["images"]["maxItems"] = state.max_images
+    embed = components["EmbedRequest"]["properties"]
+    for name, most in (("images", state.max_images), ("texts", state.max_texts)):
+        embed[name]["maxItems"] = most
+    embeddings = components["EmbeddingsRequest"]
+    embeddings.update(modality_rules(state.max_images, state.max_texts))
+    embeddings["properties"]["model"] = {"type": "string", "pattern": _any_case_pattern(_served_names(state.model)),
+                                         "description": f"{state.model.model_id}, its last part or altclip, in any case."}
+    embeddings["properties"]["dimensions"] = {
+        "anyOf": [{"const": state.model.embed_dim}, {"type": "null"}],
+        "description": f"The embeddings' dimension: only {state.model.embed_dim}, this model's."}
     app.openapi_schema = schema
     return schema

@@ -102,17 +102,23 @@ async def embed_images(state, items: list[ImageInput], normalize: bool, *, stop_
             if not window:
                 return out
             taken = [window.popleft() for _ in range(min(size, len(window)))]
-            decoded = await run_in_threadpool(decoder.collect, taken)
-            good = [r for r in decoded if not isinstance(r, InputError)]
-            if stop_at_failure and len(good) < len(decoded):
+            decoded, pixels = await run_in_threadpool(_decoded_batch, decoder, taken)
+            if stop_at_failure and any(isinstance(r, InputError) for r in decoded):
                 out.extend(itertools.takewhile(lambda r: not isinstance(r, InputError), decoded))
                 out.append(next(r for r in decoded if isinstance(r, InputError)))
                 return out
-            rows = iter(await model_job(submit(batcher.submit_images, np.stack(good), normalize)) if good else ())
+            rows = iter(await model_job(submit(batcher.submit_images, pixels, normalize)) if pixels is not None else ())
             out.extend(r if isinstance(r, InputError) else next(rows) for r in decoded)
     finally:  # also when the client went away: what is still queued is dropped
         for _, task in window:
             task.future.cancel()
+
+
+def _decoded_batch(decoder: Decoder, taken) -> tuple[list, np.ndarray | None]:
+    """(pixels or InputError per item, the good ones stacked (N, 3, H, W) or None)."""
+    decoded = decoder.collect(taken)
+    good = [r for r in decoded if not isinstance(r, InputError)]
+    return decoded, np.stack(good) if good else None
 
 
 def image_inputs(items, state) -> list[ImageInput]:

@@ -14,7 +14,8 @@ import json
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
 
 class ApiError(Exception):
@@ -39,6 +40,30 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+# --- what the OpenAPI schema declares beyond the types (JSON Schema patterns, as the validators check) ---
+
+BASE64 = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)"  # not empty
+DATA_URI = r"data:(?:image/[^;,]*|application/octet-stream)?(?:;[^;,]*)*;base64," + BASE64  # decode_base64's
+# An embeddings input that is an image: is_image_uri takes it (";base64," within its first 100
+# characters), decode_base64 reads it.
+DATA_URI_SCHEMA = {"type": "string", "pattern": r"^data:[Ii][Mm][Aa][Gg][Ee]/[^;,]{0,30}(?:;[^;,]{0,11}){0,4};base64,"
+                   + BASE64 + "$", "description": "A data:image/...;base64, URI."}
+# An embeddings input that is_image_uri does not take for an image: any other string is a text.
+TEXT_SCHEMA = {"type": "string", "pattern": r"^(?![Dd][Aa][Tt][Aa]:[Ii][Mm][Aa][Gg][Ee]/[\s\S]{0,81};[Bb][Aa][Ss][Ee]64,)",
+               "description": "A text."}
+NOT_BLANK = {"type": "string", "pattern": r"\S"}
+SOME = {"minItems": 1}
+
+
+def _integral(value):
+    """JSON's 3.0 is the integer 3 (JSON Schema's integer too); parsing is strict otherwise."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]  # 1 or more
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
@@ -50,8 +75,14 @@ def _image_item(value):
 
 
 class ImageItem(_Strict):
-    path: str | None = Field(None, description="An absolute path the server reads (Unix socket only).")
-    data: str | None = Field(None, description="The image file's bytes in base64, or a data:image/...;base64, URI.")
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"properties": {"path": {"type": "string"}}, "required": ["path"]},
+        {"properties": {"data": {"type": "string"}}, "required": ["data"]}]})
+
+    path: str | None = Field(None, description="An absolute path the server reads (Unix socket only).",
+                             json_schema_extra={"pattern": "^/"})
+    data: str | None = Field(None, description="The image file's bytes in base64, or a data:image/...;base64, URI.",
+                             json_schema_extra={"pattern": f"^(?:{BASE64}|{DATA_URI})$"})
     name: str | None = Field(None, description="How the answer names this image [default: the path, or images[i]].")
 
     @model_validator(mode="after")
@@ -61,14 +92,25 @@ class ImageItem(_Strict):
         return self
 
 
-ImageRef = Annotated[ImageItem, BeforeValidator(_image_item)]
+class _StringOrItem:
+    """An image item's schema: the item, or the string that stands for one (_image_item)."""
+
+    def __get_pydantic_json_schema__(self, core_schema, handler):
+        return {"anyOf": [{"type": "string", "pattern": f"^(?:/|{DATA_URI}$)",
+                           "description": "An absolute path (Unix socket only) or a data:image/...;base64, URI."},
+                          handler(core_schema)]}
+
+
+ImageRef = Annotated[ImageItem, BeforeValidator(_image_item), _StringOrItem()]
+Label = Annotated[str, WithJsonSchema({**NOT_BLANK, "description": "A label: not blank."})]
+Template = Annotated[str, WithJsonSchema({"type": "string", "pattern": r"\{\}", "description": "{} marks the label."})]
 
 
 class ClassifyRequest(_Strict):
-    images: list[ImageRef] = Field(description="Images to score (at least one).")
-    labels: list[str] = Field(description="Labels in any language, kept in order.")
-    templates: list[str] = Field(default_factory=list, description='Text around each label, {} marks the label.')
-    top_k: int | None = Field(None, ge=1, description="Only the K most likely labels per image.")
+    images: list[ImageRef] = Field(description="Images to score (at least one).", json_schema_extra=SOME)
+    labels: list[Label] = Field(description="Labels in any language, kept in order.", json_schema_extra=SOME)
+    templates: list[Template] = Field(default_factory=list, description='Text around each label, {} marks the label.')
+    top_k: Count | None = Field(None, description="Only the K most likely labels per image.")
     on_error: Literal["fail", "record"] = Field(
         "fail", description="fail: an unusable image fails the request (422); record: it gets an error record.")
 
@@ -99,8 +141,12 @@ class ClassifyRequest(_Strict):
 
 
 class EmbedRequest(_Strict):
-    texts: list[str] | None = Field(None, description="Texts to embed (give texts or images).")
-    images: list[ImageRef] | None = Field(None, description="Images to embed.")
+    model_config = ConfigDict(json_schema_extra={"oneOf": [  # texts or images
+        {"properties": {"texts": {"type": "array"}}, "required": ["texts"]},
+        {"properties": {"images": {"type": "array"}}, "required": ["images"]}]})
+
+    texts: list[str] | None = Field(None, description="Texts to embed (give texts or images).", json_schema_extra=SOME)
+    images: list[ImageRef] | None = Field(None, description="Images to embed.", json_schema_extra=SOME)
     normalize: bool = Field(True, description="L2-normalise the embeddings.")
     encoding: Literal["float", "base64"] = Field(
         "float", description="float: JSON arrays; base64: the float32 little-endian bytes in base64.")
@@ -118,7 +164,12 @@ class EmbedRequest(_Strict):
 
 
 class QueryPart(_Strict):
-    text: str | None = Field(None, description="A text part, in any language.")
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"properties": {"text": {"type": "string"}}, "required": ["text"]},
+        {"properties": {"image": {"not": {"type": "null"}}}, "required": ["image"]}]})
+
+    text: str | None = Field(None, description="A text part, in any language (not blank).",
+                             json_schema_extra={"pattern": NOT_BLANK["pattern"]})
     image: ImageRef | None = Field(None, description="An image part: an image item (a path or data).")
     weight: float = Field(1.0, description="Its weight; negative subtracts it.")
 
@@ -136,7 +187,8 @@ class QueryPart(_Strict):
 class _Indexing(_Strict):
     """What search and index requests share: where the index is and how folders are walked."""
 
-    index: str = Field("auto", description='Where the index lives: "auto" (the model\'s own) or an absolute folder.')
+    index: str = Field("auto", description='Where the index lives: "auto" (the model\'s own) or an absolute folder.',
+                       json_schema_extra={"pattern": "^(?:auto$|/)"})
     include_hidden: bool = False
     exclude_dirs: list[str] | None = Field(
         None, description="Folder names not to index [default: .git, node_modules, ...].")
@@ -147,9 +199,11 @@ class SearchRequest(_Indexing):
     """`altclip search` as a request: the server indexes the folder `dir` (unless update is
     false) and ranks the images below it. Paths are the server's: Unix socket only."""
 
-    query: list[QueryPart] = Field(description="The query's parts: their weighted sum is the query.")
-    dir: str = Field(description="An absolute folder: the images below it are indexed and searched.")
-    top_k: int = Field(10, ge=1, description="The number of results.")
+    query: list[QueryPart] = Field(description="The query's parts: their weighted sum is the query.",
+                                   json_schema_extra=SOME)
+    dir: str = Field(description="An absolute folder: the images below it are indexed and searched.",
+                     json_schema_extra={"pattern": "^/"})
+    top_k: Count = Field(10, description="The number of results.")
     min_score: float | None = Field(None, description="Only results whose cosine is at least this.")
     update: bool = Field(True, description="Index new and changed images below dir first.")
 
@@ -162,7 +216,8 @@ class SearchRequest(_Indexing):
 
 
 class IndexPath(_Strict):
-    path: str = Field(description="An absolute file or folder on the server's machine.")
+    path: str = Field(description="An absolute file or folder on the server's machine.",
+                      json_schema_extra={"pattern": "^/"})
     name: str | None = Field(None, description="How messages name it [default: the path].")
 
 
@@ -170,7 +225,7 @@ class IndexRequest(_Indexing):
     """`altclip index` as a request: the server brings the index up to date with the images at or
     below `paths`. Paths are the server's: Unix socket only."""
 
-    paths: list[IndexPath] = Field(description="What to index: absolute files or folders.")
+    paths: list[IndexPath] = Field(description="What to index: absolute files or folders.", json_schema_extra=SOME)
     retry_failed: bool = Field(False, description="Try again the images that failed before, changed or not.")
     rebuild: bool = Field(False, description="Start the index over and embed every image.")
     compact: bool = Field(False, description="Rewrite the vector file without the vectors no file uses.")
@@ -183,14 +238,36 @@ class IndexRequest(_Indexing):
         return v
 
 
+def _inputs(item: dict, most: int | None = None) -> dict:
+    """The schema of an embeddings request's input: one string or a list of them (at most
+    `most`), each `item`."""
+    array = {"type": "array", "items": item, "minItems": 1, **({"maxItems": most} if most else {})}
+    return {"anyOf": [item, array]}
+
+
+def modality_rules(max_images: int | None = None, max_texts: int | None = None) -> dict:
+    """What each modality asks of an embeddings request's inputs (JSON Schema): "text" any
+    strings, "image" data URIs, none: texts and data URIs, each as is_image_uri takes it; at
+    most max_texts inputs (max_images when all are images)."""
+    def modality(name, item, most):
+        return {"properties": {"modality": {"const": name} if name else {"type": "null"}, "input": _inputs(item, most)},
+                **({"required": ["modality"]} if name else {})}
+
+    return {"anyOf": [modality("text", {"type": "string"}, max_texts), modality("image", DATA_URI_SCHEMA, max_images),
+                      modality(None, {"anyOf": [TEXT_SCHEMA, DATA_URI_SCHEMA]}, max_texts)]}
+
+
 class EmbeddingsRequest(_Strict):
     """OpenAI's embeddings request; an input that is a data:image/...;base64, URI is an image
     (or every input, with "modality": "image", as Infinity has it)."""
 
+    model_config = ConfigDict(json_schema_extra=lambda schema: schema.update(modality_rules()))
+
     model: str
-    input: object = Field(description="A string or a list of strings; token arrays are not accepted.")
+    input: object = Field(description="A string or a list of strings; token arrays are not accepted.",
+                          json_schema_extra=_inputs({"type": "string"}))
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Int | None = None
     user: str | None = None
     modality: Literal["text", "image"] | None = None
 
@@ -211,12 +288,26 @@ class EmbeddingsRequest(_Strict):
         return v
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What is wrong, naming the field or input.")
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error or server_error.")
+    param: str | None = Field(description="The field at fault (images[2].data), or null.")
+    code: str | None = Field(description="A stable name for the problem (too_many_items, bad_image, ...), or null.")
+    hint: str = Field(None, description="What to do about it, when there is something to say.")
+
+
+class ErrorAnswer(BaseModel):
+    """The body of every error answer (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
 def parse_json(model: type[BaseModel], body: bytes):
     """A validated request from a JSON body; ApiError(400) naming the first problem otherwise."""
     if not body.strip():
         raise bad_request("the request body is empty: send a JSON object")
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body, strict=True)  # JSON's types as the schema has them: no "1" for 1
     except ValidationError as exc:
         raise validation_error(exc) from None
 
