@@ -61,7 +61,7 @@ def create_app(state: ServeState) -> FastAPI:
     return app
 
 
-# --- GET /v1/health, GET /v1/models ---------------------------------------------------------------------
+# --- GET /v1/health ---------------------------------------------------------------------------------------
 
 
 def info_routes(state: ServeState) -> APIRouter:
