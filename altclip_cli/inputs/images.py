@@ -81,7 +81,7 @@ def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None =
         raise _bomb_error(label, pixels, max_pixels)
     if draft_min_side and image.format == "JPEG":
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain: several times faster on
-        # large photos, keeping the shortest side >= draft_min_side (see README, Accuracy).
+        # large photos, keeping the shortest side >= draft_min_side (see docs/models.md, Correctness).
         image.draft(image.mode, (draft_min_side, draft_min_side))
     image.load()  # the file is at frame 0; load decodes only that frame
     try:

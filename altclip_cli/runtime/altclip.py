@@ -46,7 +46,7 @@ class AltCLIP:
     def draft_min_side(self) -> int | None:
         """The shortest side large JPEGs are decoded at (libjpeg's 1/2-1/8 scales), or None for
         full-size decoding, bit-exact with the reference's preprocessing. Twice the model's input
-        side: measured cosine to full decoding >= 0.99997 (README, Accuracy)."""
+        side: measured cosine to full decoding >= 0.99997 (docs/models.md, Correctness)."""
         edge = getattr(self.preprocessor, "shortest_edge", None)
         return None if self.exact_decode or not edge else DRAFT_FACTOR * edge
 
