@@ -51,6 +51,25 @@ def test_every_command_is_in_the_readme_and_the_docs():
         assert f"altclip {name}" in DOCS_TEXT, f"altclip {name} is not described in docs/"
 
 
+def _options(command, path=("altclip",)):
+    """(command path, option names) for every option of every command, subcommands included."""
+    import click
+
+    for param in command.params:
+        if isinstance(param, click.Option) and "--help" not in param.opts:
+            yield " ".join(path), param.opts + param.secondary_opts
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _options(sub, (*path, name))
+
+
+def test_every_option_is_documented():
+    from altclip_cli.cli import cli
+
+    missing = [f"{command} {names[-1]}" for command, names in _options(cli)
+               if not any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", ALL_TEXT) for n in names)]
+    assert not missing, f"options shown in no page of README.md or docs/: {missing}"
+
+
 def test_the_readme_is_a_front_door():
     assert len(README.splitlines()) <= 300, "README.md holds the overview; details go to docs/"
 
