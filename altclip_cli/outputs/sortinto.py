@@ -1,20 +1,43 @@
 """`classify --sort-into DIR`: put each image into DIR/<label>/ as a symbolic link, a copy or by a
 move, never overwriting a file and never losing one.
 
-Every placement is idempotent: an image already at its place (a link to it, an identical copy, or,
-for a move, the same content at the target while the source still exists: a move interrupted
-between its copy and its unlink) is recognised, so a second identical run changes nothing and a
-re-run finishes a half-done move. A move is os.rename within a filesystem (atomic); across
-filesystems the file is copied to a temporary name in the target folder, fsynced, renamed into
-place, and only then is the source unlinked.
+One `Sorter` per run. Its promises and how they are kept:
+- Never overwrite: every name is taken with a primitive that fails on an existing name
+  (symlink, rename with RENAME_NOREPLACE, or a hard link and an unlink); a name taken since it was
+  chosen makes the image take the next free one (name-1.jpg, ...).
+- A second identical run changes nothing: an image already at its place (a link to the same file,
+  an equal copy, the same file for a move) is recognised, and files already inside DIR are never
+  taken as new inputs.
+- Never lose a photo, even under kill -9: a move is one rename within a filesystem, or across
+  filesystems a copy to a temporary name in the target folder, fsynced, put under its name, and
+  only then the source unlinked. Before any step that can put a file under a target name, the run
+  writes (and fsyncs) a journal entry: source, target, and the identity (device, inode) of the
+  file that will sit at the target. A later run finishes an entry (unlinks its source) only when
+  the source is still the journalled file and the target holds the journalled file with the same
+  bytes; otherwise it leaves the source where it is. An equal photo from elsewhere (a `cp -p`
+  copy) is never taken for a half-done move.
+
+The journal: DIR/.altclip-sort/RUN.journal, one JSON object per line,
+  {"id": 0, "source": "/abs/src.jpg", "target": "/abs/DIR/cat/src.jpg",
+   "source_id": [dev, ino], "placed_id": [dev, ino], "tmp": "/abs/DIR/cat/.altclip-sort-RUN-0" | null}
+  {"done": 0}
+held under an exclusive flock for the life of the run. A journal whose lock can be taken belongs
+to a dead run: the next run finishes or undoes its open entries, removes its temporaries
+(DIR/<label>/.altclip-sort-RUN-N) and then the journal. A temporary whose run has no journal
+is a leftover too; one whose journal is locked belongs to a live run and is left alone.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import filecmp
+import json
 import os
 import re
+import secrets
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +46,16 @@ from ..durable import fsync_dir
 
 MODES = ("link", "copy", "move")
 UNSURE_FOLDER = "_unsure"
-TMP_PREFIX = ".altclip-sort-"  # a copy on its way into place (cross-filesystem move, copy)
+TMP_PREFIX = ".altclip-sort-"  # DIR/<label>/.altclip-sort-RUN-N: a copy on its way into place
+JOURNAL_FOLDER = ".altclip-sort"  # DIR/.altclip-sort/RUN.journal
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
 MAX_NAME_BYTES = 255
+_MAX_TRIES = 1000  # names taken by other writers between choosing one and taking it
+_NEW_JOURNAL_GRACE_S = 60  # a journal still being created by a live run is younger
 
 
 class SortError(AltclipError):
-    """A target folder that cannot be created or written (exit 1)."""
+    """A target folder that cannot be created, written or locked (exit 1)."""
 
 
 @dataclass
@@ -40,11 +66,14 @@ class Placement:
 
 
 def folder_name(label: str | None) -> str:
-    """A label made safe as one folder name (no separators or control characters, not . or ..,
-    at most 255 bytes); None (unsure) is _unsure, and a label that would read as _unsure is not."""
+    """A label made safe as one visible folder name (no separators or control characters, not
+    . or .., no leading dot, at most 255 bytes); None (unsure) is _unsure, and a label that would
+    read as _unsure is not."""
     if label is None:
         return UNSURE_FOLDER
     name = _UNSAFE.sub("_", label).strip().rstrip(".")
+    if name.startswith("."):  # hidden folders are skipped by walks, and .altclip-sort is ours
+        name = "_" + name[1:]
     if name in ("", ".", ".."):
         name = "_"
     if name == UNSURE_FOLDER:
@@ -75,42 +104,86 @@ def check_root(root: Path, *, create: bool = True) -> None:
         raise SortError(f"--sort-into {root}: not writable", hint="give a folder you can write to")
 
 
-def place(source: Path | str, folder: Path | str, mode: str = "link", *, dry_run: bool = False) -> Placement:
-    """Put source into folder (created if needed) by mode; see the module docstring."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    source, folder = Path(source), Path(folder)
-    found = _existing(source, folder, mode)
-    if found is not None:
-        if mode == "move" and not dry_run and _exists(source) and os.path.abspath(source) != os.path.abspath(found):
-            os.unlink(source)  # a move cut short after its link or copy: the photo is at the target
-        return Placement(source, found, "already there")
-    target = _free_name(folder, source.name)
-    if dry_run:
-        return Placement(source, target, mode)
-    folder.mkdir(parents=True, exist_ok=True)
-    if mode == "link":
-        os.symlink(os.path.abspath(source), target)
-    elif mode == "copy":
-        _copy_into_place(source, target)
-    else:
-        _move(source, target)
-    return Placement(source, target, mode)
+# --- taking a name without replacing what is there -----------------------------------------------
+
+def _load_renameat2():
+    """libc's renameat2 (Linux, glibc 2.28+), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
-def _exists(path: Path) -> bool:
-    return os.path.lexists(path)
+_renameat2 = _load_renameat2()
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def rename_noreplace(src: Path | str, dst: Path | str) -> None:
+    """Rename src to dst, failing with FileExistsError if dst exists (even one created a moment
+    ago): renameat2(RENAME_NOREPLACE) where the system has it, else a hard link and an unlink
+    (in between both names are the same file; if the unlink fails, the new name is removed
+    again). EXDEV: src and dst are on different filesystems."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in _UNSUPPORTED:  # else a filesystem without it: a hard link then
+            raise OSError(err, os.strerror(err), src, None, dst)
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED or exc.errno == errno.EPERM:
+            raise OSError(exc.errno, "this filesystem can neither rename without replacing nor hard-link",
+                          src, None, dst) from None
+        raise
+    try:
+        os.unlink(src)
+    except OSError:
+        os.unlink(dst)  # the same file under both names: keep it where it was
+        raise
+
+
+def _file_id(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino]
+
+
+def _lstat(path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def _same_inode(a, b) -> bool:
+    """a and b (not following symbolic links) are one file."""
+    sa, sb = _lstat(a), _lstat(b)
+    return sa is not None and sb is not None and _file_id(sa) == _file_id(sb)
+
+
+def _same_file(a, b) -> bool:
+    """a and b, following symbolic links, are one file."""
     try:
         return os.path.samefile(a, b)
     except OSError:
         return False
 
 
+def _same_content(a, b) -> bool:
+    try:
+        return _same_file(a, b) or filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
 def _candidates(folder: Path, name: str):
-    """name, then name-1, name-2, ... (the suffix before the extension) while they exist."""
+    """name, then name-1, name-2, ... (the suffix before the extension)."""
     stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
     i = 0
     while True:
@@ -118,104 +191,355 @@ def _candidates(folder: Path, name: str):
         i += 1
 
 
-def _existing(source: Path, folder: Path, mode: str) -> Path | None:
-    """The entry in folder that already is source's placement, or None."""
-    if not folder.is_dir():
-        return None
-    if mode == "move" and _exists(source) and _same_file(source.parent, folder):
-        return source  # already in its folder (a re-run over DIR itself)
-    for candidate in _candidates(folder, source.name):
-        if not _exists(candidate):
-            return None
-        if mode == "link":
-            if candidate.is_symlink() and os.readlink(candidate) == os.path.abspath(source):
-                return candidate
-        elif mode == "move" and _exists(source) and _half_moved(source, candidate):
-            return candidate
-        elif mode == "copy" and not candidate.is_symlink() and candidate.is_file() and _exists(source) \
-                and _same_content(source, candidate):
-            return candidate
+# --- the journal ---------------------------------------------------------------------------------
+
+def _flock(fd: int, *, wait: bool = False) -> bool:
+    """Take an exclusive lock on fd; False if another process holds it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+class Journal:
+    """This run's journal under DIR/.altclip-sort/ (see the module docstring), locked until close."""
+
+    def __init__(self, root: Path):
+        self.folder = root / JOURNAL_FOLDER
+        self.run = secrets.token_hex(8)  # no "-": a temporary's name is TMP_PREFIX RUN - N
+        self.path = self.folder / f"{self.run}.journal"
+        self.open_ids: set[int] = set()
+        self._next = 0
+        for _ in range(_MAX_TRIES):  # another run may remove the empty folder as we create it
+            self.folder.mkdir(parents=True, exist_ok=True)
+            new = self.folder / f"{self.run}.new"  # locked before it gets the name others look at
+            try:
+                self.fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                continue
+            try:
+                _flock(self.fd, wait=True)
+                os.write(self.fd, (json.dumps({"pid": os.getpid()}) + "\n").encode())
+                os.rename(new, self.path)
+            except FileNotFoundError:
+                os.close(self.fd)
+                continue
+            except BaseException:
+                os.close(self.fd)
+                _unlink_quietly(new)
+                raise
+            fsync_dir(self.folder)
+            return
+        raise OSError(errno.ENOENT, "the journal folder keeps disappearing", str(self.folder))
+
+    def begin(self, source: str, target: str, source_id, placed_id, tmp: str | None) -> int:
+        """Record, durably, a step about to put placed_id under target; returns its id."""
+        entry_id, self._next = self._next, self._next + 1
+        self._write({"id": entry_id, "source": source, "target": target, "source_id": source_id,
+                     "placed_id": placed_id, "tmp": tmp}, sync=True)
+        self.open_ids.add(entry_id)
+        return entry_id
+
+    def done(self, entry_id: int) -> None:
+        """The entry is finished or undone (not fsynced: a lost one is only checked again)."""
+        self._write({"done": entry_id}, sync=False)
+        self.open_ids.discard(entry_id)
+
+    def _write(self, record: dict, *, sync: bool) -> None:
+        # json writes non-UTF-8 names (surrogate escapes) as \udcXX, and reads them back the same
+        os.write(self.fd, (json.dumps(record) + "\n").encode("ascii"))
+        if sync:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Remove the journal, unless an entry is still open (an interrupted step: the next run
+        checks it), then drop the lock."""
+        if not self.open_ids:
+            _remove_temporaries(self.folder.parent, self.run)
+            os.unlink(self.path)
+            _remove_if_empty(self.folder)
+        os.close(self.fd)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _temporaries(root: Path, run: str | None = None):
+    return Path(root).glob(f"*/{TMP_PREFIX}{run + '-' if run else ''}*")
+
+
+def _run_of(tmp: Path) -> str:
+    return tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
+
+
+def _remove_temporaries(root: Path, run: str) -> None:
+    for tmp in _temporaries(root, run):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def recover(root: Path) -> list[str]:
+    """Finish or undo what dead runs left in root: their open journal entries, their temporaries,
+    and temporaries without a journal. Live runs' journals and temporaries are left alone.
+    Returns one line per entry finished or undone, for the user."""
+    root = Path(root)
+    folder = root / JOURNAL_FOLDER
+    lines: list[str] = []
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.suffix in (".journal", ".new"):
+                lines += _recover_journal(root, path)
+    for tmp in _temporaries(root):  # a run makes its journal before its temporaries
+        if not (folder / f"{_run_of(tmp)}.journal").exists():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+    return lines
+
+
+def _recover_journal(root: Path, path: Path) -> list[str]:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return []  # gone since it was listed
+    try:
+        if not _flock(fd):
+            return []  # a live run
+        st = _lstat(path)
+        if st is None or _file_id(st) != _file_id(os.fstat(fd)):
+            return []  # recovered and removed by another run since we opened it
+        if path.suffix == ".new":  # a run killed while creating its journal (or creating it now)
+            if time.time() - st.st_mtime > _NEW_JOURNAL_GRACE_S:
+                os.unlink(path)
+            return []
+        with os.fdopen(os.dup(fd), "rb") as f:
+            entries, done = {}, set()
+            for raw in f:
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue  # a torn last line: its step never began (the entry is fsynced first)
+                if "done" in record:
+                    done.add(record["done"])
+                elif "id" in record:
+                    entries[record["id"]] = record
+        lines = [line for i, e in entries.items() if i not in done if (line := _settle(root, e))]
+        _remove_temporaries(root, path.stem)
+        os.unlink(path)
+        fsync_dir(path.parent)
+        return lines
+    finally:
+        os.close(fd)
+
+
+def _settle(root: Path, e: dict) -> str | None:
+    """Finish or undo one journal entry of a dead run; a line saying what was done, or None."""
+    source, target, tmp = e["source"], e["target"], e.get("tmp")
+    s, t = _lstat(source), _lstat(target)
+    placed = t is not None and _file_id(t) == e["placed_id"]
+    if s is not None and _file_id(s) == e["source_id"]:  # the source is where it was
+        if placed and _same_content(source, target):
+            os.unlink(source)
+            fsync_dir(os.path.dirname(source))
+            return f"finished an interrupted move: {source} -> {target}"
+        return f"undid an interrupted move: {source} stays"
+    if not placed and tmp is not None and _lstat(tmp) is not None and _file_id(_lstat(tmp)) == e["placed_id"]:
+        # The source went away and the copy never got its name: the copy is all there is.
+        for name in _candidates(Path(target).parent, Path(target).name):
+            try:
+                rename_noreplace(tmp, name)
+                return f"finished an interrupted move: {source} -> {name}"
+            except FileExistsError:
+                continue
     return None
 
 
-def _half_moved(source: Path, candidate: Path) -> bool:
-    """candidate is source's own move cut short: the same file (a hard link made before the
-    source's unlink), or a complete copy with the source's content and modification time (a
-    copy across filesystems). An equal photo from elsewhere, with its own mtime, is not: it
-    gets a name of its own and the source stays."""
-    if _same_file(source, candidate):
-        return True
-    if candidate.is_symlink() or not candidate.is_file():
-        return False
-    try:
-        same_time = os.stat(source).st_mtime_ns == os.stat(candidate).st_mtime_ns
-    except OSError:
-        return False
-    return same_time and _same_content(source, candidate)
+# --- the sorter ----------------------------------------------------------------------------------
 
+class Sorter:
+    """Places images into root/<folder>/ by mode ("link", "copy" or "move"); with dry_run it only
+    plans, and its plan names the places a real run would use. Opening a real sorter settles
+    what dead runs left (see recover; the lines are in .recovered). Use as a context manager."""
 
-def _same_content(a: Path, b: Path) -> bool:
-    try:
-        return _same_file(a, b) or filecmp.cmp(a, b, shallow=False)
-    except OSError:
-        return False
+    def __init__(self, root: Path | str, mode: str = "link", *, dry_run: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.root, self.mode, self.dry_run = Path(root), mode, dry_run
+        self._real_root = os.path.realpath(self.root)
+        self._planned: dict[Path, Path] = {}  # dry run: target -> the source planned there
+        self._journal: Journal | None = None
+        self._tmp_count = 0
+        self.recovered: list[str] = []
+        if not dry_run:
+            try:
+                self.recovered = recover(self.root)
+                if mode != "link":  # temporaries need an owner that others can see alive
+                    self._journal = Journal(self.root)
+            except OSError as exc:
+                raise SortError(f"--sort-into {self.root}: cannot keep its journal ({exc.strerror or exc})",
+                                hint="give a local folder you can write to") from None
 
+    def __enter__(self) -> "Sorter":
+        return self
 
-def _free_name(folder: Path, name: str) -> Path:
-    for candidate in _candidates(folder, name):
-        if not _exists(candidate):
-            return candidate
-    raise AssertionError("unreachable")
+    def __exit__(self, *exc) -> None:
+        self.close()
 
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
-def _move(source: Path, target: Path) -> None:
-    if _exists(target):  # never overwrite (a name taken since _free_name)
-        raise FileExistsError(errno.EEXIST, "exists", str(target))
-    try:
-        os.rename(source, target)  # atomic within a filesystem: the photo is in exactly one place
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
+    def place(self, source: Path | str, folder: str) -> Placement:
+        """Put source into root/folder; raises OSError when it cannot (the source is then untouched)."""
+        source = Path(source)
+        if self._inside_root(source):  # already sorted: never a new input
+            return Placement(source, source, "already there")
+        folder_path = self.root / folder
+        for _ in range(_MAX_TRIES):
+            found = self._existing(source, folder_path)
+            if found is not None:
+                if self.mode == "move" and not self.dry_run:
+                    os.unlink(source)  # another name of the same file (or a link to it) is at the target
+                return Placement(source, found, "already there")
+            target = self._free_name(folder_path, source.name)
+            if self.dry_run:
+                self._planned[target] = source
+                return Placement(source, target, self.mode)
+            folder_path.mkdir(parents=True, exist_ok=True)
+            try:
+                if self.mode == "link":
+                    os.symlink(os.path.abspath(source), target)
+                elif self.mode == "copy":
+                    self._copy_into_place(source, target)
+                else:
+                    self._move(source, target)
+            except FileExistsError:
+                continue  # the name was taken since it was chosen: look again
+            return Placement(source, target, self.mode)
+        raise OSError(errno.EEXIST, "every free name was taken by another writer", str(folder_path))
+
+    def _inside_root(self, source: Path) -> bool:
+        parent = os.path.realpath(os.path.dirname(os.path.abspath(source)))
+        return os.path.commonpath([parent, self._real_root]) == self._real_root
+
+    def _existing(self, source: Path, folder: Path) -> Path | None:
+        """The entry in folder that already is source's placement, or None."""
+        for candidate in _candidates(folder, source.name):
+            standin = self._planned.get(candidate)  # dry run: what a real run would have put there
+            if standin is None and not os.path.lexists(candidate):
+                return None
+            if self._is_placement(source, candidate, standin):
+                return candidate
+
+    def _is_placement(self, source: Path, candidate: Path, standin: Path | None) -> bool:
+        if standin is not None:
+            return (_same_content if self.mode == "copy" else _same_file)(source, standin)
+        if self.mode == "copy":
+            return not candidate.is_symlink() and candidate.is_file() and _same_content(source, candidate)
+        if self.mode == "link" or source.is_symlink():
+            return candidate.is_symlink() and _same_file(candidate, source)
+        return _same_inode(source, candidate)  # a move: the same file, never an equal copy
+
+    def _free_name(self, folder: Path, name: str) -> Path:
+        for candidate in _candidates(folder, name):
+            if candidate not in self._planned and not os.path.lexists(candidate):
+                return candidate
+
+    def _temporary(self, folder: Path) -> Path:
+        self._tmp_count += 1
+        return folder / f"{TMP_PREFIX}{self._journal.run}-{self._tmp_count}"
+
+    def _copy_to_temporary(self, source: Path, folder: Path) -> Path:
+        """A complete, fsynced copy of source (bytes, mode, times) under a temporary name in folder."""
+        tmp = self._temporary(folder)
+        try:
+            with open(source, "rb") as src, open(tmp, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                shutil.copystat(source, tmp)
+                os.fsync(dst.fileno())
+        except BaseException:
+            _unlink_quietly(tmp)
             raise
-        _copy_into_place(source, target)
-        os.unlink(source)  # only once the copy is durable at its place
+        return tmp
 
-
-def _copy_into_place(source: Path, target: Path) -> None:
-    """Copy to a temporary name in target's folder, fsync, then link or rename into place:
-    the target name only ever holds a complete copy, and an existing file is never replaced."""
-    folder = target.parent
-    tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{target.name}"
-    try:
-        with open(source, "rb") as src, open(tmp, "xb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        shutil.copystat(source, tmp)
+    def _copy_into_place(self, source: Path, target: Path) -> None:
+        tmp = self._copy_to_temporary(source, target.parent)
         try:
-            os.link(tmp, target)  # fails if target exists: never an overwrite
-            os.unlink(tmp)
+            rename_noreplace(tmp, target)
+        finally:
+            _unlink_quietly(tmp)
+        fsync_dir(target.parent)
+
+    def _move(self, source: Path, target: Path) -> None:
+        if source.is_symlink():  # the link moves, made absolute so that it still points at the photo
+            os.symlink(os.path.realpath(source), target)
+            os.unlink(source)
+            return
+        st = os.lstat(source)
+        entry = self._journal.begin(_abs(source), _abs(target), _file_id(st), _file_id(st), None)
+        try:
+            rename_noreplace(source, target)
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
+            self._journal.done(entry)
+            if exc.errno != errno.EXDEV:
                 raise
-            if _exists(target):  # a filesystem without hard links
-                raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
-            os.rename(tmp, target)
-        fsync_dir(folder)
-    finally:
-        if _exists(tmp):
-            os.unlink(tmp)
+            self._move_across(source, target, st)
+            return
+        fsync_dir(target.parent)
+        fsync_dir(source.parent)
+        self._journal.done(entry)
 
-
-
-
-def clean_temporaries(root: Path) -> int:
-    """Remove the temporary copies an interrupted run left in root's label folders (their sources
-    are untouched: a source is unlinked only after its copy is in place). Returns how many."""
-    removed = 0
-    for tmp in Path(root).glob(f"*/{TMP_PREFIX}*"):
+    def _move_across(self, source: Path, target: Path, st: os.stat_result) -> None:
+        """A move to another filesystem: copy, fsync, take the name, then unlink the source."""
+        tmp = self._copy_to_temporary(source, target.parent)
         try:
-            tmp.unlink()
-            removed += 1
-        except OSError:
-            pass
-    return removed
+            placed = _file_id(os.lstat(tmp))
+            entry = self._journal.begin(_abs(source), _abs(target), _file_id(st), placed, _abs(tmp))
+            try:
+                rename_noreplace(tmp, target)
+            except OSError:
+                self._journal.done(entry)
+                raise
+            fsync_dir(target.parent)
+            try:
+                os.unlink(source)
+            except OSError:
+                if _same_inode_id(target, placed):
+                    os.unlink(target)  # the source stays: no second copy left behind
+                    fsync_dir(target.parent)
+                self._journal.done(entry)
+                raise
+            fsync_dir(source.parent)
+            self._journal.done(entry)
+        finally:
+            _unlink_quietly(tmp)
+
+
+def _abs(path: Path) -> str:
+    return os.fsdecode(os.path.abspath(path))
+
+
+def _same_inode_id(path: Path, file_id) -> bool:
+    st = _lstat(path)
+    return st is not None and _file_id(st) == file_id
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
