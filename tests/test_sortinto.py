@@ -124,8 +124,20 @@ def test_files_inside_the_sort_folder_are_already_sorted(tmp_path):
     for mode in ("link", "copy", "move"):
         with Sorter(out, mode) as s:
             for p in inside:
-                assert s.place(p, "dog") == sortinto.Placement(p, p, "already there")
+                assert s.place(p, "dog") == sortinto.Placement(p, p, "already sorted")
     assert not (out / "dog").exists() and sorted((out / "cat").iterdir()) == inside
+
+
+@pytest.mark.parametrize("mode", ["link", "copy", "move"])
+def test_a_folder_sorted_into_itself(tmp_path, mode):
+    """Files directly in DIR are inputs; moving one onto its own name never removes it."""
+    photo = tmp_path / "x.jpg"
+    photo.write_bytes(b"photo")
+    with Sorter(tmp_path, mode) as s:
+        assert s.place(photo, "cat").target == tmp_path / "cat" / "x.jpg"
+        again = tmp_path / "cat" / "x.jpg"
+        assert s.place(again, "cat").action == "already sorted"
+    assert again.read_bytes() == b"photo" and photo.exists() == (mode != "move")
 
 
 def test_link_through_a_symlinked_folder_is_already_there(tmp_path):
@@ -163,11 +175,11 @@ def test_a_name_taken_between_choosing_and_taking_it_is_never_replaced(tmp_path,
     real = sortinto.rename_noreplace
     raced = []
 
-    def racing(a, b):
+    def racing(a, b, **kw):
         if not raced:
             raced.append(b)
             Path(b).write_bytes(b"another writer")
-        return real(a, b)
+        return real(a, b, **kw)
 
     monkeypatch.setattr(sortinto, "rename_noreplace", racing)
     with Sorter(out, "move") as s:
@@ -359,8 +371,8 @@ def test_move_killed_at_random_loses_nothing_and_a_rerun_finishes(tmp_path, requ
 
 
 KILL_POINTS = [  # (how, step, nth): kill -9 right after that call
-    ("same", "journal", 3), ("same", "place", 3), ("same", "fsync", 5),
-    ("link", "journal", 3), ("link", "link", 3), ("link", "unlink", 3),
+    ("same", "place", 3),  # renameat2: one step, nothing journalled
+    ("link", "journal", 3), ("link", "link", 3), ("link", "fsync", 3), ("link", "unlink", 3),
     ("across", "copy", 3), ("across", "journal", 3), ("across", "place", 3), ("across", "unlink", 3),
     ("across", "fsync", 4), ("across", "place", 202),  # 202: a b/ file, the cp -p copy of a/'s first
 ]
@@ -491,3 +503,33 @@ def test_classify_a_sort_folder_inside_the_tree_changes_nothing_on_a_second_run(
     assert before == ["sorted/_unsure", "sorted/_unsure/x-1.png", "sorted/_unsure/x.png"]
     assert invoke("classify", *args).exit_code == 0
     assert sorted(str(p.relative_to(two_folders)) for p in (two_folders / "sorted").rglob("*")) == before
+
+
+def test_ctrl_c_between_link_and_unlink_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    """An exception that is not an OSError (Ctrl-C) in the middle of a move leaves its journal
+    entry open: the journal is kept for the next run, which finishes the move."""
+    monkeypatch.setattr(sortinto, "_renameat2", None)
+    src = tmp_path / "x.jpg"
+    src.write_bytes(b"photo")
+    out = tmp_path / "out"
+    real_unlink = os.unlink
+
+    def interrupted(path, *a, **k):
+        if Path(path) == src:
+            raise KeyboardInterrupt
+        return real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with Sorter(out, "move") as s:
+            s.place(src, "cat")
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert _same_inode(src, out / "cat" / "x.jpg") and len(list((out / JOURNAL_FOLDER).iterdir())) == 1
+    with Sorter(out, "move") as s:
+        assert s.recovered == [f"finished an interrupted move: {src} -> {out / 'cat' / 'x.jpg'}"]
+    assert not src.exists() and (out / "cat" / "x.jpg").read_bytes() == b"photo"
+    assert not (out / JOURNAL_FOLDER).exists()
+
+
+def _same_inode(a, b):
+    return os.stat(a).st_ino == os.stat(b).st_ino

@@ -62,7 +62,7 @@ class SortError(AltclipError):
 class Placement:
     source: Path
     target: Path  # where the image is (or would be) placed
-    action: str  # "link", "copy", "move", or "already there"
+    action: str  # "link", "copy", "move", "already there", or "already sorted" (a file in DIR/<folder>/)
 
 
 def folder_name(label: str | None) -> str:
@@ -124,29 +124,46 @@ _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
-def rename_noreplace(src: Path | str, dst: Path | str) -> None:
+def rename_noreplace(src: Path | str, dst: Path | str, *, before_link=None) -> None:
     """Rename src to dst, failing with FileExistsError if dst exists (even one created a moment
-    ago): renameat2(RENAME_NOREPLACE) where the system has it, else a hard link and an unlink
-    (in between both names are the same file; if the unlink fails, the new name is removed
-    again). EXDEV: src and dst are on different filesystems."""
+    ago): renameat2(RENAME_NOREPLACE) where the system and filesystem have it, else a hard link
+    and an unlink (before_link() is called first: the file is about to have two names).
+    OSError EXDEV: src and dst are on different filesystems."""
+    if not _rename_atomic_noreplace(src, dst):
+        if before_link is not None:
+            before_link()
+        _link_then_unlink(src, dst)
+
+
+def _rename_atomic_noreplace(src: Path | str, dst: Path | str) -> bool:
+    """renameat2(RENAME_NOREPLACE): True when renamed (in one step: the file is never under both
+    names or neither), False where the system or the filesystem lacks it; else OSError."""
+    if _renameat2 is None:
+        return False
     src, dst = os.fspath(src), os.fspath(dst)
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in _UNSUPPORTED:  # else a filesystem without it: a hard link then
-            raise OSError(err, os.strerror(err), src, None, dst)
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), src, None, dst)
+
+
+def _link_then_unlink(src: Path | str, dst: Path | str) -> None:
+    """A hard link (which never replaces a name), then src unlinked. In between, both names are
+    the same file; if the unlink fails, dst is unlinked again and the file stays at src."""
     try:
         os.link(src, dst, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in _UNSUPPORTED or exc.errno == errno.EPERM:
             raise OSError(exc.errno, "this filesystem can neither rename without replacing nor hard-link",
-                          src, None, dst) from None
+                          os.fspath(src), None, os.fspath(dst)) from None
         raise
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
     try:
         os.unlink(src)
     except OSError:
-        os.unlink(dst)  # the same file under both names: keep it where it was
+        os.unlink(dst)
         raise
 
 
@@ -224,7 +241,8 @@ class Journal:
                 continue
             try:
                 _flock(self.fd, wait=True)
-                os.write(self.fd, (json.dumps({"pid": os.getpid()}) + "\n").encode())
+                header = (json.dumps({"pid": os.getpid()}) + "\n").encode()
+                self._header_len = os.write(self.fd, header)
                 os.rename(new, self.path)
             except FileNotFoundError:
                 os.close(self.fd)
@@ -246,9 +264,14 @@ class Journal:
         return entry_id
 
     def done(self, entry_id: int) -> None:
-        """The entry is finished or undone (not fsynced: a lost one is only checked again)."""
-        self._write({"done": entry_id}, sync=False)
+        """The entry is finished or undone (not fsynced: a lost one is only checked again). With no
+        entry open, the journal is cut back to its first line: it stays small however long the run."""
         self.open_ids.discard(entry_id)
+        if self.open_ids:
+            self._write({"done": entry_id}, sync=False)
+        else:
+            os.ftruncate(self.fd, self._header_len)
+            os.lseek(self.fd, self._header_len, os.SEEK_SET)
 
     def _write(self, record: dict, *, sync: bool) -> None:
         # json writes non-UTF-8 names (surrogate escapes) as \udcXX, and reads them back the same
@@ -328,7 +351,7 @@ def _recover_journal(root: Path, path: Path) -> list[str]:
             entries, done = {}, set()
             for raw in f:
                 try:
-                    record = json.loads(raw)
+                    record = json.loads(raw.strip(b"\x00"))  # NULs: a cut-back journal's hole
                 except ValueError:
                     continue  # a torn last line: its step never began (the entry is fsynced first)
                 if "done" in record:
@@ -405,13 +428,13 @@ class Sorter:
     def place(self, source: Path | str, folder: str) -> Placement:
         """Put source into root/folder; raises OSError when it cannot (the source is then untouched)."""
         source = Path(source)
-        if self._inside_root(source):  # already sorted: never a new input
-            return Placement(source, source, "already there")
+        if self._in_a_sorted_folder(source):  # a result of sorting, never a new input
+            return Placement(source, source, "already sorted")
         folder_path = self.root / folder
         for _ in range(_MAX_TRIES):
             found = self._existing(source, folder_path)
             if found is not None:
-                if self.mode == "move" and not self.dry_run:
+                if self.mode == "move" and not self.dry_run and _entry(source) != _entry(found):
                     os.unlink(source)  # another name of the same file (or a link to it) is at the target
                 return Placement(source, found, "already there")
             target = self._free_name(folder_path, source.name)
@@ -431,9 +454,11 @@ class Sorter:
             return Placement(source, target, self.mode)
         raise OSError(errno.EEXIST, "every free name was taken by another writer", str(folder_path))
 
-    def _inside_root(self, source: Path) -> bool:
-        parent = os.path.realpath(os.path.dirname(os.path.abspath(source)))
-        return os.path.commonpath([parent, self._real_root]) == self._real_root
+    def _in_a_sorted_folder(self, source: Path) -> bool:
+        """source lies in a folder below root (DIR/<label>/...); a file directly in root is an
+        input like any other (sorting a folder into itself)."""
+        parent = _entry(source)[0]
+        return parent != self._real_root and os.path.commonpath([parent, self._real_root]) == self._real_root
 
     def _existing(self, source: Path, folder: Path) -> Path | None:
         """The entry in folder that already is source's placement, or None."""
@@ -489,22 +514,28 @@ class Sorter:
             os.symlink(os.path.realpath(source), target)
             os.unlink(source)
             return
-        st = os.lstat(source)
-        entry = self._journal.begin(_abs(source), _abs(target), _file_id(st), _file_id(st), None)
+        entry: list[int] = []  # the journal entry, made only if the file will have two names
+
+        def journal_it():
+            st = os.lstat(source)
+            entry.append(self._journal.begin(_abs(source), _abs(target), _file_id(st), _file_id(st), None))
+
         try:
-            rename_noreplace(source, target)
+            rename_noreplace(source, target, before_link=journal_it)
         except OSError as exc:
-            self._journal.done(entry)
+            if entry:
+                self._journal.done(entry[0])  # not linked, or linked and taken back
             if exc.errno != errno.EXDEV:
                 raise
-            self._move_across(source, target, st)
+            self._move_across(source, target)
             return
-        fsync_dir(target.parent)
-        fsync_dir(source.parent)
-        self._journal.done(entry)
+        if entry:
+            fsync_dir(source.parent)
+            self._journal.done(entry[0])
 
-    def _move_across(self, source: Path, target: Path, st: os.stat_result) -> None:
+    def _move_across(self, source: Path, target: Path) -> None:
         """A move to another filesystem: copy, fsync, take the name, then unlink the source."""
+        st = os.lstat(source)
         tmp = self._copy_to_temporary(source, target.parent)
         try:
             placed = _file_id(os.lstat(tmp))
@@ -527,6 +558,12 @@ class Sorter:
             self._journal.done(entry)
         finally:
             _unlink_quietly(tmp)
+
+
+def _entry(path: Path) -> tuple[str, str]:
+    """(the real path of path's folder, its name): one folder entry however path is spelled."""
+    path = os.path.abspath(path)
+    return os.path.realpath(os.path.dirname(path)), os.path.basename(path)
 
 
 def _abs(path: Path) -> str:

@@ -265,9 +265,12 @@ def _sorter(sort_into, mode, dry_run, msgs):
         except OSError as exc:
             msgs.error(f"{record['image']}: cannot {mode} it into {root} ({exc.strerror or exc})")
             return False
-        if dry_run or done.action != "already there":
-            msgs.note(display(f"{mode} {source.path} -> {done.target}" if done.action != "already there"
-                              else f"{source.path}: already at {done.target}"))
+        if done.action == "already sorted":
+            msgs.note(display(f"{source.path}: already in a folder of {root}, not sorted again"))
+        elif done.action != "already there":
+            msgs.note(display(f"{mode} {source.path} -> {done.target}"))
+        elif dry_run:
+            msgs.note(display(f"{source.path}: already at {done.target}"))
         return True
 
     return sort
