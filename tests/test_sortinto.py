@@ -110,6 +110,18 @@ def test_a_hard_link_already_at_the_target_is_already_moved(tmp_path, primitive)
     assert not src.exists() and (out / "cat" / "x.jpg").read_bytes() == b"photo"
 
 
+def test_a_clash_on_a_name_of_255_bytes_takes_a_shorter_one(tmp_path):
+    name = "é" * 125 + ".jpg"  # 254 bytes
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / name).write_bytes(b"1")
+    (tmp_path / "b" / name).write_bytes(b"2")
+    with Sorter(tmp_path / "out", "copy") as s:
+        s.place(tmp_path / "a" / name, "cat")
+        second = s.place(tmp_path / "b" / name, "cat").target
+    assert second.name == "é" * 124 + "-1.jpg" and second.read_bytes() == b"2"
+
+
 def test_files_inside_the_sort_folder_are_already_sorted(tmp_path):
     """A walk that reaches DIR itself (or a list naming its files) never sorts them again."""
     out = tmp_path / "out"

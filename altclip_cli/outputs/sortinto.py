@@ -200,11 +200,17 @@ def _same_content(a, b) -> bool:
 
 
 def _candidates(folder: Path, name: str):
-    """name, then name-1, name-2, ... (the suffix before the extension)."""
+    """name, then name-1, name-2, ... (the suffix before the extension; the stem shortened where
+    the name would pass 255 bytes)."""
     stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
-    i = 0
+    yield folder / name
+    i = 1
     while True:
-        yield folder / (name if i == 0 else f"{stem}-{i}{dot}{ext}")
+        tail = f"-{i}{dot}{ext}"
+        short = stem
+        while short and len(os.fsencode(short + tail)) > MAX_NAME_BYTES:
+            short = short[:-1]
+        yield folder / f"{short}{tail}"
         i += 1
 
 
@@ -405,13 +411,20 @@ class Sorter:
         self._journal: Journal | None = None
         self._tmp_count = 0
         self.recovered: list[str] = []
-        if not dry_run:
+        if dry_run:
+            return
+        try:
+            self.recovered = recover(self.root)
+        except OSError as exc:
+            raise SortError(f"--sort-into {self.root}: cannot settle what an interrupted run left there "
+                            f"({exc.strerror or exc}: {exc.filename})",
+                            hint=f"fix that, then run again (the journal in {self.root / JOURNAL_FOLDER} "
+                                 "is kept until it is settled)") from None
+        if mode != "link":  # temporaries need an owner that other runs can see alive
             try:
-                self.recovered = recover(self.root)
-                if mode != "link":  # temporaries need an owner that others can see alive
-                    self._journal = Journal(self.root)
+                self._journal = Journal(self.root)
             except OSError as exc:
-                raise SortError(f"--sort-into {self.root}: cannot keep its journal ({exc.strerror or exc})",
+                raise SortError(f"--sort-into {self.root}: cannot keep a journal there ({exc.strerror or exc})",
                                 hint="give a local folder you can write to") from None
 
     def __enter__(self) -> "Sorter":
@@ -512,7 +525,11 @@ class Sorter:
     def _move(self, source: Path, target: Path) -> None:
         if source.is_symlink():  # the link moves, made absolute so that it still points at the photo
             os.symlink(os.path.realpath(source), target)
-            os.unlink(source)
+            try:
+                os.unlink(source)
+            except OSError:
+                os.unlink(target)
+                raise
             return
         entry: list[int] = []  # the journal entry, made only if the file will have two names
 
