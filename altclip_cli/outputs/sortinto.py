@@ -8,14 +8,16 @@ One `Sorter` per run. Its promises and how they are kept:
 - A second identical run changes nothing: an image already at its place (a link to the same file,
   an equal copy, the same file for a move) is recognised, and files already inside DIR are never
   taken as new inputs.
-- Never lose a photo, even under kill -9: a move is one rename within a filesystem, or across
-  filesystems a copy to a temporary name in the target folder, fsynced, put under its name, and
-  only then the source unlinked. Before any step that can put a file under a target name, the run
-  writes (and fsyncs) a journal entry: source, target, and the identity (device, inode) of the
-  file that will sit at the target. A later run finishes an entry (unlinks its source) only when
-  the source is still the journalled file and the target holds the journalled file with the same
-  bytes; otherwise it leaves the source where it is. An equal photo from elsewhere (a `cp -p`
-  copy) is never taken for a half-done move.
+- Never lose a photo, even under kill -9: within a filesystem a move is one rename (the photo
+  is under exactly one of its names at every instant); where the filesystem cannot rename without
+  replacing, it is a hard link and then an unlink; across filesystems it is a copy to a temporary
+  name in the target folder, fsynced, put under its name, and only then the source unlinked.
+  Before each step that leaves a photo under two names, the run writes (and fsyncs) a journal
+  entry: source, target, and the identity (device, inode) of the file that will sit at the
+  target. A later run finishes an entry (unlinks its source) only when the source is still the
+  journalled file and the target holds the journalled file with the same bytes; otherwise the
+  source stays. An equal photo from elsewhere (a `cp -p` copy) is never taken for a half-done
+  move: only the same file (the same inode) at the target counts as already moved.
 
 The journal: DIR/.altclip-sort/RUN.journal, one JSON object per line,
   {"id": 0, "source": "/abs/src.jpg", "target": "/abs/DIR/cat/src.jpg",
