@@ -263,7 +263,8 @@ def _sorter(sort_into, mode, dry_run, msgs):
         try:
             done = sorter.place(source.path, folder_name(record["top"]))
         except OSError as exc:
-            msgs.error(f"{record['image']}: cannot {mode} it into {root} ({exc.strerror or exc})")
+            where = f": {exc.filename}" if exc.strerror and exc.filename else ""
+            msgs.error(display(f"{record['image']}: cannot {mode} it into {root} ({exc.strerror or exc}{where})"))
             return False
         if done.action == "already sorted":
             msgs.note(display(f"{source.path}: already in a folder of {root}, not sorted again"))
