@@ -232,6 +232,41 @@ def test_a_source_that_cannot_be_removed_leaves_no_second_copy(tmp_path, far, mo
     assert src.read_bytes() == b"photo" and list((far / "out" / "cat").iterdir()) == []
 
 
+def test_a_source_removed_by_another_run_between_link_and_unlink_stays_at_its_target(tmp_path, monkeypatch):
+    """Another run may finish the same move (it sees the same file at the target and unlinks the
+    source): the link's own unlink then finds no source, and the target must stay."""
+    monkeypatch.setattr(sortinto, "_renameat2", None)
+    src = tmp_path / "x.jpg"
+    src.write_bytes(b"photo")
+    real_link = os.link
+
+    def link_then_another_run(a, b, **kw):
+        real_link(a, b, **kw)
+        os.unlink(a)
+
+    monkeypatch.setattr(os, "link", link_then_another_run)
+    with Sorter(tmp_path / "out", "move") as s:
+        s.place(src, "cat")
+    assert (tmp_path / "out" / "cat" / "x.jpg").read_bytes() == b"photo"
+
+
+def test_a_source_changed_during_its_copy_is_not_removed(tmp_path, far, monkeypatch):
+    src = tmp_path / "x.jpg"
+    src.write_bytes(b"photo")
+    real = shutil.copyfileobj
+
+    def copy_then_write(a, b, *args):
+        real(a, b, *args)
+        with open(src, "ab") as f:
+            f.write(b" and more")
+
+    monkeypatch.setattr(shutil, "copyfileobj", copy_then_write)
+    with Sorter(far / "out", "move") as s:
+        with pytest.raises(OSError, match="changed while it was being copied"):
+            s.place(src, "cat")
+    assert src.read_bytes() == b"photo and more" and list((far / "out" / "cat").iterdir()) == []
+
+
 def test_dry_run_plans_the_names_a_real_run_uses(tmp_path):
     for folder, data in (("a", b"1"), ("b", b"2"), ("c", b"1")):
         (tmp_path / folder).mkdir()
@@ -299,6 +334,40 @@ def test_two_runs_at_once_into_one_folder(tmp_path, request, mode, across):
     assert not list(out.rglob(f"{TMP_PREFIX}*")) and not (out / JOURNAL_FOLDER).exists()
     if mode == "move":
         assert list((tmp_path / "one").iterdir()) == list((tmp_path / "two").iterdir()) == []
+
+
+SAME_SOURCES = r"""
+import sys
+from pathlib import Path
+from altclip_cli.outputs import sortinto
+src, out, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+if how == "link":
+    sortinto._renameat2 = None
+with sortinto.Sorter(out, "move") as s:
+    for p in sorted(src.iterdir()):
+        try:
+            s.place(p, "x")
+        except OSError:
+            pass  # moved by another run a moment before: its error, never a lost photo
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["same", "link", "across"])
+def test_three_runs_moving_the_same_photos_at_once_lose_none(tmp_path, request, how):
+    out = request.getfixturevalue("far") / "out" if how == "across" else tmp_path / "out"
+    (tmp_path / "src").mkdir()
+    want = []
+    for i in range(200):
+        want.append(os.urandom(8 * 1024) + i.to_bytes(4, "little"))
+        (tmp_path / "src" / f"{i:04d}.bin").write_bytes(want[-1])
+    cmd = [sys.executable, "-c", SAME_SOURCES, str(tmp_path / "src"), str(out), how]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert stdout == "done\n", stderr
+    assert list((tmp_path / "src").iterdir()) == []
+    assert sorted(set(_files(out))) == sorted(want)  # each photo at least once (a copy may be twice)
 
 
 # --- kill -9 ----------------------------------------------------------------------------------------

@@ -162,10 +162,15 @@ def _link_then_unlink(src: Path | str, dst: Path | str) -> None:
                           os.fspath(src), None, os.fspath(dst)) from None
         raise
     fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    if not _same_inode(src, dst):
+        return  # src was removed (another run moved it) or replaced meanwhile: dst holds the file
     try:
         os.unlink(src)
+    except FileNotFoundError:
+        pass
     except OSError:
-        os.unlink(dst)
+        if _same_inode(src, dst):  # only while src still holds the file is dst a second name
+            os.unlink(dst)
         raise
 
 
@@ -450,7 +455,7 @@ class Sorter:
             found = self._existing(source, folder_path)
             if found is not None:
                 if self.mode == "move" and not self.dry_run and _entry(source) != _entry(found):
-                    os.unlink(source)  # another name of the same file (or a link to it) is at the target
+                    _unlink_quietly(source)  # another name of the same file (or a link to it) is at the target
                 return Placement(source, found, "already there")
             target = self._free_name(folder_path, source.name)
             if self.dry_run:
@@ -529,6 +534,8 @@ class Sorter:
             os.symlink(os.path.realpath(source), target)
             try:
                 os.unlink(source)
+            except FileNotFoundError:
+                pass
             except OSError:
                 os.unlink(target)
                 raise
@@ -566,7 +573,9 @@ class Sorter:
                 raise
             fsync_dir(target.parent)
             try:
-                os.unlink(source)
+                _unlink_unchanged(source, st)
+            except FileNotFoundError:
+                pass  # removed meanwhile (another run moved it): the copy stays, the photo is kept
             except OSError:
                 if _same_inode_id(target, placed):
                     os.unlink(target)  # the source stays: no second copy left behind
@@ -592,6 +601,15 @@ def _abs(path: Path) -> str:
 def _same_inode_id(path: Path, file_id) -> bool:
     st = _lstat(path)
     return st is not None and _file_id(st) == file_id
+
+
+def _unlink_unchanged(path: Path, before: os.stat_result) -> None:
+    """Unlink path if it is still the file `before` describes, unchanged (size and mtime);
+    else OSError (FileNotFoundError when it is gone)."""
+    now = os.lstat(path)
+    if _file_id(now) != _file_id(before) or (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise OSError(errno.EBUSY, "it changed while it was being copied", os.fspath(path))
+    os.unlink(path)
 
 
 def _unlink_quietly(path: Path) -> None:
