@@ -374,13 +374,14 @@ def test_three_runs_moving_the_same_photos_at_once_lose_none(tmp_path, request, 
 # --- kill -9 ----------------------------------------------------------------------------------------
 
 KILL_SCRIPT = r"""
-import os, signal, sys
+import os, signal, sys, time
 from pathlib import Path
 from altclip_cli.outputs import sortinto
 src, out, how, step, nth = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 if how == "link":  # no renameat2: a hard link, then an unlink
     sortinto._renameat2 = None
-if step != "none":  # kill -9 right after the nth call of one step
+pace = 0.0002 if step == "random" else 0  # killed from outside at a random instant: not too fast
+if step not in ("none", "random"):  # kill -9 right after the nth call of one step
     owner, name = {"journal": (sortinto.Journal, "begin"), "place": (sortinto, "rename_noreplace"),
                    "copy": (sortinto.shutil, "copyfileobj"), "link": (sortinto.os, "link"),
                    "unlink": (sortinto.os, "unlink"), "fsync": (sortinto.os, "fsync")}[step]
@@ -398,6 +399,7 @@ with sortinto.Sorter(out, "move") as s:
     for folder in sorted(src.iterdir()):
         for p in sorted(folder.iterdir()):
             s.place(p, "even" if p.name[:4].isdigit() and int(p.name[:4]) % 2 == 0 else "odd")
+            time.sleep(pace)
 print("done", flush=True)
 """
 
@@ -439,7 +441,7 @@ def _kill_target(tmp_path, request, how):
 def test_move_killed_at_random_loses_nothing_and_a_rerun_finishes(tmp_path, request, how):
     src, out = tmp_path / "src", _kill_target(tmp_path, request, how)
     want = _photos(src, 200)
-    cmd = [sys.executable, "-c", KILL_SCRIPT, str(src), str(out), how, "none", "0"]
+    cmd = [sys.executable, "-c", KILL_SCRIPT, str(src), str(out), how, "random", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(out.rglob("*.bin"))) < 40:
