@@ -565,14 +565,17 @@ def test_classify_dry_run_plans_the_names_a_real_run_uses(two_folders, model):
         "move a/x.png -> out/_unsure/x.png", "move b/x.png -> out/_unsure/x-1.png"]
 
 
-def test_classify_a_failed_placement_is_exit_code_3(two_folders, model):
+@pytest.mark.parametrize("mode", ["link", "copy", "move"])
+def test_classify_a_failed_placement_is_exit_code_3(two_folders, model, mode):
     from test_cli import invoke
 
     (two_folders / "out").mkdir()
     (two_folders / "out" / "_unsure").write_text("a file where the label folder would go")
-    result = invoke("classify", "a", *UNSURE, "--sort-into", "out", "--copy", "-m", model)
+    flag = [] if mode == "link" else [f"--{mode}"]
+    result = invoke("classify", "a", *UNSURE, "--sort-into", "out", *flag, "-m", model)
     assert result.exit_code == 3
-    assert result.stderr.splitlines()[0].startswith("error: a/x.png: cannot copy it into out (")
+    assert result.stderr.splitlines()[0].startswith(f"error: a/x.png: cannot {mode} it into out (")
+    assert result.stderr.splitlines()[-1] == "warning: 1 of 1 images failed"
     assert (two_folders / "a" / "x.png").exists()
 
 
