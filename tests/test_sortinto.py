@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from altclip_cli.outputs import sortinto
-from altclip_cli.outputs.sortinto import JOURNAL_FOLDER, TMP_PREFIX, Sorter, folder_name
+from altclip_cli.outputs import noreplace, sortinto
+from altclip_cli.outputs.sortinto import Sorter, folder_name
+from altclip_cli.outputs.sortjournal import JOURNAL_FOLDER, TMP_PREFIX
 
 
 def _other_filesystem(tmp_path) -> Path | None:
@@ -42,10 +43,10 @@ def far(tmp_path):
 @pytest.fixture(params=["renameat2", "link"])
 def primitive(request, monkeypatch):
     """Run the test with renameat2(RENAME_NOREPLACE), and again with the hard link + unlink fallback."""
-    if request.param == "renameat2" and sortinto._renameat2 is None:
+    if request.param == "renameat2" and noreplace._renameat2 is None:
         pytest.skip("no renameat2 here")
     if request.param == "link":
-        monkeypatch.setattr(sortinto, "_renameat2", None)
+        monkeypatch.setattr(noreplace, "_renameat2", None)
     return request.param
 
 
@@ -236,7 +237,7 @@ def test_a_source_that_cannot_be_removed_leaves_no_second_copy(tmp_path, far, mo
 def test_a_source_removed_by_another_run_between_link_and_unlink_stays_at_its_target(tmp_path, monkeypatch):
     """Another run may finish the same move (it sees the same file at the target and unlinks the
     source): the link's own unlink then finds no source, and the target must stay."""
-    monkeypatch.setattr(sortinto, "_renameat2", None)
+    monkeypatch.setattr(noreplace, "_renameat2", None)
     src = tmp_path / "x.jpg"
     src.write_bytes(b"photo")
     real_link = os.link
@@ -293,7 +294,7 @@ def test_a_live_runs_journal_and_temporaries_are_left_alone(tmp_path):
     out = tmp_path / "out"
     with Sorter(out, "copy") as first:
         (out / "cat").mkdir()
-        tmp = first._temporary(out / "cat")
+        tmp = first._journal.temporary(out / "cat")
         tmp.write_bytes(b"half a copy")
         dead = out / "cat" / f"{TMP_PREFIX}12345-x.jpg"  # an old or dead run's leftover
         dead.write_bytes(b"stale")
@@ -340,10 +341,10 @@ def test_two_runs_at_once_into_one_folder(tmp_path, request, mode, across):
 SAME_SOURCES = r"""
 import sys
 from pathlib import Path
-from altclip_cli.outputs import sortinto
+from altclip_cli.outputs import noreplace, sortinto
 src, out, how = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 if how == "link":
-    sortinto._renameat2 = None
+    noreplace._renameat2 = None
 with sortinto.Sorter(out, "move") as s:
     for p in sorted(src.iterdir()):
         try:
@@ -376,10 +377,10 @@ def test_three_runs_moving_the_same_photos_at_once_lose_none(tmp_path, request, 
 KILL_SCRIPT = r"""
 import os, signal, sys, time
 from pathlib import Path
-from altclip_cli.outputs import sortinto
+from altclip_cli.outputs import noreplace, sortinto
 src, out, how, step, nth = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 if how == "link":  # no renameat2: a hard link, then an unlink
-    sortinto._renameat2 = None
+    noreplace._renameat2 = None
 pace = 0.0002 if step == "random" else 0  # killed from outside at a random instant: not too fast
 if step not in ("none", "random"):  # kill -9 right after the nth call of one step
     owner, name = {"journal": (sortinto.Journal, "begin"), "place": (sortinto, "rename_noreplace"),
@@ -594,7 +595,7 @@ def test_classify_a_sort_folder_inside_the_tree_changes_nothing_on_a_second_run(
 def test_ctrl_c_between_link_and_unlink_is_finished_by_the_next_run(tmp_path, monkeypatch):
     """An exception that is not an OSError (Ctrl-C) in the middle of a move leaves its journal
     entry open: the journal is kept for the next run, which finishes the move."""
-    monkeypatch.setattr(sortinto, "_renameat2", None)
+    monkeypatch.setattr(noreplace, "_renameat2", None)
     src = tmp_path / "x.jpg"
     src.write_bytes(b"photo")
     out = tmp_path / "out"
