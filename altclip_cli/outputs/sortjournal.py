@@ -1,10 +1,13 @@
 """The journal of a sorting run, and settling what dead runs left in a sort folder.
 
-The journal: DIR/.altclip-sort/RUN.journal, one JSON object per line,
+The journal: DIR/.altclip-sort/RUN.journal (RUN: 16 random hex digits), one JSON object per line,
+  {"pid": 1234}                                           the first line, always there
   {"id": 0, "source": "/abs/src.jpg", "target": "/abs/DIR/cat/src.jpg",
-   "source_id": [dev, ino], "placed_id": [dev, ino], "tmp": "/abs/DIR/cat/.altclip-sort-RUN-0" | null}
+   "source_id": [dev, ino], "placed_id": [dev, ino], "tmp": "/abs/DIR/cat/.altclip-sort-RUN-1" | null}
   {"done": 0}
-held under an exclusive flock for the life of the run. A journal whose lock can be taken belongs
+An entry is written and fsynced before the step that leaves a photo under two names (placed_id:
+the file that step puts at target); whenever no entry is open the file is cut back to its first
+line. It is held under an exclusive flock for the life of the run. A journal whose lock can be taken belongs
 to a dead run: the next run finishes or undoes its open entries, removes its temporaries
 (DIR/<label>/.altclip-sort-RUN-N) and then the journal. A temporary whose run has no journal
 is a leftover too; one whose journal is locked belongs to a live run and is left alone.
