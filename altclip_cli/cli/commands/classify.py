@@ -106,8 +106,8 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
                     failed += 1
                     msgs.error(f"{record['image']}: {record['error']}")
                 writer.write(record)
-                if sorter is not None and "error" not in record:
-                    sorter(source, record)
+                if sorter is not None and "error" not in record and not sorter(source, record):
+                    failed += 1
                 bar.advance()
     writer.close()
     if store is not None:
@@ -235,8 +235,9 @@ def _synonyms(i: int, label: str) -> list[str]:
 
 
 def _sorter(sort_into, mode, dry_run, msgs):
-    """None without --sort-into; else sort(source, record) placing the image by its top label
-    (the folder checked now, before any model work)."""
+    """None without --sort-into; else sort(source, record) -> False when the image could not be
+    placed, placing it by its top label. The folder is checked, and what an interrupted run left
+    there settled, now, before any model work; the sorter closes with the command."""
     if sort_into is None:
         for flag, given in (("--copy" if mode == "copy" else "--move", mode), ("--dry-run", dry_run)):
             if given:
@@ -244,26 +245,34 @@ def _sorter(sort_into, mode, dry_run, msgs):
         return None
     from pathlib import Path
 
-    from ...outputs.sortinto import check_root, clean_temporaries, folder_name, place
+    from ...inputs.names import display
+    from ...outputs.sortinto import Sorter, check_root, folder_name
 
     root = Path(sort_into)
     check_root(root, create=not dry_run)
-    if not dry_run:
-        clean_temporaries(root)
     mode = mode or "link"
+    sorter = Sorter(root, mode, dry_run=dry_run)
+    click.get_current_context().call_on_close(sorter.close)
+    for line in sorter.recovered:
+        msgs.note(display(line))
 
-    def sort(source, record) -> None:
+    def sort(source, record) -> bool:
         if source.path is None:
             msgs.warn(f"{record['image']}: not a local file, not sorted")
-            return
+            return True
         try:
-            done = place(source.path, root / folder_name(record["top"]), mode, dry_run=dry_run)
+            done = sorter.place(source.path, folder_name(record["top"]))
         except OSError as exc:
-            msgs.error(f"{record['image']}: cannot {mode} it into {root} ({exc.strerror or exc})")
-            return
-        if dry_run or done.action != "already there":
-            msgs.note(f"{mode} {source.path} -> {done.target}" if done.action != "already there"
-                      else f"{source.path}: already at {done.target}")
+            where = f": {exc.filename}" if exc.strerror and exc.filename else ""
+            msgs.error(display(f"{record['image']}: cannot {mode} it into {root} ({exc.strerror or exc}{where})"))
+            return False
+        if done.action == "already sorted":
+            msgs.note(display(f"{source.path}: already in a folder of {root}, not sorted again"))
+        elif done.action != "already there":
+            msgs.note(display(f"{mode} {source.path} -> {done.target}"))
+        elif dry_run:
+            msgs.note(display(f"{source.path}: already at {done.target}"))
+        return True
 
     return sort
 
