@@ -198,7 +198,7 @@ image_input_options = _stack(
                  metavar="MB", help="Size cap for one image URL."),
     click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
                  metavar="SECONDS", help="Time allowed to read and decode one input; one that takes longer "
-                                         "(a FIFO with no writer, a hung network mount) fails and the run goes on."),
+                                         "(a hung network mount) fails and the run goes on."),
     click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
                  help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
                       "(default: at a reduced scale that keeps twice the model's input size; faster, "
