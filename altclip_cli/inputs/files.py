@@ -30,6 +30,8 @@ from ..errors import InputError
 
 T = TypeVar("T")
 
+DEFAULT_INPUT_TIMEOUT = 120.0  # seconds one input may take to read (and decode, in the pipeline)
+
 # O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOCTTY: a terminal never becomes ours.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
 

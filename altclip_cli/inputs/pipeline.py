@@ -22,9 +22,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..runtime.threads import plan_threads
-from .files import stuck_error
-
-DEFAULT_INPUT_TIMEOUT = 120.0  # seconds one input may spend in a worker (reading, decoding)
+from .files import DEFAULT_INPUT_TIMEOUT, stuck_error
 
 
 @dataclass
