@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from test_search_html import Page  # noqa: E402
 from test_serve import png_bytes, short_dir, start_server  # noqa: E402
 from test_serve_client import CLIENT_MAIN, Run, client_env  # noqa: E402
 
+from altclip_cli.errors import InputError  # noqa: E402
 from altclip_cli.serve import client  # noqa: E402
 from altclip_cli.serve.client import RequestFailed  # noqa: E402
 
@@ -166,3 +168,71 @@ def test_search_html_with_a_fifo_among_the_results_writes_the_page(_tiny_model_m
     assert sorted(cards) == ["p0.png", "p1.png", "p2.png"]
     assert cards["p1.png"]["imgs"] == [] and "not a regular file (a FIFO)" in cards["p1.png"]["text"]
     assert all(cards[n]["imgs"] for n in ("p0.png", "p2.png"))
+
+
+# --- a read that never returns (a hung network mount), on every path that reads here -------------------
+
+
+@pytest.fixture
+def hung(tmp_path, monkeypatch):
+    """A path whose stat() blocks (as on a hung NFS mount) until the test ends; others stat as usual."""
+    path = tmp_path / "nfs" / "hung.png"
+    release = threading.Event()
+    real_stat = os.stat
+
+    def stat(p, *args, **kw):
+        if os.fspath(p) == str(path):
+            release.wait()
+        return real_stat(p, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", stat)
+    yield path
+    release.set()
+
+
+def within_limit(fn, limit: float = 30):
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            out["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(limit)
+    assert not worker.is_alive(), f"still running after {limit} s"
+    return out
+
+
+def test_the_client_of_a_tcp_server_reads_a_file_within_the_input_timeout(hung):
+    from altclip_cli.inputs.sources import Source
+    from altclip_cli.serve.client import parse_target
+    from altclip_cli.serve.remote import RemoteModel
+
+    model = RemoteModel(parse_target("http://127.0.0.1:9"), {"limits": {"max_request_bytes": 1_000_000}},
+                        model_id="m")
+    model.input_timeout = 0.5  # as cli.options.connect_server sets it from --input-timeout
+    out = within_limit(lambda: model._image_item(Source("nfs/hung.png", path=str(hung))))
+    assert isinstance(out.get("error"), InputError), out
+    assert out["error"].message == "nfs/hung.png: no data after 0.5 s (a hung network mount?)"
+
+
+def test_the_gallery_makes_its_thumbnails_within_the_input_timeout(hung, tmp_path):
+    from altclip_cli.search.html import Hit, render
+
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(3))
+    out = within_limit(lambda: render([Hit(1, str(hung), 0.9), Hit(2, str(good), 0.8)], "q", input_timeout=0.5))
+    page = Page(out["value"])
+    assert page.cards[0]["imgs"] == [] and "no data after 0.5 s (a hung network mount?)" in page.cards[0]["text"]
+    assert len(page.cards[1]["imgs"]) == 1
+
+
+def test_a_query_image_is_read_within_the_input_timeout(hung):
+    from altclip_cli.search.query import QueryError, open_images, parse_query
+
+    out = within_limit(lambda: open_images(parse_query(str(hung)), {}, 0.5))
+    assert isinstance(out.get("error"), QueryError), out
+    assert out["error"].message == f"query image {hung}: no data after 0.5 s (a hung network mount?)"
