@@ -236,3 +236,25 @@ def test_a_query_image_is_read_within_the_input_timeout(hung):
     out = within_limit(lambda: open_images(parse_query(str(hung)), {}, 0.5))
     assert isinstance(out.get("error"), QueryError), out
     assert out["error"].message == f"query image {hung}: no data after 0.5 s (a hung network mount?)"
+
+
+def test_the_index_hashes_files_within_the_input_timeout(hung, tmp_path, monkeypatch):
+    """Content keys of same-size files (renames and copies are found by them): the run of files
+    with one that gives no data keeps no keys (they go to the decoders, under the same limit);
+    the other runs have theirs. One file per run here."""
+    from types import SimpleNamespace
+
+    from altclip_cli.search import update
+
+    monkeypatch.setattr(update, "HASH_CHUNK", 1)
+
+    files = []
+    for i in range(3):
+        path = tmp_path / f"p{i}.png"
+        path.write_bytes(bytes([i]) * 100)
+        files.append(SimpleNamespace(path=str(path), size=100, content_key=None))
+    files.insert(1, SimpleNamespace(path=str(hung), size=100, content_key=None))
+    within_limit(lambda: update._hash_all(files, 0.5))
+    assert files[1].content_key is None
+    assert [f.content_key for f in files[::2] + files[3:]] == [update.content_key(f.path, 100)
+                                                               for f in files[::2] + files[3:]]
