@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import InputError
 from ..quiet import Silent
 from .store import IndexStore, IndexStoreError
 from .summary import UpdateSummary
@@ -80,11 +79,16 @@ def model_identity(model: str, *, revision: str | None = None, progress: bool = 
 
 def content_key(path: str, size: int) -> str:
     """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file.
-    OSError or InputError (inputs.files.open_regular) when the file cannot be read."""
+    OSError when it cannot be read (or is no regular file any more: inputs.files says why)."""
+    from ..errors import InputError
     from ..inputs.files import open_regular
 
     digest = hashlib.sha256()
-    with open_regular(path, empty_ok=True) as f:  # InputError for anything but a regular file
+    try:
+        f = open_regular(path, empty_ok=True)
+    except InputError as exc:
+        raise OSError(exc.message) from None
+    with f:
         digest.update(f.read(HEAD_BYTES))
         if size > HEAD_BYTES:
             f.seek(max(HEAD_BYTES, size - TAIL_BYTES))
@@ -280,7 +284,7 @@ def _hash_run(items) -> list:
     for item in items:
         try:
             keys.append(content_key(item.path, item.size))
-        except (OSError, InputError):
+        except OSError:
             keys.append(None)
     return keys
 
@@ -324,7 +328,7 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
     def open_fn(source):
         try:  # read here, in the decoding thread, just before the decoder reads the same bytes
             keys[source.path] = content_key(source.path, os.stat(source.path).st_size)
-        except (OSError, InputError):  # open_source says why
+        except OSError:
             keys[source.path] = None
         return open_source(source, **kw)
 
