@@ -49,7 +49,8 @@ from .walk import DEFAULT_EXCLUDES, walk_images
 HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
 TAIL_BYTES = 64 << 10  # ... and the last 64 KiB
 COMMIT_EVERY = 256  # images embedded between two commits
-HASH_CHUNK = 64  # files hashed by one thread-pool task
+HASH_CHUNK = 64  # files hashed by one thread-pool task ...
+HASH_CHUNK_BYTES = 64 << 20  # ... and the most bytes it reads (a larger file alone), well within the input timeout
 DEFAULT_INPUT_TIMEOUT = 120.0  # as altclip_cli.inputs.pipeline (not imported: it imports numpy)
 
 
@@ -77,9 +78,17 @@ def model_identity(model: str, *, revision: str | None = None, progress: bool = 
 
 
 def content_key(path: str, size: int) -> str:
-    """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file."""
+    """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file.
+    OSError when it cannot be read (or is no regular file any more: inputs.files says why)."""
+    from ..errors import InputError
+    from ..inputs.files import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    try:
+        f = open_regular(path, empty_ok=True)
+    except InputError as exc:
+        raise OSError(exc.message) from None
+    with f:
         digest.update(f.read(HEAD_BYTES))
         if size > HEAD_BYTES:
             f.seek(max(HEAD_BYTES, size - TAIL_BYTES))
@@ -127,7 +136,7 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
                                    before_listing)
     summary.files = len(seen)
     if work or removed:
-        to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary)
+        to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary, input_timeout)
         if upserts or deletes:
             store.commit(upserts=upserts, deletes=deletes)
         if to_embed:
@@ -195,14 +204,14 @@ def _printable(name: str) -> str:
     return display(name)
 
 
-def _reuse_by_content(store, work, removed, summary):
+def _reuse_by_content(store, work, removed, summary, input_timeout=DEFAULT_INPUT_TIMEOUT):
     """Content keys for the files that might share content with an indexed file or with each
     other (same size), and the vectors they can reuse. Returns (items to embed, upserts of the
     reused ones, ids of the removed rows)."""
     sizes = store.sizes_with_vectors()
     same_size = Counter(item.size for item in work)
     candidates = [it for it in work if it.size in sizes or same_size[it.size] > 1]
-    _hash_all(candidates)
+    _hash_all(candidates, input_timeout)
     removed_ids = set(removed.values())
     renamed_from: set[int] = set()
     upserts, to_embed = [], []
@@ -235,28 +244,49 @@ def _reuse_by_content(store, work, removed, summary):
     return to_embed, upserts, sorted(removed_ids)
 
 
-def _hash_all(items) -> None:
-    """Content keys, read in a few threads (hashlib and file reads release the GIL), a run of
-    files per task (a task per file would cost more than hashing a small one); a file that
-    cannot be read keeps None and is embedded, which reports why."""
+def _hash_all(items, timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> None:
+    """Content keys, read in a few daemon threads (hashlib and file reads release the GIL), a
+    run of files per task (a task per file would cost more than hashing a small one): at most
+    HASH_CHUNK files and HASH_CHUNK_BYTES. A file that cannot be read keeps None and is embedded,
+    which reports why; so do the files of a run not hashed within `timeout` seconds (None: no
+    limit), a hung network mount, whose thread is given up."""
     if not items:
         return
+    from concurrent.futures import TimeoutError as FutureTimeout
 
-    def run(chunk):
-        for item in chunk:
+    from ..inputs.pipeline import DaemonPool
+
+    runs, size = [[]], 0
+    for item in items:
+        if runs[-1] and (len(runs[-1]) == HASH_CHUNK or size + item.size > HASH_CHUNK_BYTES):
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += item.size
+    pool = DaemonPool(min(4, len(runs)))
+    try:
+        tasks = [(run, pool.submit(_hash_run, run)) for run in runs]
+        for run, task in tasks:
             try:
-                item.content_key = content_key(item.path, item.size)
-            except OSError:
-                item.content_key = None
+                keys = pool.result(task, timeout)
+            except FutureTimeout:
+                pool.abandon(task)
+                keys = [None] * len(run)
+            for item, key in zip(run, keys):
+                item.content_key = key
+    finally:
+        pool.close()
 
-    if len(items) < 8:
-        run(items)
-        return
-    from concurrent.futures import ThreadPoolExecutor
 
-    chunks = [items[i:i + HASH_CHUNK] for i in range(0, len(items), HASH_CHUNK)]
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="altclip-hash") as pool:
-        list(pool.map(run, chunks))
+def _hash_run(items) -> list:
+    """The content key of each item, None for one that cannot be read."""
+    keys = []
+    for item in items:
+        try:
+            keys.append(content_key(item.path, item.size))
+        except OSError:
+            keys.append(None)
+    return keys
 
 
 def _check_model(store, model) -> dict:

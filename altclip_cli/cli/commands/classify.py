@@ -89,7 +89,7 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
 
         model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                            revision=revision, max_pixels=max_pixels, scores=True, url_timeout=url_timeout,
-                           url_max_mb=url_max_mb)
+                           url_max_mb=url_max_mb, input_timeout=input_timeout)
         templates = list(templates) or None
         if is_remote(model_) and index_dir is None and all(len(g) == 1 for g in groups):
             # The server scores too (/v1/classify, with its label cache): no numpy here.
