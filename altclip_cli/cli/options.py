@@ -206,6 +206,16 @@ image_input_options = _stack(
 )
 
 
+# Folders the index walk skips unless --exclude-dir replaces them (search.walk.DEFAULT_EXCLUDES).
+DEFAULT_EXCLUDE_TEXT = ".git, node_modules, @eaDir, System Volume Information, __pycache__"
+
+# The --index option of classify and embed: vectors of unchanged indexed images without the image tower.
+reuse_index_option = click.option(
+    "--index", "index_dir", default=None, metavar="DIR|auto",
+    help="Take the vectors of images that this index (made by `altclip index`; auto: the model's own) "
+         "holds unchanged from it instead of running the image tower; the numbers are the same.")
+
+
 def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dict:
     """The keyword arguments of inputs.open_source from the image input options
     (draft_min_side: the loaded model's, see AltCLIP.draft_min_side)."""

@@ -8,9 +8,8 @@ import click
 
 from ...errors import InputError
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
-                       server_options, stdin_for)
+                       reuse_index_option, server_options, stdin_for)
 from ..formats import FORMATS
-from .index import reuse_index_option
 
 
 @click.command()

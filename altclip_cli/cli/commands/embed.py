@@ -7,11 +7,10 @@ import sys
 import click
 
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
-                       pil_pixel_limit, server_options)
+                       pil_pixel_limit, reuse_index_option, server_options)
 from .embed_dataset import check_usage as check_dataset_usage
 from .embed_dataset import dataset_options, settings_for
 from .embed_dataset import to_dataset as to_dataset_output
-from .index import reuse_index_option
 
 
 @click.command()

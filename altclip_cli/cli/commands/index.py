@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import common_options, messages, model_options, server_options
-
-DEFAULT_EXCLUDE_TEXT = ".git, node_modules, @eaDir, System Volume Information, __pycache__"
-
-# The --index option of classify and embed: vectors of unchanged indexed images without the image tower.
-reuse_index_option = click.option(
-    "--index", "index_dir", default=None, metavar="DIR|auto",
-    help="Take the vectors of images that this index (made by `altclip index`; auto: the model's own) "
-         "holds unchanged from it instead of running the image tower; the numbers are the same.")
+from ..options import DEFAULT_EXCLUDE_TEXT, common_options, messages, model_options, server_options
 
 
 @click.command()

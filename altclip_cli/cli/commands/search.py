@@ -8,8 +8,7 @@ import sys
 
 import click
 
-from ..options import UsageError, common_options, messages, model_options, server_options
-from .index import DEFAULT_EXCLUDE_TEXT
+from ..options import DEFAULT_EXCLUDE_TEXT, UsageError, common_options, messages, model_options, server_options
 
 SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 
