@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..paths import default_index_folder
+from ..paths import default_index_folder, indexes_dir, real_root
 from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
 from .update import update_index
@@ -25,13 +25,20 @@ def index_folder(index: str, weights_id: str) -> Path:
     return default_index_folder(weights_id) if index == "auto" else Path(os.path.expanduser(index))
 
 
-def stores_relative(index: str, folder: Path, roots) -> bool:
-    """An index folder given inside a folder it indexes (`roots`: one path or several) stores
-    paths relative to itself, so that the folder and its index move together."""
+def stores_relative(folder: Path, roots) -> bool:
+    """An index folder inside a folder it indexes (`roots`: one path or several) stores paths
+    relative to itself, so that the folder and its index move together; altclip's own indexes
+    (those of `--index auto`, under paths.indexes_dir) store absolute paths. The folder alone
+    decides, so a server given the folder of a client's `--index auto` decides as the client would."""
     real = os.path.realpath(folder)
-    folders = [os.path.realpath(r) for r in ([roots] if isinstance(roots, (str, os.PathLike)) else roots)]
-    return index != "auto" and any(os.path.isdir(r) and (real == r or real.startswith(r.rstrip(os.sep) + os.sep))
-                                   for r in folders)
+    if _within(real, os.path.realpath(indexes_dir())):
+        return False
+    folders = [real_root(r) for r in ([roots] if isinstance(roots, (str, os.PathLike)) else roots)]
+    return any(os.path.isdir(r) and _within(real, r) for r in folders)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *, roots: list | None = None,
@@ -44,7 +51,7 @@ def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *
     IndexStoreError (another writer, another model, a damaged index)."""
     summary = summary if summary is not None else UpdateSummary()
     with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait,
-                         relative_paths=stores_relative(index, folder, root), writer=writer) as store:
+                         relative_paths=stores_relative(folder, root), writer=writer) as store:
         update_index(indexer, store, roots or [root], summary=summary, **update_kw)
     return summary
 
@@ -60,7 +67,7 @@ def index_paths(indexer, identity: dict, folder: Path, index: str, roots: list, 
     summary = summary if summary is not None else UpdateSummary()
     paths = [r[1] if isinstance(r, tuple) else r for r in roots]
     with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait, rebuild=rebuild,
-                         relative_paths=stores_relative(index, folder, paths), writer=writer) as store:
+                         relative_paths=stores_relative(folder, paths), writer=writer) as store:
         update_index(indexer, store, roots, summary=summary, **update_kw)
         if compact or summary.removed or summary.updated:
             return store.compact(only_if_worth=not compact)
@@ -78,6 +85,8 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
     if not (folder / INDEX_DB).exists():
         raise IndexStoreError(f"there is no index in {folder}",
                               hint="leave out --no-index to build it now, or run `altclip index DIR` first")
+    if not _utf8(root):  # the index holds UTF-8 paths only: none below this folder
+        return [], 0
     with IndexStore.open(folder, identity=identity) as store, store.snapshot(under=root, cache=cache) as snap:
         if snap.count == 0:
             return [], 0
@@ -88,3 +97,11 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
             positions, scores = positions[keep], scores[keep]
         paths = snap.paths_of(snap.file_ids[positions])
         return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False

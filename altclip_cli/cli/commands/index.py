@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import DEFAULT_EXCLUDE_TEXT, common_options, messages, model_options, server_options
+from ..options import common_options, messages, model_options, server_options, walk_options
 
 
 @click.command()
@@ -13,9 +13,7 @@ from ..options import DEFAULT_EXCLUDE_TEXT, common_options, messages, model_opti
 @click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
               help="Where the index lives; auto: one per model under ALTCLIP_HOME/indexes. A DIR inside a "
                    "walked folder stores paths relative to it, so the two can move together.")
-@click.option("--include-hidden", is_flag=True, help="Also walk hidden files and folders (names starting with '.').")
-@click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
-              help=f"Skip folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
+@walk_options
 @click.option("--retry-failed", is_flag=True, help="Try again the images that failed before, changed or not.")
 @click.option("--rebuild", is_flag=True, help="Start the index over (a damaged one too) and embed every image.")
 @click.option("--compact", is_flag=True,
@@ -64,12 +62,12 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     from ...search.run import index_paths
     from ...search.summary import UpdateSummary
     from .. import ExitStatus
-    from ..options import connect_server, load_model, open_kwargs
+    from ..options import connect_server, excluded_dirs, load_model, open_kwargs
     from ..terminal import isatty
 
     msgs = messages()
     roots = list(paths) or ["."]
-    excludes = tuple(d for d in exclude_dirs if d) if exclude_dirs else None
+    excludes = excluded_dirs(exclude_dirs)
     summary = UpdateSummary()
     compacted = None  # (vector rows before, after) when the run compacted the index
     remote = connect_server(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,

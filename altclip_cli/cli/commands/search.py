@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..options import DEFAULT_EXCLUDE_TEXT, UsageError, common_options, messages, model_options, server_options
+from ..options import UsageError, common_options, messages, model_options, server_options, walk_options
 
 SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 
@@ -37,9 +37,7 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Wait this long for another run updating the same index [default: fail at once; "
                    "--no-index searches what it has committed so far].")
-@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders (names starting with '.').")
-@click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
-              help=f"Do not index folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
+@walk_options
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
               help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
 @click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
@@ -99,9 +97,9 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
     root = os.path.realpath(os.path.expanduser(search_dir))
 
     from ...outputs.signals import sigterm_as_interrupt
-    from ..options import get_model, is_remote, open_kwargs, pil_pixel_limit
+    from ..options import excluded_dirs, get_model, is_remote, open_kwargs, pil_pixel_limit
 
-    walk = {"include_hidden": include_hidden, "exclude_dirs": tuple(d for d in exclude_dirs if d) or None}
+    walk = {"include_hidden": include_hidden, "exclude_dirs": excluded_dirs(exclude_dirs)}
     with sigterm_as_interrupt() as terminated, pil_pixel_limit(max_pixels):
         try:
             # The images to index go to the model too: a server's decoding must be this command's.
