@@ -177,10 +177,7 @@ def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, 
         for rel in walk.skipped_names:
             where = join(real, rel) if rel else real
             summary.skipped_names.append(_printable(where))
-            what = "folder" if os.path.isdir(where) else "file"
-            below = " the images below it" if what == "folder" else " it"
-            msgs.warn(f"{_printable(where)}: the {what} name is not valid UTF-8 (the index stores UTF-8 paths), so "
-                      f"the index cannot hold{below}; skipped")
+            msgs.warn(not_utf8_warning(where))
         if "" in walk.skipped_names:  # the root itself: nothing below it can be held
             continue
         root_key = store.key_of(real)
@@ -203,6 +200,23 @@ def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, 
     removed = {key: row[1] for key, row in known.items()
                if key not in seen and not any(key == p or key.startswith(p + "/") for p in kept_prefixes)}
     return seen, work, removed
+
+
+def storable(path: str) -> bool:
+    """Whether the index can hold `path` (it stores UTF-8 text; a name the file system holds as
+    other bytes is skipped, with not_utf8_warning)."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def not_utf8_warning(path: str) -> str:
+    """The warning that names a file or folder the index cannot hold, readably."""
+    what, below = ("folder", "the images below it") if os.path.isdir(path) else ("file", "it")
+    return (f"{_printable(path)}: the {what} name is not valid UTF-8 (the index stores UTF-8 paths), so the "
+            f"index cannot hold {below}; skipped")
 
 
 def _printable(name: str) -> str:

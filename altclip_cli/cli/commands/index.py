@@ -123,13 +123,21 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
 def _index_on_server(remote, roots, index, include_hidden, excludes, retry_failed, rebuild, compact, wait, msgs):
     """`altclip index` by the server (POST /v1/index), its messages printed here: (its
     UpdateSummary, its compaction (rows before, after) or None)."""
-    import os
-
+    from ...paths import real_root
     from ...search.summary import UpdateSummary
+    from ...search.update import not_utf8_warning, storable
     from ..messages import ServerProgress, replay
     from ..terminal import isatty
 
-    paths = [(root, os.path.realpath(os.path.expanduser(root))) for root in roots]
+    paths = []
+    for root in roots:  # named as the index names them (a request holds UTF-8 text only)
+        real = real_root(root)
+        if storable(real):
+            paths.append((root, real))
+        else:
+            msgs.warn(not_utf8_warning(real))
+    if not paths:
+        return UpdateSummary(), None
     bar = ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
     try:
         answer = remote.index(paths, index=index, include_hidden=include_hidden, exclude_dirs=excludes,

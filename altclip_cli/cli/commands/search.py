@@ -172,12 +172,16 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
     warm model and ranks; its messages (failed images, the summary) are printed here."""
     from ...paths import default_index_folder
     from ...search.summary import UpdateSummary, report_update
+    from ...search.update import not_utf8_warning, storable
     from ..messages import ServerProgress, replay
     from ..terminal import isatty
 
     # This command's index, wherever the server keeps its own (its ALTCLIP_HOME may not be ours).
     folder = default_index_folder(remote.weights_id) if index_dir == "auto" else os.path.expanduser(index_dir)
     index = os.path.abspath(folder)
+    if not storable(root):  # no image below it can be indexed (and a request holds UTF-8 text only)
+        msgs.warn(not_utf8_warning(root))
+        return [], 0
     bar = ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
     try:
         answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
