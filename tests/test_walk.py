@@ -271,3 +271,37 @@ def test_a_warm_server_sees_a_change_to_a_symlinks_target(server, tmp_path):
     os.remove(outside / "target.png")  # the target goes: the link is broken, its row dropped
     gone = ask()
     assert gone["walked"] == [str(root)] and gone["update"]["removed"] == 1, gone
+    # A symlinked folder outside the tree: its entries are watched through the link.
+    (outside / "album").mkdir()
+    os.symlink(outside / "album", root / "album")
+    assert ask()["walked"] == [str(root / "album")]  # a new folder: walked where it is
+    write_image(outside / "album" / "new.png", 4)
+    grown = ask()
+    assert grown["walked"] == [str(root / "album")] and grown["update"]["added"] == 1, grown
+
+
+def test_the_watch_names_a_symlink_whose_target_changed(tmp_path):
+    from altclip_cli.search.watch import TreeWatch
+
+    if not TreeWatch.available():
+        pytest.skip("inotify is Linux's")
+    root, outside = tmp_path / "photos", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "t.png").write_bytes(b"one")
+    (outside / "u.png").write_bytes(b"two")
+    os.symlink(outside / "t.png", root / "link.png")
+    watch = TreeWatch()
+    found = walk_images(str(root), before_listing=watch.add, followed_link=watch.add_link)
+    assert [rel for rel, *_x in found.files] == ["link.png"] and watch.changes() == set()
+    with open(outside / "t.png", "r+b") as f:  # written in place, its mtime set back
+        st = os.stat(outside / "t.png")
+        f.write(b"ONE")
+    os.utime(outside / "t.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert watch.changes() == {str(root / "link.png")}
+    assert watch.changes() == set()  # reported once: the walk that follows watches it again
+    walk_images(str(root), before_listing=watch.add, followed_link=watch.add_link)
+    os.remove(root / "link.png")
+    os.symlink(outside / "u.png", root / "link.png")  # retargeted: an event in the watched folder too
+    assert str(root / "link.png") in watch.changes()
+    watch.close()

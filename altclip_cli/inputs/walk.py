@@ -123,6 +123,8 @@ def walk_tree(root: str, *, recursive: bool = True, include_hidden: bool = False
     except OSError as exc:
         yield ("unlisted", "", exc)
         return
+    if followed_link is not None and os.path.islink(root):
+        followed_link(root, st)
     if not stat.S_ISDIR(st.st_mode):
         if stat.S_ISREG(st.st_mode):
             yield ("file", "", (st.st_size, st.st_mtime_ns))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..paths import default_index_folder, indexes_dir, real_root
+from ..paths import default_index_folder, index_path, indexes_dir, real_root
 from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
 from .update import update_index
@@ -52,7 +52,11 @@ def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *
     summary = summary if summary is not None else UpdateSummary()
     with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait,
                          relative_paths=stores_relative(folder, root), writer=writer) as store:
-        update_index(indexer, store, roots or [root], summary=summary, **update_kw)
+        if roots:  # below root as walked: named by the rule, not resolved again
+            update_index(indexer, store, [index_path(r, root) for r in roots], summary=summary, as_named=True,
+                         **update_kw)
+        else:
+            update_index(indexer, store, [root], summary=summary, **update_kw)
     return summary
 
 

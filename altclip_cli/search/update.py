@@ -110,7 +110,8 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
                  input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, msgs=None, retry_failed: bool = False,
                  commit_every: int = COMMIT_EVERY, summary: UpdateSummary | None = None,
                  before_listing: Callable[[str], None] | None = None,
-                 followed_link: Callable[[str, os.stat_result], None] | None = None) -> UpdateSummary:
+                 followed_link: Callable[[str, os.stat_result], None] | None = None,
+                 as_named: bool = False) -> UpdateSummary:
     """Bring `store` (opened with write=True) up to date with the image files at or below `roots`
     (folders or files; or (name, path) pairs, the name used in messages). See the module doc. get_model: a zero-argument callable returning the
     loaded AltCLIP (called only if some image needs embedding), or the model itself. open_kw: the
@@ -119,14 +120,16 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     summary: filled in place as the run goes (what an interrupted run committed is in it).
     Raises IndexStoreError when the loaded model does not match the index (weights, width,
     precision, decoding); KeyboardInterrupt after committing what was done.
-    before_listing(folder), followed_link(path, stat): the walk's callbacks (see inputs.walk)."""
+    before_listing(folder), followed_link(path, stat): the walk's callbacks (see inputs.walk).
+    as_named: the roots are already named as the index names them (paths.index_path: folders
+    below a walked root, through its symlinks), so they are not resolved again."""
     started = time.monotonic()
     summary = summary if summary is not None else UpdateSummary()
     msgs = msgs or Silent()
     get = get_model if callable(get_model) else (lambda: get_model)
 
-    seen, work, removed = _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs,
-                                   before_listing, followed_link)
+    seen, work, removed = _compare(store, _unique_roots(roots, as_named), include_hidden, exclude_dirs,
+                                   retry_failed, summary, msgs, before_listing, followed_link)
     summary.files = len(seen)
     if work or removed:
         to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary)
@@ -138,14 +141,14 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     return summary
 
 
-def _unique_roots(roots) -> list[tuple[str, str]]:
-    """(as given, real path: paths.real_root) per root, without roots that lie inside another one.
-    A root is a path, or a (name for messages, path) pair (a server names files as its client gave
-    them)."""
+def _unique_roots(roots, as_named: bool = False) -> list[tuple[str, str]]:
+    """(as given, the path the index names it by: paths.real_root unless `as_named`) per root,
+    without roots that lie inside another one. A root is a path, or a (name for messages, path)
+    pair (a server names files as its client gave them)."""
     real = []
     for root in roots:
         given, where = root if isinstance(root, tuple) else (os.fspath(root), os.fspath(root))
-        path = real_root(where)
+        path = os.path.abspath(where) if as_named else real_root(where)
         if all(path != r for _, r in real):
             real.append((given, path))
     return [(g, r) for g, r in real if not any(_inside(r, other) for _, other in real if other != r)]
@@ -157,15 +160,15 @@ def _inside(path: str, folder: str) -> bool:
 
 def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs, before_listing=None,
              followed_link=None):
-    """Walk the roots and compare with the index: (keys seen, new or changed _Items, {key: file id}
-    of indexed files that are gone)."""
+    """Walk the roots ((as given, as named) pairs) and compare with the index: (keys seen, new or
+    changed _Items, {key: file id} of indexed files that are gone)."""
     seen: set[str] = set()
     work: list[_Item] = []
     known: dict = {}
     kept_prefixes: list[str] = []  # below folders that could not be listed: nothing is removed
     skip = (str(store.folder),)
     join = os.path.join
-    for given, real in _unique_roots(roots):
+    for given, real in roots:
         walk = walk_images(real, include_hidden=include_hidden, exclude_dirs=exclude_dirs, skip_dirs=skip,
                            utf8_only=True, before_listing=before_listing, followed_link=followed_link)
         for rel, exc in walk.unlisted:
