@@ -103,10 +103,8 @@ def _expand_dir(name: str, path: str, walk: dict) -> Iterator[Source]:
     options = {k: v for k, v in walk.items() if k != "warn"}
     for kind, rel, info in walk_tree(path, **options):
         shown = os.path.join(name, rel) if rel else name
-        if kind == "file":
+        if kind in ("file", "irregular"):  # irregular: a broken symlink, the opener says why it cannot be read
             count += 1
-            yield Source(shown, path=os.path.join(path, rel), root=path)
-        elif kind == "irregular":  # a broken symlink: the opener says why it cannot be read
             yield Source(shown, path=os.path.join(path, rel), root=path)
         elif kind == "unlisted":
             why = ("permission denied (cannot list this folder)" if isinstance(info, PermissionError)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..paths import default_index_folder, index_path, indexes_dir, real_root
 from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
-from .update import update_index
+from .update import storable, update_index
 
 
 def index_folder(index: str, weights_id: str) -> Path:
@@ -48,7 +48,8 @@ def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *
     `root` (update.update_index; `indexer` is the model, or a callable returning it, called only
     when some image needs embedding), or only below `roots` (folders at or below root: where a
     watch saw changes). `summary` is filled in place, so an interrupted run's is kept. Raises
-    IndexStoreError (another writer, another model, a damaged index)."""
+    IndexStoreError (another writer, another model, a damaged index). `index` (the --index given)
+    does not decide how paths are stored: the folder does (stores_relative)."""
     summary = summary if summary is not None else UpdateSummary()
     with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait,
                          relative_paths=stores_relative(folder, root), writer=writer) as store:
@@ -89,7 +90,7 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
     if not (folder / INDEX_DB).exists():
         raise IndexStoreError(f"there is no index in {folder}",
                               hint="leave out --no-index to build it now, or run `altclip index DIR` first")
-    if not _utf8(root):  # the index holds UTF-8 paths only: none below this folder
+    if not storable(root):  # the index holds UTF-8 paths only: none below this folder
         return [], 0
     with IndexStore.open(folder, identity=identity) as store, store.snapshot(under=root, cache=cache) as snap:
         if snap.count == 0:
@@ -102,10 +103,3 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
         paths = snap.paths_of(snap.file_ids[positions])
         return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count
 
-
-def _utf8(path: str) -> bool:
-    try:
-        path.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
