@@ -16,7 +16,7 @@ from altclip_cli.inputs.sources import expand_images
 from altclip_cli.inputs.walk import walk_images
 from altclip_cli.paths import default_index_folder
 from altclip_cli.search.store import INDEX_DB
-from test_cli import SAFE_ENV, invoke, write_image
+from test_cli import invoke, write_image
 
 NOT_UTF8 = os.fsdecode(b"caf\xe9")  # a name the file system holds as bytes that are not UTF-8
 
