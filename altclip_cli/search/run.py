@@ -102,4 +102,3 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
             positions, scores = positions[keep], scores[keep]
         paths = snap.paths_of(snap.file_ids[positions])
         return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count
-

@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..inputs.walk import DEFAULT_EXCLUDES, walk_images
-from ..paths import real_root
 from ..quiet import Silent
 from .store import IndexStore, IndexStoreError
 from .summary import UpdateSummary
+from ..inputs.walk import DEFAULT_EXCLUDES, walk_images
+from ..paths import real_root
 
 HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
 TAIL_BYTES = 64 << 10  # ... and the last 64 KiB

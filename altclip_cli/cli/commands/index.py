@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import common_options, messages, model_options, server_options, walk_options
+from ..options import common_options, excluded_dirs, messages, model_options, server_options, walk_options
 
 
 @click.command()
@@ -62,7 +62,7 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     from ...search.run import index_paths
     from ...search.summary import UpdateSummary
     from .. import ExitStatus
-    from ..options import connect_server, excluded_dirs, load_model, open_kwargs
+    from ..options import connect_server, load_model, open_kwargs
     from ..terminal import isatty
 
     msgs = messages()
