@@ -206,6 +206,42 @@ image_input_options = _stack(
 )
 
 
+# Folders every walk skips unless --exclude-dir replaces them (inputs.walk.DEFAULT_EXCLUDES).
+DEFAULT_EXCLUDE_TEXT = ".git, node_modules, @eaDir, System Volume Information, __pycache__"
+
+# How folders are walked, the same for classify/embed -r, index and search.
+walk_options = _stack(
+    click.option("--include-hidden", is_flag=True, help="Also walk hidden files and folders (names starting with '.')."),
+    click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
+                 help=f"Skip folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT})."),
+)
+
+
+def excluded_dirs(exclude_dirs) -> tuple | None:
+    """The folder names --exclude-dir gives: None when not given (the walk's defaults); an empty
+    name (--exclude-dir "") stands for none."""
+    return tuple(d for d in exclude_dirs if d) if exclude_dirs else None
+
+
+def walk_kwargs(include_hidden: bool, exclude_dirs, index_dir: str | None = None, sort_into: str | None = None) -> dict:
+    """inputs.sources.expand_images' walk options from the command line: the walk options, and the
+    folders the command writes to (an --index DIR, a --sort-into DIR), never walked into."""
+    import os
+
+    kw = {"include_hidden": include_hidden,
+          "skip_dirs": tuple(os.path.expanduser(d) for d in (index_dir, sort_into) if d and d != "auto")}
+    excludes = excluded_dirs(exclude_dirs)
+    if excludes is not None:
+        kw["exclude_dirs"] = excludes
+    return kw
+
+# The --index option of classify and embed: vectors of unchanged indexed images without the image tower.
+reuse_index_option = click.option(
+    "--index", "index_dir", default=None, metavar="DIR|auto",
+    help="Take the vectors of images that this index (made by `altclip index`; auto: the model's own) "
+         "holds unchanged from it instead of running the image tower; the numbers are the same.")
+
+
 def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dict:
     """The keyword arguments of inputs.open_source from the image input options
     (draft_min_side: the loaded model's, see AltCLIP.draft_min_side)."""

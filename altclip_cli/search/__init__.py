@@ -1,5 +1,5 @@
 """Search over one's own images: an index per model (store.py) that `altclip index` keeps up to
-date by walking folders (walk.py, update.py), and the ranking of its vectors against a query.
+date by walking folders (inputs/walk.py, update.py), and the ranking of its vectors against a query.
 
 From Python, `search` is `altclip search`::
 

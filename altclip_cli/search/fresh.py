@@ -1,6 +1,6 @@
 """Which folders an index is known to be up to date with, for a long-lived process (`altclip
-serve`): the trees it walked, each with an inotify watch on every folder the walk listed
-(watch.py), and what changed below them since.
+serve`): the trees it walked, each with an inotify watch on every folder the walk listed and
+the state of every symlink it followed (watch.py), and what changed below them since.
 
 A later update below the same folder, with the same walk options, walks nothing when no event
 came since, or only the folders where something changed (`FreshTrees.plan`), as long as nobody
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .run import update_below
 from .store import INDEX_DB, VECTORS
-from .walk import DEFAULT_EXCLUDES
+from ..inputs.walk import DEFAULT_EXCLUDES
 from .watch import TreeWatch
 
 TRUST_CLEAN_S = 300.0  # a watched tree with no event is still walked again after this long
@@ -118,7 +118,7 @@ def update_watched(trees: FreshTrees, indexer, identity: dict, folder, index: st
     watching what it walks: the folders walked ([root], some below it, or [] for none). Calls
     on one index must not overlap (the caller holds a lock per index)."""
     options = (include_hidden, exclude_dirs)
-    if exclude_dirs is not None:  # else walk.DEFAULT_EXCLUDES
+    if exclude_dirs is not None:  # else inputs.walk.DEFAULT_EXCLUDES
         update_kw["exclude_dirs"] = exclude_dirs
     tree, roots = trees.plan(root, options, index_state(folder))
     if not roots:
@@ -126,6 +126,7 @@ def update_watched(trees: FreshTrees, indexer, identity: dict, folder, index: st
     watch = tree.watch if tree is not None else TreeWatch()
     try:
         update_below(indexer, identity, folder, index, root, roots=roots, before_listing=watch.add,
+                     followed_link=watch.add_link,
                      include_hidden=include_hidden, **update_kw)
     except BaseException:
         if tree is None:

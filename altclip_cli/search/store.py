@@ -437,14 +437,12 @@ class IndexStore:
 
     def lookup(self, paths: Iterable[str | os.PathLike]) -> dict:
         """{path as given: (size, mtime_ns, vec_row or None, error or None)} for the paths the index
-        holds (others are left out). Paths are made absolute, with their folder's symlinks resolved
-        (as `altclip index` stores them)."""
+        holds (others are left out). Paths are taken as named (altclip_cli.paths.index_names gives
+        the names a file may be held under)."""
         keys: dict[str, list] = {}
         for p in paths:
-            absolute = os.path.abspath(os.fspath(p))
-            real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
             try:
-                keys.setdefault(self.key_of(real), []).append(p)
+                keys.setdefault(self.key_of(p), []).append(p)
             except ValueError:  # relpath across drives (Windows)
                 continue
         out = {}

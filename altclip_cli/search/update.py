@@ -17,7 +17,7 @@ How to call it::
 it is called only when some file needs the image tower, so bringing an unchanged tree up to date
 never loads the model. A loaded AltCLIP may be passed instead of the callable.
 
-What a run does: walk the roots (walk.py), compare each image's size and mtime_ns with the
+What a run does: walk the roots (inputs/walk.py), compare each image's size and mtime_ns with the
 index (one SELECT per root), and then
   - drop the files under the roots that are gone (not under a folder that could not be listed);
   - for new and changed files whose size matches an indexed file's (or another new file's),
@@ -44,7 +44,8 @@ from typing import Callable
 from ..quiet import Silent
 from .store import IndexStore, IndexStoreError
 from .summary import UpdateSummary
-from .walk import DEFAULT_EXCLUDES, walk_images
+from ..inputs.walk import DEFAULT_EXCLUDES, walk_images
+from ..paths import real_root
 
 HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
 TAIL_BYTES = 64 << 10  # ... and the last 64 KiB
@@ -117,7 +118,9 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
                  exclude_dirs=DEFAULT_EXCLUDES, open_kw: dict | None = None, batch_size: int | None = None,
                  input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, msgs=None, retry_failed: bool = False,
                  commit_every: int = COMMIT_EVERY, summary: UpdateSummary | None = None,
-                 before_listing: Callable[[str], None] | None = None) -> UpdateSummary:
+                 before_listing: Callable[[str], None] | None = None,
+                 followed_link: Callable[[str, os.stat_result], None] | None = None,
+                 as_named: bool = False) -> UpdateSummary:
     """Bring `store` (opened with write=True) up to date with the image files at or below `roots`
     (folders or files; or (name, path) pairs, the name used in messages). See the module doc. get_model: a zero-argument callable returning the
     loaded AltCLIP (called only if some image needs embedding), or the model itself. open_kw: the
@@ -126,14 +129,16 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     summary: filled in place as the run goes (what an interrupted run committed is in it).
     Raises IndexStoreError when the loaded model does not match the index (weights, width,
     precision, decoding); KeyboardInterrupt after committing what was done.
-    before_listing(folder): called before each folder is listed (see walk.walk_images)."""
+    before_listing(folder), followed_link(path, stat): the walk's callbacks (see inputs.walk).
+    as_named: the roots are already named as the index names them (paths.index_path: folders
+    below a walked root, through its symlinks), so they are not resolved again."""
     started = time.monotonic()
     summary = summary if summary is not None else UpdateSummary()
     msgs = msgs or Silent()
     get = get_model if callable(get_model) else (lambda: get_model)
 
-    seen, work, removed = _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs,
-                                   before_listing)
+    seen, work, removed = _compare(store, _unique_roots(roots, as_named), include_hidden, exclude_dirs,
+                                   retry_failed, summary, msgs, before_listing, followed_link)
     summary.files = len(seen)
     if work or removed:
         to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary, input_timeout)
@@ -145,13 +150,14 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     return summary
 
 
-def _unique_roots(roots) -> list[tuple[str, str]]:
-    """(as given, real path) per root, without roots that lie inside another one. A root is a
-    path, or a (name for messages, path) pair (a server names files as its client gave them)."""
+def _unique_roots(roots, as_named: bool = False) -> list[tuple[str, str]]:
+    """(as given, the path the index names it by: paths.real_root unless `as_named`) per root,
+    without roots that lie inside another one. A root is a path, or a (name for messages, path)
+    pair (a server names files as its client gave them)."""
     real = []
     for root in roots:
         given, where = root if isinstance(root, tuple) else (os.fspath(root), os.fspath(root))
-        path = os.path.realpath(os.path.expanduser(where))
+        path = os.path.abspath(where) if as_named else real_root(where)
         if all(path != r for _, r in real):
             real.append((given, path))
     return [(g, r) for g, r in real if not any(_inside(r, other) for _, other in real if other != r)]
@@ -161,26 +167,36 @@ def _inside(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs, before_listing=None):
-    """Walk the roots and compare with the index: (keys seen, new or changed _Items, {key: file id}
-    of indexed files that are gone)."""
+def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs, before_listing=None,
+             followed_link=None):
+    """Walk the roots ((as given, as named) pairs) and compare with the index: (keys seen, new or
+    changed _Items, {key: file id} of indexed files that are gone)."""
     seen: set[str] = set()
     work: list[_Item] = []
     known: dict = {}
     kept_prefixes: list[str] = []  # below folders that could not be listed: nothing is removed
-    skip = frozenset({str(store.folder)})
-    for given, real in _unique_roots(roots):
+    skip = (str(store.folder),)
+    join = os.path.join
+    for given, real in roots:
         walk = walk_images(real, include_hidden=include_hidden, exclude_dirs=exclude_dirs, skip_dirs=skip,
-                           warn=msgs.warn, before_listing=before_listing)
-        summary.skipped_names += walk.skipped_names
-        for name in walk.skipped_names:
-            msgs.warn(f"{_printable(name)}: the file name is not valid UTF-8, so the index cannot hold it; skipped")
+                           utf8_only=True, before_listing=before_listing, followed_link=followed_link)
+        for rel, exc in walk.unlisted:
+            where = join(real, rel) if rel else real
+            what = "cannot list this folder" if rel or os.path.isdir(real) else "cannot read it"
+            msgs.warn(f"{_printable(where)}: {what} ({exc.strerror or exc}); what the index holds below it is kept")
+        for rel in walk.loops:
+            msgs.warn(f"{_printable(join(real, rel))}: folder already visited (a symlink loop?), skipped")
+        for rel in walk.skipped_names:
+            where = join(real, rel) if rel else real
+            summary.skipped_names.append(_printable(where))
+            msgs.warn(not_utf8_warning(where))
+        if "" in walk.skipped_names:  # the root itself: nothing below it can be held
+            continue
         root_key = store.key_of(real)
         base = "" if root_key == "." else (root_key if root_key.endswith("/") else root_key + "/")
-        kept_prefixes += [(base + rel if rel else root_key) for rel in walk.unlisted]
+        kept_prefixes += [(base + rel if rel else root_key) for rel, _exc in walk.unlisted]
         rows = store.rows_under(real)
         known.update(rows)
-        join = os.path.join
         for rel, size, mtime_ns in walk.files:
             key = base + rel if rel else root_key
             if key in seen:
@@ -196,6 +212,23 @@ def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, 
     removed = {key: row[1] for key, row in known.items()
                if key not in seen and not any(key == p or key.startswith(p + "/") for p in kept_prefixes)}
     return seen, work, removed
+
+
+def storable(path: str) -> bool:
+    """Whether the index can hold `path` (it stores UTF-8 text; a name the file system holds as
+    other bytes is skipped, with not_utf8_warning)."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def not_utf8_warning(path: str) -> str:
+    """The warning that names a file or folder the index cannot hold, readably."""
+    what, below = ("folder", "the images below it") if os.path.isdir(path) else ("file", "it")
+    return (f"{_printable(path)}: the {what} name is not valid UTF-8 (the index stores UTF-8 paths), so the "
+            f"index cannot hold {below}; skipped")
 
 
 def _printable(name: str) -> str:

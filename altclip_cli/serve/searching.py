@@ -33,6 +33,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AltclipError, InputError
+from ..inputs.names import display
 from ..quiet import NoProgress
 from ..search.fresh import FreshTrees, update_watched
 from ..search.query import QueryError, combine
@@ -181,7 +182,7 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
                                                  cache=locks.of(folder).snapshots)
     if walked and walked != [root]:
         summary.files = searched  # a part was walked: the line names the images below root
-    return {"model": model.model_id, "dir": root, "index": str(folder), "searched": searched,
+    return {"model": model.model_id, "dir": display(root), "index": display(str(folder)), "searched": searched,
             "results": [{"rank": r, "path": p, "score": round(s, 4)} for r, p, s in hits],
             "update": dataclasses.asdict(summary) if req.update else None, "walked": walked,
             "messages": messages.lines}

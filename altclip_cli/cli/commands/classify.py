@@ -8,9 +8,8 @@ import click
 
 from ...errors import InputError
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
-                       server_options, stdin_for)
+                       reuse_index_option, server_options, stdin_for, walk_kwargs, walk_options)
 from ..formats import FORMATS
-from .index import reuse_index_option
 
 
 @click.command()
@@ -37,11 +36,12 @@ from .index import reuse_index_option
 @click.option("--dry-run", is_flag=True, help="With --sort-into: print the plan on stderr and change nothing.")
 @reuse_index_option
 @image_input_options
+@walk_options
 @model_options
 @server_options
 @common_options
 def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_into, sort_mode, dry_run, index_dir, recursive, max_pixels, url_timeout,
-             url_max_mb, input_timeout, exact_decode, model, device, precision, revision, batch_size, server,
+             url_max_mb, input_timeout, exact_decode, include_hidden, exclude_dirs, model, device, precision, revision, batch_size, server,
              token_file, quiet):
     """Score IMAGES against labels: which label fits each image best.
 
@@ -77,7 +77,8 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
     sorter = _sorter(sort_into, sort_mode, dry_run, msgs)
     if fmt is None:
         fmt = "table" if isatty(sys.stdout) else "jsonl"
-    sources = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn))
+    sources = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn,
+                                 **walk_kwargs(include_hidden, exclude_dirs, index_dir, sort_into)))
     if not sources:
         msgs.warn("no images to classify: the inputs named none")
 

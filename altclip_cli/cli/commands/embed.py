@@ -7,11 +7,10 @@ import sys
 import click
 
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
-                       pil_pixel_limit, server_options)
+                       pil_pixel_limit, reuse_index_option, server_options, walk_options)
 from .embed_dataset import check_usage as check_dataset_usage
 from .embed_dataset import dataset_options, settings_for
 from .embed_dataset import to_dataset as to_dataset_output
-from .index import reuse_index_option
 
 
 @click.command()
@@ -33,12 +32,13 @@ from .index import reuse_index_option
 @dataset_options
 @reuse_index_option
 @image_input_options
+@walk_options
 @model_options
 @server_options
 @common_options
 def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, index_dir, recursive,
-          max_pixels, url_timeout, url_max_mb, input_timeout, exact_decode, model, device, precision, revision,
-          batch_size, server, token_file, quiet, dataset):
+          max_pixels, url_timeout, url_max_mb, input_timeout, exact_decode, include_hidden, exclude_dirs, model, device,
+          precision, revision, batch_size, server, token_file, quiet, dataset):
     """Embed texts or images into AltCLIP's shared space.
 
     With -o the rows go to OUT.npy (float32, L2-normalised unless --no-normalize) and
@@ -97,9 +97,10 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
         names = texts
     else:
         from ...inputs.sources import expand_images
-        from ..options import stdin_for
+        from ..options import stdin_for, walk_kwargs
 
-        inputs = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn))
+        inputs = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn,
+                                    **walk_kwargs(include_hidden, exclude_dirs, index_dir)))
         names = [s.name for s in inputs]
     if not inputs:
         msgs.warn("nothing to embed: the input list is empty")

@@ -8,8 +8,7 @@ import sys
 
 import click
 
-from ..options import UsageError, common_options, messages, model_options, server_options
-from .index import DEFAULT_EXCLUDE_TEXT
+from ..options import UsageError, common_options, messages, model_options, server_options, walk_options
 
 SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 
@@ -38,9 +37,7 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Wait this long for another run updating the same index [default: fail at once; "
                    "--no-index searches what it has committed so far].")
-@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders (names starting with '.').")
-@click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
-              help=f"Do not index folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
+@walk_options
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
               help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
 @click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
@@ -100,9 +97,9 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
     root = os.path.realpath(os.path.expanduser(search_dir))
 
     from ...outputs.signals import sigterm_as_interrupt
-    from ..options import get_model, is_remote, open_kwargs, pil_pixel_limit
+    from ..options import excluded_dirs, get_model, is_remote, open_kwargs, pil_pixel_limit
 
-    walk = {"include_hidden": include_hidden, "exclude_dirs": tuple(d for d in exclude_dirs if d) or None}
+    walk = {"include_hidden": include_hidden, "exclude_dirs": excluded_dirs(exclude_dirs)}
     with sigterm_as_interrupt() as terminated, pil_pixel_limit(max_pixels):
         try:
             # The images to index go to the model too: a server's decoding must be this command's.
@@ -176,12 +173,16 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
     warm model and ranks; its messages (failed images, the summary) are printed here."""
     from ...paths import default_index_folder
     from ...search.summary import UpdateSummary, report_update
+    from ...search.update import not_utf8_warning, storable
     from ..messages import ServerProgress, replay
     from ..terminal import isatty
 
     # This command's index, wherever the server keeps its own (its ALTCLIP_HOME may not be ours).
     folder = default_index_folder(remote.weights_id) if index_dir == "auto" else os.path.expanduser(index_dir)
     index = os.path.abspath(folder)
+    if not storable(root):  # no image below it can be indexed (and a request holds UTF-8 text only)
+        msgs.warn(not_utf8_warning(root))
+        return [], 0
     bar = ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
     try:
         answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
