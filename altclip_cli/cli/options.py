@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import click
 
@@ -47,7 +47,7 @@ class DeviceType(click.ParamType):
         return [CompletionItem(c) for c in ("auto", "cpu", "cuda", "mps") if c.startswith(incomplete)]
 
 
-def _complete_model(ctx, param, incomplete):
+def complete_model(ctx, param, incomplete):
     """Local folders and the known hub ids (hub.py is cheap to import: no huggingface_hub).
     The folder entry comes first: bash's script starts over when it meets one."""
     from click.shell_completion import CompletionItem
@@ -136,7 +136,7 @@ common_options = _stack(
 
 model_options = _stack(
     click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ALTCLIP_MODEL",
-                 show_envvar=True, metavar="ID|DIR", shell_complete=_complete_model,
+                 show_envvar=True, metavar="ID|DIR", shell_complete=complete_model,
                  help="Hub id (downloaded on first use) or a local model folder."),
     click.option("--device", type=DeviceType(), default="auto", show_default=True, envvar="ALTCLIP_DEVICE",
                  show_envvar=True, help="auto picks cuda, then mps, then cpu; cuda:N for another GPU."),
@@ -226,28 +226,14 @@ def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dic
     return kw
 
 
-@contextmanager
 def pil_pixel_limit(max_pixels):
-    """For one command's run, Pillow's process-wide pixel limit raised to --max-pixels's cap (or
-    lifted, for 0) and restored afterwards. The library never changes PIL.Image.MAX_IMAGE_PIXELS
-    (a caller's other threads use it); the command line is the application, so it may, and the
-    few Pillow plugins that check that limit again while decoding (TIFF, ICO) then agree with
-    --max-pixels. The limit is never lowered: Pillow checks it on crops too (the preprocessor's
-    224 x 224 crop), and altclip's own check already refuses images above a lower cap."""
-    if max_pixels is None:  # nothing to change (and no PIL to import: a run through a server decodes nothing)
-        yield
-        return
-    from PIL import Image
+    """inputs.images.pil_pixel_limit for one command's run; PIL is imported only when --max-pixels
+    changes anything (a run through a server decodes nothing)."""
+    if max_pixels is None:
+        return nullcontext()
+    from ..inputs.images import pil_pixel_limit as limit
 
-    saved = Image.MAX_IMAGE_PIXELS
-    if max_pixels == 0:
-        Image.MAX_IMAGE_PIXELS = None
-    elif max_pixels is not None and saved is not None and max_pixels > saved:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    return limit(max_pixels)
 
 
 def stdin_binary():

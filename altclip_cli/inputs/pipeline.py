@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.threads import plan_threads
+from .threads import plan_threads
 
 DEFAULT_INPUT_TIMEOUT = 120.0  # seconds one input may spend in a worker (reading, decoding)
 

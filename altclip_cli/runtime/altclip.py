@@ -20,7 +20,7 @@ from ..inputs.pipeline import DEFAULT_INPUT_TIMEOUT, ImageResult, stream_embeddi
 from ..nn.model import AltCLIPModel
 from .build import build_model
 from .device import PRECISIONS, choose_device, choose_precision, default_batch_size
-from .threads import plan_threads
+from ..inputs.threads import plan_threads
 
 log = logging.getLogger("altclip")
 DRAFT_FACTOR = 2  # see AltCLIP.draft_min_side
@@ -122,15 +122,16 @@ class AltCLIP:
                 return open_image(source, draft_min_side=self.draft_min_side)
 
         def encode(pixels: np.ndarray) -> np.ndarray:
-            return _finish(self._encode_pixels_halving(torch.from_numpy(pixels)), normalize)
+            return _finish(self.encode_pixels(torch.from_numpy(pixels)), normalize)
 
         return stream_embeddings(sources, open_fn, self.preprocessor, encode,
                                  batch_size=batch_size or default_batch_size(self.device, "image"),
                                  workers=workers or plan_threads(self.device.type).decode_workers,
                                  input_timeout=input_timeout, boundary=boundary)
 
-    def _encode_pixels_halving(self, pixels: torch.Tensor) -> torch.Tensor:
-        """encode_pixel_batch, halving the batch on a CUDA out-of-memory error and saying so."""
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, D) on the CPU: encode_pixel_batch, halving the batch on a CUDA out-of-memory error and
+        saying so (a warning on the "altclip" logger)."""
         try:
             return self.encode_pixel_batch(pixels).cpu()
         except torch.cuda.OutOfMemoryError:
@@ -139,9 +140,8 @@ class AltCLIP:
             torch.cuda.empty_cache()
             half = len(pixels) // 2
             log.warning("CUDA out of memory on a batch of %d images: going on with batches of %d",
-                              len(pixels), half)
-            return torch.cat([self._encode_pixels_halving(pixels[:half]),
-                              self._encode_pixels_halving(pixels[half:])])
+                        len(pixels), half)
+            return torch.cat([self.encode_pixels(pixels[:half]), self.encode_pixels(pixels[half:])])
 
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None, *,
                          batch_size: int | None = None) -> np.ndarray:

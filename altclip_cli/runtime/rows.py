@@ -29,7 +29,7 @@ def image_batches(model, sources: list, *, batch_size: int | None = None, normal
     resumed run, a dataset part) batches its images as one run from the start does, and its rows
     come out bit for bit the same (the batch's shape changes the last bits of a row on the CPU).
     on_error(name, why) is called for each failed input; workers: decoding threads [default:
-    runtime.threads' plan for the device]."""
+    inputs.threads' plan for the device]."""
     if not sources:
         return
     from .device import default_batch_size

@@ -112,7 +112,7 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
     if store is not None:
         store.close()
     if failed:
-        from .. import ExitStatus
+        from ..status import ExitStatus
 
         msgs.warn(f"{failed} of {len(sources)} images failed")
         click.get_current_context().exit(ExitStatus.PARTIAL)

@@ -228,7 +228,7 @@ def _to_stdout(run: _Run, inputs, opener_kw) -> int:
 def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, opener_kw) -> int:
     import numpy as np
 
-    from ... import __version__
+    from ...version import __version__
     from ...outputs.embedfile import EmbeddingOutput, check_writable
     from ...outputs.signals import sigterm_as_interrupt
 
@@ -297,6 +297,6 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
 
 
 def _exit_status():
-    from .. import ExitStatus  # the group's module imports this one
+    from ..status import ExitStatus
 
     return ExitStatus

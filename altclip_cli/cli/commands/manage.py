@@ -9,15 +9,15 @@ import sys
 
 import click
 
-from ... import __version__
+from ...version import __version__
 from ...hub.registry import DEFAULT_MODEL
-from ..options import DeviceType, _complete_model, common_options, messages
+from ..options import DeviceType, common_options, complete_model, messages
 
 LIBRARIES = ("torch", "numpy", "pillow", "tokenizers", "safetensors", "huggingface_hub", "click", "rich")
 
 
 @click.command(short_help="Fetch a model into the Hugging Face cache.")
-@click.argument("model", required=False, envvar="ALTCLIP_MODEL", metavar="[MODEL]", shell_complete=_complete_model)
+@click.argument("model", required=False, envvar="ALTCLIP_MODEL", metavar="[MODEL]", shell_complete=complete_model)
 @click.option("--revision", metavar="REV", help="A branch, tag or commit of the hub repo [default: main].")
 @common_options
 def download(model, revision, quiet):
