@@ -263,7 +263,7 @@ def get_model(server: str, token_file: str | None, model: str, device: str, prec
               exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
               images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0):
     """The model a command works with: the RemoteModel of the server --server picks
-    (serve/remote.py), else the model loaded in-process (load_model). images: images go to the
+    (serve/discovery.py), else the model loaded in-process (load_model). images: images go to the
     model (the server's decoding must match); scores: the command scores images against labels."""
     remote = connect_server(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                             revision=revision, max_pixels=max_pixels, images=images, scores=scores,
@@ -276,9 +276,9 @@ def get_model(server: str, token_file: str | None, model: str, device: str, prec
 def connect_server(server: str, token_file: str | None, model: str, device: str, precision: str, msgs: Messages, *,
                    exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
                    images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0):
-    """The RemoteModel of the server --server picks (serve/remote.connect), or None to run
+    """The RemoteModel of the server --server picks (serve/discovery.connect), or None to run
     in-process; see get_model."""
-    from ..serve.remote import Wanted, connect
+    from ..serve.discovery import Wanted, connect
 
     wanted = Wanted(model=model, revision=revision, device=device, precision=precision, exact_decode=exact_decode,
                     max_pixels=max_pixels, images=images, scores=scores)

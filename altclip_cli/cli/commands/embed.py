@@ -145,19 +145,11 @@ class _Run:
                                     url_timeout=self.url_timeout, url_max_mb=self.url_max_mb)
         return self._model
 
-    def _rows(self):
-        """runtime.rows, or its twin in serve.remote for a server's model (same batches)."""
-        from ..options import is_remote
-
-        if is_remote(self.model):
-            from ...serve import remote as rows
-        else:
-            from ...runtime import rows
-        return rows
-
     def batches(self, inputs, opener_kw):
-        """Lists of (name, record, embedding or None) in input order (see runtime/rows.py)."""
-        rows = self._rows()
+        """Lists of (name, record, embedding or None) in input order (see runtime/rows.py), from
+        the model in this process or a server's alike."""
+        from ...runtime import rows
+
         if self.kind == "text":
             return rows.text_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize)
         if not inputs:
@@ -194,13 +186,7 @@ class _Run:
         return merged_batches(inputs, hits, store, embedded(rest) if rest else iter(()), size)
 
     def _default_image_batch(self) -> int:
-        from ..options import is_remote
-
-        if is_remote(self.model):
-            return self.model.default_batch_size("image")
-        from ...runtime.device import default_batch_size
-
-        return default_batch_size(self.model.device, "image")
+        return self.model.default_batch_size("image")
 
 
 def _to_stdout(run: _Run, inputs, opener_kw) -> int:
