@@ -15,9 +15,7 @@ pytest.importorskip("uvicorn")
 from test_serve import short_dir, start_server  # noqa: E402
 from test_serve_client import altclip, assert_embed_lines_close, model_args  # noqa: E402
 
-from altclip_cli.runtime.embedder import Embedder  # noqa: E402
 from altclip_cli.serve import client  # noqa: E402
-from altclip_cli.serve.discovery import Wanted, connect  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +64,8 @@ def test_labels_and_scores_through_a_server_are_the_in_process_models(small_serv
     """Both models are Embedders: prompt ensembles, synonym groups and scores are one code, so a
     server's results equal the in-process model's (to float32 rounding of the vectors)."""
     from altclip_cli.runtime.altclip import AltCLIP, load
+    from altclip_cli.runtime.embedder import Embedder
+    from altclip_cli.serve.discovery import Wanted, connect
 
     remote = connect(small_server.target, Wanted(model=str(_tiny_model_master), precision="fp32", images=False,
                                                  scores=True))

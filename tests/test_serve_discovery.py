@@ -17,7 +17,6 @@ from click.testing import CliRunner
 
 from altclip_cli.cli import cli
 from altclip_cli.serve import client
-from altclip_cli.serve.discovery import Wanted, ask_default_socket, connect
 
 # What a hostile server puts in its strings: a window title, a colour (7-bit and 8-bit CSI), a
 # line break that fakes a line of output, and a right-to-left override.
@@ -102,6 +101,8 @@ def test_info_does_not_ask_a_socket_in_a_folder_others_can_reach(runtime_dir):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another user")
 def test_info_does_not_ask_a_socket_folder_another_user_owns(runtime_dir):
+    from altclip_cli.serve.discovery import ask_default_socket
+
     folder = runtime_dir / "altclip"
     folder.mkdir(mode=0o700)
     with fake_socket_server(folder / "altclip.sock", hostile_health()) as asked:
@@ -113,6 +114,8 @@ def test_info_does_not_ask_a_socket_folder_another_user_owns(runtime_dir):
 
 
 def test_a_private_servers_strings_are_shown_escaped(runtime_dir):
+    from altclip_cli.serve.discovery import Wanted, connect
+
     folder = runtime_dir / "altclip"
     folder.mkdir(mode=0o700)
     with fake_socket_server(folder / "altclip.sock", hostile_health()) as asked:
@@ -123,15 +126,18 @@ def test_a_private_servers_strings_are_shown_escaped(runtime_dir):
                        warn=warnings.append) is None
     assert asked  # a private socket of ours is asked
     line = next(x for x in text.splitlines() if x.startswith("server: "))
-    assert line.startswith(f"server: unix:{folder}/altclip.sock: evil\\x1b]0;pwned\\x07\\x1b[31m\\x9b2J\\nerror: fake "
-                           "line\\u202etxt on evil") and "pid 4242, up 1 min" in line
-    assert data["running"] is True and data["model"] == "evil\\x1b]0;pwned\\x07\\x1b[31m\\x9b2J\\nerror: fake line\\u202etxt"
+    escaped = "evil\\x1b]0;pwned\\x07\\x1b[31m\\x9b2J\\nerror: fake line\\u202etxt"
+    assert line.startswith(f"server: unix:{folder}/altclip.sock: {escaped} on {escaped}, ")
+    assert "pid 4242, up 1 min" in line
+    assert data["running"] is True and data["model"] == escaped
     for shown in (text, *debug, *warnings):
         assert not any(raw in shown for raw in RAW), shown
     assert len(debug) == 1 and "\\x1b" in debug[0]
 
 
 def test_auto_does_not_ask_a_socket_in_a_folder_others_can_reach(runtime_dir):
+    from altclip_cli.serve.discovery import Wanted, connect
+
     folder = runtime_dir / "altclip"
     folder.mkdir()
     folder.chmod(0o777)
