@@ -60,12 +60,15 @@ def test_a_text_too_long_for_any_request_is_an_input_error_naming_it(small_serve
     assert "bug" not in " ".join(run.stderr)
 
 
-def test_labels_and_scores_through_a_server_are_the_in_process_models(small_server, _tiny_model_master):
+def test_labels_and_scores_through_a_server_are_the_in_process_models(small_server, _tiny_model_master, tmp_path,
+                                                                       monkeypatch):
     """Both models are Embedders: prompt ensembles, synonym groups and scores are one code, so a
     server's results equal the in-process model's (to float32 rounding of the vectors)."""
     from altclip_cli.runtime.altclip import AltCLIP, load
     from altclip_cli.runtime.embedder import Embedder
     from altclip_cli.serve.discovery import Wanted, connect
+
+    monkeypatch.setenv("ALTCLIP_HOME", str(tmp_path / "home"))  # an empty label cache
 
     remote = connect(small_server.target, Wanted(model=str(_tiny_model_master), precision="fp32", images=False,
                                                  scores=True))
@@ -77,6 +80,9 @@ def test_labels_and_scores_through_a_server_are_the_in_process_models(small_serv
     templates = ["a photo of {}.", "{}"]
     got, want = remote.group_embeddings(groups, templates), local.group_embeddings(groups, templates)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    before = client.health(small_server.target)["requests"]
+    np.testing.assert_array_equal(remote.group_embeddings(groups, templates), got)  # this machine's label cache
+    assert client.health(small_server.target)["requests"] == before + 1  # the health requests only
     rng = np.random.default_rng(3)
     images = rng.standard_normal((4, local.embed_dim)).astype(np.float32)
     images /= np.linalg.norm(images, axis=1, keepdims=True)

@@ -7,13 +7,15 @@ The server reads local images by path over its Unix socket; over TCP, and for UR
 here, with the command's --url-timeout and --url-max-mb), their bytes are sent. Requests stay
 under the server's size cap (its /v1/health `limits`): texts and images are split by count and
 by bytes, and one input too large for any request fails as an input. Vectors come back as
-float32 bytes (base64), bit for bit what the server computed.
+float32 bytes (base64), bit for bit what the server computed. Label embeddings are kept in this
+machine's label cache, as in-process (`label_cache`).
 
 No torch and no PIL here; numpy is imported where vectors are made.
 """
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import stat
@@ -105,6 +107,22 @@ class RemoteModel(Embedder):
     def default_batch_size(self, kind: str) -> int:
         """The server's own batch size for "image" or "text" (runtime.device's for its device)."""
         return int(self.info["limits"]["image_batch" if kind == "image" else "text_batch"])
+
+    @functools.cached_property
+    def label_cache(self):
+        """This machine's label cache (cache/labels.py) for the server's model: keyed by its
+        weights' identity, the tokenizer and config files of its folder (the same folder here:
+        discovery.mismatch checks it) and its precision. None under ALTCLIP_NO_CACHE."""
+        from ..cache.identity import enabled
+        from ..cache.labels import LabelCache, text_identity
+        from ..errors import AltclipError
+
+        if not enabled():
+            return None
+        try:
+            return LabelCache(text_identity(f"server:{self.weights_id}", self.folder), self.precision)
+        except AltclipError:  # no tokenizer file to key by: labels go to the server every time
+            return None
 
     # --- texts ----------------------------------------------------------------------------------
 

@@ -182,11 +182,8 @@ class _Run:
                 store.close()
             return embedded(inputs)
         rest = [s for i, s in enumerate(inputs) if i not in hits]
-        size = self.batch_size or self._default_image_batch()
+        size = self.batch_size or self.model.default_batch_size("image")
         return merged_batches(inputs, hits, store, embedded(rest) if rest else iter(()), size)
-
-    def _default_image_batch(self) -> int:
-        return self.model.default_batch_size("image")
 
 
 def _to_stdout(run: _Run, inputs, opener_kw) -> int:

@@ -98,7 +98,7 @@ def batch_span(run) -> int:
         from ...runtime.rows import TEXT_CHUNK
 
         return run.batch_size or TEXT_CHUNK
-    return run.batch_size or run._default_image_batch()
+    return run.batch_size or run.model.default_batch_size("image")
 
 
 def to_dataset(run, inputs, names, output, dtype, resume, dataset: DatasetOptions, opener_kw) -> None:
