@@ -129,7 +129,7 @@ class RemoteModel(Embedder):
     def encode_texts(self, texts, *, batch_size: int | None = None, normalize: bool = True) -> np.ndarray:
         """(N, D) float32, row i for texts[i]. batch_size is the server's business (it batches
         every request's texts with its own); requests hold at most TEXTS_PER_REQUEST texts (or
-        the server's `max_items`) and stay under its size cap."""
+        the server's `max_texts`) and stay under its size cap."""
         import numpy as np
 
         rows = []
@@ -144,10 +144,10 @@ class RemoteModel(Embedder):
 
     def _text_requests(self, texts: list[str]) -> Iterator[list[str]]:
         """texts in runs of consecutive texts, each a request the server takes: at most
-        TEXTS_PER_REQUEST (or the server's max_items) texts, and at most REQUEST_SHARE of its
+        TEXTS_PER_REQUEST (or the server's max_texts) texts, and at most REQUEST_SHARE of its
         byte cap as JSON. A text over that alone raises InputError naming it."""
         limits = self.info.get("limits") or {}
-        most = min(TEXTS_PER_REQUEST, int(limits.get("max_items") or TEXTS_PER_REQUEST))
+        most = min(TEXTS_PER_REQUEST, int(limits.get("max_texts") or TEXTS_PER_REQUEST))
         budget = self._request_budget()
         chunk, used = [], 0
         for i, text in enumerate(texts):
@@ -308,10 +308,10 @@ class RemoteModel(Embedder):
             raise ServerError(f"the server at {self.target} answered {len(records or [])} results for {n} images")
 
     def _request_groups(self, items, failed, sources):
-        """items split so that no request passes the server's size cap (or its max_items); an
+        """items split so that no request passes the server's size cap (or its max_images); an
         image too large for it alone fails (it would be refused whole)."""
         limit = self._request_budget()
-        most = int((self.info.get("limits") or {}).get("max_items") or len(items) or 1)
+        most = int((self.info.get("limits") or {}).get("max_images") or len(items) or 1)
         group, used = [], 0
         for k, item, n in items:
             if n > limit:
