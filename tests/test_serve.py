@@ -343,7 +343,7 @@ def test_bad_requests_are_4xx_naming_the_problem_and_the_server_stays_up(server,
     os.mkfifo(fifo)  # nobody writes to it: opening it would block a decoder for ever
     with pytest.raises(RequestFailed) as exc:
         client.post_json(server.target, "/v1/classify", {"images": [str(fifo)], "labels": ["cat"]}, timeout=30)
-    assert exc.value.status == 422 and exc.value.message == f"{fifo}: not a regular file"
+    assert exc.value.status == 422 and exc.value.message == f"{fifo}: not a regular file (a FIFO)"
 
     status, _, data = raw_request(server, "POST", "/v1/embed", b"{not json", {"Content-Type": "application/json"})
     assert status == 400 and "not valid JSON" in json.loads(data)["error"]["message"]

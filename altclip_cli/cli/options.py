@@ -198,7 +198,7 @@ image_input_options = _stack(
                  metavar="MB", help="Size cap for one image URL."),
     click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
                  metavar="SECONDS", help="Time allowed to read and decode one input; one that takes longer "
-                                         "(a FIFO with no writer, a hung network mount) fails and the run goes on."),
+                                         "(a hung network mount) fails and the run goes on."),
     click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
                  help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
                       "(default: at a reduced scale that keeps twice the model's input size; faster, "
@@ -261,13 +261,14 @@ def load_model(model: str, device: str, precision: str, msgs: Messages, exact_de
 
 def get_model(server: str, token_file: str | None, model: str, device: str, precision: str, msgs: Messages, *,
               exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
-              images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0):
+              images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0,
+              input_timeout: float | None = None):
     """The model a command works with: the RemoteModel of the server --server picks
     (serve/discovery.py), else the model loaded in-process (load_model). images: images go to the
     model (the server's decoding must match); scores: the command scores images against labels."""
     remote = connect_server(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                             revision=revision, max_pixels=max_pixels, images=images, scores=scores,
-                            url_timeout=url_timeout, url_max_mb=url_max_mb)
+                            url_timeout=url_timeout, url_max_mb=url_max_mb, input_timeout=input_timeout)
     if remote is not None:
         return remote
     return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
@@ -275,16 +276,21 @@ def get_model(server: str, token_file: str | None, model: str, device: str, prec
 
 def connect_server(server: str, token_file: str | None, model: str, device: str, precision: str, msgs: Messages, *,
                    exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
-                   images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0):
+                   images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0,
+                   input_timeout: float | None = None):
     """The RemoteModel of the server --server picks (serve/discovery.connect), or None to run
-    in-process; see get_model."""
+    in-process; see get_model. input_timeout: --input-timeout, for the local files whose bytes
+    the client reads and sends (None: the default)."""
     from ..serve.discovery import Wanted, connect
 
     wanted = Wanted(model=model, revision=revision, device=device, precision=precision, exact_decode=exact_decode,
                     max_pixels=max_pixels, images=images, scores=scores)
     token = _token(token_file, msgs) if server not in ("auto", "off") else None  # the default socket needs none
-    return connect(server, wanted, token=token, debug=debug_line, warn=msgs.warn,
-                   fetch_kw={"timeout": url_timeout, "max_bytes": int(url_max_mb * 1_000_000)})
+    remote = connect(server, wanted, token=token, debug=debug_line, warn=msgs.warn,
+                     fetch_kw={"timeout": url_timeout, "max_bytes": int(url_max_mb * 1_000_000)})
+    if remote is not None and input_timeout is not None:
+        remote.input_timeout = input_timeout
+    return remote
 
 
 def is_remote(model) -> bool:

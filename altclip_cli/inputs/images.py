@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import stat
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ConfigError, InputError
+from .files import open_regular
 
 # PIL's own refusal threshold: twice Image.MAX_IMAGE_PIXELS (1 GiB / 4 bytes / 3), about 179 million.
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
@@ -125,7 +125,8 @@ def open_image(
     Images with more than `max_pixels` pixels are refused (None: no limit), checked before
     decoding; Pillow's process-wide PIL.Image.MAX_IMAGE_PIXELS is left alone, and only the few
     plugins that check it again while decoding (TIFF, ICO, ICNS) still apply it. Every failure raises
-    `InputError` whose message starts with `name` (or the path) and says why.
+    `InputError` whose message starts with `name` (or the path) and says why. Only regular files
+    are opened (inputs.files.open_regular): a FIFO, a device or a folder is refused unread.
     draft_min_side: decode large JPEGs at a reduced scale whose shortest side stays at least
     this (None: full size, bit-exact with the reference's preprocessing).
     """
@@ -137,20 +138,7 @@ def open_image(
 
     path = os.fspath(source)
     label = name or str(path)
-    try:
-        fp = open(path, "rb")
-    except FileNotFoundError as exc:
-        raise InputError(f"{label}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise InputError(f"{label}: is a directory, not an image file") from exc
-    except PermissionError as exc:
-        raise InputError(f"{label}: permission denied") from exc
-    except OSError as exc:
-        raise InputError(f"{label}: cannot open ({exc.strerror or exc})") from exc
-    with fp:
-        st = os.fstat(fp.fileno())
-        if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # pipes report 0 too, so regular files only
-            raise InputError(f"{label}: the file is empty (zero bytes)")
+    with open_regular(path, name=label) as fp:  # a FIFO, a device or a folder is refused here
         # We own the file handle, so PIL never closes the image core; the loaded frame outlives `fp`.
         return _open_file(fp, label, max_pixels, draft_min_side)
 

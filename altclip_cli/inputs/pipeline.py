@@ -2,9 +2,10 @@
 (PIL releases the GIL) a bounded number of images ahead of the model, and results come back in
 input order, one per source, failures included, so one bad file never stops a run.
 
-An input whose read never returns (a FIFO with no writer, a hung network mount) fails once it
-has been in a worker for `input_timeout` seconds: its thread cannot be stopped, so it is
-abandoned (a daemon, it exits if the read ever returns) and a fresh worker takes its place."""
+An input whose read never returns (a hung network mount; a FIFO or a device is refused unread,
+see files.py) fails once it has been in a worker for `input_timeout` seconds: its thread cannot
+be stopped, so it is abandoned (a daemon, it exits if the read ever returns) and a fresh worker
+takes its place."""
 from __future__ import annotations
 
 import itertools
@@ -20,9 +21,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import InputError
+from .files import DEFAULT_INPUT_TIMEOUT, stuck_error
 from .threads import plan_threads
-
-DEFAULT_INPUT_TIMEOUT = 120.0  # seconds one input may spend in a worker (reading, decoding)
 
 
 @dataclass
@@ -149,9 +149,7 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
             pending.append((index, source, None, e))
         except FutureTimeout:
             pool.abandon(task)
-            pending.append((index, source, None, InputError(
-                f"{source}: no data after {input_timeout:g} s (a FIFO, or a hung network mount?)",
-                hint="raise the input timeout (--input-timeout) if this input is only slow")))
+            pending.append((index, source, None, stuck_error(str(source), input_timeout)))
         if sum(p is not None for _, _, p, _ in pending) >= batch_size:
             yield from flush()
 

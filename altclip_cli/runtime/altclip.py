@@ -110,8 +110,8 @@ class AltCLIP(Embedder):
         """One ImageResult (index, source, embedding or error) per source, in input order, with
         decoding in worker threads ahead of the model. open_fn(source) -> PIL image defaults to
         `open_image` (paths or bytes); an input that fails gives an InputError, never an exception.
-        input_timeout: seconds a worker may spend on one input before it fails as stuck (a FIFO
-        with no writer, a hung network mount) and the run goes on without it; None: no limit.
+        input_timeout: seconds a worker may spend on one input before it fails as stuck (a hung
+        network mount) and the run goes on without it; None: no limit.
         boundary: model batches also end at every multiple of it (see stream_embeddings)."""
         from ..inputs.images import open_image
 

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..errors import InputError
 from .run import index_folder
 from .store import INDEX_DB, IndexBusy, IndexStore, IndexStoreError
 from .update import COMMIT_EVERY, _check_model, content_key, index_identity
@@ -192,7 +193,7 @@ class IndexAdditions:
                 for k, (path, size, mtime_ns, _e) in enumerate(batch):
                     try:
                         key = content_key(path, size)
-                    except OSError:
+                    except (OSError, InputError):
                         key = None
                     absolute = os.path.abspath(path)  # stored as lookup() finds it: the folder's real path
                     real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import InputError
 from ..quiet import Silent
 from .store import IndexStore, IndexStoreError
 from .summary import UpdateSummary
@@ -77,9 +78,12 @@ def model_identity(model: str, *, revision: str | None = None, progress: bool = 
 
 
 def content_key(path: str, size: int) -> str:
-    """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file."""
+    """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file.
+    OSError or InputError (inputs.files.open_regular) when the file cannot be read."""
+    from ..inputs.files import open_regular
+
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, empty_ok=True) as f:  # InputError for anything but a regular file
         digest.update(f.read(HEAD_BYTES))
         if size > HEAD_BYTES:
             f.seek(max(HEAD_BYTES, size - TAIL_BYTES))
@@ -246,7 +250,7 @@ def _hash_all(items) -> None:
         for item in chunk:
             try:
                 item.content_key = content_key(item.path, item.size)
-            except OSError:
+            except (OSError, InputError):
                 item.content_key = None
 
     if len(items) < 8:
@@ -298,7 +302,7 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
     def open_fn(source):
         try:  # read here, in the decoding thread, just before the decoder reads the same bytes
             keys[source.path] = content_key(source.path, os.stat(source.path).st_size)
-        except OSError:
+        except (OSError, InputError):  # open_source says why
             keys[source.path] = None
         return open_source(source, **kw)
 

@@ -21,7 +21,6 @@ import asyncio
 import base64
 import hmac
 import os
-import stat
 import sys
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -38,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..version import __version__
 from ..errors import InputError
+from ..inputs.files import stuck_error
 from ..inputs.pipeline import DaemonPool, _prepare
 from ..inputs.sources import reason
 from .batcher import Batcher, QueueFull, Stopped
@@ -124,17 +124,7 @@ class Decoder:
     def _open(self, item: ImageInput):
         from ..inputs.images import open_image
 
-        source = item.data
-        if item.path is not None:
-            try:
-                st = os.stat(item.path)
-            except FileNotFoundError:
-                raise InputError(f"{item.name}: no such file") from None
-            except OSError as exc:
-                raise InputError(f"{item.name}: cannot open ({exc.strerror or exc})") from None
-            if not stat.S_ISREG(st.st_mode):  # a FIFO would block a decoder, a folder is no image
-                raise InputError(f"{item.name}: not a regular file")
-            source = item.path
+        source = item.data if item.path is None else item.path  # a path: regular files only (inputs/files.py)
         return open_image(source, name=item.name, max_pixels=self.max_pixels,
                           draft_min_side=self.model.draft_min_side)
 
@@ -147,7 +137,7 @@ class Decoder:
                 out.append(exc)
             except FutureTimeout:  # the worker is stuck on this input: it is replaced
                 self.pool.abandon(task)
-                out.append(InputError(f"{item.name}: no data after {self.input_timeout:g} s (a hung network mount?)"))
+                out.append(stuck_error(item.name, self.input_timeout))
         return out
 
     async def decode(self, items: list[ImageInput]) -> list:

@@ -18,7 +18,6 @@ import base64
 import functools
 import json
 import os
-import stat
 import threading
 import time
 from collections import deque
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..errors import InputError
+from ..inputs.files import DEFAULT_INPUT_TIMEOUT, read_regular
 from ..inputs.names import display
 from ..runtime.embedder import Embedder
 from .client import (RequestFailed, ServerBusy, ServerDown, ServerError, ServerLost, ServerMismatch, Target,
@@ -74,6 +74,7 @@ class RemoteModel(Embedder):
     info: dict
     model_id: str  # as the command names the model (as AltCLIP.model_id)
     fetch_kw: dict | None = None  # inputs.urls.fetch_url's timeout and max_bytes, for URLs
+    input_timeout: float | None = DEFAULT_INPUT_TIMEOUT  # for reading a local file to send its bytes
     draft_min_side = None  # the server decodes; nothing is decoded here
 
     @property
@@ -338,7 +339,7 @@ class RemoteModel(Embedder):
         path = os.path.abspath(src.path)
         if self.info.get("paths") and self.target.is_unix and _utf8(path):
             return {"path": path, "name": name}
-        return {"data": _b64(_read_image_file(path, name)), "name": name}
+        return {"data": _b64(_read_image_file(path, name, self.info, self.input_timeout)), "name": name}
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -405,26 +406,13 @@ def _utf8(text: str) -> bool:
         return False
 
 
-def _read_image_file(path: str, name: str) -> bytes:
-    """A local image's bytes for a server that cannot read our files, failing as
-    inputs.images.open_image does."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise InputError(f"{name}: not a regular file")
-            data = f.read()
-    except FileNotFoundError:
-        raise InputError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a directory, not an image file") from None
-    except PermissionError:
-        raise InputError(f"{name}: permission denied") from None
-    except OSError as exc:
-        raise InputError(f"{name}: cannot open ({exc.strerror or exc})") from None
-    if not data:
-        raise InputError(f"{name}: the file is empty (zero bytes)")
-    return data
+def _read_image_file(path: str, name: str, info: dict, timeout: float | None) -> bytes:
+    """A local image's bytes for a server that cannot read our files: inputs.files.read_regular
+    (regular files only, failing as inputs.images.open_image does), refused unread when larger
+    than one request to the server at `info` carries in base64, and read within `timeout` s."""
+    carried = int((info.get("limits") or {}).get("max_request_bytes") or 64_000_000) * REQUEST_SHARE
+    return read_regular(path, name=name, max_bytes=int(carried) // 4 * 3, timeout=timeout,
+                        limit="what one request to the server carries: its --max-request-mb")
 
 
 def _in_order(jobs: Iterable[Callable[[], object]], ahead: int) -> Iterator:

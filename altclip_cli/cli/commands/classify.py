@@ -88,7 +88,7 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
 
         model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                            revision=revision, max_pixels=max_pixels, scores=True, url_timeout=url_timeout,
-                           url_max_mb=url_max_mb)
+                           url_max_mb=url_max_mb, input_timeout=input_timeout)
         templates = list(templates) or None
         opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
         records, store = _records(model_, sources, groups, templates, top_k, index_dir, msgs, batch_size,

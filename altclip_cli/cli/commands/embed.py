@@ -142,7 +142,8 @@ class _Run:
             self._model = get_model(self.server, self.token_file, self.model_name, self.device, self.precision,
                                     self.msgs, exact_decode=self.exact_decode, revision=self.revision,
                                     max_pixels=self.max_pixels, images=self.kind == "image",
-                                    url_timeout=self.url_timeout, url_max_mb=self.url_max_mb)
+                                    url_timeout=self.url_timeout, url_max_mb=self.url_max_mb,
+                                    input_timeout=self.input_timeout)
         return self._model
 
     def batches(self, inputs, opener_kw):

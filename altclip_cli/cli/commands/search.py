@@ -107,12 +107,12 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
             # The images to index go to the model too: a server's decoding must be this command's.
             model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                                revision=revision, max_pixels=max_pixels,
-                               images=not no_index or any(p.is_image for p in parts))
+                               images=not no_index or any(p.is_image for p in parts), input_timeout=input_timeout)
             open_kw = open_kwargs(max_pixels, 30.0, 64.0, model_.draft_min_side)
             if is_remote(model_) and model_.searches:
                 hits, searched = _search_on_server(model_, parts, root, search_dir, index_dir, top, min_score,
                                                    no_index, wait, walk, msgs)
-                images = open_images(parts, open_kw) if fmt == "html" else {}  # the page shows them
+                images = open_images(parts, open_kw, input_timeout) if fmt == "html" else {}  # the page shows them
             else:
                 images, hits, searched = _search_here(
                     model_, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, open_kw,
@@ -134,7 +134,8 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
         msgs.note(f"no image scores {min_score} or more (the best of {searched:,} images is below it)")
     shown = [(("- " if p.weight < 0 else "") + p.given, images[i]) for i, p in enumerate(parts) if i in images]
     _output(fmt, hits, output, null, title=describe(parts), searched=root, query_images=shown,
-            note=f"{model_.model_id}, {searched:,} image{'' if searched == 1 else 's'} searched")
+            note=f"{model_.model_id}, {searched:,} image{'' if searched == 1 else 's'} searched",
+            input_timeout=input_timeout)
 
 
 def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, open_kw,
@@ -147,7 +148,7 @@ def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_
     from ...search.update import index_identity
     from ..options import is_remote
 
-    images = open_images(parts, open_kw)  # a query image that cannot be read fails before indexing
+    images = open_images(parts, open_kw, input_timeout)  # a query image that cannot be read fails before indexing
     # A server reads the image parts itself (as files or bytes), as it would any image.
     given = _query_sources(parts) if is_remote(model_) else images
     vector = query_vector(model_, parts, given, batch_size=batch_size)
@@ -224,12 +225,12 @@ def _query_sources(parts) -> dict:
 # --- output -----------------------------------------------------------------------------------------
 
 
-def _output(fmt, hits, output, null, *, title, searched, note, query_images=()) -> None:
+def _output(fmt, hits, output, null, *, title, searched, note, query_images=(), input_timeout=None) -> None:
     if fmt == "html":
         from ...search.html import Hit, render
 
         data = render([Hit(r, p, s) for r, p, s in hits], title, searched=searched, note=note,
-                      query_images=query_images).encode("utf-8")
+                      query_images=query_images, input_timeout=input_timeout).encode("utf-8")
     elif fmt == "table":
         data = _table(hits, output is None)
     else:
