@@ -46,17 +46,27 @@ KNOWN = {
 
 
 def module_name(path: Path) -> str:
+    if not path.is_relative_to(PACKAGE.parent):
+        return path.stem
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> list[tuple[str, str | None]]:
+def imports(path: Path, *, typing_too: bool = True) -> list[tuple[str, str | None]]:
     """(module imported, name taken from it or None) for every altclip import in the file,
-    relative ones resolved; `from . import x` names module x when x is a module."""
+    relative ones resolved; `from . import x` names module x when x is a module. typing_too:
+    also those under `if TYPE_CHECKING:` (they name a dependency, but never run)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            typing_only |= {id(n) for part in node.body for n in ast.walk(part)}
+    for node in ast.walk(tree):
+        if not typing_too and id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found += [(a.name, None) for a in node.names if a.name.split(".")[0] == "altclip_cli"]
         elif isinstance(node, ast.ImportFrom):
@@ -89,8 +99,8 @@ def layer(module: str) -> str:
     return parts[1]
 
 
-def all_imports() -> dict[str, list[tuple[str, str | None]]]:
-    return {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+def all_imports(*, typing_too: bool = True) -> dict[str, list[tuple[str, str | None]]]:
+    return {module_name(p): imports(p, typing_too=typing_too) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def violations() -> set[tuple]:
@@ -107,7 +117,7 @@ def violations() -> set[tuple]:
                 found.add((module, target, name))
             if module in commands and target in commands and target != module:
                 found.add((module, target, None))
-    found |= {("cycle", *pair) for pair in cycles(graph)}
+    found |= {("cycle", *pair) for pair in cycles(all_imports(typing_too=False))}
     return found
 
 
@@ -124,8 +134,8 @@ def defines_command(module: str) -> bool:
 
 
 def cycles(graph) -> set[tuple[str, str]]:
-    """(a, b) sorted, for modules a and b that reach each other through imports (a package's
-    __init__ counts as imported by its modules only when they import it)."""
+    """(a, b) sorted, for modules a and b that reach each other through imports run at some
+    point (a package's __init__ counts as imported by its modules only when they import it)."""
     edges = {m: {t for t, _n in ts if t in graph and t != m} for m, ts in graph.items()}
     reach = {}
     for start in edges:
@@ -162,6 +172,9 @@ def test_the_checks_see_what_they_check(tmp_path):
     assert layer("altclip_cli.version") == "base" and layer("altclip_cli.cli.formats") == "cli"
     assert defines_command("altclip_cli.cli.commands.classify")
     assert cycles({"a": [("b", None)], "b": [("a", None)], "c": [("a", None)]}) == {("a", "b")}
+    typed = tmp_path / "typed.py"
+    typed.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import altclip_cli.errors\n")
+    assert imports(typed) == [("altclip_cli.errors", None)] and imports(typed, typing_too=False) == []
 
 
 def test_the_version_module_is_the_projects():
