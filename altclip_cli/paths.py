@@ -20,6 +20,18 @@ def altclip_home() -> Path:
     return base / "altclip"
 
 
+LAST_USED = ".last-used"  # a cache entry's marker: its mtime is the entry's last use
+
+
+def mark_used(path: Path) -> None:
+    """Record the last use of the cache entry holding the file `path` (what `altclip cache`
+    shows and `--older-than` goes by): the LAST_USED marker beside it."""
+    try:
+        (path.parent / LAST_USED).touch()
+    except OSError:
+        pass
+
+
 def converted_dir() -> Path:
     """Safetensors files converted from pytorch_model.bin: converted/<org>--<name>/<commit>/."""
     return altclip_home() / "converted"

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import click
 
@@ -47,7 +47,7 @@ class DeviceType(click.ParamType):
         return [CompletionItem(c) for c in ("auto", "cpu", "cuda", "mps") if c.startswith(incomplete)]
 
 
-def _complete_model(ctx, param, incomplete):
+def complete_model(ctx, param, incomplete):
     """Local folders and the known hub ids (hub.py is cheap to import: no huggingface_hub).
     The folder entry comes first: bash's script starts over when it meets one."""
     from click.shell_completion import CompletionItem
@@ -136,7 +136,7 @@ common_options = _stack(
 
 model_options = _stack(
     click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ALTCLIP_MODEL",
-                 show_envvar=True, metavar="ID|DIR", shell_complete=_complete_model,
+                 show_envvar=True, metavar="ID|DIR", shell_complete=complete_model,
                  help="Hub id (downloaded on first use) or a local model folder."),
     click.option("--device", type=DeviceType(), default="auto", show_default=True, envvar="ALTCLIP_DEVICE",
                  show_envvar=True, help="auto picks cuda, then mps, then cpu; cuda:N for another GPU."),
@@ -252,28 +252,14 @@ def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dic
     return kw
 
 
-@contextmanager
 def pil_pixel_limit(max_pixels):
-    """For one command's run, Pillow's process-wide pixel limit raised to --max-pixels's cap (or
-    lifted, for 0) and restored afterwards. The library never changes PIL.Image.MAX_IMAGE_PIXELS
-    (a caller's other threads use it); the command line is the application, so it may, and the
-    few Pillow plugins that check that limit again while decoding (TIFF, ICO) then agree with
-    --max-pixels. The limit is never lowered: Pillow checks it on crops too (the preprocessor's
-    224 x 224 crop), and altclip's own check already refuses images above a lower cap."""
-    if max_pixels is None:  # nothing to change (and no PIL to import: a run through a server decodes nothing)
-        yield
-        return
-    from PIL import Image
+    """inputs.images.pil_pixel_limit for one command's run; PIL is imported only when --max-pixels
+    changes anything (a run through a server decodes nothing)."""
+    if max_pixels is None:
+        return nullcontext()
+    from ..inputs.images import pil_pixel_limit as limit
 
-    saved = Image.MAX_IMAGE_PIXELS
-    if max_pixels == 0:
-        Image.MAX_IMAGE_PIXELS = None
-    elif max_pixels is not None and saved is not None and max_pixels > saved:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    return limit(max_pixels)
 
 
 def stdin_binary():
@@ -304,7 +290,7 @@ def get_model(server: str, token_file: str | None, model: str, device: str, prec
               images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0,
               input_timeout: float | None = None):
     """The model a command works with: the RemoteModel of the server --server picks
-    (serve/remote.py), else the model loaded in-process (load_model). images: images go to the
+    (serve/discovery.py), else the model loaded in-process (load_model). images: images go to the
     model (the server's decoding must match); scores: the command scores images against labels."""
     remote = connect_server(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                             revision=revision, max_pixels=max_pixels, images=images, scores=scores,
@@ -318,10 +304,10 @@ def connect_server(server: str, token_file: str | None, model: str, device: str,
                    exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
                    images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0,
                    input_timeout: float | None = None):
-    """The RemoteModel of the server --server picks (serve/remote.connect), or None to run
+    """The RemoteModel of the server --server picks (serve/discovery.connect), or None to run
     in-process; see get_model. input_timeout: --input-timeout, for the local files whose bytes
     the client reads and sends (None: the default)."""
-    from ..serve.remote import Wanted, connect
+    from ..serve.discovery import Wanted, connect
 
     wanted = Wanted(model=model, revision=revision, device=device, precision=precision, exact_decode=exact_decode,
                     max_pixels=max_pixels, images=images, scores=scores)

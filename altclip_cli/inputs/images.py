@@ -12,6 +12,7 @@ import io
 import json
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -339,3 +340,29 @@ class ImagePreprocessor:
         for c in range(3):
             np.take(self._lut[c], pixels[:, :, c], out=out[c])
         return out
+
+
+# --- the command line's pixel limit ------------------------------------------------------------
+
+
+@contextmanager
+def pil_pixel_limit(max_pixels):
+    """For one run of the application, Pillow's process-wide pixel limit raised to `max_pixels`
+    (--max-pixels; 0 lifts it) and restored afterwards. The library never changes
+    PIL.Image.MAX_IMAGE_PIXELS (a caller's other threads use it); an application (the command
+    line, a Ray actor of its run) may, and the
+    few Pillow plugins that check that limit again while decoding (TIFF, ICO) then agree with
+    --max-pixels. The limit is never lowered: Pillow checks it on crops too (the preprocessor's
+    224 x 224 crop), and altclip's own check already refuses images above a lower cap."""
+    if max_pixels is None:  # nothing to change
+        yield
+        return
+    saved = Image.MAX_IMAGE_PIXELS
+    if max_pixels == 0:
+        Image.MAX_IMAGE_PIXELS = None
+    elif max_pixels is not None and saved is not None and max_pixels > saved:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved

@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.threads import plan_threads
 from .files import DEFAULT_INPUT_TIMEOUT, stuck_error
+from .threads import plan_threads
 
 
 @dataclass

@@ -817,7 +817,7 @@ def _open_db(folder: Path, *, create: bool, identity: dict | None, relative_path
 def _create(db: sqlite3.Connection, folder: Path, identity: dict, relative_paths: bool) -> dict:
     """vectors.f32 with its header first, then the schema and meta in one transaction: a run
     killed in between leaves no index, and the next run starts this one again."""
-    from .. import __version__
+    from ..version import __version__
 
     dim = int(identity["dim"])
     tmp = folder / f".{VECTORS}.tmp-{os.getpid()}"

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from ..version import __version__
 from ..errors import InputError
 from ..inputs.files import stuck_error
 from ..inputs.pipeline import DaemonPool, _prepare

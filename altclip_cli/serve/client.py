@@ -6,6 +6,10 @@ model itself.
     check_compatible(info, model="BAAI/AltCLIP")                     # ServerMismatch if not
     out = post_json(target, "/v1/embed", {"texts": ["a cat"]})
 
+Strings a server sends that the commands show (its /v1/health, its error messages and hints)
+come back with their control characters escaped (`printable`): a server cannot move the cursor,
+recolour or retitle the terminal of whoever reads them.
+
 Failures are typed: `ServerDown` (nothing answers, or the connection was lost before the answer:
 the caller may fall back to loading the model itself), `ServerMismatch` (a server answers but
 runs another model or protocol), `RequestFailed` (the server answered with an error; `ServerBusy`
@@ -107,6 +111,25 @@ def parse_target(spec: str | os.PathLike | Target, token: str | None = None) -> 
                   token=token)
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (control characters: C0, DEL, C1, the
+    bidirectional overrides; line breaks and tabs too) written as a Python escape (\\x1b, \\u202e)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def printable_strings(value):
+    """A JSON value with each string in it made printable (keys too)."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable_strings(k): printable_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable_strings(v) for v in value]
+    return value
+
+
 class _UnixConnection(http.client.HTTPConnection):
     """HTTP over a Unix socket; the Host header says localhost."""
 
@@ -186,6 +209,7 @@ def _json_or_raise(target, status: int, headers: dict, data: bytes) -> dict:
         raise RequestFailed(status, f"{target}: the answer is not a JSON object")
     error = payload.get("error") if isinstance(payload, dict) else None
     error = error if isinstance(error, dict) else {"message": data[:200].decode("utf-8", "replace")}
+    error = printable_strings(error)
     message = error.get("message") or f"HTTP {status}"
     if status == 503:
         raw = headers.get("retry-after")
@@ -217,11 +241,11 @@ def post_json(target, path: str, payload: dict, *, timeout: float | None = DEFAU
 
 def health(target, *, timeout: float | None = HEALTH_TIMEOUT) -> dict:
     """GET /v1/health: the server's version, protocol, model, weights, device, precision, pid,
-    uptime. ServerDown when nothing answers; ServerMismatch when what answers is not an
+    uptime (strings made printable). ServerDown when nothing answers; ServerMismatch when what answers is not an
     altclip server."""
     target = parse_target(target)
     try:
-        info = get_json(target, "/v1/health", timeout=timeout)
+        info = printable_strings(get_json(target, "/v1/health", timeout=timeout))
     except RequestFailed as exc:
         if exc.status in (401, 403):
             raise

@@ -55,7 +55,7 @@ def _serve(settings: Settings, msgs, load_model, claim: SocketClaim | None) -> i
 
     from ..inputs.images import DEFAULT_MAX_PIXELS
     from ..runtime.device import default_batch_size
-    from ..runtime.threads import plan_threads
+    from ..inputs.threads import plan_threads
     from .app import Decoder, Gate, ServeState, create_app, stderr_log
     from .batcher import Batcher
     from .transport import HostPolicy

@@ -86,19 +86,15 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
     failed = 0
     store = None  # the index of --index, when its vectors are used
     if sources:
-        from ..options import get_model, is_remote, pil_pixel_limit
+        from ..options import get_model, pil_pixel_limit
 
         model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                            revision=revision, max_pixels=max_pixels, scores=True, url_timeout=url_timeout,
                            url_max_mb=url_max_mb, input_timeout=input_timeout)
         templates = list(templates) or None
-        if is_remote(model_) and index_dir is None and all(len(g) == 1 for g in groups):
-            # The server scores too (/v1/classify, with its label cache): no numpy here.
-            records = model_.classify_records(sources, labels, templates, top_k, batch_size=batch_size)
-        else:
-            records, store = _records_here(model_, sources, groups, templates, top_k, index_dir, msgs, batch_size,
-                                           input_timeout, open_kwargs(max_pixels, url_timeout, url_max_mb,
-                                                                      model_.draft_min_side))
+        opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
+        records, store = _records(model_, sources, groups, templates, top_k, index_dir, msgs, batch_size,
+                                  input_timeout, opener_kw)
         with (pil_pixel_limit(max_pixels),
               msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar):
             for source, record in zip(sources, records):
@@ -114,20 +110,21 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
     if store is not None:
         store.close()
     if failed:
-        from .. import ExitStatus
+        from ..status import ExitStatus
 
         msgs.warn(f"{failed} of {len(sources)} images failed")
         click.get_current_context().exit(ExitStatus.PARTIAL)
 
 
-def _records_here(model, sources, groups, templates, top_k, index_dir, msgs, batch_size, input_timeout, opener_kw):
-    """(classify's records in input order, the --index store or None), scored in this process
-    from the model's vectors (and the index's, with --index). groups: each label's synonyms."""
+def _records(model, sources, groups, templates, top_k, index_dir, msgs, batch_size, input_timeout, opener_kw):
+    """(classify's records in input order, the --index store or None), scored from the model's
+    vectors (and the index's, with --index), in this process or through a server alike (model:
+    a runtime.embedder.Embedder). groups: each label's synonyms."""
     from ...inputs.sources import display, open_source, reason
     from ..formats import error_record, score_record
 
     labels = [g[0] for g in groups]
-    label_emb = group_embeddings(model, groups, templates, batch_size=batch_size)
+    label_emb = model.group_embeddings(groups, templates, batch_size=batch_size)
     results, store = _image_results(model, sources, index_dir, msgs, lambda s: open_source(s, **opener_kw),
                                     batch_size, input_timeout)
 
@@ -141,30 +138,6 @@ def _records_here(model, sources, groups, templates, top_k, index_dir, msgs, bat
                 yield score_record(name, labels, probs[0], logits[0], top_k)
 
     return records(), store
-
-
-def group_embeddings(model, groups, templates=None, *, batch_size: int | None = None):
-    """(G, D) float32 numpy array, L2-normalised: one row per synonym group (e.g. ["cat", "猫", "gato"]).
-    A group's row is the mean of the normalised embeddings of its alternatives (with templates:
-    of every alternative in every template), normalised again. A group of one is exactly
-    model.label_embeddings' row. model: an AltCLIP or a serve.remote.RemoteModel."""
-    import numpy as np  # not at import time: a classify through a server imports no numpy
-
-    groups = [list(g) for g in groups]
-    templates = list(templates or [])
-    out = np.zeros((len(groups), model.embed_dim), np.float32)
-    singles = [i for i, g in enumerate(groups) if len(g) == 1]
-    if singles:
-        out[singles] = model.label_embeddings([groups[i][0] for i in singles], templates, batch_size=batch_size)
-    texts_of = {i: [t.replace("{}", a) for a in g for t in templates] if templates else g
-                for i, g in enumerate(groups) if len(g) > 1}
-    if texts_of:  # one call for every group's texts: one model pass, the label cache per text
-        texts = list(dict.fromkeys(t for ts in texts_of.values() for t in ts))
-        rows = dict(zip(texts, model.label_embeddings(texts, None, batch_size=batch_size)))
-        for i, ts in texts_of.items():
-            mean = np.mean([rows[t] for t in ts], axis=0, dtype=np.float32)  # (D,) of (A*T, D)
-            out[i] = mean / max(float(np.linalg.norm(mean)), 1e-12)
-    return out
 
 
 def _image_results(model, sources, index_dir, msgs, open_fn, batch_size, input_timeout):

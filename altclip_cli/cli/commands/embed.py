@@ -148,19 +148,11 @@ class _Run:
                                     input_timeout=self.input_timeout)
         return self._model
 
-    def _rows(self):
-        """runtime.rows, or its twin in serve.remote for a server's model (same batches)."""
-        from ..options import is_remote
-
-        if is_remote(self.model):
-            from ...serve import remote as rows
-        else:
-            from ...runtime import rows
-        return rows
-
     def batches(self, inputs, opener_kw):
-        """Lists of (name, record, embedding or None) in input order (see runtime/rows.py)."""
-        rows = self._rows()
+        """Lists of (name, record, embedding or None) in input order (see runtime/rows.py), from
+        the model in this process or a server's alike."""
+        from ...runtime import rows
+
         if self.kind == "text":
             return rows.text_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize)
         if not inputs:
@@ -193,17 +185,8 @@ class _Run:
                 store.close()
             return embedded(inputs)
         rest = [s for i, s in enumerate(inputs) if i not in hits]
-        size = self.batch_size or self._default_image_batch()
+        size = self.batch_size or self.model.default_batch_size("image")
         return merged_batches(inputs, hits, store, embedded(rest) if rest else iter(()), size)
-
-    def _default_image_batch(self) -> int:
-        from ..options import is_remote
-
-        if is_remote(self.model):
-            return self.model.default_batch_size("image")
-        from ...runtime.device import default_batch_size
-
-        return default_batch_size(self.model.device, "image")
 
 
 def _to_stdout(run: _Run, inputs, opener_kw) -> int:
@@ -231,7 +214,7 @@ def _to_stdout(run: _Run, inputs, opener_kw) -> int:
 def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, opener_kw) -> int:
     import numpy as np
 
-    from ... import __version__
+    from ...version import __version__
     from ...outputs.embedfile import EmbeddingOutput, check_writable
     from ...outputs.signals import sigterm_as_interrupt
 
@@ -300,6 +283,6 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
 
 
 def _exit_status():
-    from .. import ExitStatus  # the group's module imports this one
+    from ..status import ExitStatus
 
     return ExitStatus

@@ -61,7 +61,7 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     from ...paths import default_index_folder
     from ...search.run import index_paths
     from ...search.summary import UpdateSummary
-    from .. import ExitStatus
+    from ..status import ExitStatus
     from ..options import connect_server, load_model, open_kwargs
     from ..terminal import isatty
 

@@ -122,7 +122,7 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
                 raise UsageError(exc.message, hint=exc.hint) from None
             raise
         except KeyboardInterrupt:
-            from .. import ExitStatus
+            from ..status import ExitStatus
 
             msgs.error("interrupted; the index keeps what was done", hint="run the same command again to go on")
             click.get_current_context().exit(ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED)
