@@ -1,0 +1,237 @@
+"""What a long-lived `altclip serve` keeps, and how it stops: the state it holds per index stays
+bounded however many folders it is asked about, a request waiting for another process's index
+lock holds neither the index's turn nor a thread, and Ctrl-C or SIGTERM answers every request in
+flight, however long it runs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from altclip_cli.search.store import IndexStore  # noqa: E402
+from altclip_cli.serve import client  # noqa: E402
+from altclip_cli.serve.client import RequestFailed  # noqa: E402
+from altclip_cli.serve.searching import MAX_INDEXES, MAX_WATCHED_TREES, IndexLocks  # noqa: E402
+from test_serve import Server, _until, _wait_ready, png_bytes, server_env, short_dir  # noqa: E402
+
+LINUX = sys.platform.startswith("linux")
+
+# The server's own process, as test_serve's, plus: uvicorn's graceful shutdown, when capped at
+# all, is capped at 1 s instead of the 30 s that altclip once gave it, so that a request a few
+# seconds long stands for one longer than that cap.
+SERVER_MAIN = """
+import sys, time
+delay = float(sys.argv[1])
+if delay:
+    from altclip_cli.serve import batcher
+    real = batcher.Batcher._run
+    def slow(self, batch):
+        time.sleep(delay)
+        return real(self, batch)
+    batcher.Batcher._run = slow
+import uvicorn
+real_init = uvicorn.Config.__init__
+def init(self, *args, **kw):
+    real_init(self, *args, **kw)
+    if self.timeout_graceful_shutdown is not None:
+        self.timeout_graceful_shutdown = min(self.timeout_graceful_shutdown, 1)
+uvicorn.Config.__init__ = init
+from altclip_cli.cli import main
+main(sys.argv[2:])
+"""
+
+
+def start(model_dir, *args, delay: float = 0.0) -> Server:
+    folder = short_dir()
+    log, sock = folder / "server.log", folder / "s.sock"
+    cmd = ["serve", "-m", str(model_dir), "--device", "cpu", "--precision", "fp32", "--socket", str(sock),
+           *map(str, args)]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", SERVER_MAIN, str(delay), *cmd], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, env=server_env(folder))
+    server = Server(proc, str(sock), log, folder)
+    _wait_ready(server, tcp=False)
+    return server
+
+
+def open_files(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            pass
+    return out
+
+
+def photos(folder: Path, n: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"p{i}.png").write_bytes(png_bytes(seed + i, size=(30 + i, 24)))
+    return folder
+
+
+# --- bounded state --------------------------------------------------------------------------------
+
+
+def test_index_states_are_bounded_and_one_in_use_is_kept(tmp_path):
+    """Ten thousand index folders used one after the other leave MAX_INDEXES states; a state in
+    use is never closed (its turn stays the one every request for that index takes), and states
+    idle past the idle time go."""
+    locks = IndexLocks()
+    with locks.use(tmp_path / "held") as held:
+        for i in range(10_000):
+            with locks.use(tmp_path / f"index-{i}") as state:
+                assert state.users == 1
+            assert locks.sizes()["indexes"] <= MAX_INDEXES + 1
+        with locks.use(tmp_path / "held") as again:
+            assert again is held and held.users == 2
+    assert locks.sizes()["indexes"] <= MAX_INDEXES
+
+    quick = IndexLocks(idle_s=0)
+    for i in range(3):
+        with quick.use(tmp_path / f"index-{i}"):
+            pass
+    assert quick.sizes()["indexes"] == 0
+
+
+@pytest.mark.skipif(not LINUX, reason="open files and inotify instances are read in /proc")
+def test_a_server_asked_about_many_folders_keeps_a_bounded_number_of_connections_and_watches(
+        _tiny_model_master, tmp_path):
+    """Searches of 3 * MAX_INDEXES folders, each with its own index, then of 2 * MAX_WATCHED_TREES
+    folders in one index: the server holds at most MAX_INDEXES index databases open and at most
+    MAX_WATCHED_TREES inotify instances, and searching the first folder again still finds it."""
+    count = 3 * MAX_INDEXES
+    folders = [photos(tmp_path / f"f{i}", 1, seed=i) for i in range(count)]
+    s = start(_tiny_model_master)
+    try:
+        def search(folder, index):
+            return client.post_json(s.target, "/v1/search", {"query": [{"text": "a cat"}], "dir": str(folder),
+                                                             "index": str(index)})
+
+        for i, folder in enumerate(folders):
+            assert search(folder, tmp_path / f"index-{i}")["searched"] == 1
+        held = open_files(s.proc.pid)
+        databases = {os.path.dirname(p) for p in held if os.path.basename(p).startswith("index.sqlite3")}
+        assert 0 < len(databases) <= MAX_INDEXES, databases
+        assert held.count("anon_inode:inotify") <= MAX_WATCHED_TREES
+
+        shared = tmp_path / "shared-index"
+        more = [photos(tmp_path / "many" / f"g{i}", 1, seed=100 + i) for i in range(2 * MAX_WATCHED_TREES)]
+        for folder in more:
+            assert search(folder, shared)["searched"] == 1
+        held = open_files(s.proc.pid)
+        assert 0 < held.count("anon_inode:inotify") <= MAX_WATCHED_TREES
+        databases = {os.path.dirname(p) for p in held if os.path.basename(p).startswith("index.sqlite3")}
+        assert 0 < len(databases) <= MAX_INDEXES, databases
+
+        first = search(folders[0], tmp_path / "index-0")
+        assert first["searched"] == 1 and first["update"]["added"] == 0
+        assert first["results"][0]["path"] == str(folders[0] / "p0.png")
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+# --- waiting for another process's index lock -------------------------------------------------------
+
+
+def test_a_search_waiting_for_another_writer_holds_no_turn_and_a_stop_answers_it(_tiny_model_master, tmp_path):
+    """While another process holds the index's write lock, a search with `wait` waits for it
+    without holding the index: a search of the same index without `wait` is answered 409 at
+    once, one that only reads is answered, and several waiters do not hold the server up. Once
+    the lock is free the waiter is answered in full. A server stopped while one waits answers it
+    503 at once and exits 0."""
+    folder = photos(tmp_path / "photos", 3)
+    index = tmp_path / "index"
+    good = {"query": [{"text": "a cat"}], "dir": str(folder), "index": str(index)}
+    s = start(_tiny_model_master)
+    answers: dict = {}
+
+    def ask(key, payload):
+        try:
+            answers[key] = client.post_json(s.target, "/v1/search", payload, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - checked below
+            answers[key] = exc
+
+    try:
+        assert client.post_json(s.target, "/v1/search", good)["update"]["added"] == 3
+        (folder / "p3.png").write_bytes(png_bytes(50))  # a change: the next search must write
+        with IndexStore.open(index, write=True, writer="altclip index"):  # another process's update
+            waiters = [threading.Thread(target=ask, args=(f"waiter-{i}", {**good, "wait": 600})) for i in range(6)]
+            for t in waiters:
+                t.start()
+            _until(lambda: len(s.health()["indexing"]) == 6)
+            with pytest.raises(RequestFailed) as exc:  # not queued behind the waiters
+                client.post_json(s.target, "/v1/search", good, timeout=20)
+            assert exc.value.status == 409 and "another altclip index" in exc.value.message
+            reader = client.post_json(s.target, "/v1/search", {**good, "update": False}, timeout=20)
+            assert reader["searched"] == 3
+            assert client.post_json(s.target, "/v1/embed", {"texts": ["x"]}, timeout=20)["results"]
+            assert not answers
+        for t in waiters:
+            t.join(60)
+        results = [answers[f"waiter-{i}"] for i in range(6)]
+        assert all(isinstance(r, dict) for r in results), results
+        assert sum(r["update"]["added"] for r in results) == 1 and all(r["searched"] == 4 for r in results)
+
+        (folder / "p4.png").write_bytes(png_bytes(51))
+        with IndexStore.open(index, write=True, writer="altclip index"):
+            waiter = threading.Thread(target=ask, args=("stopped", {**good, "wait": 600}))
+            waiter.start()
+            _until(lambda: len(s.health()["indexing"]) == 1)
+            s.proc.send_signal(signal.SIGTERM)
+            waiter.join(20)
+            assert not waiter.is_alive(), "the stopping server still holds the waiting request"
+            assert s.proc.wait(20) == 0, s.log()
+        stopped = answers["stopped"]
+        assert isinstance(stopped, RequestFailed) and stopped.status == 503, stopped
+        assert "stopping" in stopped.message
+    finally:
+        s.stop()
+
+
+# --- stopping -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_during_a_long_index_request_answers_it_in_full(_tiny_model_master, tmp_path, sig):
+    """Ctrl-C or SIGTERM while /v1/index runs longer than uvicorn's graceful cap: the client
+    gets its full answer, every image is committed, the server says it waits for it, exits 0."""
+    folder = photos(tmp_path / "photos", 8)
+    index = tmp_path / "index"
+    s = start(_tiny_model_master, "--batch-size", "1", delay=0.4)  # 8 passes, 0.4 s each
+    outcome: dict = {}
+
+    def index_it():
+        try:
+            outcome["answer"] = client.post_json(s.target, "/v1/index", {"paths": [{"path": str(folder)}],
+                                                                        "index": str(index)}, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - checked below
+            outcome["answer"] = exc
+
+    try:
+        thread = threading.Thread(target=index_it)
+        thread.start()
+        _until(lambda: any(u["done"] >= 1 for u in s.health()["indexing"]))
+        s.proc.send_signal(sig)
+        thread.join(60)
+        rc = s.proc.wait(60)
+    finally:
+        s.stop()
+    answer = outcome["answer"]
+    assert isinstance(answer, dict), f"{answer!r}\n{s.log()}"
+    assert answer["update"]["added"] == 8 and answer["update"]["failed"] == 0
+    assert rc == 0
+    assert "answering the 1 request in flight first" in s.log()
+    assert "Traceback" not in s.log()
+    with IndexStore.open(index) as store:
+        assert store.count()[0] == 8
