@@ -118,7 +118,7 @@ class DaemonPool:
             self._tasks.put(None)
 
 
-def _prepare(source, open_fn: Callable, preprocess: Callable) -> np.ndarray:
+def prepare(source, open_fn: Callable, preprocess: Callable) -> np.ndarray:
     """(3, H, W) float32 pixels, or InputError naming the source."""
     try:
         return preprocess(open_fn(source))
@@ -175,7 +175,7 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
     pool = DaemonPool(workers or plan_threads("cpu").decode_workers)
     try:
         for index, source in enumerate(sources):
-            in_flight.append((index, source, pool.submit(_prepare, source, open_fn, preprocess)))
+            in_flight.append((index, source, pool.submit(prepare, source, open_fn, preprocess)))
             if len(in_flight) >= ahead:
                 yield from settle_oldest()
         while in_flight:

@@ -49,6 +49,7 @@ from ..search.store import IndexBusy, IndexStoreError, SnapshotCache
 from ..search.summary import UpdateSummary
 from ..search.update import index_identity
 from .batcher import QueueFull
+from .jobs import ImageInput, image_failure, image_inputs, model_job, submit
 from .requests import ApiError, IndexRequest, SearchRequest, bad_request
 
 
@@ -238,17 +239,15 @@ def _stopping(state) -> bool:
 
 async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
     """The answer to one SearchRequest (see the module doc); ApiError for what cannot be done."""
-    from .app import ImageInput, _image_failure, _image_inputs, _model_job, _submit
-
     model = state.model
     root = _folder(req.dir)
     identity = index_identity(model)
     folder = _index(req, model)
 
     images = [p.image for p in req.query if p.image is not None]
-    items: list[ImageInput] = _image_inputs(images, state)
+    items: list[ImageInput] = image_inputs(images, state)
     decoded = await state.decoder.decode(items)
-    if (failure := _image_failure(decoded, items)) is not None:
+    if (failure := image_failure(decoded, items)) is not None:
         raise ApiError(422, f"query image {failure.message}", param="query", code="bad_image")
 
     async def vector():
@@ -256,9 +255,9 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         rows = {}
         if texts:
             ids = await run_in_threadpool(model.tokenizer.encode, texts)
-            rows["text"] = iter(await _model_job(_submit(state.batcher.submit_texts, ids, True)))
+            rows["text"] = iter(await model_job(submit(state.batcher.submit_texts, ids, True)))
         if decoded:
-            rows["image"] = iter(await _model_job(_submit(state.batcher.submit_images, np.stack(decoded), True)))
+            rows["image"] = iter(await model_job(submit(state.batcher.submit_images, np.stack(decoded), True)))
         parts = [next(rows["text" if p.text is not None else "image"]) for p in req.query]
         return combine(parts, [p.weight for p in req.query])
 

@@ -62,8 +62,11 @@ def _serve(settings: Settings, msgs, load_model, claim: SocketClaim | None) -> i
     from ..inputs.images import DEFAULT_MAX_PIXELS
     from ..runtime.device import default_batch_size
     from ..runtime.threads import plan_threads
-    from .app import Decoder, Gate, ServeState, create_app, stderr_log
+    from .app import create_app
     from .batcher import Batcher
+    from .gate import Gate, stderr_log
+    from .jobs import Decoder
+    from .state import ServeState
     from .transport import HostPolicy
 
     model = load_model()

@@ -1,0 +1,122 @@
+"""A request's work, away from the event loop: its images as inputs (`image_inputs`), decoded
+and preprocessed in worker threads (`Decoder`), and its model passes handed to the model thread
+(`submit`, `model_job`), the batcher's refusals answered as 503."""
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import InputError
+from ..inputs.pipeline import DaemonPool, prepare
+from .batcher import QueueFull, Stopped
+from .requests import ApiError, bad_request, decode_base64
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    name: str
+    data: bytes | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:  # how pipeline.prepare names it in an error
+        return self.name
+
+
+class Decoder:
+    """Decoding and preprocessing in daemon worker threads (PIL releases the GIL), bounded by
+    the same caps as files on the command line: the pixel cap and the input timeout."""
+
+    def __init__(self, model, workers: int, max_pixels: int | None, input_timeout: float | None):
+        self.model, self.max_pixels, self.input_timeout = model, max_pixels, input_timeout
+        self.workers = workers
+        self.pool = DaemonPool(workers)
+
+    def _open(self, item: ImageInput):
+        from ..inputs.images import open_image
+
+        source = item.data
+        if item.path is not None:
+            try:
+                st = os.stat(item.path)
+            except FileNotFoundError:
+                raise InputError(f"{item.name}: no such file") from None
+            except OSError as exc:
+                raise InputError(f"{item.name}: cannot open ({exc.strerror or exc})") from None
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block a decoder, a folder is no image
+                raise InputError(f"{item.name}: not a regular file")
+            source = item.path
+        return open_image(source, name=item.name, max_pixels=self.max_pixels,
+                          draft_min_side=self.model.draft_min_side)
+
+    def _collect(self, tasks) -> list:
+        out = []
+        for item, task in tasks:
+            try:
+                out.append(self.pool.result(task, self.input_timeout))
+            except InputError as exc:
+                out.append(exc)
+            except FutureTimeout:  # the worker is stuck on this input: it is replaced
+                self.pool.abandon(task)
+                out.append(InputError(f"{item.name}: no data after {self.input_timeout:g} s (a hung network mount?)"))
+        return out
+
+    async def decode(self, items: list[ImageInput]) -> list:
+        """(3, H, W) float32 pixels or an InputError, per item, in order."""
+        tasks = [(item, self.pool.submit(prepare, item, self._open, self.model.preprocessor)) for item in items]
+        return await run_in_threadpool(self._collect, tasks)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def image_inputs(items, state) -> list[ImageInput]:
+    """The request's image items (requests.ImageItem) as inputs; ApiError for a path over TCP
+    (403), a relative path or bad base64 (400). state: the ServeState."""
+    out = []
+    for i, item in enumerate(items):
+        where = f"images[{i}]"
+        if item.path is not None:
+            if state.transport != "unix":
+                raise ApiError(403, f"{where}.path: server-side paths are read over the Unix socket only; "
+                                    "send the image's bytes (data, base64) or upload it", param=f"{where}.path",
+                               type="permission_error")
+            if not os.path.isabs(item.path):
+                raise bad_request(f"{where}.path must be absolute (the server's working folder is not yours): "
+                                  f"{item.path!r}", f"{where}.path")
+            out.append(ImageInput(item.name or item.path, path=item.path))
+        else:
+            out.append(ImageInput(item.name or where, data=decode_base64(item.data, f"{where}.data")))
+    return out
+
+
+def image_failure(results, items) -> ApiError | None:
+    """422 for the first input that failed to decode, or None."""
+    for i, (item, r) in enumerate(zip(items, results)):
+        if isinstance(r, InputError):
+            return ApiError(422, r.message, param=f"images[{i}]", code="bad_image")
+    return None
+
+
+async def model_job(future):
+    """The result of a batcher job; 503 when the server stopped first."""
+    try:
+        return await asyncio.wrap_future(future)
+    except Stopped as exc:
+        raise ApiError(503, str(exc), type="server_error", code="stopping") from None
+
+
+def submit(fn, *args):
+    """fn(*args), one of the batcher's submit methods: its Future; 503 (with Retry-After) when
+    the queue is full or the server stops."""
+    try:
+        return fn(*args)
+    except QueueFull as exc:
+        raise ApiError(503, f"{exc}; try again in {exc.retry_after} s", type="server_error", code="queue_full",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+    except Stopped as exc:
+        raise ApiError(503, str(exc), type="server_error", code="stopping") from None
