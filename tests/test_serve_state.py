@@ -235,3 +235,59 @@ def test_a_stop_during_a_long_index_request_answers_it_in_full(_tiny_model_maste
     assert "Traceback" not in s.log()
     with IndexStore.open(index) as store:
         assert store.count()[0] == 8
+
+
+# --- decoding threads stuck on inputs that never return -------------------------------------------------
+
+
+def test_decoding_threads_stuck_on_hung_inputs_are_bounded_with_a_503():
+    """Inputs whose read never returns (a hung network mount) each strand a decoding thread. Once
+    the bound is reached, the request that reached it and every later one with images is answered
+    503 naming the stuck threads, without starting another; when the reads return, decoding works
+    again."""
+    import asyncio
+
+    import numpy as np
+
+    from altclip_cli.inputs.pipeline import DaemonPool
+    from altclip_cli.serve.jobs import Decoder, ImageInput
+    from altclip_cli.serve.requests import ApiError
+
+    hung = threading.Event()
+    started: list[str] = []
+
+    class Model:
+        draft_min_side = None
+
+        @staticmethod
+        def preprocessor(image):
+            return np.zeros((3, 2, 2), np.float32)
+
+    before = DaemonPool.abandoned()
+    decoder = Decoder(Model(), workers=1, max_pixels=None, input_timeout=0.3, max_abandoned=before + 2)
+
+    def open_fn(item):
+        started.append(item.name)
+        if item.name.startswith("hung"):
+            hung.wait()
+        return item.name
+
+    decoder._open = open_fn
+    try:
+        first = asyncio.run(decoder.decode([ImageInput("hung-1", data=b"x"), ImageInput("ok-1", data=b"x")]))
+        assert "no data after 0.3 s" in first[0].message and first[1].shape == (3, 2, 2)
+        assert DaemonPool.abandoned() == before + 1
+        with pytest.raises(ApiError) as exc:
+            asyncio.run(decoder.decode([ImageInput(f"hung-{i}", data=b"x") for i in range(2, 12)]))
+        assert exc.value.status == 503 and exc.value.code == "decoders_stuck"
+        assert f"{before + 2} decoding threads are stuck" in exc.value.message
+        assert DaemonPool.abandoned() == before + 2 and "hung-3" not in started  # no third thread stranded
+        with pytest.raises(ApiError) as exc:
+            asyncio.run(decoder.decode([ImageInput("ok-2", data=b"x")]))
+        assert exc.value.status == 503 and "ok-2" not in started
+        assert asyncio.run(decoder.decode([])) == []  # no image: nothing to refuse
+    finally:
+        hung.set()
+    _until(lambda: DaemonPool.abandoned() == before)
+    assert asyncio.run(decoder.decode([ImageInput("ok-3", data=b"x")]))[0].shape == (3, 2, 2)
+    decoder.close()

@@ -27,14 +27,32 @@ class ImageInput:
         return self.name
 
 
+MAX_ABANDONED = 32  # decoding threads left stuck on inputs that never returned, before images are refused
+
+
 class Decoder:
     """Decoding and preprocessing in daemon worker threads (PIL releases the GIL), bounded by
-    the same caps as files on the command line: the pixel cap and the input timeout."""
+    the same caps as files on the command line: the pixel cap and the input timeout.
 
-    def __init__(self, model, workers: int, max_pixels: int | None, input_timeout: float | None):
+    A worker stuck past the input timeout (a read of a hung network mount never returns) is
+    abandoned and replaced; its thread ends only if the read ever does. Once `max_abandoned`
+    of them (in every decoding pool of the process: index updates' too) are still stuck, the
+    server decodes no more images and answers 503 (`check_stuck`) until some come back."""
+
+    def __init__(self, model, workers: int, max_pixels: int | None, input_timeout: float | None,
+                 max_abandoned: int = MAX_ABANDONED):
         self.model, self.max_pixels, self.input_timeout = model, max_pixels, input_timeout
-        self.workers = workers
+        self.workers, self.max_abandoned = workers, max_abandoned
         self.pool = DaemonPool(workers)
+
+    def check_stuck(self) -> None:
+        """ApiError 503 while `max_abandoned` decoding threads are stuck."""
+        stuck = DaemonPool.abandoned()
+        if stuck >= self.max_abandoned:
+            raise ApiError(503, f"{stuck} decoding threads are stuck on inputs that never returned (a hung network "
+                                "mount?): this server decodes no more images until they do",
+                           type="server_error", code="decoders_stuck", headers={"Retry-After": "60"},
+                           hint="restart the server if the mount never comes back")
 
     def _open(self, item: ImageInput):
         from ..inputs.images import open_image
@@ -55,18 +73,25 @@ class Decoder:
 
     def _collect(self, tasks) -> list:
         out = []
-        for item, task in tasks:
+        for i, (item, task) in enumerate(tasks):
             try:
                 out.append(self.pool.result(task, self.input_timeout))
             except InputError as exc:
                 out.append(exc)
             except FutureTimeout:  # the worker is stuck on this input: it is replaced
+                if DaemonPool.abandoned() + 1 >= self.max_abandoned:  # the last one: the rest are not tried
+                    for _item, rest in tasks[i + 1:]:  # (before the replacement worker takes one)
+                        rest.future.cancel()
                 self.pool.abandon(task)
+                self.check_stuck()
                 out.append(InputError(f"{item.name}: no data after {self.input_timeout:g} s (a hung network mount?)"))
         return out
 
     async def decode(self, items: list[ImageInput]) -> list:
-        """(3, H, W) float32 pixels or an InputError, per item, in order."""
+        """(3, H, W) float32 pixels or an InputError, per item, in order; ApiError 503 when too
+        many decoding threads are stuck (see the class doc)."""
+        if items:
+            self.check_stuck()
         tasks = [(item, self.pool.submit(prepare, item, self._open, self.model.preprocessor)) for item in items]
         return await run_in_threadpool(self._collect, tasks)
 

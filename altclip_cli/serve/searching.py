@@ -58,8 +58,8 @@ class BatchedModel:
     (batcher.Batcher): an index update shares the model with the other requests, one pass at a
     time, instead of running a second pass beside them."""
 
-    def __init__(self, model, batcher, decode_workers: int):
-        self._model, self._batcher, self._workers = model, batcher, decode_workers
+    def __init__(self, model, batcher, decoder):
+        self._model, self._batcher, self._decoder = model, batcher, decoder
 
     def __getattr__(self, name):  # model_id, weights_id, precision, device, draft_min_side, ...
         return getattr(self._model, name)
@@ -68,10 +68,11 @@ class BatchedModel:
         from ..inputs.pipeline import stream_embeddings
 
         return stream_embeddings(sources, open_fn, self._model.preprocessor, self._encode,
-                                 batch_size=self._batcher.image_batch, workers=self._workers,
+                                 batch_size=self._batcher.image_batch, workers=self._decoder.workers,
                                  input_timeout=input_timeout)
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        self._decoder.check_stuck()  # an update over a hung mount stops (keeping what it committed)
         return _wait(lambda: self._batcher.submit_images(pixels, True))
 
 
@@ -161,12 +162,17 @@ class IndexLocks:
         self.max_indexes, self.max_trees, self.idle_s = max_indexes, max_trees, idle_s
         self._guard = threading.Lock()
         self._states: OrderedDict[str, IndexState] = OrderedDict()  # least recently used first
+        self._sweeper: threading.Thread | None = None  # closes idle states of a server nobody asks
+        self._closed = threading.Event()
 
     @contextmanager
     def use(self, folder):
         """The IndexState of `folder`, held (not closed) until the block ends."""
         key = os.path.realpath(folder)
         with self._guard:
+            if self._sweeper is None and self.idle_s > 0:
+                self._sweeper = threading.Thread(target=self._sweep, name="altclip-index-sweeper", daemon=True)
+                self._sweeper.start()
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = IndexState()
@@ -199,8 +205,14 @@ class IndexLocks:
                 state.trees.drop_oldest()
                 trees -= 1
 
+    def _sweep(self) -> None:
+        while not self._closed.wait(self.idle_s / 2):
+            with self._guard:
+                self._trim()
+
     def close(self) -> None:
         """Close every state not in use (the server is stopping)."""
+        self._closed.set()
         with self._guard:
             for key, state in [(k, s) for k, s in self._states.items() if s.users == 0]:
                 del self._states[key]
@@ -318,7 +330,7 @@ def _index(req, model):
 
 
 def _indexer(state) -> BatchedModel:
-    return BatchedModel(state.model, state.batcher, state.decoder.workers)
+    return BatchedModel(state.model, state.batcher, state.decoder)
 
 
 def _walk_kw(state, req, messages) -> dict:
