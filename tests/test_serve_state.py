@@ -202,24 +202,26 @@ def test_a_search_waiting_for_another_writer_holds_no_turn_and_a_stop_answers_it
 # --- stopping -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_during_a_long_index_request_answers_it_in_full(_tiny_model_master, tmp_path, sig):
-    """Ctrl-C or SIGTERM while /v1/index runs longer than uvicorn's graceful cap: the client
-    gets its full answer, every image is committed, the server says it waits for it, exits 0."""
+@pytest.mark.parametrize("sig, endpoint", [(signal.SIGTERM, "/v1/index"), (signal.SIGINT, "/v1/search")])
+def test_a_stop_during_a_long_index_update_answers_it_in_full(_tiny_model_master, tmp_path, sig, endpoint):
+    """Ctrl-C or SIGTERM while /v1/index or /v1/search updates an index for longer than uvicorn's
+    graceful cap: the client gets its full answer, every image is committed, the server says it
+    waits for the request, and exits 0."""
     folder = photos(tmp_path / "photos", 8)
     index = tmp_path / "index"
     s = start(_tiny_model_master, "--batch-size", "1", delay=0.4)  # 8 passes, 0.4 s each
+    payload = ({"paths": [{"path": str(folder)}], "index": str(index)} if endpoint == "/v1/index" else
+               {"query": [{"text": "a cat"}], "dir": str(folder), "index": str(index), "top_k": 8})
     outcome: dict = {}
 
-    def index_it():
+    def ask():
         try:
-            outcome["answer"] = client.post_json(s.target, "/v1/index", {"paths": [{"path": str(folder)}],
-                                                                        "index": str(index)}, timeout=120)
+            outcome["answer"] = client.post_json(s.target, endpoint, payload, timeout=120)
         except Exception as exc:  # noqa: BLE001 - checked below
             outcome["answer"] = exc
 
     try:
-        thread = threading.Thread(target=index_it)
+        thread = threading.Thread(target=ask)
         thread.start()
         _until(lambda: any(u["done"] >= 1 for u in s.health()["indexing"]))
         s.proc.send_signal(sig)
@@ -230,11 +232,52 @@ def test_a_stop_during_a_long_index_request_answers_it_in_full(_tiny_model_maste
     answer = outcome["answer"]
     assert isinstance(answer, dict), f"{answer!r}\n{s.log()}"
     assert answer["update"]["added"] == 8 and answer["update"]["failed"] == 0
+    if endpoint == "/v1/search":
+        assert len(answer["results"]) == 8
     assert rc == 0
     assert "answering the 1 request in flight first" in s.log()
     assert "Traceback" not in s.log()
     with IndexStore.open(index) as store:
         assert store.count()[0] == 8
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_what_was_committed(_tiny_model_master, tmp_path):
+    """A second Ctrl-C does not wait: the client is answered 503 saying so, the index keeps what the update had committed (whole, readable), and a second run finishes it."""
+    folder = photos(tmp_path / "photos", 8)
+    index = tmp_path / "index"
+    payload = {"paths": [{"path": str(folder)}], "index": str(index)}
+    s = start(_tiny_model_master, "--batch-size", "1", delay=1.0)
+    outcome: dict = {}
+
+    def ask():
+        try:
+            outcome["answer"] = client.post_json(s.target, "/v1/index", payload, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - checked below
+            outcome["answer"] = exc
+
+    try:
+        thread = threading.Thread(target=ask)
+        thread.start()
+        _until(lambda: any(u["done"] >= 1 for u in s.health()["indexing"]))
+        s.proc.send_signal(signal.SIGINT)
+        _until(lambda: "in flight first" in s.log())
+        s.proc.send_signal(signal.SIGINT)
+        thread.join(60)
+        assert s.proc.wait(60) == 0, s.log()
+    finally:
+        s.stop()
+    stopped = outcome["answer"]
+    assert isinstance(stopped, RequestFailed) and stopped.status == 503, stopped
+    assert "stopped at once" in stopped.message and "Traceback" not in s.log()
+    with IndexStore.open(index) as store:
+        kept = store.count()[0]
+    assert kept < 8
+    s = start(_tiny_model_master)
+    try:
+        again = client.post_json(s.target, "/v1/index", payload)
+        assert again["update"]["added"] == 8 - kept
+    finally:
+        assert s.stop() == 0
 
 
 # --- decoding threads stuck on inputs that never return -------------------------------------------------

@@ -233,6 +233,12 @@ async def _in_turn(state, kept: IndexState, wait: float, update):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise
+            except asyncio.CancelledError:
+                if not _stopping(state):
+                    raise
+                raise ApiError(503, "the server was stopped at once (Ctrl-C twice) during this update: it stops "
+                                    "at its next batch of images, keeping what it committed", type="server_error",
+                               code="stopping", hint="run it again to finish") from None
         if _stopping(state):
             raise ApiError(503, "the server is stopping: it no longer waits for another process's update of "
                                 "the index", type="server_error", code="stopping")
@@ -282,9 +288,13 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
                                 **_walk_kw(state, req, messages))
 
     with _shown(state, messages), _api_errors(), locks.use(folder) as kept:
-        # The query is encoded while the folder is walked: the two overlap on a warm server.
+        # The query is encoded while the folder is walked: the two overlap on a warm server. Both
+        # end before the answer, a failure of either included (the update uses `kept`).
         jobs = [vector()] + ([_in_turn(state, kept, req.wait, lambda: update(kept))] if req.update else [])
-        query, *_ = await asyncio.gather(*jobs)
+        query, *others = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in (query, *others):
+            if isinstance(outcome, BaseException):
+                raise outcome
         hits, searched = await run_in_threadpool(rank_below, identity, folder, root, query, req.top_k, req.min_score,
                                                  cache=kept.snapshots)
     if walked and walked != [root]:

@@ -138,6 +138,8 @@ def _server_class():
             if self.on_stopping is not None:
                 self.on_stopping()
             await super().shutdown(sockets)
+            if self.force_exit:  # uvicorn skips the app's shutdown then (its task is cancelled, noisily)
+                await self.lifespan.shutdown()
 
         @contextlib.contextmanager
         def capture_signals(self):
