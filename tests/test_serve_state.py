@@ -194,7 +194,7 @@ def test_a_search_waiting_for_another_writer_holds_no_turn_and_a_stop_answers_it
             assert s.proc.wait(20) == 0, s.log()
         stopped = answers["stopped"]
         assert isinstance(stopped, RequestFailed) and stopped.status == 503, stopped
-        assert "stopping" in stopped.message
+        assert "stopping" in stopped.message and "--server off" in stopped.hint
     finally:
         s.stop()
 
@@ -268,7 +268,8 @@ def test_a_second_ctrl_c_stops_at_once_keeping_what_was_committed(_tiny_model_ma
         s.stop()
     stopped = outcome["answer"]
     assert isinstance(stopped, RequestFailed) and stopped.status == 503, stopped
-    assert "stopped at once" in stopped.message and "Traceback" not in s.log()
+    assert "stopped at once" in stopped.message and stopped.hint == "run it again to finish"
+    assert "Traceback" not in s.log()
     with IndexStore.open(index) as store:
         kept = store.count()[0]
     assert kept < 8

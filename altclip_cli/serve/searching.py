@@ -241,7 +241,8 @@ async def _in_turn(state, kept: IndexState, wait: float, update):
                                code="stopping", hint="run it again to finish") from None
         if _stopping(state):
             raise ApiError(503, "the server is stopping: it no longer waits for another process's update of "
-                                "the index", type="server_error", code="stopping")
+                                "the index", type="server_error", code="stopping",
+                           hint="run the command again once a server is up, or without one (--server off)")
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, LOCK_POLL_S)
 
