@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ from altclip_cli.search.store import IndexStore  # noqa: E402
 from altclip_cli.serve import client  # noqa: E402
 from altclip_cli.serve.client import RequestFailed  # noqa: E402
 from altclip_cli.serve.searching import MAX_INDEXES, MAX_WATCHED_TREES, IndexLocks  # noqa: E402
-from test_serve import Server, _until, _wait_ready, png_bytes, server_env, short_dir  # noqa: E402
+from test_serve import _until, png_bytes, start_server  # noqa: E402
 
 LINUX = sys.platform.startswith("linux")
 
@@ -50,17 +49,8 @@ main(sys.argv[2:])
 """
 
 
-def start(model_dir, *args, delay: float = 0.0) -> Server:
-    folder = short_dir()
-    log, sock = folder / "server.log", folder / "s.sock"
-    cmd = ["serve", "-m", str(model_dir), "--device", "cpu", "--precision", "fp32", "--socket", str(sock),
-           *map(str, args)]
-    with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER_MAIN, str(delay), *cmd], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, env=server_env(folder))
-    server = Server(proc, str(sock), log, folder)
-    _wait_ready(server, tcp=False)
-    return server
+def start(model_dir, *args, delay: float = 0.0):
+    return start_server(model_dir, *args, delay=delay, main=SERVER_MAIN)
 
 
 def open_files(pid: int) -> list[str]:
