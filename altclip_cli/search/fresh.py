@@ -8,7 +8,7 @@ else has written the index (`index_state`) and the whole walk is recent (TRUST_C
 Anything the watch cannot vouch for (another file system type than a local one, the watch
 limit, another OS, a queue overflow) makes the next update walk the whole tree.
 
-    trees = FreshTrees()                     # one per index, kept for the process's life
+    trees = FreshTrees()                     # one per index, kept while the process uses it
     walked = update_watched(trees, model, identity, folder, "auto", root)   # as run.update_below
     # walked: [root] the first time, then [] while nothing changes, or the folders that changed
 """
