@@ -35,7 +35,7 @@ from ..inputs.sources import reason
 from ..outputs.records import error_record, score_record
 from .client import PROTOCOL
 from .gate import answer_errors, describe
-from .jobs import ImageInput, image_failure, image_inputs, model_job, submit
+from .jobs import ImageInput, embed_images, image_failure, image_inputs, model_job, submit
 from .requests import (ApiError, ClassifyRequest, EmbeddingsRequest, EmbedRequest, IndexRequest, SearchRequest,
                        bad_request, decode_base64, form_to_classify, is_image_uri, parse_json, parse_object)
 from .searching import IndexLocks, run_index, run_search
@@ -89,9 +89,11 @@ def model_routes(state: ServeState) -> APIRouter:
     async def classify(request: Request):
         ctype = request.headers.get("content-type", "").lower()
         if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=1000, max_fields=10000, max_part_size=state.max_request_bytes)
+            form = await request.form(max_files=max(1000, state.max_images + 1), max_fields=10000,
+                                      max_part_size=state.max_request_bytes)
             try:
                 fields, uploads = form_to_classify(form.multi_items())
+                check_count(len(uploads), state.max_images, "images")
                 placeholders = [{"data": "-", "name": name} for name, _ in uploads]
                 req = parse_object(ClassifyRequest, {**fields, "images": placeholders})
                 items = [ImageInput(name, data=await upload.read()) for name, upload in uploads]
@@ -101,56 +103,63 @@ def model_routes(state: ServeState) -> APIRouter:
                 if not item.data:
                     raise bad_request(f"images[{i}] ({item.name}) is empty (zero bytes)", f"images[{i}]")
         else:
-            req = parse_json(ClassifyRequest, await _json_body(request))
-            items = image_inputs(req.images, state)
+            req = await _parse(request, ClassifyRequest)
+            check_count(len(req.images), state.max_images, "images")
+            items = await run_in_threadpool(image_inputs, req.images, state)
         describe(request, f"{_plural(len(items), 'image')}, {_plural(len(req.labels), 'label')}")
         templates = list(req.templates) or None
         labels_job = submit(state.batcher.submit_call,
                             lambda: model.label_embeddings(req.labels, templates, batch_size=state.batcher.text_batch))
-        decoded, label_emb = await asyncio.gather(state.decoder.decode(items), model_job(labels_job))
-        if req.on_error == "fail" and (failure := image_failure(decoded, items)):
+        embedded, label_emb = await asyncio.gather(
+            embed_images(state, items, True, stop_at_failure=req.on_error == "fail"), model_job(labels_job))
+        if req.on_error == "fail" and (failure := image_failure(embedded, items)):
             raise failure
-        good = [r for r in decoded if not isinstance(r, InputError)]
-        records = []
-        if good:
-            emb = await model_job(submit(state.batcher.submit_images, np.stack(good), True))
-            probs, logits = await run_in_threadpool(model.scores, emb, label_emb)
-        row = 0
-        for item, r in zip(items, decoded):
-            if isinstance(r, InputError):
-                records.append(error_record(item.name, reason(r, item.name)))
-            else:
-                records.append(score_record(item.name, req.labels, probs[row], logits[row], req.top_k))
-                row += 1
-        return JSONResponse({"model": model.model_id, "results": records})
+
+        def answer() -> JSONResponse:
+            good = [r for r in embedded if not isinstance(r, InputError)]
+            if good:
+                probs, logits = model.scores(np.stack(good), label_emb)
+            records, row = [], 0
+            for item, r in zip(items, embedded):
+                if isinstance(r, InputError):
+                    records.append(error_record(item.name, reason(r, item.name)))
+                else:
+                    records.append(score_record(item.name, req.labels, probs[row], logits[row], req.top_k))
+                    row += 1
+            return JSONResponse({"model": model.model_id, "results": records})
+
+        return await run_in_threadpool(answer)
 
     @router.post("/v1/embed", summary="Embed texts or images", openapi_extra=_body_doc("EmbedRequest"))
     async def embed(request: Request):
-        req = parse_json(EmbedRequest, await _json_body(request))
-        records = []
+        req = await _parse(request, EmbedRequest)
+        head = {"model": model.model_id, "dim": model.embed_dim, "dtype": "float32", "normalized": req.normalize,
+                "encoding": req.encoding}
         if req.texts is not None:
+            check_count(len(req.texts), state.max_texts, "texts")
             describe(request, _plural(len(req.texts), "text"))
             ids = await run_in_threadpool(model.tokenizer.encode, req.texts)
             emb = await model_job(submit(state.batcher.submit_texts, ids, req.normalize))
-            records = [{"row": i, "text": t, "embedding": _encode_row(emb[i], req.encoding)}
-                       for i, t in enumerate(req.texts)]
-        else:
-            items = image_inputs(req.images, state)
-            describe(request, _plural(len(items), "image"))
-            decoded = await state.decoder.decode(items)
-            if req.on_error == "fail" and (failure := image_failure(decoded, items)):
-                raise failure
-            good = [r for r in decoded if not isinstance(r, InputError)]
-            emb = await model_job(submit(state.batcher.submit_images, np.stack(good), req.normalize)) if good else None
-            row = 0
-            for item, r in zip(items, decoded):
+            return await run_in_threadpool(lambda: JSONResponse({**head, "results": [
+                {"row": i, "text": t, "embedding": _encode_row(emb[i], req.encoding)} for i, t in enumerate(req.texts)]}))
+        check_count(len(req.images), state.max_images, "images")
+        items = await run_in_threadpool(image_inputs, req.images, state)
+        describe(request, _plural(len(items), "image"))
+        embedded = await embed_images(state, items, req.normalize, stop_at_failure=req.on_error == "fail")
+        if req.on_error == "fail" and (failure := image_failure(embedded, items)):
+            raise failure
+
+        def answer() -> JSONResponse:
+            records, row = [], 0
+            for item, r in zip(items, embedded):
                 if isinstance(r, InputError):
                     records.append({"row": None, "image": item.name, "error": reason(r, item.name)})
                 else:
-                    records.append({"row": row, "image": item.name, "embedding": _encode_row(emb[row], req.encoding)})
+                    records.append({"row": row, "image": item.name, "embedding": _encode_row(r, req.encoding)})
                     row += 1
-        return JSONResponse({"model": model.model_id, "dim": model.embed_dim, "dtype": "float32",
-                             "normalized": req.normalize, "encoding": req.encoding, "results": records})
+            return JSONResponse({**head, "results": records})
+
+        return await run_in_threadpool(answer)
 
     return router
 
@@ -170,18 +179,15 @@ def openai_routes(state: ServeState) -> APIRouter:
     @router.post("/v1/embeddings", summary="OpenAI-compatible embeddings (texts; data:image URIs are images)",
                  openapi_extra=_body_doc("EmbeddingsRequest"))
     async def embeddings(request: Request):
-        req = parse_json(EmbeddingsRequest, await _json_body(request))
+        req = await _parse(request, EmbeddingsRequest)
         _check_model_name(req.model, model)
         if req.dimensions is not None and req.dimensions != model.embed_dim:
             raise bad_request(f"dimensions {req.dimensions} is not available: this model's embeddings have "
                               f"{model.embed_dim}", "dimensions")
         inputs: list[str] = req.input
-        image_at = [i for i, s in enumerate(inputs) if req.modality == "image" or
-                    (req.modality is None and is_image_uri(s))]
-        text_at = [i for i in range(len(inputs)) if i not in set(image_at)]
-        for i in image_at:
-            if not is_image_uri(inputs[i]):
-                raise bad_request(f"input[{i}] is not a data:image/...;base64, URI (modality is image)", "input")
+        text_at, image_at = _by_kind(inputs, req.modality)
+        check_count(len(image_at), state.max_images, "images")
+        check_count(len(text_at), state.max_texts, "texts")
         describe(request, ", ".join(x for x in (_plural(len(text_at), "text") if text_at else "",
                                                 _plural(len(image_at), "image") if image_at else "") if x))
         out: list = [None] * len(inputs)
@@ -200,22 +206,37 @@ def openai_routes(state: ServeState) -> APIRouter:
         async def images():
             if not image_at:
                 return
-            items = [ImageInput(f"input[{i}]", data=decode_base64(inputs[i], f"input[{i}]")) for i in image_at]
-            decoded = await state.decoder.decode(items)
-            for i, r in zip(image_at, decoded):
-                if isinstance(r, InputError):
-                    raise ApiError(422, r.message, param="input", code="bad_image")
-            emb = await model_job(submit(state.batcher.submit_images, np.stack(decoded), True))
-            for row, i in enumerate(image_at):
-                out[i] = emb[row]
+            items = await run_in_threadpool(
+                lambda: [ImageInput(f"input[{i}]", data=decode_base64(inputs[i], f"input[{i}]")) for i in image_at])
+            embedded = await embed_images(state, items, True, stop_at_failure=True)
+            if (failure := image_failure(embedded, items)) is not None:
+                raise ApiError(422, failure.message, param="input", code="bad_image")
+            for i, row in zip(image_at, embedded):
+                out[i] = row
 
         await asyncio.gather(texts(), images())
-        data = [{"object": "embedding", "index": i, "embedding": _encode_row(e, req.encoding_format)}
-                for i, e in enumerate(out)]
-        return JSONResponse({"object": "list", "data": data, "model": model.model_id,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return await run_in_threadpool(lambda: JSONResponse({
+            "object": "list", "model": model.model_id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "data": [{"object": "embedding", "index": i, "embedding": _encode_row(e, req.encoding_format)}
+                     for i, e in enumerate(out)]}))
 
     return router
+
+
+def _by_kind(inputs: list[str], modality: str | None) -> tuple[list[int], list[int]]:
+    """(the positions of texts, those of images) among an embeddings request's inputs; 400 for
+    an input that must be an image and is not a data URI."""
+    text_at, image_at = [], []
+    for i, s in enumerate(inputs):
+        if modality == "image":
+            if not is_image_uri(s):
+                raise bad_request(f"input[{i}] is not a data:image/...;base64, URI (modality is image)", "input")
+            image_at.append(i)
+        elif modality is None and is_image_uri(s):
+            image_at.append(i)
+        else:
+            text_at.append(i)
+    return text_at, image_at
 
 
 def _check_model_name(name: str, model) -> None:
@@ -239,7 +260,9 @@ def search_routes(state: ServeState, search_locks: IndexLocks) -> APIRouter:
         if state.transport != "unix":
             raise ApiError(403, "search reads this machine's folders and index: it is served over the Unix socket "
                                 "only", type="permission_error", code="unix_socket_only")
-        req = parse_json(SearchRequest, await _json_body(request))
+        req = await _parse(request, SearchRequest)
+        check_count(sum(p.image is not None for p in req.query), state.max_images, "query images")
+        check_count(sum(p.text is not None for p in req.query), state.max_texts, "query texts")
         describe(request, f"{_plural(len(req.query), 'part')}, {req.dir}")
         return JSONResponse(await run_search(state, req, search_locks))
 
@@ -249,7 +272,7 @@ def search_routes(state: ServeState, search_locks: IndexLocks) -> APIRouter:
         if state.transport != "unix":
             raise ApiError(403, "indexing reads this machine's folders: it is served over the Unix socket only",
                            type="permission_error", code="unix_socket_only")
-        req = parse_json(IndexRequest, await _json_body(request))
+        req = await _parse(request, IndexRequest)
         describe(request, ", ".join(p.path for p in req.paths))
         return JSONResponse(await run_index(state, req, search_locks))
 
@@ -269,12 +292,21 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-async def _json_body(request: Request) -> bytes:
+async def _parse(request: Request, model):
+    """The request's JSON body validated as `model` (requests.py), in a worker thread (a body
+    may be tens of megabytes); 415 for another media type."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise ApiError(415, f"send the request as application/json (got {ctype or 'no Content-Type'})",
                        code="unsupported_media_type")
-    return await request.body()
+    return await run_in_threadpool(parse_json, model, await request.body())
+
+
+def check_count(n: int, cap: int, what: str) -> None:
+    """413 when a request holds more than `cap` images or texts: each request's work stays bounded."""
+    if n > cap:
+        raise ApiError(413, f"the request holds {n:,} {what}; this server takes at most {cap:,} per request "
+                            f"(--max-items): send them in several requests", code="too_many_items")
 
 
 async def _idle_watchdog(state: ServeState) -> None:

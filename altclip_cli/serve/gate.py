@@ -3,7 +3,6 @@ and Origin headers, its body size (413), the request counters and one log line p
 the error answers, `{"error": {"message", "type", "param", "code"}}`, whoever refuses."""
 from __future__ import annotations
 
-import hmac
 import json
 import sys
 import time
@@ -13,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .requests import ApiError, bad_request
-from .transport import HostPolicy
+from .transport import HostPolicy, token_matches
 
 
 class BodyTooLarge(Exception):
@@ -61,16 +60,14 @@ class Gate:
             host = headers.get("host")
             if not state.host_policy.allows(host, local):
                 return ApiError(403, f"Host {host!r} is not this server's name; requests must name the address it "
-                                     f"listens on (protection against DNS rebinding)", type="permission_error",
-                                code="bad_host")
+                                     f"listens on (protection against DNS rebinding; serve --allow-host NAME "
+                                     f"accepts another name)", type="permission_error", code="bad_host")
             origin = headers.get("origin")
             if origin is not None and not _origin_allowed(origin, state.host_policy, local):
                 return ApiError(403, f"cross-origin request from {origin!r} refused (altclip serve allows no "
                                      "browser pages of other sites)", type="permission_error", code="bad_origin")
         if state.token is not None:
-            given = headers.get("authorization", "")
-            expected = f"Bearer {state.token}"
-            if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
+            if not token_matches(headers.get("authorization"), state.token):
                 return ApiError(401, "missing or wrong token: send Authorization: Bearer <the token in the "
                                      "server's --token-file>", type="authentication_error", code="bad_token",
                                 headers={"WWW-Authenticate": "Bearer"})

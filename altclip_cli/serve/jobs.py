@@ -1,14 +1,18 @@
 """A request's work, away from the event loop: its images as inputs (`image_inputs`), decoded
-and preprocessed in worker threads (`Decoder`), and its model passes handed to the model thread
-(`submit`, `model_job`), the batcher's refusals answered as 503."""
+and preprocessed in worker threads (`Decoder`) a bounded number ahead of the model
+(`embed_images`), and its model passes handed to the model thread (`submit`, `model_job`), the
+batcher's refusals answered as 503."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import stat
+from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
@@ -71,7 +75,15 @@ class Decoder:
         return open_image(source, name=item.name, max_pixels=self.max_pixels,
                           draft_min_side=self.model.draft_min_side)
 
-    def _collect(self, tasks) -> list:
+    def start(self, item: ImageInput):
+        """Hand one item to the decoders; collect() takes its outcome. ApiError 503 while too
+        many decoding threads are stuck (see the class doc)."""
+        self.check_stuck()
+        return self.pool.submit(prepare, item, self._open, self.model.preprocessor)
+
+    def collect(self, tasks) -> list:
+        """(3, H, W) float32 pixels or an InputError per (item, task), in order. Blocks: run it
+        in a worker thread."""
         out = []
         for i, (item, task) in enumerate(tasks):
             try:
@@ -88,15 +100,43 @@ class Decoder:
         return out
 
     async def decode(self, items: list[ImageInput]) -> list:
-        """(3, H, W) float32 pixels or an InputError, per item, in order; ApiError 503 when too
-        many decoding threads are stuck (see the class doc)."""
-        if items:
-            self.check_stuck()
-        tasks = [(item, self.pool.submit(prepare, item, self._open, self.model.preprocessor)) for item in items]
-        return await run_in_threadpool(self._collect, tasks)
+        """(3, H, W) float32 pixels or an InputError, per item, in order: all at once, for the
+        few images of a query."""
+        tasks = [(item, self.start(item)) for item in items]
+        return await run_in_threadpool(self.collect, tasks)
 
     def close(self) -> None:
         self.pool.close()
+
+
+async def embed_images(state, items: list[ImageInput], normalize: bool, *, stop_at_failure: bool = False) -> list:
+    """Per item, in order: its (D,) float32 embedding or its InputError (with stop_at_failure,
+    the list ends after the first failure). As pipeline.stream_embeddings, at most two batches
+    of images are decoded ahead of the model, however many the request holds: a batch is
+    decoded while the one before it is embedded. state: the ServeState."""
+    decoder, batcher = state.decoder, state.batcher
+    size = batcher.image_batch
+    out: list = []
+    window: deque = deque()  # (item, task) handed to the decoders, oldest first
+    upcoming = iter(items)
+    try:
+        while True:
+            for item in itertools.islice(upcoming, 2 * size - len(window)):
+                window.append((item, decoder.start(item)))
+            if not window:
+                return out
+            taken = [window.popleft() for _ in range(min(size, len(window)))]
+            decoded = await run_in_threadpool(decoder.collect, taken)
+            good = [r for r in decoded if not isinstance(r, InputError)]
+            if stop_at_failure and len(good) < len(decoded):
+                out.extend(itertools.takewhile(lambda r: not isinstance(r, InputError), decoded))
+                out.append(next(r for r in decoded if isinstance(r, InputError)))
+                return out
+            rows = iter(await model_job(submit(batcher.submit_images, np.stack(good), normalize)) if good else ())
+            out.extend(r if isinstance(r, InputError) else next(rows) for r in decoded)
+    finally:  # also when the client went away: what is still queued is dropped
+        for _, task in window:
+            task.future.cancel()
 
 
 def image_inputs(items, state) -> list[ImageInput]:

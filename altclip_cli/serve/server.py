@@ -31,6 +31,8 @@ class Settings:
     token: str | None = None
     max_pixels: int | None = None  # None: the library's default cap; 0: none
     max_request_bytes: int = 64_000_000
+    max_items: int | None = None  # images or texts per request; None: four batches (state.item_caps)
+    allow_hosts: tuple[str, ...] = ()  # Host names a TCP server without a token answers besides its own
     queue_size: int = 64
     batch_window_s: float = 0.005
     idle_timeout: float | None = None
@@ -66,7 +68,7 @@ def _serve(settings: Settings, msgs, load_model, claim: SocketClaim | None) -> i
     from .batcher import Batcher
     from .gate import Gate, stderr_log
     from .jobs import Decoder
-    from .state import ServeState
+    from .state import ServeState, item_caps
     from .transport import HostPolicy
 
     model = load_model()
@@ -82,13 +84,15 @@ def _serve(settings: Settings, msgs, load_model, claim: SocketClaim | None) -> i
         port = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         where = f"http://{shown}:{port}"
-        policy = HostPolicy(host, port)
+        policy = None if settings.token else HostPolicy(host, port, settings.allow_hosts)  # a token is the check
     else:
         sock = claim.bind()
         where = f"unix:{claim.path}"
         policy = None
+    max_images, max_texts = item_caps(batcher.image_batch, batcher.text_batch, settings.max_items)
     state = ServeState(model=model, batcher=batcher, decoder=decoder, transport="tcp" if settings.tcp else "unix",
-                       max_request_bytes=settings.max_request_bytes, revision=settings.revision,
+                       max_request_bytes=settings.max_request_bytes, max_images=max_images, max_texts=max_texts,
+                       revision=settings.revision,
                        token=settings.token, host_policy=policy, idle_timeout=settings.idle_timeout,
                        log=None if msgs.quiet else stderr_log)
     config = uvicorn.Config(Gate(create_app(state), state), log_config=None, access_log=False, log_level="warning",

@@ -22,6 +22,8 @@ class ServeState:
     decoder: object  # jobs.Decoder
     transport: str  # "unix" or "tcp"
     max_request_bytes: int
+    max_images: int = 64  # images per request (413 beyond)
+    max_texts: int = 1024  # texts per request (413 beyond)
     revision: str | None = None
     token: str | None = None
     host_policy: HostPolicy | None = None
@@ -48,6 +50,7 @@ class ServeState:
             "embed_dim": m.embed_dim, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3),
             "transport": self.transport, "paths": self.transport == "unix", "search": self.transport == "unix",
             "limits": {"max_pixels": self.decoder.max_pixels, "max_request_bytes": self.max_request_bytes,
+                       "max_images": self.max_images, "max_texts": self.max_texts,
                        "queue_size": self.batcher.max_waiting, "image_batch": self.batcher.image_batch,
                        "text_batch": self.batcher.text_batch, "batch_window_ms": self.batcher.window_s * 1000,
                        "idle_timeout_s": self.idle_timeout},
@@ -55,6 +58,17 @@ class ServeState:
             "indexing": [dict(update) for update in list(self.indexing.values())],
             "batching": self.batcher.stats.as_dict(),
         }
+
+
+def item_caps(image_batch: int, text_batch: int, max_items: int | None) -> tuple[int, int]:
+    """(images, texts) one request may hold: max_items for both when given, else four batches
+    of each, and at least MIN_TEXTS texts (what a client sends in one request)."""
+    if max_items is not None:
+        return max_items, max_items
+    return 4 * image_batch, max(4 * text_batch, MIN_TEXTS)
+
+
+MIN_TEXTS = 1024
 
 
 def requested(reason: str, resolved: str) -> str:
