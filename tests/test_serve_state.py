@@ -231,33 +231,40 @@ def test_a_stop_during_a_long_index_update_answers_it_in_full(_tiny_model_master
 
 
 def test_a_second_ctrl_c_stops_at_once_keeping_what_was_committed(_tiny_model_master, tmp_path):
-    """A second Ctrl-C does not wait: the client is answered 503 saying so, the index keeps what the update had committed (whole, readable), and a second run finishes it."""
+    """A second Ctrl-C does not wait: each request in flight is answered 503 saying so, the
+    index keeps what the update had committed (whole, readable), and a second run finishes it."""
     folder = photos(tmp_path / "photos", 8)
     index = tmp_path / "index"
     payload = {"paths": [{"path": str(folder)}], "index": str(index)}
     s = start(_tiny_model_master, "--batch-size", "1", delay=1.0)
     outcome: dict = {}
 
-    def ask():
+    def ask(key, path, body):
         try:
-            outcome["answer"] = client.post_json(s.target, "/v1/index", payload, timeout=120)
+            outcome[key] = client.post_json(s.target, path, body, timeout=120)
         except Exception as exc:  # noqa: BLE001 - checked below
-            outcome["answer"] = exc
+            outcome[key] = exc
 
     try:
-        thread = threading.Thread(target=ask)
-        thread.start()
+        threads = [threading.Thread(target=ask, args=("index", "/v1/index", payload))]
+        threads[0].start()
         _until(lambda: any(u["done"] >= 1 for u in s.health()["indexing"]))
+        threads.append(threading.Thread(target=ask, args=("embed", "/v1/embed", {"texts": ["a cat"]})))
+        threads[1].start()
+        _until(lambda: s.health()["in_flight"] == 3)  # the two, and this health request
         s.proc.send_signal(signal.SIGINT)
         _until(lambda: "in flight first" in s.log())
         s.proc.send_signal(signal.SIGINT)
-        thread.join(60)
+        for t in threads:
+            t.join(60)
         assert s.proc.wait(60) == 0, s.log()
     finally:
         s.stop()
-    stopped = outcome["answer"]
+    stopped = outcome["index"]
     assert isinstance(stopped, RequestFailed) and stopped.status == 503, stopped
     assert "stopped at once" in stopped.message and stopped.hint == "run it again to finish"
+    cut = outcome["embed"]
+    assert isinstance(cut, RequestFailed) and cut.status == 503 and "stopped at once" in cut.message, cut
     assert "Traceback" not in s.log()
     with IndexStore.open(index) as store:
         kept = store.count()[0]

@@ -4,9 +4,9 @@ the idle timeout, then stop cleanly: no new connection is taken, the requests in
 answered however long they take (an index update of a big folder included), then the socket is
 removed. A request waiting for another process's index lock is answered 503 at once instead.
 
-A second Ctrl-C stops at once: the requests still in flight get no answer (their clients say
-the server closed the connection), and an index update among them stops at its next batch of
-images, keeping what it had committed (run it again to finish)."""
+A second Ctrl-C stops at once: each request still in flight is answered 503 ("stopped at
+once"), and an index update among them stops at its next batch of images, keeping what it had
+committed (run it again to finish); the process exits once that batch is written."""
 from __future__ import annotations
 
 import contextlib
