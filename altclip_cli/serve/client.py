@@ -58,7 +58,9 @@ class RequestFailed(ServerError):
 
 
 class ServerBusy(RequestFailed):
-    """503: the server's queue is full; try again after `retry_after` seconds."""
+    """503: the server cannot take the request now (its queue is full, it is stopping, its
+    decoders are stuck); try again after `retry_after` seconds when it says so. The hint is the
+    server's when it gives one."""
 
     def __init__(self, status, message, error=None, retry_after: float | None = None, hint: str | None = None):
         super().__init__(status, message, error,
