@@ -558,20 +558,20 @@ def test_compact_drops_the_unused_vectors_and_keeps_every_files_own(tmp_path, mo
 # The real command, SIGKILLed by itself at one step of its compaction.
 COMPACT_FAULT = textwrap.dedent("""
     import os, signal, sys
-    from altclip_cli.search import store
+    from altclip_cli.search import compaction
     step = sys.argv[1]
 
     def killing(name, after):
-        real = getattr(store, name)
+        real = getattr(compaction, name)
         def wrapped(*args, **kwargs):
             if not after:
                 os.kill(os.getpid(), signal.SIGKILL)
             real(*args, **kwargs)
             os.kill(os.getpid(), signal.SIGKILL)
-        setattr(store, name, wrapped)
+        setattr(compaction, name, wrapped)
 
-    {"written": lambda: killing("_commit_renumbering", False), "committed": lambda: killing("_commit_renumbering", True),
-     "renamed": lambda: killing("_put_in_place", True)}[step]()
+    {"written": lambda: killing("commit_renumbering", False), "committed": lambda: killing("commit_renumbering", True),
+     "renamed": lambda: killing("put_in_place", True)}[step]()
     from altclip_cli.cli import main
     main(sys.argv[2:])
 """)

@@ -31,18 +31,8 @@ MAY_IMPORT = {
 # Imports that break a rule today and are being removed elsewhere; each is (importer, imported
 # module, name or None). Empty it as they go: a listed import that no longer exists fails too.
 KNOWN = {
-    # the server's record shapes come from the command line's formats until they move below both
-    ("altclip_cli.serve.app", "altclip_cli.cli.formats", None),
     # the index reuse takes the model check from the index update under a private name
     ("altclip_cli.search.reuse", "altclip_cli.search.update", "_check_model"),
-    # the server's image inputs use the pipeline's private preparation step
-    ("altclip_cli.serve.app", "altclip_cli.inputs.pipeline", "_prepare"),
-    # the server's search endpoint takes its image jobs from the app module (and the app imports it)
-    ("altclip_cli.serve.searching", "altclip_cli.serve.app", "_image_failure"),
-    ("altclip_cli.serve.searching", "altclip_cli.serve.app", "_image_inputs"),
-    ("altclip_cli.serve.searching", "altclip_cli.serve.app", "_model_job"),
-    ("altclip_cli.serve.searching", "altclip_cli.serve.app", "_submit"),
-    ("cycle", "altclip_cli.serve.app", "altclip_cli.serve.searching"),
 }
 
 

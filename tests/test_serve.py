@@ -87,7 +87,7 @@ def short_dir() -> Path:
 
 
 def start_server(model_dir, *args, socket_path: Path | None = None, delay: float = 0.0, tcp: bool = False,
-                 wait: bool = True, home: Path | None = None) -> Server:
+                 wait: bool = True, home: Path | None = None, main: str = SERVER_MAIN) -> Server:
     folder = short_dir()
     home = home or folder
     log = folder / "server.log"
@@ -98,7 +98,7 @@ def start_server(model_dir, *args, socket_path: Path | None = None, delay: float
         socket_path = socket_path or folder / "s.sock"
         cmd += ["--socket", str(socket_path)]
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER_MAIN, str(delay), *cmd], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-c", main, str(delay), *cmd], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err, env=server_env(home))
     server = Server(proc, str(socket_path) if not tcp else "", log, folder)
     if wait:

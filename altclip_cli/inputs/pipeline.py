@@ -36,6 +36,7 @@ class ImageResult:
 @dataclass(eq=False)
 class _Worker:
     retired: bool = False  # abandoned on a stuck input: exits once that input returns, if ever
+    counted: bool = False  # in DaemonPool.abandoned()
 
 
 @dataclass(eq=False)
@@ -53,6 +54,15 @@ class DaemonPool:
     cannot keep Ctrl-C or the interpreter's exit waiting, as ThreadPoolExecutor's joined
     workers would, and the worker stuck on it can be replaced (`abandon`)."""
 
+    _abandoned = 0  # abandoned workers of every pool still alive (stuck in their call)
+    _abandoned_lock = threading.Lock()
+
+    @classmethod
+    def abandoned(cls) -> int:
+        """How many abandoned workers, in all the pools of this process, are still stuck: a
+        long-lived caller (`altclip serve`) bounds them by refusing new work past a limit."""
+        return cls._abandoned
+
     def __init__(self, workers: int):
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._names = itertools.count()
@@ -66,15 +76,20 @@ class DaemonPool:
                          daemon=True).start()
 
     def _work(self, worker: _Worker) -> None:
-        while not worker.retired and (task := self._tasks.get()) is not None:
-            if not task.future.set_running_or_notify_cancel():
-                continue
-            task.worker, task.started_at = worker, time.monotonic()
-            task.started.set()
-            try:
-                task.future.set_result(task.fn(*task.args))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                task.future.set_exception(e)
+        try:
+            while not worker.retired and (task := self._tasks.get()) is not None:
+                if not task.future.set_running_or_notify_cancel():
+                    continue
+                task.worker, task.started_at = worker, time.monotonic()
+                task.started.set()
+                try:
+                    task.future.set_result(task.fn(*task.args))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                    task.future.set_exception(e)
+        finally:
+            with DaemonPool._abandoned_lock:
+                if worker.counted:
+                    DaemonPool._abandoned -= 1
 
     def submit(self, fn, *args) -> _Task:
         task = _Task(fn, args)
@@ -93,7 +108,9 @@ class DaemonPool:
     def abandon(self, task: _Task) -> None:
         """Give up on a started task whose call does not return: its worker retires and a new one
         keeps the pool's capacity."""
-        task.worker.retired = True
+        with DaemonPool._abandoned_lock:
+            task.worker.retired = task.worker.counted = True
+            DaemonPool._abandoned += 1
         self._start_worker()
 
     def close(self) -> None:
@@ -101,7 +118,7 @@ class DaemonPool:
             self._tasks.put(None)
 
 
-def _prepare(source, open_fn: Callable, preprocess: Callable) -> np.ndarray:
+def prepare(source, open_fn: Callable, preprocess: Callable) -> np.ndarray:
     """(3, H, W) float32 pixels, or InputError naming the source."""
     try:
         return preprocess(open_fn(source))
@@ -156,7 +173,7 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
     pool = DaemonPool(workers or plan_threads("cpu").decode_workers)
     try:
         for index, source in enumerate(sources):
-            in_flight.append((index, source, pool.submit(_prepare, source, open_fn, preprocess)))
+            in_flight.append((index, source, pool.submit(prepare, source, open_fn, preprocess)))
             if len(in_flight) >= ahead:
                 yield from settle_oldest()
         while in_flight:

@@ -10,7 +10,11 @@
   search and index by the server.
 - requests.py: the request bodies and their validation (pydantic), image items.
 - batcher.py: one model thread; requests that arrive together share a forward pass.
-- app.py: the HTTP routes (FastAPI) and the gate in front of them (size cap, token, Host, log).
+- state.py: what the server's parts share (ServeState) and its health report.
+- jobs.py: a request's work: its images decoded in worker threads, its passes on the model thread.
+- gate.py: plain ASGI in front of the routes (token, Host, Origin, size cap, log) and the error answers.
+- app.py: the HTTP routes (FastAPI), one router per endpoint family.
+- searching.py: /v1/search and /v1/index, the search library run with the warm model.
 - server.py: binding, uvicorn, the idle timeout, a clean stop.
 
 Only client.py, transport.py, discovery.py and remote.py may be imported without the

@@ -62,10 +62,13 @@ class RequestFailed(ServerError):
 
 
 class ServerBusy(RequestFailed):
-    """503: the server's queue is full; try again after `retry_after` seconds."""
+    """503: the server cannot take the request now (its queue is full, it is stopping, its
+    decoders are stuck); try again after `retry_after` seconds when it says so. The hint is the
+    server's when it gives one."""
 
-    def __init__(self, status, message, error=None, retry_after: float | None = None):
-        super().__init__(status, message, error, hint="try again shortly, or start the server with a larger --queue-size")
+    def __init__(self, status, message, error=None, retry_after: float | None = None, hint: str | None = None):
+        super().__init__(status, message, error,
+                         hint=hint or "try again shortly, or start the server with a larger --queue-size")
         self.retry_after = retry_after
 
 
@@ -211,14 +214,14 @@ def _json_or_raise(target, status: int, headers: dict, data: bytes) -> dict:
     error = error if isinstance(error, dict) else {"message": data[:200].decode("utf-8", "replace")}
     error = printable_strings(error)
     message = error.get("message") or f"HTTP {status}"
+    hint = error.get("hint") if isinstance(error.get("hint"), str) else None
     if status == 503:
         raw = headers.get("retry-after")
         try:
             retry = float(raw) if raw is not None else None
         except ValueError:
             retry = None
-        raise ServerBusy(status, message, error, retry_after=retry)
-    hint = error.get("hint") if isinstance(error.get("hint"), str) else None
+        raise ServerBusy(status, message, error, retry_after=retry, hint=hint)
     if status == 401:
         hint = "this server needs a token: pass the one in its --token-file"
     raise RequestFailed(status, message, error, hint=hint)

@@ -8,13 +8,15 @@ claimed with a lock file beside the socket, held for the server's life (git's
 unix-stream-server recipe): a second server fails at once, saying one is running; a socket left
 by a server that died (nothing answers) is replaced.
 
-TCP (`--host/--port`): loopback by default. Any other address needs a bearer token, and every
-request's Host header must name the address the server was asked to bind (DNS rebinding);
-a browser page's cross-site requests are refused by their Origin header.
+TCP (`--host/--port`): loopback by default. Any other address needs a bearer token. Without a
+token, every request's Host header must name the address the server was asked to bind (or an
+--allow-host name), against DNS rebinding, and a browser page's cross-site requests are refused
+by their Origin header; with one, the token is what lets a request in, whatever name it uses.
 """
 from __future__ import annotations
 
 import errno
+import hmac
 import ipaddress
 import os
 import socket
@@ -275,12 +277,16 @@ def read_token(path: str, warn=lambda message: None) -> str:
 
 @dataclass(frozen=True)
 class HostPolicy:
-    """Which Host (and Origin) headers a TCP server answers: the name it was asked to bind,
-    the address the connection came in on, and `localhost` when that address is loopback;
-    always with the bound port. Anything else (a DNS-rebinding page's own name) is refused."""
+    """Which Host (and Origin) headers a TCP server without a token answers: the name it was
+    asked to bind, the address the connection came in on, and `localhost` when that address is
+    loopback, always with the bound port; and the names of --allow-host (NAME: with the bound
+    port; NAME:PORT: with that port, as a tunnel's far end is named). Anything else (a
+    DNS-rebinding page's own name) is refused. A server with a token has no Host policy: a page
+    that rebinds a name to it still lacks the token."""
 
     bound: str
     port: int
+    allowed: tuple[str, ...] = ()  # --allow-host values
 
     def allows(self, host_header: str | None, local_ip: str | None) -> bool:
         if not host_header:
@@ -289,7 +295,12 @@ class HostPolicy:
         if parsed is None:
             return False
         name, port = parsed
-        if (port if port is not None else 80) != self.port:
+        port = port if port is not None else 80
+        for extra in self.allowed:
+            named = split_host(extra)
+            if named is not None and named[0] == name and (named[1] if named[1] is not None else self.port) == port:
+                return True
+        if port != self.port:
             return False
         names = {self.bound.strip("[]").lower().rstrip(".")}
         if local_ip:
@@ -301,6 +312,15 @@ class HostPolicy:
             if _is_loopback_ip(ip):
                 names.add("localhost")
         return name in names
+
+
+def token_matches(authorization: str | None, token: str) -> bool:
+    """True when an Authorization header carries `token` in the Bearer scheme, its name in any
+    case (RFC 7235: `bearer` is Bearer); compared in constant time."""
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode("utf-8", "replace"), token.encode("utf-8"))
 
 
 def split_host(value: str) -> tuple[str, int | None] | None:
