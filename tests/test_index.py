@@ -622,6 +622,42 @@ def test_a_reader_keeps_its_view_while_another_process_compacts(tmp_path, model)
     reader.close()
 
 
+@pytest.mark.parametrize("step", ["snapshot", "open"])
+def test_a_reader_that_began_before_a_rebuild_reads_the_rebuilt_index(photos, model, monkeypatch, step):
+    """A reader that read the index's settings (its committed rows, and which vector file holds
+    them) just before `index --rebuild` replaced the index, and opens the vector file just after:
+    it reads the rebuilt index, never the new file under the old rows' numbers."""
+    import altclip_cli.search.snapshot as snapshot_module
+    import altclip_cli.search.store as store_module
+
+    assert index(model, "photos").exit_code == 0
+    folder = folder_of(model)
+    (photos / "a.png").unlink()
+    (photos / "sub" / "c.png").unlink()
+    module, name = (snapshot_module, "map_vectors") if step == "snapshot" else (store_module, "open_matching")
+    real, rebuilt = getattr(module, name), []
+
+    def rebuild_first(*args, **kwargs):
+        if not rebuilt:  # between reading the settings and opening the vector file
+            rebuilt.append(None)  # the rebuild's own opening goes straight through
+            rebuilt[0] = index(model, "photos", "--rebuild")
+        return real(*args, **kwargs)
+
+    reader = IndexStore.open(folder) if step == "snapshot" else None
+    monkeypatch.setattr(module, name, rebuild_first)
+    reader = reader or IndexStore.open(folder)
+    with reader.snapshot() as snap:
+        seen = {p: np.array(snap.vectors[r]) for p, r in zip(snap.paths_of(snap.file_ids), snap.rows)}
+    monkeypatch.undo()
+    assert rebuilt and rebuilt[0].exit_code == 0, rebuilt and rebuilt[0].stderr
+    expected = content(folder)
+    assert sorted(expected) == sorted([str(photos / "b.jpg"), str(photos / "sub" / "deeper" / "d.png")])
+    assert sorted(seen) == sorted(expected)
+    for path, vector in expected.items():
+        np.testing.assert_array_equal(seen[path], vector)
+    reader.close()
+
+
 # --- damaged, newer, foreign ----------------------------------------------------------------------------
 
 

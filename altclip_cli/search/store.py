@@ -49,7 +49,8 @@ from .database import (INDEX_DB, SCHEMA_VERSION, SQL_CHUNK, check_identity, chec
                        read_meta, write_schema)
 from .errors import IndexBusy, IndexStoreError, StaleVectors, damaged, missing
 from .snapshot import Snapshot, SnapshotCache, take_snapshot
-from .vectorfile import HEADER_SIZE, ITEMSIZE, ROW_DTYPE, VECTORS, VECTORS_NEW, open_matching, vectors_header
+from .vectorfile import (HEADER_SIZE, ITEMSIZE, ROW_DTYPE, VECTORS, VECTORS_NEW, new_token, open_matching,
+                         vectors_header)
 from .writelock import acquire_write_lock, release_write_lock
 
 # What callers take from here besides IndexStore (each defined in the module it is imported from).
@@ -113,25 +114,36 @@ class IndexStore:
         try:
             if rebuild:
                 _remove_index_files(folder)
-            db, meta = open_db(folder, create=create)
-            try:
-                if meta is None:
-                    meta = _create(db, folder, identity, relative_paths)
-                check_schema(meta, folder)
-                if identity is not None:
-                    check_identity(meta, identity, folder)
-                store = cls(folder, db, meta, writable=write, lock=lock)
-                store._open_vectors()
-            except sqlite3.DatabaseError as exc:
-                db.close()
-                raise damaged(folder, f"{INDEX_DB} cannot be read ({exc})") from None
-            except BaseException:
-                db.close()
-                raise
-            return store
+            for attempt in range(5):
+                try:
+                    return cls._open_files(folder, identity, write, create, relative_paths, lock)
+                except StaleVectors:  # a reader, and the index was rebuilt after it read the settings
+                    if write or attempt == 4:
+                        raise
+            raise AssertionError("unreachable")
         except BaseException:
             if lock is not None:
                 release_write_lock(folder, lock)
+            raise
+
+    @classmethod
+    def _open_files(cls, folder: Path, identity, write, create, relative_paths, lock) -> "IndexStore":
+        """The store on a new connection to the database and the vector file it names."""
+        db, meta = open_db(folder, create=create)
+        try:
+            if meta is None:
+                meta = _create(db, folder, identity, relative_paths)
+            check_schema(meta, folder)
+            if identity is not None:
+                check_identity(meta, identity, folder)
+            store = cls(folder, db, meta, writable=write, lock=lock)
+            store._open_vectors()
+            return store
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise damaged(folder, f"{INDEX_DB} cannot be read ({exc})") from None
+        except BaseException:
+            db.close()
             raise
 
     def _open_vectors(self) -> None:
@@ -409,9 +421,10 @@ def _create(db: sqlite3.Connection, folder: Path, identity: dict, relative_paths
     from .. import __version__
 
     dim = int(identity["dim"])
+    token = new_token()  # this index's own: a reader of the index it replaces never takes its file for theirs
     tmp = folder / f".{VECTORS}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(vectors_header(dim))
+        f.write(vectors_header(dim, token))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / VECTORS)
@@ -420,6 +433,6 @@ def _create(db: sqlite3.Connection, folder: Path, identity: dict, relative_paths
             "weights": str(identity["weights"]), "dim": str(dim), "dtype": "float32",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "altclip": __version__, "paths": "relative" if relative_paths else "absolute",
-            "vectors_committed": "0"}
+            "vectors_committed": "0", "vectors_token": token.hex()}
     write_schema(db, meta)
     return meta
