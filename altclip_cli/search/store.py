@@ -46,16 +46,16 @@ from typing import Iterable
 from ..durable import fsync_dir
 from . import compaction
 from .database import (INDEX_DB, SCHEMA_VERSION, SQL_CHUNK, check_identity, check_schema, meta_token, open_db,
-                       read_meta, write_schema)
-from .errors import IndexBusy, IndexStoreError, StaleVectors, damaged, missing
+                       read_meta, upgrade, write_schema)
+from .errors import IndexBusy, IndexStoreError, OtherModelsIndex, StaleVectors, damaged, missing
 from .snapshot import Snapshot, SnapshotCache, take_snapshot
 from .vectorfile import (HEADER_SIZE, ITEMSIZE, ROW_DTYPE, VECTORS, VECTORS_NEW, new_token, open_matching,
                          vectors_header)
 from .writelock import acquire_write_lock, release_write_lock
 
 # What callers take from here besides IndexStore (each defined in the module it is imported from).
-__all__ = ["HEADER_SIZE", "INDEX_DB", "VECTORS", "IndexBusy", "IndexStore", "IndexStoreError", "Snapshot",
-           "SnapshotCache"]
+__all__ = ["HEADER_SIZE", "INDEX_DB", "VECTORS", "IndexBusy", "IndexStore", "IndexStoreError", "OtherModelsIndex",
+           "Snapshot", "SnapshotCache"]
 
 
 class IndexStore:
@@ -93,8 +93,8 @@ class IndexStore:
         paths relative to its folder (so the folder can move with the images it indexes).
         rebuild: (with write) delete the index first, damaged or not, and start an empty one.
         writer: how another writer's refusal names this one while it holds the lock ("altclip index").
-        Raises IndexStoreError: no index (without create), damaged, newer schema, another model,
-        locked by another writer.
+        Raises IndexStoreError: no index (without create), damaged, newer schema, another model
+        (OtherModelsIndex), locked by another writer (IndexBusy).
         """
         folder = Path(os.path.realpath(os.path.expanduser(os.fspath(folder))))
         if create and (not write or identity is None):
@@ -136,6 +136,8 @@ class IndexStore:
             check_schema(meta, folder)
             if identity is not None:
                 check_identity(meta, identity, folder)
+            if write and int(meta["schema_version"]) < SCHEMA_VERSION:
+                meta = upgrade(db, meta)
             store = cls(folder, db, meta, writable=write, lock=lock)
             store._open_vectors()
             return store
@@ -248,9 +250,10 @@ class IndexStore:
         return int(ok), int(failed)
 
     def sizes_with_vectors(self) -> set[int]:
-        """The sizes of the indexed files that have a vector (content keys start with the size,
-        so only a file of one of these sizes can share a vector with an indexed one)."""
-        return {s for (s,) in self._db.execute("SELECT DISTINCT size FROM files WHERE vec_row IS NOT NULL")}
+        """The sizes of the indexed files that have a vector and a content key (only a file of
+        one of these sizes can share its content with one of them)."""
+        cur = self._db.execute("SELECT DISTINCT size FROM files WHERE vec_row IS NOT NULL AND content_key IS NOT NULL")
+        return {s for (s,) in cur}
 
     def find_vectors(self, content_key: str) -> list[tuple[int, int]]:
         """(file id, vec_row) of the indexed files with this content key and a vector, by id."""

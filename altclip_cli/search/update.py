@@ -21,7 +21,7 @@ What a run does: walk the roots (walk.py), compare each image's size and mtime_n
 index (one SELECT per root), and then
   - drop the files under the roots that are gone (not under a folder that could not be listed);
   - for new and changed files whose size matches an indexed file's (or another new file's),
-    compare content keys (size + sha256 of the first 1 MiB and the last 64 KiB): a renamed or
+    compare content keys (the size and the sha256 of every byte: content_key_of): a renamed or
     duplicated file takes the vector of the file with the same content, without the model
     (a changed file never takes its own old vector);
   - embed the rest (the same decoding pipeline and error records as `altclip embed`), committing
@@ -29,7 +29,9 @@ index (one SELECT per root), and then
     the caller turns it into one), then re-raising it;
   - record the images that fail, with their error: they are tried again only once their size or
     mtime changes (or with retry_failed=True).
-An unchanged tree costs a walk and a SELECT, and writes nothing.
+An unchanged tree costs a walk and a SELECT, and writes nothing: an unchanged file is never read.
+Each new or changed file is hashed once: the ones of a size some other file has are hashed before
+any embedding (to find their match), the others from the very bytes the decoder reads.
 """
 from __future__ import annotations
 
@@ -42,12 +44,12 @@ from pathlib import Path
 from typing import Callable
 
 from ..quiet import Silent
-from .store import IndexStore, IndexStoreError
+from .store import IndexStore, IndexStoreError, OtherModelsIndex
 from .summary import UpdateSummary
 from .walk import DEFAULT_EXCLUDES, walk_images
 
-HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
-TAIL_BYTES = 64 << 10  # ... and the last 64 KiB
+KEY_PREFIX = "sha256:"  # content keys hash whole files (index schema 2: see database.py)
+HASH_BLOCK = 1 << 20  # bytes hashed at a time when a file is read for its key alone
 COMMIT_EVERY = 256  # images embedded between two commits
 HASH_CHUNK = 64  # files hashed by one thread-pool task
 DEFAULT_INPUT_TIMEOUT = 120.0  # as altclip_cli.inputs.pipeline (not imported: it imports numpy)
@@ -76,15 +78,23 @@ def model_identity(model: str, *, revision: str | None = None, progress: bool = 
     return {"model": str(model), "weights": content_identity(resolved.weights), "dim": dim}
 
 
+def content_key_of(data: bytes) -> str:
+    """The content key of a file holding `data`: "sha256:SIZE:HEX", its size and the sha256 of
+    every byte. Two files share a vector only when their keys are equal (a renamed or copied file)."""
+    return f"{KEY_PREFIX}{len(data)}:{hashlib.sha256(data).hexdigest()}"
+
+
 def content_key(path: str, size: int) -> str:
-    """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file."""
-    digest = hashlib.sha256()
+    """content_key_of the file at `path`, read in blocks. OSError when it cannot be read, or no
+    longer holds `size` bytes (it changed since it was listed)."""
+    digest, read = hashlib.sha256(), 0
     with open(path, "rb") as f:
-        digest.update(f.read(HEAD_BYTES))
-        if size > HEAD_BYTES:
-            f.seek(max(HEAD_BYTES, size - TAIL_BYTES))
-            digest.update(f.read(TAIL_BYTES))
-    return f"{size}:{digest.hexdigest()}"
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+            read += len(block)
+    if read != size:
+        raise OSError(f"{path} changed while it was read")
+    return f"{KEY_PREFIX}{read}:{digest.hexdigest()}"
 
 
 @dataclass(eq=False)
@@ -259,11 +269,11 @@ def _hash_all(items) -> None:
         list(pool.map(run, chunks))
 
 
-def _check_model(store, model) -> dict:
+def check_model(store, model) -> dict:
     """The loaded model against the index: the same weights and width, and the precision and
     decoding of the vectors already in it. Returns the settings to record with the next commit."""
     if model.weights_id != store.meta.get("weights") or int(model.embed_dim) != store.dim:
-        raise IndexStoreError(
+        raise OtherModelsIndex(
             f"the index in {store.folder} was made with {store.meta.get('model')} (weights {store.meta.get('weights')}, "
             f"{store.dim} dims); the model loaded is {model.model_id} (weights {model.weights_id}, {model.embed_dim} dims)",
             hint="give the index's model with -m, or --rebuild to start it over with this model")
@@ -291,16 +301,19 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
     from ..outputs.signals import signals_deferred
 
     model = get()
-    settings = _check_model(store, model)
+    settings = check_model(store, model)
     kw = {**open_kw, "draft_min_side": model.draft_min_side}
-    keys: dict[str, str | None] = {}
+    keys: dict[str, str] = {}  # path -> content key, of the bytes the decoder read
+    unhashed = {it.path for it in items if it.content_key is None}
 
     def open_fn(source):
-        try:  # read here, in the decoding thread, just before the decoder reads the same bytes
-            keys[source.path] = content_key(source.path, os.stat(source.path).st_size)
-        except OSError:
-            keys[source.path] = None
-        return open_source(source, **kw)
+        if source.path not in unhashed:
+            return open_source(source, **kw)
+
+        def hashed(data: bytes) -> None:  # in the decoding thread, before the bytes are decoded
+            keys[source.path] = content_key_of(data)
+
+        return open_source(source, on_bytes=hashed, **kw)
 
     sources = [Source(it.name, path=it.path) for it in items]
     results = model.stream_images(sources, open_fn=open_fn, batch_size=batch_size, input_timeout=input_timeout)
