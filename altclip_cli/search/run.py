@@ -19,7 +19,7 @@ from pathlib import Path
 from ..paths import default_index_folder
 from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
-from .update import update_index
+from .update import DEFAULT_INPUT_TIMEOUT, update_index
 
 
 def index_folder(index: str, weights_id: str) -> Path:
@@ -106,16 +106,17 @@ class Found:
 
 def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10, min_score: float | None = None,
                  update: bool = True, indexer=None, query_sources: dict | None = None, open_kw: dict | None = None,
-                 batch_size: int | None = None, wait: float = 0.0, summary: UpdateSummary | None = None,
-                 writer: str = "altclip search", **update_kw) -> Found:
+                 batch_size: int | None = None, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, wait: float = 0.0,
+                 summary: UpdateSummary | None = None, writer: str = "altclip search", **update_kw) -> Found:
     """A search in this process, the steps of `altclip search` and of altclip_cli.search.search():
     open the query's image parts (one that cannot be read fails before any indexing), encode the
     query (query.QueryParts) with `model`, bring the index up to date with the images below
     `root` (an absolute, real folder) unless `update` is False, and rank them.
     index: "auto" or a folder. indexer: what embeds new images (default: model; a callable is
     called only when some image needs it). query_sources: what the model takes for the image
-    parts instead of the opened images (a server's model reads them itself). update_kw: the
-    walk's and the decoding's (include_hidden, exclude_dirs, input_timeout, msgs, ...).
+    parts instead of the opened images (a server's model reads them itself). input_timeout:
+    seconds one image may take to read and decode. update_kw: update.update_index's (the walk's
+    include_hidden and exclude_dirs, msgs, ...).
     Raises query.QueryError, IndexStoreError, InputError."""
     from .query import open_images, query_vector
     from .update import index_identity
@@ -126,6 +127,7 @@ def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10,
     folder = index_folder(index, model.weights_id)
     if update:
         summary = update_below(indexer or model, identity, folder, index, root, wait=wait, writer=writer,
-                               summary=summary, open_kw=open_kw, batch_size=batch_size, **update_kw)
+                               summary=summary, open_kw=open_kw, batch_size=batch_size, input_timeout=input_timeout,
+                               **update_kw)
     hits, searched = rank_below(identity, folder, root, vector, top, min_score)
     return Found(hits, searched, images, summary if update else None)
