@@ -138,3 +138,24 @@ def test_an_index_with_the_older_keys_is_upgraded_without_trusting_them(tmp_path
     assert version == "2"
     assert all(key is None or key.startswith("sha256:") for key in keys.values())
     assert keys[str(c)] == whole_key(c)
+
+
+def test_after_the_upgrade_a_copy_of_an_unchanged_image_still_takes_its_vector(tmp_path, monkeypatch, model):
+    """The upgrade drops the older keys; an indexed image gets its whole-file key back when a
+    file of its size turns up, so a new copy of it takes its vector without the model."""
+    monkeypatch.chdir(tmp_path)
+    a, _b = scans(tmp_path / "photos")
+    assert index(model, "photos").exit_code == 0
+    folder = folder_of(model)
+    before = content(folder)
+    db = sqlite3.connect(folder / INDEX_DB)
+    with db:  # as the older altclip left it: schema 1, keys of another form
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        db.execute("UPDATE files SET content_key = size || ':0123'")
+    db.close()
+    shutil.copy(a, tmp_path / "photos" / "copy of a.tif")
+    with IndexStore.open(folder, write=True) as store:
+        summary = update_index(lambda: pytest.fail("the model was loaded"), store, [tmp_path / "photos"])
+    assert (summary.added, summary.reused, summary.embedded) == (1, 1, 0)
+    np.testing.assert_array_equal(content(folder)[str(tmp_path / "photos" / "copy of a.tif")], before[str(a)])
+    assert rows(folder)[str(a)][0] == rows(folder)[str(tmp_path / "photos" / "copy of a.tif")][0]

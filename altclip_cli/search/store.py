@@ -255,6 +255,17 @@ class IndexStore:
         cur = self._db.execute("SELECT DISTINCT size FROM files WHERE vec_row IS NOT NULL AND content_key IS NOT NULL")
         return {s for (s,) in cur}
 
+    def without_keys(self, sizes: Iterable[int]) -> list[tuple]:
+        """(stored path, size, mtime_ns, vec_row) of the indexed files of these sizes that have a
+        vector but no content key (indexed by an older altclip, or their key could not be read)."""
+        sizes, out = sorted(set(sizes)), []
+        for start in range(0, len(sizes), SQL_CHUNK):
+            chunk = sizes[start:start + SQL_CHUNK]
+            out += self._db.execute(
+                "SELECT path, size, mtime_ns, vec_row FROM files WHERE content_key IS NULL AND vec_row IS NOT NULL "
+                f"AND size IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        return out
+
     def find_vectors(self, content_key: str) -> list[tuple[int, int]]:
         """(file id, vec_row) of the indexed files with this content key and a vector, by id."""
         cur = self._db.execute(

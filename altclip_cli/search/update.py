@@ -209,6 +209,7 @@ def _reuse_by_content(store, work, removed, summary):
     """Content keys for the files that might share content with an indexed file or with each
     other (same size), and the vectors they can reuse. Returns (items to embed, upserts of the
     reused ones, ids of the removed rows)."""
+    _key_indexed(store, {it.size for it in work})
     sizes = store.sizes_with_vectors()
     same_size = Counter(item.size for item in work)
     candidates = [it for it in work if it.size in sizes or same_size[it.size] > 1]
@@ -243,6 +244,26 @@ def _reuse_by_content(store, work, removed, summary):
         to_embed.append(it)
     summary.removed += len(removed) - len(renamed_from)
     return to_embed, upserts, sorted(removed_ids)
+
+
+def _key_indexed(store, sizes) -> None:
+    """Content keys, read and committed now, for the indexed files of these sizes that have a
+    vector but no key and are unchanged since they were indexed: so a new copy of one of them
+    takes its vector (the keys of an older index are dropped when it is upgraded, see
+    database.upgrade, and come back this way, as files of their size turn up)."""
+    items = []
+    for key, size, mtime_ns, vec_row in store.without_keys(sizes):
+        path = store.path_of(key)
+        try:
+            st = os.stat(path)
+        except OSError:  # gone: the walk removes it
+            continue
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # else changed: the walk reads it anyway
+            items.append((_Item(key, path, path, size, mtime_ns, None), vec_row))
+    _hash_all([it for it, _row in items])
+    keyed = [it.row(vec_row, None) for it, vec_row in items if it.content_key is not None]
+    if keyed:
+        store.commit(upserts=keyed)
 
 
 def _hash_all(items) -> None:
