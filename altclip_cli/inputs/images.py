@@ -15,6 +15,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -92,8 +93,13 @@ def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None =
     return image
 
 
-def _open_file(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None) -> Image.Image:
+def _open_file(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None,
+               on_bytes: Callable[[bytes], None] | None = None) -> Image.Image:
     try:
+        if on_bytes is not None:  # the file read once, whole: on_bytes sees the very bytes decoded
+            data = fp.read()
+            on_bytes(data)
+            fp = io.BytesIO(data)
         return _decode(fp, label, max_pixels, draft_min_side)
     except InputError:
         raise
@@ -117,6 +123,7 @@ def open_image(
     name: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     draft_min_side: int | None = None,
+    on_bytes: Callable[[bytes], None] | None = None,
 ) -> Image.Image:
     """Open and fully decode one image.
 
@@ -129,6 +136,8 @@ def open_image(
     are opened (inputs.files.open_regular): a FIFO, a device or a folder is refused unread.
     draft_min_side: decode large JPEGs at a reduced scale whose shortest side stays at least
     this (None: full size, bit-exact with the reference's preprocessing).
+    on_bytes: for a file, read it whole first and call on_bytes(its bytes) before decoding them,
+    so a caller can hash exactly what was decoded without reading the file twice.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<image bytes>"
@@ -140,7 +149,7 @@ def open_image(
     label = name or str(path)
     with open_regular(path, name=label) as fp:  # a FIFO, a device or a folder is refused here
         # We own the file handle, so PIL never closes the image core; the loaded frame outlives `fp`.
-        return _open_file(fp, label, max_pixels, draft_min_side)
+        return _open_file(fp, label, max_pixels, draft_min_side, on_bytes)
 
 
 # --- preprocessing -----------------------------------------------------------------------------------

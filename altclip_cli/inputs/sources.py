@@ -125,10 +125,10 @@ def _expand_dir(name: str, path: str, walk: dict) -> Iterator[Source]:
 
 def open_source(src: Source, *, max_pixels: int | None | bool = False,
                 url_timeout: float = DEFAULT_URL_TIMEOUT, url_max_bytes: int = DEFAULT_URL_MAX_BYTES,
-                draft_min_side: int | None = None):
+                draft_min_side: int | None = None, on_bytes: Callable[[bytes], None] | None = None):
     """Decode one Source to a PIL image, or raise InputError naming it.
     `max_pixels`: False keeps altclip_cli.images' default cap, None lifts it.
-    `draft_min_side`: see altclip_cli.images.open_image."""
+    `draft_min_side`, `on_bytes` (a local file's bytes, read once): see altclip_cli.images.open_image."""
     from .images import open_image
 
     kw = {"draft_min_side": draft_min_side}
@@ -139,7 +139,7 @@ def open_source(src: Source, *, max_pixels: int | None | bool = False,
     if src.url is not None:
         data = fetch_url(src.url, timeout=url_timeout, max_bytes=url_max_bytes)
         return open_image(data, name=src.name, **kw)
-    return open_image(src.path, name=display(src.name), **kw)
+    return open_image(src.path, name=display(src.name), on_bytes=on_bytes, **kw)
 
 
 def reason(exc: InputError, name: str) -> str:

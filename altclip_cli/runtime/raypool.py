@@ -172,10 +172,7 @@ def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_siz
 
     from ..version import __version__
     from ..outputs import dataset as ds
-    ray = _import_ray()
-    import logging
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its start and finish lines: the notes say it
     msgs = run.msgs
     folder = Path(folder).resolve()  # the actors' working folder is not ours
     existing = ds.read_manifest(folder) if folder.is_dir() else None
@@ -192,6 +189,15 @@ def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_siz
         todo = ds.missing_parts(folder, existing, todo)
     if not todo and existing is None:
         todo = [MANIFEST_ONLY]
+    if not todo:  # --resume of a complete dataset: nothing to do, so Ray is neither imported nor started
+        msgs.note(f"{folder}: every part is already complete: nothing to do")
+        summary = Summary(existing, list(range(existing["parts"])))
+        summary.add_done(folder, summary.ours)
+        return summary
+    ray = _import_ray()
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its start and finish lines: the notes say it
     started = _connect(ray, run_address(options), msgs)
     try:
         workers, per_gpu, per_cpu = _resources(ray, options)
@@ -237,10 +243,6 @@ def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_siz
         if started:
             ray.shutdown()
         ds.remove_stale_staging(folder)  # of actors killed on this machine (the others' remove theirs)
-    if summary is None:  # nothing to do: every part was done
-        manifest = existing
-        summary = ds.Summary(manifest, list(range(manifest["parts"])))
-        summary.add_done(folder, summary.ours)
     return summary
 
 

@@ -18,7 +18,7 @@ import sqlite3
 from pathlib import Path
 
 from ..durable import fsync_dir
-from .vectorfile import HEADER_SIZE, ITEMSIZE, TOKEN_SIZE, VECTORS, VECTORS_NEW, vectors_header
+from .vectorfile import HEADER_SIZE, ITEMSIZE, VECTORS, VECTORS_NEW, new_token, vectors_header
 
 COMPACT_MIN_UNUSED = 4096  # compact(only_if_worth=True): at least this many unused rows, and a quarter of the file
 COPY_ROWS = 4096  # vector rows a compaction copies at a time
@@ -41,7 +41,7 @@ def compact(folder: Path, db: sqlite3.Connection, source, dim: int, rows: int, *
         return None
     if unused == 0:
         return rows, None
-    token = os.urandom(TOKEN_SIZE)
+    token = new_token()
     write_rows(folder / VECTORS_NEW, source, used, dim, token)
     commit_renumbering(db, used, token)
     put_in_place(folder)

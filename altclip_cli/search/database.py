@@ -9,17 +9,21 @@ the checks of its settings.
   files(id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INT, mtime_ns INT,
       content_key TEXT, vec_row INT NULL, error TEXT NULL): one row per image file; vec_row is
       its row in vectors.f32 (NULL when it failed, with the reason in `error`). Duplicates and
-      renamed files share a row, so vec_row is not the file id.
+      renamed files share a row, so vec_row is not the file id. content_key: "sha256:SIZE:HEX",
+      the size and sha256 of every byte of the file (update.content_key_of), or NULL (unknown).
+
+Schema versions: 1 keyed content by a hash of the first 1 MiB and the last 64 KiB only (so two
+different images could share a vector); 2 by the whole file. A writer upgrades an index (upgrade).
 """
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
-from .errors import IndexStoreError, damaged, missing, rebuild_hint
+from .errors import IndexStoreError, OtherModelsIndex, damaged, missing, rebuild_hint
 from .vectorfile import ZERO_TOKEN
 
-SCHEMA_VERSION = 1  # what index.sqlite3 holds; an index with a higher one is refused
+SCHEMA_VERSION = 2  # what index.sqlite3 holds; an index with a higher one is refused, a lower one upgraded
 INDEX_DB = "index.sqlite3"
 SQL_CHUNK = 500  # values per IN (...) query, under SQLite's parameter limit
 
@@ -101,6 +105,27 @@ def write_schema(db: sqlite3.Connection, meta: dict) -> None:
         raise
 
 
+def upgrade(db: sqlite3.Connection, meta: dict) -> dict:
+    """An index of an older schema brought to SCHEMA_VERSION, in one transaction (by a writer):
+    from 1, its content keys (of a head and a tail only) are dropped, never to be matched, and
+    the files that share a vector lose their recorded mtime, so that the next update reads them
+    again and gives each a vector of its own unless their whole contents are equal. Returns the
+    new meta."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if int(meta["schema_version"]) < 2:
+            db.execute("UPDATE files SET mtime_ns = NULL WHERE vec_row IN "
+                       "(SELECT vec_row FROM files WHERE vec_row IS NOT NULL GROUP BY vec_row HAVING COUNT(*) > 1)")
+            db.execute("UPDATE files SET content_key = NULL WHERE content_key IS NOT NULL")
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return {**meta, "schema_version": str(SCHEMA_VERSION)}
+
+
 def meta_token(meta: dict) -> bytes:
     """The generation of vectors.f32 that `meta` names (ZERO_TOKEN when it names none)."""
     try:
@@ -124,13 +149,13 @@ def check_schema(meta: dict, folder: Path) -> None:
 
 
 def check_identity(meta: dict, identity: dict, folder: Path) -> None:
-    """IndexStoreError, naming both, when the index was made by another model (weights or width)
+    """OtherModelsIndex, naming both, when the index was made by another model (weights or width)
     than `identity` ({"model", "weights", "dim"})."""
     if meta.get("weights") == str(identity["weights"]) and meta.get("dim") == str(int(identity["dim"])):
         return
     theirs = f"{meta.get('model')} (weights {meta.get('weights')}, {meta.get('dim')} dims)"
     ours = f"{identity['model']} (weights {identity['weights']}, {identity['dim']} dims)"
-    raise IndexStoreError(
+    raise OtherModelsIndex(
         f"the index in {folder} was made with another model: {theirs}; this run uses {ours}",
-        hint=f"use that model (-m {meta.get('model')}), another --index folder, or --rebuild to start "
-             "this index over with this model")
+        hint=f"use that model (-m {meta.get('model')}), another --index folder, or start this index over "
+             f"with this model: `altclip index --rebuild --index {folder} PATHS...`")

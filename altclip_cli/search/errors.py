@@ -17,6 +17,10 @@ class IndexBusy(IndexStoreError):
     """Another writer holds the index's write lock (and did not let go within `wait` seconds)."""
 
 
+class OtherModelsIndex(IndexStoreError):
+    """The index was made with another model (weights or width) than the one asked for."""
+
+
 class StaleVectors(IndexStoreError):
     """No vector file has the token the database names: a compaction replaced the file after
     this reader's transaction began (begin again), or the index is damaged."""

@@ -21,22 +21,27 @@ from typing import Callable
 
 from ..paths import index_names
 from .run import index_folder
-from .store import INDEX_DB, IndexBusy, IndexStore, IndexStoreError
-from .update import COMMIT_EVERY, _check_model, content_key, index_identity
+from .store import INDEX_DB, IndexBusy, IndexStore, IndexStoreError, OtherModelsIndex
+from .update import COMMIT_EVERY, check_model, content_key, index_identity
 
 ADD_WAIT_S = 2.0
 
 
 def open_for_reuse(spec: str, model, *, warn: Callable[[str], None]) -> IndexStore | None:
     """The index named by --index (a folder, or "auto": the model's default one), read-only, when
-    its vectors are what this run would compute: the same weights (else IndexStoreError), precision
-    and decoding (else a warning and None). None, with a warning, when there is no index there."""
+    its vectors are what this run would compute: the same weights and width, precision and
+    decoding (else a warning says why not, and None: the run goes on without it, and adds
+    nothing to it). None, with a warning, when there is no index there."""
     folder = index_folder(spec, model.weights_id)
     if not (folder / INDEX_DB).exists():
         warn(f"--index: there is no index in {folder} yet; every image goes through the model, and the "
              "images are added to a new one")
         return None
-    store = IndexStore.open(folder, identity=index_identity(model))
+    try:
+        store = IndexStore.open(folder, identity=index_identity(model))
+    except OtherModelsIndex as exc:
+        warn(f"--index: {exc.message}: not using it")
+        return None
     for key, ours in (("precision", model.precision), ("exact_decode", "1" if model.exact_decode else "0")):
         theirs = store.meta.get(key)
         if theirs is not None and theirs != ours:
@@ -191,7 +196,7 @@ class IndexAdditions:
         try:
             with IndexStore.open(self.folder, identity=index_identity(self.model), write=True, create=True,
                                  wait=ADD_WAIT_S, writer="altclip --index") as store:
-                settings = _check_model(store, self.model)
+                settings = check_model(store, self.model)
                 first = store.append_vectors(np.stack([np.asarray(e, dtype=np.float32) for *_x, e in batch]))
                 held = store.lookup([n for path, *_x in batch for n in self._names[path]])
                 upserts = []

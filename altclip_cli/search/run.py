@@ -1,6 +1,7 @@
 """The two halves of a search that `altclip search` and `altclip serve` (POST /v1/search) share:
 bring the index up to date with the images below a folder, then rank those images against a
-query vector.
+query vector; and search_below, the whole search in this process (the query encoded, then both
+halves), which `altclip search` and altclip_cli.search.search() run.
 
     identity = index_identity(model)                       # update.py
     folder = index_folder("auto", model.weights_id)
@@ -12,12 +13,13 @@ query vector.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import default_index_folder, index_path, indexes_dir, real_root
 from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
-from .update import storable, update_index
+from .update import DEFAULT_INPUT_TIMEOUT, storable, update_index
 
 
 def index_folder(index: str, weights_id: str) -> Path:
@@ -102,3 +104,44 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
             positions, scores = positions[keep], scores[keep]
         paths = snap.paths_of(snap.file_ids[positions])
         return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count
+
+
+@dataclass
+class Found:
+    """What search_below found: hits (rank, absolute path, score), best first; the number of
+    images searched; the query's image parts opened ({part index: PIL image}); and the index
+    update's summary (None without an update)."""
+
+    hits: list
+    searched: int
+    images: dict
+    summary: UpdateSummary | None
+
+
+def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10, min_score: float | None = None,
+                 update: bool = True, indexer=None, query_sources: dict | None = None, open_kw: dict | None = None,
+                 batch_size: int | None = None, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, wait: float = 0.0,
+                 summary: UpdateSummary | None = None, writer: str = "altclip search", **update_kw) -> Found:
+    """A search in this process, the steps of `altclip search` and of altclip_cli.search.search():
+    open the query's image parts (one that cannot be read fails before any indexing), encode the
+    query (query.QueryParts) with `model`, bring the index up to date with the images below
+    `root` (an absolute, real folder) unless `update` is False, and rank them.
+    index: "auto" or a folder. indexer: what embeds new images (default: model; a callable is
+    called only when some image needs it). query_sources: what the model takes for the image
+    parts instead of the opened images (a server's model reads them itself). input_timeout:
+    seconds one image may take to read and decode. update_kw: update.update_index's (the walk's
+    include_hidden and exclude_dirs, msgs, ...).
+    Raises query.QueryError, IndexStoreError, InputError."""
+    from .query import open_images, query_vector
+    from .update import index_identity
+
+    images = open_images(parts, open_kw, input_timeout)  # a query image that cannot be read fails before indexing
+    vector = query_vector(model, parts, images if query_sources is None else query_sources, batch_size=batch_size)
+    identity = index_identity(model)
+    folder = index_folder(index, model.weights_id)
+    if update:
+        summary = update_below(indexer or model, identity, folder, index, root, wait=wait, writer=writer,
+                               summary=summary, open_kw=open_kw, batch_size=batch_size, input_timeout=input_timeout,
+                               **update_kw)
+    hits, searched = rank_below(identity, folder, root, vector, top, min_score)
+    return Found(hits, searched, images, summary if update else None)

@@ -46,15 +46,16 @@ from typing import Iterable
 from ..durable import fsync_dir
 from . import compaction
 from .database import (INDEX_DB, SCHEMA_VERSION, SQL_CHUNK, check_identity, check_schema, meta_token, open_db,
-                       read_meta, write_schema)
-from .errors import IndexBusy, IndexStoreError, StaleVectors, damaged, missing
+                       read_meta, upgrade, write_schema)
+from .errors import IndexBusy, IndexStoreError, OtherModelsIndex, StaleVectors, damaged, missing
 from .snapshot import Snapshot, SnapshotCache, take_snapshot
-from .vectorfile import HEADER_SIZE, ITEMSIZE, ROW_DTYPE, VECTORS, VECTORS_NEW, open_matching, vectors_header
+from .vectorfile import (HEADER_SIZE, ITEMSIZE, ROW_DTYPE, VECTORS, VECTORS_NEW, new_token, open_matching,
+                         vectors_header)
 from .writelock import acquire_write_lock, release_write_lock
 
 # What callers take from here besides IndexStore (each defined in the module it is imported from).
-__all__ = ["HEADER_SIZE", "INDEX_DB", "VECTORS", "IndexBusy", "IndexStore", "IndexStoreError", "Snapshot",
-           "SnapshotCache"]
+__all__ = ["HEADER_SIZE", "INDEX_DB", "VECTORS", "IndexBusy", "IndexStore", "IndexStoreError", "OtherModelsIndex",
+           "Snapshot", "SnapshotCache"]
 
 
 class IndexStore:
@@ -92,8 +93,8 @@ class IndexStore:
         paths relative to its folder (so the folder can move with the images it indexes).
         rebuild: (with write) delete the index first, damaged or not, and start an empty one.
         writer: how another writer's refusal names this one while it holds the lock ("altclip index").
-        Raises IndexStoreError: no index (without create), damaged, newer schema, another model,
-        locked by another writer.
+        Raises IndexStoreError: no index (without create), damaged, newer schema, another model
+        (OtherModelsIndex), locked by another writer (IndexBusy).
         """
         folder = Path(os.path.realpath(os.path.expanduser(os.fspath(folder))))
         if create and (not write or identity is None):
@@ -113,25 +114,38 @@ class IndexStore:
         try:
             if rebuild:
                 _remove_index_files(folder)
-            db, meta = open_db(folder, create=create)
-            try:
-                if meta is None:
-                    meta = _create(db, folder, identity, relative_paths)
-                check_schema(meta, folder)
-                if identity is not None:
-                    check_identity(meta, identity, folder)
-                store = cls(folder, db, meta, writable=write, lock=lock)
-                store._open_vectors()
-            except sqlite3.DatabaseError as exc:
-                db.close()
-                raise damaged(folder, f"{INDEX_DB} cannot be read ({exc})") from None
-            except BaseException:
-                db.close()
-                raise
-            return store
+            for attempt in range(5):
+                try:
+                    return cls._open_files(folder, identity, write, create, relative_paths, lock)
+                except StaleVectors:  # a reader, and the index was rebuilt after it read the settings
+                    if write or attempt == 4:
+                        raise
+            raise AssertionError("unreachable")
         except BaseException:
             if lock is not None:
                 release_write_lock(folder, lock)
+            raise
+
+    @classmethod
+    def _open_files(cls, folder: Path, identity, write, create, relative_paths, lock) -> "IndexStore":
+        """The store on a new connection to the database and the vector file it names."""
+        db, meta = open_db(folder, create=create)
+        try:
+            if meta is None:
+                meta = _create(db, folder, identity, relative_paths)
+            check_schema(meta, folder)
+            if identity is not None:
+                check_identity(meta, identity, folder)
+            if write and int(meta["schema_version"]) < SCHEMA_VERSION:
+                meta = upgrade(db, meta)
+            store = cls(folder, db, meta, writable=write, lock=lock)
+            store._open_vectors()
+            return store
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise damaged(folder, f"{INDEX_DB} cannot be read ({exc})") from None
+        except BaseException:
+            db.close()
             raise
 
     def _open_vectors(self) -> None:
@@ -236,9 +250,21 @@ class IndexStore:
         return int(ok), int(failed)
 
     def sizes_with_vectors(self) -> set[int]:
-        """The sizes of the indexed files that have a vector (content keys start with the size,
-        so only a file of one of these sizes can share a vector with an indexed one)."""
-        return {s for (s,) in self._db.execute("SELECT DISTINCT size FROM files WHERE vec_row IS NOT NULL")}
+        """The sizes of the indexed files that have a vector and a content key (only a file of
+        one of these sizes can share its content with one of them)."""
+        cur = self._db.execute("SELECT DISTINCT size FROM files WHERE vec_row IS NOT NULL AND content_key IS NOT NULL")
+        return {s for (s,) in cur}
+
+    def without_keys(self, sizes: Iterable[int]) -> list[tuple]:
+        """(stored path, size, mtime_ns, vec_row) of the indexed files of these sizes that have a
+        vector but no content key (indexed by an older altclip, or their key could not be read)."""
+        sizes, out = sorted(set(sizes)), []
+        for start in range(0, len(sizes), SQL_CHUNK):
+            chunk = sizes[start:start + SQL_CHUNK]
+            out += self._db.execute(
+                "SELECT path, size, mtime_ns, vec_row FROM files WHERE content_key IS NULL AND vec_row IS NOT NULL "
+                f"AND size IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        return out
 
     def find_vectors(self, content_key: str) -> list[tuple[int, int]]:
         """(file id, vec_row) of the indexed files with this content key and a vector, by id."""
@@ -407,9 +433,10 @@ def _create(db: sqlite3.Connection, folder: Path, identity: dict, relative_paths
     from ..version import __version__
 
     dim = int(identity["dim"])
+    token = new_token()  # this index's own: a reader of the index it replaces never takes its file for theirs
     tmp = folder / f".{VECTORS}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(vectors_header(dim))
+        f.write(vectors_header(dim, token))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / VECTORS)
@@ -418,6 +445,6 @@ def _create(db: sqlite3.Connection, folder: Path, identity: dict, relative_paths
             "weights": str(identity["weights"]), "dim": str(dim), "dtype": "float32",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "altclip": __version__, "paths": "relative" if relative_paths else "absolute",
-            "vectors_committed": "0"}
+            "vectors_committed": "0", "vectors_token": token.hex()}
     write_schema(db, meta)
     return meta

@@ -21,7 +21,7 @@ What a run does: walk the roots (inputs/walk.py), compare each image's size and 
 index (one SELECT per root), and then
   - drop the files under the roots that are gone (not under a folder that could not be listed);
   - for new and changed files whose size matches an indexed file's (or another new file's),
-    compare content keys (size + sha256 of the first 1 MiB and the last 64 KiB): a renamed or
+    compare content keys (the size and the sha256 of every byte: content_key_of): a renamed or
     duplicated file takes the vector of the file with the same content, without the model
     (a changed file never takes its own old vector);
   - embed the rest (the same decoding pipeline and error records as `altclip embed`), committing
@@ -29,7 +29,9 @@ index (one SELECT per root), and then
     the caller turns it into one), then re-raising it;
   - record the images that fail, with their error: they are tried again only once their size or
     mtime changes (or with retry_failed=True).
-An unchanged tree costs a walk and a SELECT, and writes nothing.
+An unchanged tree costs a walk and a SELECT, and writes nothing: an unchanged file is never read.
+Each new or changed file is hashed once: the ones of a size some other file has are hashed before
+any embedding (to find their match), the others from the very bytes the decoder reads.
 """
 from __future__ import annotations
 
@@ -42,13 +44,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..quiet import Silent
-from .store import IndexStore, IndexStoreError
+from .store import IndexStore, IndexStoreError, OtherModelsIndex
 from .summary import UpdateSummary
 from ..inputs.walk import DEFAULT_EXCLUDES, walk_images
 from ..paths import real_root
 
-HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
-TAIL_BYTES = 64 << 10  # ... and the last 64 KiB
+KEY_PREFIX = "sha256:"  # content keys hash whole files (index schema 2: see database.py)
+HASH_BLOCK = 1 << 20  # bytes hashed at a time when a file is read for its key alone
 COMMIT_EVERY = 256  # images embedded between two commits
 HASH_CHUNK = 64  # files hashed by one thread-pool task ...
 HASH_CHUNK_BYTES = 64 << 20  # ... and the most bytes it reads (a larger file alone), well within the input timeout
@@ -78,23 +80,31 @@ def model_identity(model: str, *, revision: str | None = None, progress: bool = 
     return {"model": str(model), "weights": content_identity(resolved.weights), "dim": dim}
 
 
+def content_key_of(data: bytes) -> str:
+    """The content key of a file holding `data`: "sha256:SIZE:HEX", its size and the sha256 of
+    every byte. Two files share a vector only when their keys are equal (a renamed or copied file)."""
+    return f"{KEY_PREFIX}{len(data)}:{hashlib.sha256(data).hexdigest()}"
+
+
 def content_key(path: str, size: int) -> str:
-    """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file.
-    OSError when it cannot be read (or is no regular file any more: inputs.files says why)."""
+    """content_key_of the file at `path`, read in blocks through the one opener (regular files
+    only). OSError when it cannot be read (inputs.files says why), or no longer holds `size` bytes
+    (it changed since it was listed)."""
     from ..errors import InputError
     from ..inputs.files import open_regular
 
-    digest = hashlib.sha256()
     try:
         f = open_regular(path, empty_ok=True)
     except InputError as exc:
         raise OSError(exc.message) from None
+    digest, read = hashlib.sha256(), 0
     with f:
-        digest.update(f.read(HEAD_BYTES))
-        if size > HEAD_BYTES:
-            f.seek(max(HEAD_BYTES, size - TAIL_BYTES))
-            digest.update(f.read(TAIL_BYTES))
-    return f"{size}:{digest.hexdigest()}"
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+            read += len(block)
+    if read != size:
+        raise OSError(f"{path} changed while it was read")
+    return f"{KEY_PREFIX}{read}:{digest.hexdigest()}"
 
 
 @dataclass(eq=False)
@@ -241,6 +251,7 @@ def _reuse_by_content(store, work, removed, summary, input_timeout=DEFAULT_INPUT
     """Content keys for the files that might share content with an indexed file or with each
     other (same size), and the vectors they can reuse. Returns (items to embed, upserts of the
     reused ones, ids of the removed rows)."""
+    _key_indexed(store, {it.size for it in work})
     sizes = store.sizes_with_vectors()
     same_size = Counter(item.size for item in work)
     candidates = [it for it in work if it.size in sizes or same_size[it.size] > 1]
@@ -275,6 +286,26 @@ def _reuse_by_content(store, work, removed, summary, input_timeout=DEFAULT_INPUT
         to_embed.append(it)
     summary.removed += len(removed) - len(renamed_from)
     return to_embed, upserts, sorted(removed_ids)
+
+
+def _key_indexed(store, sizes) -> None:
+    """Content keys, read and committed now, for the indexed files of these sizes that have a
+    vector but no key and are unchanged since they were indexed: so a new copy of one of them
+    takes its vector (the keys of an older index are dropped when it is upgraded, see
+    database.upgrade, and come back this way, as files of their size turn up)."""
+    items = []
+    for key, size, mtime_ns, vec_row in store.without_keys(sizes):
+        path = store.path_of(key)
+        try:
+            st = os.stat(path)
+        except OSError:  # gone: the walk removes it
+            continue
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # else changed: the walk reads it anyway
+            items.append((_Item(key, path, path, size, mtime_ns, None), vec_row))
+    _hash_all([it for it, _row in items])
+    keyed = [it.row(vec_row, None) for it, vec_row in items if it.content_key is not None]
+    if keyed:
+        store.commit(upserts=keyed)
 
 
 def _hash_all(items, timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> None:
@@ -322,11 +353,11 @@ def _hash_run(items) -> list:
     return keys
 
 
-def _check_model(store, model) -> dict:
+def check_model(store, model) -> dict:
     """The loaded model against the index: the same weights and width, and the precision and
     decoding of the vectors already in it. Returns the settings to record with the next commit."""
     if model.weights_id != store.meta.get("weights") or int(model.embed_dim) != store.dim:
-        raise IndexStoreError(
+        raise OtherModelsIndex(
             f"the index in {store.folder} was made with {store.meta.get('model')} (weights {store.meta.get('weights')}, "
             f"{store.dim} dims); the model loaded is {model.model_id} (weights {model.weights_id}, {model.embed_dim} dims)",
             hint="give the index's model with -m, or --rebuild to start it over with this model")
@@ -354,16 +385,19 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
     from ..outputs.signals import signals_deferred
 
     model = get()
-    settings = _check_model(store, model)
+    settings = check_model(store, model)
     kw = {**open_kw, "draft_min_side": model.draft_min_side}
-    keys: dict[str, str | None] = {}
+    keys: dict[str, str] = {}  # path -> content key, of the bytes the decoder read
+    unhashed = {it.path for it in items if it.content_key is None}
 
     def open_fn(source):
-        try:  # read here, in the decoding thread, just before the decoder reads the same bytes
-            keys[source.path] = content_key(source.path, os.stat(source.path).st_size)
-        except OSError:
-            keys[source.path] = None
-        return open_source(source, **kw)
+        if source.path not in unhashed:
+            return open_source(source, **kw)
+
+        def hashed(data: bytes) -> None:  # in the decoding thread, before the bytes are decoded
+            keys[source.path] = content_key_of(data)
+
+        return open_source(source, on_bytes=hashed, **kw)
 
     sources = [Source(it.name, path=it.path) for it in items]
     results = model.stream_images(sources, open_fn=open_fn, batch_size=batch_size, input_timeout=input_timeout)

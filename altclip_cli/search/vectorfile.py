@@ -4,9 +4,10 @@ the database names, and mapping its committed rows.
 Layout: a 64-byte header (magic b"ALTCLIPV", format version, dim, dtype code as little-endian
 uint32, a 16-byte token, zero padding, crc32 of the bytes before it), then rows of `dim`
 little-endian float32, L2-normalised image embeddings. Append-only between compactions; readers
-memory-map it. The token (the database's meta `vectors_token`) names the file's generation: a
-reader uses the file whose token the database names (vectors.f32, or vectors.f32.new between a
-compaction's commit and its rename: see compaction.py).
+memory-map it. The token (the database's meta `vectors_token`, random for each new file) names
+the file's generation: a reader uses the file whose token the database names (vectors.f32, or
+vectors.f32.new between a compaction's commit and its rename: see compaction.py), so it never
+takes a newer file, a compaction's or a rebuild's, for the one its transaction read about.
 
 Cheap to import: numpy is imported inside the functions that need it.
 """
@@ -25,13 +26,19 @@ VECTORS_NEW = VECTORS + ".new"  # a compaction's new file, until it replaces VEC
 MAGIC = b"ALTCLIPV"
 HEADER_SIZE = 64
 TOKEN_AT, TOKEN_SIZE = 20, 16  # the file's generation, in the header after magic, version, dim, dtype
-ZERO_TOKEN = bytes(TOKEN_SIZE)  # the token of files written by older altclips before their first compaction
+ZERO_TOKEN = bytes(TOKEN_SIZE)  # in files that older altclips created, until their first compaction
 DTYPE_CODES = {"float32": 1}
 ROW_DTYPE = "<f4"
 ITEMSIZE = 4
 
 
-def vectors_header(dim: int, token: bytes = ZERO_TOKEN) -> bytes:
+def new_token() -> bytes:
+    """A fresh random generation token: one per file created or rewritten, so that no two
+    generations of an index's vector file (a compaction's, a rebuild's) carry the same."""
+    return os.urandom(TOKEN_SIZE)
+
+
+def vectors_header(dim: int, token: bytes) -> bytes:
     """The 64-byte header of vectors.f32 for rows of `dim` float32, of generation `token`."""
     body = (struct.pack("<8sIII", MAGIC, VECTORS_FORMAT, dim, DTYPE_CODES["float32"]) + token).ljust(
         HEADER_SIZE - 4, b"\0")

@@ -91,6 +91,10 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
     except QueryError as exc:
         raise UsageError(exc.message, hint=exc.hint) from None
     fmt = _choose_format(fmt, null, output, isatty(sys.stdout))
+    if output is not None:
+        from ...outputs.embedfile import check_writable
+
+        check_writable(output)  # a missing or read-only folder fails now, not after the indexing
     if not os.path.isdir(os.path.expanduser(search_dir)):
         what = "is not a folder" if os.path.exists(os.path.expanduser(search_dir)) else "no such folder"
         raise UsageError(f"--dir {search_dir}: {what}", hint="give --dir an existing folder (default: the current one)")
@@ -138,34 +142,28 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
 
 def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, open_kw,
                  batch_size, input_timeout, msgs, load_here):
-    """(query images, hits, images searched), the index updated and ranked in this process; the
-    query is encoded by model_ (loaded here, or a server's that cannot search this folder)."""
-    from ...search.query import open_images, query_vector
-    from ...search.run import index_folder, rank_below, update_below
-    from ...search.summary import UpdateSummary, report_update
-    from ...search.update import index_identity
+    """(query images, hits, images searched), the index updated and ranked in this process
+    (search.run.search_below, as the library's search()); the query is encoded by model_ (loaded
+    here, or a server's that cannot search this folder)."""
+    from ...search.run import search_below
+    from ...search.summary import report_update
     from ..options import is_remote
 
-    images = open_images(parts, open_kw, input_timeout)  # a query image that cannot be read fails before indexing
-    # A server reads the image parts itself (as files or bytes), as it would any image.
-    given = _query_sources(parts) if is_remote(model_) else images
-    vector = query_vector(model_, parts, given, batch_size=batch_size)
-    identity = index_identity(model_)
-    folder = index_folder(index_dir, model_.weights_id)
-    if not no_index:
-        def local_model():  # update_index calls it only when some image needs the model
-            msgs.note("new or changed images to index: loading the model in this process "
-                      "(the server cannot read this folder)")
-            return load_here()
+    def local_model():  # update_index calls it only when some image needs the model
+        msgs.note("new or changed images to index: loading the model in this process "
+                  "(the server cannot read this folder)")
+        return load_here()
 
-        summary = UpdateSummary()
-        walk_kw = {k: v for k, v in walk.items() if v is not None}
-        update_below(local_model if is_remote(model_) else model_, identity, folder, index_dir, root, wait=wait,
-                     summary=summary, open_kw=open_kw, batch_size=batch_size, input_timeout=input_timeout,
-                     msgs=msgs, **walk_kw)
-        report_update(summary, search_dir, msgs)
-    hits, searched = rank_below(identity, folder, root, vector, top, min_score)
-    return images, hits, searched
+    remote = is_remote(model_)
+    found = search_below(model_, parts, root, index=index_dir, top=top, min_score=min_score, update=not no_index,
+                         indexer=local_model if remote else None,
+                         # A server reads the image parts itself (as files or bytes), as it would any image.
+                         query_sources=_query_sources(parts) if remote else None,
+                         open_kw=open_kw, batch_size=batch_size, wait=wait, input_timeout=input_timeout, msgs=msgs,
+                         **{k: v for k, v in walk.items() if v is not None})
+    if found.summary is not None:
+        report_update(found.summary, search_dir, msgs)
+    return found.images, found.hits, found.searched
 
 
 def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, msgs):
@@ -238,9 +236,13 @@ def _output(fmt, hits, output, null, *, title, searched, note, query_images=(), 
     else:
         data = b"".join(_FORMATTERS[fmt](hits, null))
     if output is not None:
+        from ...errors import AltclipError
         from ...search.html import write
 
-        write(output, data)
+        try:
+            write(output, data)
+        except OSError as exc:  # the folder went away (or filled up) while the search ran
+            raise AltclipError(f"cannot write {output} ({exc.strerror or exc})") from None
         return
     out = getattr(sys.stdout, "buffer", None)
     if out is None:  # a text-only stream in place of stdout (an embedding program's)
