@@ -30,10 +30,7 @@ MAY_IMPORT = {
 
 # Imports that break a rule today and are being removed elsewhere; each is (importer, imported
 # module, name or None). Empty it as they go: a listed import that no longer exists fails too.
-KNOWN = {
-    # the index reuse takes the model check from the index update under a private name
-    ("altclip_cli.search.reuse", "altclip_cli.search.update", "_check_model"),
-}
+KNOWN = set()  # exceptions to the rules, each with its reason; none today
 
 
 def module_name(path: Path) -> str:
