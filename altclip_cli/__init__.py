@@ -4,7 +4,7 @@ The package import is cheap on purpose (no torch): the command line's --help and
 completion import it on every call. `load` imports the runtime on first use.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["__version__", "load", "read_dataset"]
 

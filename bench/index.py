@@ -237,7 +237,7 @@ def in_process_parts(tree: Path, index_dir: Path, model: Path, reps: int) -> dic
     the model's identity (sampled sha256 of the weights file)."""
     from altclip_cli.search.store import IndexStore
     from altclip_cli.search.update import model_identity
-    from altclip_cli.search.walk import walk_images
+    from altclip_cli.inputs.walk import walk_images
 
     real = os.path.realpath(tree)
     walk, select, ident, found = [], [], [], 0

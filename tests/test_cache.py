@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import altclip_cli
+import altclip_cli.version
 from altclip_cli.cache import inventory
 from altclip_cli.cache import weights as weight_cache
 from altclip_cli.cache.identity import FORMAT
@@ -116,7 +117,7 @@ def test_a_changed_tokenizer_json_does_not_serve_old_label_embeddings(tiny_model
 def test_label_cache_key_covers_tokenizer_config_and_version(tiny_model_dir, monkeypatch, change):
     load(tiny_model_dir).label_embeddings(LABELS)
     if change == "altclip version":
-        monkeypatch.setattr(altclip_cli, "__version__", altclip_cli.__version__ + ".post1")
+        monkeypatch.setattr(altclip_cli.version, "__version__", altclip_cli.__version__ + ".post1")
     else:  # the same content, spelt differently: the file's identity changes
         path = tiny_model_dir / change.split()[0]
         path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=1), encoding="utf-8")

@@ -1,11 +1,11 @@
 """classify over a folder of photos: synonym groups, --min-prob (unsure), the summary table on a
-terminal, and --sort-into (links, copies, moves; clashes, re-runs, a move killed midway)."""
+terminal, and --sort-into through the command (links, copies, moves, clashes, re-runs; the sorter
+itself in test_sortinto.py)."""
 from __future__ import annotations
 
 import csv
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -274,97 +274,3 @@ def test_sort_into_folder_that_cannot_be_created(photos, tmp_path):
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
     assert lines[0].startswith("error: --sort-into file/sub: cannot create it") and lines[1].startswith("hint: ")
-
-
-def test_place_library_name_clash_and_idempotence(tmp_path):
-    from altclip_cli.outputs.sortinto import folder_name, place
-
-    src = tmp_path / "x.jpg"
-    src.write_bytes(b"one")
-    (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "x.jpg").write_bytes(b"two")
-    (tmp_path / "t" / "x-1.jpg").write_bytes(b"three")
-    p = place(src, tmp_path / "t", "copy")
-    assert (p.action, p.target.name) == ("copy", "x-2.jpg")
-    assert place(src, tmp_path / "t", "copy").action == "already there"
-    assert place(src, tmp_path / "t", "link").target.name == "x-3.jpg"
-    assert place(src, tmp_path / "t", "link").action == "already there"
-    assert [folder_name(x) for x in ("a/b", "..", None, "_unsure", " cat. ", "猫")] == \
-        ["a_b", "_", "_unsure", "_unsure_", "cat", "猫"]
-
-
-KILL_SCRIPT = r"""
-import errno, os, sys
-from pathlib import Path
-from altclip_cli.outputs import sortinto
-if sys.argv[3] == "cross":  # as if DIR were on another filesystem: copy, fsync, rename, unlink
-    def rename(a, b, _rename=os.rename):
-        if Path(a).parent.name == "src":
-            raise OSError(errno.EXDEV, "cross-device link")
-        return _rename(a, b)
-    sortinto.os.rename = rename
-src, out = Path(sys.argv[1]), Path(sys.argv[2])
-sortinto.clean_temporaries(out)
-for p in sorted(src.iterdir()):
-    sortinto.place(p, out / ("even" if int(p.stem) % 2 == 0 else "odd"), "move")
-print("done", flush=True)
-"""
-
-
-def _contents(*roots):
-    found = []
-    for root in roots:
-        found += [p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.name.startswith(".altclip-sort-")]
-    return sorted(found)
-
-
-@pytest.mark.parametrize("how", ["same", "cross"])
-def test_move_killed_midway_loses_nothing_and_a_rerun_finishes(tmp_path, how):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    src, out = tmp_path / "src", tmp_path / "out"
-    src.mkdir()
-    files = {f"{i:04d}.bin": os.urandom(64 * 1024) + i.to_bytes(4, "little") for i in range(400)}
-    for name, data in files.items():
-        (src / name).write_bytes(data)
-    want = sorted(files.values())
-    cmd = [sys.executable, "-c", KILL_SCRIPT, str(src), str(out), how]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(out.rglob("*.bin"))) < 40:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    left = {p.name for p in src.iterdir()}
-    assert 0 < len(left) < 400, "killed too late to test anything"
-    placed = _contents(src, out)
-    # never lost; in exactly one place, except a cross-filesystem move cut between rename and unlink
-    assert sorted(set(placed)) == want
-    assert len(placed) - len(want) <= (1 if how == "cross" else 0)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.stdout == "done\n", done.stderr
-    assert list(src.iterdir()) == [] and _contents(out) == want
-    assert not list(out.rglob(".altclip-sort-*"))
-
-
-def test_move_keeps_an_equal_photo_from_elsewhere(tmp_path):
-    """Two photos with the same name and bytes but their own times are two photos: the second
-    move gets a name of its own, and neither source is deleted as a 'duplicate'."""
-    from altclip_cli.outputs.sortinto import place
-
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first, second = tmp_path / "a" / "IMG_1.jpg", tmp_path / "b" / "IMG_1.jpg"
-    first.write_bytes(b"same bytes")
-    second.write_bytes(b"same bytes")
-    os.utime(second, ns=(1_000_000_000, 1_000_000_000))
-    target = tmp_path / "sorted" / "cat"
-    place(first, target, "move")
-    placed = place(second, target, "move")
-    assert placed.target == target / "IMG_1-1.jpg"
-    assert sorted(p.name for p in target.iterdir()) == ["IMG_1-1.jpg", "IMG_1.jpg"]
-    assert not first.exists() and not second.exists()

@@ -8,7 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -541,58 +544,66 @@ def test_pipeline_classify_jsonl_through_a_pipe(images, model):
     assert "猫" in proc.stdout.decode("utf-8")  # not \\u-escaped
 
 
-def _unblock_fifo(path, proc, seconds=30):
-    """Feed junk to a FIFO once a reader has it open (so a decoder blocked on it returns)."""
-    deadline = time.time() + seconds
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:  # ENXIO: no reader yet
-            time.sleep(0.05)
-            continue
-        try:
-            os.write(fd, b"not an image")
-        except BrokenPipeError:  # the reader went away meanwhile (the run ended): nothing to unblock
+@contextmanager
+def held_image(data: bytes):
+    """(the URL of an image on 127.0.0.1 that is answered only once `release` is set, release):
+    a decoder that fetches it waits, as on a read that does not return."""
+    release = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
             pass
-        finally:
-            os.close(fd)
-        return
+
+        def do_GET(self):
+            release.wait()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/held.png", release
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_signal_mid_run_leaves_no_torn_output_and_resume_finishes(images, model, sig, code):
-    """A FIFO among the inputs blocks the run part-way; the signal arrives while it waits."""
+    """An input whose read does not return blocks the run part-way; the signal arrives while it waits."""
     import signal
 
     names = []
     for i in range(6):
         names.append(f"p{i}.png")
         write_image(images / names[-1], 20 + i)
-    os.mkfifo("stuck.png")
-    names.insert(4, "stuck.png")
-    cmd = _altclip_cmd() + ["embed", "--image", *names, "-b", "2", "-o", "x.npy", "-m", str(model)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **SAFE_ENV})
-    deadline = time.time() + 120
-    while not Path("x.npy.part").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(getattr(signal, sig))
-    _unblock_fifo("stuck.png", proc)  # the decoding thread waits on it; the run must still end cleanly
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
-    assert not Path("x.npy").exists() and not Path("x.jsonl").exists()
-    assert "--resume" in err
-    done = json.loads(Path("x.npy.checkpoint.json").read_text())["inputs"]
-    assert 0 < done <= 4
+    with held_image(write_image(images / "held.png", 99).read_bytes()) as (url, release):
+        names.insert(4, url)
+        cmd = _altclip_cmd() + ["embed", "--image", *names, "-b", "2", "-o", "x.npy", "-m", str(model)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **SAFE_ENV})
+        deadline = time.time() + 120
+        while not Path("x.npy.part").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(getattr(signal, sig))  # the decoding thread waits on the URL; the run must still end cleanly
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        assert not Path("x.npy").exists() and not Path("x.jsonl").exists()
+        assert "--resume" in err
+        done = json.loads(Path("x.npy.checkpoint.json").read_text())["inputs"]
+        assert 0 < done <= 4
 
-    os.unlink("stuck.png")
-    write_image(images / "stuck.png", 99)
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, **SAFE_ENV})
-    assert resumed.returncode == 0, resumed.stderr
-    clean = subprocess.run(cmd[:-4] + ["-o", "clean.npy", "-m", str(model)], capture_output=True, text=True,
-                           timeout=300, env={**os.environ, **SAFE_ENV})
+        release.set()
+        resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, **SAFE_ENV})
+        assert resumed.returncode == 0, resumed.stderr
+        clean = subprocess.run(cmd[:-4] + ["-o", "clean.npy", "-m", str(model)], capture_output=True, text=True,
+                               timeout=300, env={**os.environ, **SAFE_ENV})
     assert clean.returncode == 0, clean.stderr
     assert np.array_equal(np.load("x.npy"), np.load("clean.npy"))
     assert Path("x.jsonl").read_text() == Path("clean.jsonl").read_text()

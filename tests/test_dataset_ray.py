@@ -151,3 +151,16 @@ def test_without_ray_installed_the_hint_says_how(photos, model, monkeypatch):
     assert result.stderr.splitlines() == ["error: --ray needs Ray (with Ray Data), which is not installed",
                                           "hint: pip install 'altclip[ray]'"]
 
+
+
+def test_resume_with_ray_of_a_complete_dataset_has_nothing_to_do_and_starts_no_ray(photos, model, monkeypatch):
+    (photos / "p07.png").unlink()  # every input an image: the finished run exits 0
+    done = invoke("embed", "--image", "imgs", "-o", "ds/", "-m", model, *BASE, "--part-size", "8")
+    assert done.exit_code == 0, done.stderr
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    result = invoke("embed", "--image", "imgs", "-o", "ds/", "-m", model, *BASE, "--resume", "--ray")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert f"{Path('ds').resolve()}: every part is already complete: nothing to do" in lines
+    assert not any(line.startswith("Ray:") for line in lines)

@@ -558,20 +558,20 @@ def test_compact_drops_the_unused_vectors_and_keeps_every_files_own(tmp_path, mo
 # The real command, SIGKILLed by itself at one step of its compaction.
 COMPACT_FAULT = textwrap.dedent("""
     import os, signal, sys
-    from altclip_cli.search import store
+    from altclip_cli.search import compaction
     step = sys.argv[1]
 
     def killing(name, after):
-        real = getattr(store, name)
+        real = getattr(compaction, name)
         def wrapped(*args, **kwargs):
             if not after:
                 os.kill(os.getpid(), signal.SIGKILL)
             real(*args, **kwargs)
             os.kill(os.getpid(), signal.SIGKILL)
-        setattr(store, name, wrapped)
+        setattr(compaction, name, wrapped)
 
-    {"written": lambda: killing("_commit_renumbering", False), "committed": lambda: killing("_commit_renumbering", True),
-     "renamed": lambda: killing("_put_in_place", True)}[step]()
+    {"written": lambda: killing("commit_renumbering", False), "committed": lambda: killing("commit_renumbering", True),
+     "renamed": lambda: killing("put_in_place", True)}[step]()
     from altclip_cli.cli import main
     main(sys.argv[2:])
 """)
@@ -619,6 +619,42 @@ def test_a_reader_keeps_its_view_while_another_process_compacts(tmp_path, model)
     found_again = reader.lookup(before)  # the rows renumbered: the reader follows to the new file
     assert {p: r[2] for p, r in found_again.items()} != {p: r[2] for p, r in found.items()}
     assert all(np.array_equal(reader.vector(found_again[p][2]), v) for p, v in before.items())
+    reader.close()
+
+
+@pytest.mark.parametrize("step", ["snapshot", "open"])
+def test_a_reader_that_began_before_a_rebuild_reads_the_rebuilt_index(photos, model, monkeypatch, step):
+    """A reader that read the index's settings (its committed rows, and which vector file holds
+    them) just before `index --rebuild` replaced the index, and opens the vector file just after:
+    it reads the rebuilt index, never the new file under the old rows' numbers."""
+    import altclip_cli.search.snapshot as snapshot_module
+    import altclip_cli.search.store as store_module
+
+    assert index(model, "photos").exit_code == 0
+    folder = folder_of(model)
+    (photos / "a.png").unlink()
+    (photos / "sub" / "c.png").unlink()
+    module, name = (snapshot_module, "map_vectors") if step == "snapshot" else (store_module, "open_matching")
+    real, rebuilt = getattr(module, name), []
+
+    def rebuild_first(*args, **kwargs):
+        if not rebuilt:  # between reading the settings and opening the vector file
+            rebuilt.append(None)  # the rebuild's own opening goes straight through
+            rebuilt[0] = index(model, "photos", "--rebuild")
+        return real(*args, **kwargs)
+
+    reader = IndexStore.open(folder) if step == "snapshot" else None
+    monkeypatch.setattr(module, name, rebuild_first)
+    reader = reader or IndexStore.open(folder)
+    with reader.snapshot() as snap:
+        seen = {p: np.array(snap.vectors[r]) for p, r in zip(snap.paths_of(snap.file_ids), snap.rows)}
+    monkeypatch.undo()
+    assert rebuilt and rebuilt[0].exit_code == 0, rebuilt and rebuilt[0].stderr
+    expected = content(folder)
+    assert sorted(expected) == sorted([str(photos / "b.jpg"), str(photos / "sub" / "deeper" / "d.png")])
+    assert sorted(seen) == sorted(expected)
+    for path, vector in expected.items():
+        np.testing.assert_array_equal(seen[path], vector)
     reader.close()
 
 
@@ -673,7 +709,7 @@ def test_an_index_from_a_newer_altclip_is_refused(photos, model):
     result = index(model, "photos")
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
-        f"error: the index in {folder} was written by a newer altclip (index schema 99; this altclip reads up to 1)",
+        f"error: the index in {folder} was written by a newer altclip (index schema 99; this altclip reads up to 2)",
         f"hint: upgrade altclip (pip install -U altclip), or rebuild it with `altclip index --rebuild --index "
         f"{folder} PATHS...` (same PATHS as before), or delete the folder {folder}"]
 
@@ -813,6 +849,29 @@ def test_index_of_another_precision_is_not_used(photos, model, tower):
             "not using them") in result.stderr.splitlines()
 
 
+@pytest.mark.parametrize("command", ["classify", "embed"])
+def test_an_index_of_another_model_is_not_used_with_a_warning(photos, model, tmp_path, command):
+    """classify/embed --index DIR with DIR made by another model: a warning naming the index and
+    both models, then the run without the index (and nothing added to it)."""
+    from tiny import write_model
+
+    other = write_model(tmp_path / "other-model", seed=1)
+    assert index(model, "photos", "--index", "idx").exit_code == 0
+    before = rows("idx")
+    args = ["-l", "cat"] if command == "classify" else ["--image"]
+    args = [command, "photos", "-r", *args, "-m", other, *FP32]
+    result = invoke(*args, "--index", "idx")
+    plain = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == plain.stdout
+    ours, theirs = model_identity(str(model)), model_identity(str(other))
+    assert result.stderr.splitlines() == [
+        f"warning: --index: the index in {tmp_path / 'idx'} was made with another model: {model} "
+        f"(weights {ours['weights']}, 16 dims); this run uses {other} (weights {theirs['weights']}, 16 dims): "
+        "not using it"]
+    assert rows("idx") == before
+
+
 def test_index_option_usage(photos, model):
     result = invoke("embed", "--text", "-", "--index", "auto", "-m", model, input="x\n")
     assert result.exit_code == 2 and result.stderr.startswith("error: --index is for images")
@@ -841,7 +900,7 @@ def test_meta_records_the_model_and_settings(photos, model):
     identity = model_identity(str(model))
     assert {k: meta[k] for k in ("schema_version", "model", "weights", "dim", "dtype", "paths", "vectors_committed",
                                   "precision", "exact_decode", "device_type")} == {
-        "schema_version": "1", "model": str(model), "weights": identity["weights"], "dim": "16",
+        "schema_version": "2", "model": str(model), "weights": identity["weights"], "dim": "16",
         "dtype": "float32", "paths": "absolute", "vectors_committed": "4", "precision": "fp32",
         "exact_decode": "0", "device_type": "cpu"}
     assert json.loads(json.dumps(meta))["altclip"]

@@ -393,6 +393,19 @@ def test_output_file_and_tsv_escapes(gallery, model):
     assert result.stdout == "" and len(jsonl(Path("out.jsonl").read_text())) == 10
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "html"])
+def test_an_output_into_a_missing_folder_fails_before_any_indexing(gallery, model, tmp_path, fmt):
+    from altclip_cli.paths import default_index_folder
+    from altclip_cli.search.update import model_identity
+
+    out = f"missing/out.{fmt}"
+    result = search("a dog", "--dir", "photos", "-o", out, model=model)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"error: cannot write {out}: the folder missing does not exist",
+                                          "hint: create it first (mkdir -p missing)"]
+    assert not default_index_folder(model_identity(str(model))["weights"]).exists()  # nothing was indexed
+
+
 def test_an_unchanged_tree_needs_only_the_text_tower(gallery, model, monkeypatch):
     from altclip_cli.runtime.altclip import AltCLIP
 

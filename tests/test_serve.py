@@ -87,7 +87,7 @@ def short_dir() -> Path:
 
 
 def start_server(model_dir, *args, socket_path: Path | None = None, delay: float = 0.0, tcp: bool = False,
-                 wait: bool = True, home: Path | None = None) -> Server:
+                 wait: bool = True, home: Path | None = None, main: str = SERVER_MAIN) -> Server:
     folder = short_dir()
     home = home or folder
     log = folder / "server.log"
@@ -98,7 +98,7 @@ def start_server(model_dir, *args, socket_path: Path | None = None, delay: float
         socket_path = socket_path or folder / "s.sock"
         cmd += ["--socket", str(socket_path)]
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER_MAIN, str(delay), *cmd], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-c", main, str(delay), *cmd], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err, env=server_env(home))
     server = Server(proc, str(socket_path) if not tcp else "", log, folder)
     if wait:
@@ -343,7 +343,7 @@ def test_bad_requests_are_4xx_naming_the_problem_and_the_server_stays_up(server,
     os.mkfifo(fifo)  # nobody writes to it: opening it would block a decoder for ever
     with pytest.raises(RequestFailed) as exc:
         client.post_json(server.target, "/v1/classify", {"images": [str(fifo)], "labels": ["cat"]}, timeout=30)
-    assert exc.value.status == 422 and exc.value.message == f"{fifo}: not a regular file"
+    assert exc.value.status == 422 and exc.value.message == f"{fifo}: not a regular file (a FIFO)"
 
     status, _, data = raw_request(server, "POST", "/v1/embed", b"{not json", {"Content-Type": "application/json"})
     assert status == 400 and "not valid JSON" in json.loads(data)["error"]["message"]

@@ -26,9 +26,9 @@ pytest.importorskip("uvicorn")
 
 from test_serve import assert_records_close, png_bytes, short_dir, start_server  # noqa: E402
 
-from altclip_cli.serve import client, remote  # noqa: E402
+from altclip_cli.serve import client, discovery  # noqa: E402
 from altclip_cli.serve.client import ServerDown, ServerMismatch  # noqa: E402
-from altclip_cli.serve.remote import Wanted, connect, mismatch  # noqa: E402
+from altclip_cli.serve.discovery import Wanted, connect, mismatch  # noqa: E402
 
 # The command in its own process; at exit it names the heavy modules it imported.
 CLIENT_MAIN = """
@@ -142,7 +142,7 @@ def test_auto_with_a_matching_server_uses_it_and_imports_no_torch(server, xdg, _
     assert run.code == 0, run.stderr
     after = counters(server.target)
     assert after[0] == before[0] + 3 and after[1] == before[1] + 3  # ours, its health, its embed; three texts
-    assert run.modules == [], run.modules  # not even numpy: the rows print as numpy prints them
+    assert run.modules == ["numpy"], run.modules  # no torch: the vectors come from the server
     [line] = run.debug()
     assert line.startswith(f"debug: server: using unix:{xdg}/altclip/altclip.sock (altclip ")
     assert f"{_tiny_model_master}, cpu, fp32)" in line
@@ -161,7 +161,7 @@ def test_classify_through_the_server_equals_in_process_without_torch(server, xdg
     run = altclip(xdg, *args, cwd=pictures)
     local = altclip(xdg, *args, "--server", "off", cwd=pictures)
     assert counters(server.target)[1] > before[1]
-    assert run.modules == [], run.modules  # no torch, no PIL, no numpy: the server scores
+    assert run.modules == ["numpy"], run.modules  # no torch, no PIL: scored here from the server's vectors
     assert run.code == local.code == 3  # some inputs failed
     assert run.stderr == local.stderr  # the same error lines for bad.png and missing.png
     got, want = json.loads(run.stdout), json.loads(local.stdout)
@@ -535,7 +535,7 @@ def info(_tiny_model_master):
     return {"status": "ok", "protocol": client.PROTOCOL, "altclip": "0", "model": str(_tiny_model_master),
             "model_folder": str(_tiny_model_master), "device": "cpu", "device_requested": "cpu",
             "precision": "fp32", "precision_requested": "fp32", "exact_decode": False, "logit_scale": 100.0,
-            "embed_dim": 32, "weights": "w", "limits": {"max_pixels": remote.DEFAULT_MAX_PIXELS}}
+            "embed_dim": 32, "weights": "w", "limits": {"max_pixels": discovery.DEFAULT_MAX_PIXELS}}
 
 
 def test_what_the_same_model_means(info, _tiny_model_master, tiny_model_dir, monkeypatch, tmp_path):
@@ -569,8 +569,8 @@ def test_what_the_same_model_means(info, _tiny_model_master, tiny_model_dir, mon
                                  images=False)) is None
     assert mismatch({k: v for k, v in info.items() if k != "exact_decode"},
                     Wanted(model=str(_tiny_model_master), precision="fp32")) is not None
-    for given, cap, same in ((None, remote.DEFAULT_MAX_PIXELS, True), (0, None, True), (500, 500, True),
-                             (500, remote.DEFAULT_MAX_PIXELS, False), (None, None, False)):
+    for given, cap, same in ((None, discovery.DEFAULT_MAX_PIXELS, True), (0, None, True), (500, 500, True),
+                             (500, discovery.DEFAULT_MAX_PIXELS, False), (None, None, False)):
         got = mismatch({**info, "limits": {"max_pixels": cap}},
                        Wanted(model=str(_tiny_model_master), precision="fp32", max_pixels=given))
         assert (got is None) == same, (given, cap, got)
@@ -611,8 +611,8 @@ def test_auto_ignores_a_socket_that_is_not_private(monkeypatch, tmp_path):
         monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
         lines, warnings = [], []
         assert connect("auto", Wanted(model="x"), debug=lines.append, warn=warnings.append) is None
-        assert warnings == [f"not using the server socket {folder}/altclip.sock: its folder {folder} is not a "
-                            "private folder of yours (0700)"]
+        assert warnings == [f"not using the server socket {folder}/altclip.sock: {folder} has mode 0755: other "
+                            "users could reach the socket; its folder must be private (0700)"]
         assert lines == [f"server: unix:{folder}/altclip.sock is not private: running in-process"]
         listener.close()
     finally:
@@ -678,35 +678,7 @@ def test_an_explicit_server_that_is_not_altclip_is_a_mismatch(tmp_path):
 def test_the_pixel_cap_copy_equals_the_library_default():
     from altclip_cli.inputs.images import DEFAULT_MAX_PIXELS
 
-    assert remote.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
-
-
-def test_float32_rows_print_as_numpy_prints_them():
-    """Float32Row, read without numpy, prints each value as str(np.float32(v)) does (the shortest
-    digits that read back, nearer on a tie, positional from 1e-4 to 1e6) and gives numpy its array."""
-    from altclip_cli.serve.remote import Float32Row, format_float32
-
-    rng = np.random.default_rng(7)
-    powers = np.float32(2.0) ** np.arange(-149, 128).astype(np.float32)
-    values = np.concatenate([
-        rng.integers(0, 2 ** 32, 60_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # any bits
-        (rng.standard_normal(60_000) / 28).astype(np.float32),  # an embedding's values
-        powers, np.nextafter(powers, np.float32(0)), np.nextafter(powers, np.float32(np.inf)),
-        np.array([0.0, -0.0, 1e-4, 9.9999994e-05, 1e6, 999999.94, 0.1, 1e-45, 3.4028235e38, 2 ** -12,
-                  np.nan, np.inf, -np.inf], np.float32)])
-    wrong = [(float(v), format_float32(float(v)), str(v)) for v in values if format_float32(float(v)) != str(v)]
-    assert wrong == []
-
-    row = (rng.standard_normal(64) / 8).astype(np.float32)
-    as_sent = Float32Row(row.astype("<f4").tobytes())
-    code = ("import sys; from altclip_cli.serve.remote import Float32Row; "
-            "print(', '.join(str(v) for v in Float32Row(bytes.fromhex(sys.argv[1])))); print('numpy' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, as_sent.data.hex()], capture_output=True, text=True, timeout=60)
-    assert out.stdout.splitlines() == [", ".join(str(v) for v in row), "False"], out.stderr
-    assert ", ".join(str(v) for v in as_sent) == ", ".join(str(v) for v in row)  # numpy loaded: its scalars
-    stacked = np.stack([as_sent, as_sent])
-    assert stacked.dtype == np.float32 and (stacked == row).all() and stacked.flags.writeable
-    assert len(as_sent) == 64
+    assert discovery.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
 
 
 def test_a_full_queue_is_waited_out_and_a_restarted_server_is_noticed(info, monkeypatch):

@@ -39,7 +39,7 @@ class FakeModel:
         self.passes.append(len(ids))
         return torch.stack([ids.sum(1), mask.sum(1).float()], dim=1)
 
-    def _encode_pixels_halving(self, pixels):
+    def encode_pixels(self, pixels):
         self.gate.wait()
         self.passes.append(len(pixels))
         flat = pixels.reshape(len(pixels), -1)

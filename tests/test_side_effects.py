@@ -17,8 +17,9 @@ from altclip_cli.cli import cli
 from altclip_cli.errors import InputError
 from altclip_cli.inputs.images import open_image
 from altclip_cli.nn.model import AltCLIPModel
-from altclip_cli.runtime import build, threads
-from altclip_cli.runtime.threads import plan_threads
+from altclip_cli.inputs import threads
+from altclip_cli.runtime import build
+from altclip_cli.inputs.threads import plan_threads
 from tiny import tiny_config
 
 SAFE_ENV = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "NO_COLOR": "1",

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from altclip_cli.search import watch as watch_module
-from altclip_cli.search.walk import walk_images
+from altclip_cli.inputs.walk import walk_images
 from altclip_cli.search.watch import TreeWatch
 
 pytestmark = pytest.mark.skipif(not TreeWatch.available(), reason="inotify is Linux's")

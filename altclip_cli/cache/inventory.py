@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..paths import converted_dir, indexes_dir
+from ..paths import LAST_USED, converted_dir, indexes_dir
 from . import labels as label_cache
 from . import weights as weight_cache
 
@@ -104,7 +104,7 @@ def _weight_entries() -> list[Entry]:
             continue
         meta = weight_cache.read_meta(folder) or {}
         sources = meta.get("sources") if isinstance(meta.get("sources"), list) else None
-        marker = folder / weight_cache.LAST_USED
+        marker = folder / LAST_USED
         out.append(Entry(
             kind="weights", name=", ".join(sources) if sources else UNKNOWN_SOURCES, path=folder,
             size=_tree_size(folder), last_used=_mtime(marker) or _newest_mtime(folder),
@@ -128,7 +128,7 @@ def _converted_entries() -> list[Entry]:
             out.append(Entry(
                 kind="converted", name=f"{model_id}@{commit_dir.name}", path=commit_dir,
                 size=_tree_size(commit_dir),
-                last_used=_mtime(commit_dir / weight_cache.LAST_USED) or _mtime(target) or _newest_mtime(commit_dir),
+                last_used=_mtime(commit_dir / LAST_USED) or _mtime(target) or _newest_mtime(commit_dir),
                 lock=commit_dir / (CONVERTED_FILE + ".lock"), model=model_id, commit=commit_dir.name))
     return out
 

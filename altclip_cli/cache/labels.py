@@ -23,7 +23,7 @@ def labels_path() -> Path:
 def text_identity(weights_key: str, folder: Path) -> str:
     """The key of what turns a label into an embedding: the weights (their identity), the
     tokenizer and config files, and this altclip's version."""
-    from .. import __version__
+    from ..version import __version__
     from ..inputs.tokenizer import tokenizer_file
 
     return files_identity([tokenizer_file(folder), Path(folder) / "config.json"], weights_key, __version__)

@@ -16,12 +16,11 @@ import shutil
 import time
 from pathlib import Path
 
-from ..paths import altclip_home
+from ..paths import altclip_home, mark_used
 from .identity import FORMAT, files_identity
 
 log = logging.getLogger("altclip")
 META = "meta.json"
-LAST_USED = ".last-used"
 LOCK = ".lock"
 
 
@@ -36,15 +35,6 @@ def weights_identity(paths: list[Path]) -> str:
 
 def compute_weights_path(identity: str, precision: str) -> Path:
     return weights_root() / identity / f"model-{precision}.safetensors"
-
-
-def mark_used(path: Path) -> None:
-    """Record the entry's last use (what `altclip cache` shows and `--older-than` goes by)."""
-    marker = path.parent / LAST_USED
-    try:
-        marker.touch()
-    except OSError:
-        pass
 
 
 def save_compute_weights(state: dict, path: Path, sources: list[Path]) -> None:

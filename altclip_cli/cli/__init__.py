@@ -7,13 +7,12 @@ Importing this module is cheap (click only; no torch, numpy, PIL, rich or huggin
 
 from __future__ import annotations
 
-import enum
 import os
 import sys
 
 import click
 
-from .. import __version__
+from ..version import __version__
 from .commands.check import check
 from .commands.cache import cache
 from .commands.classify import classify
@@ -26,17 +25,7 @@ from .commands.serve import serve
 from ..errors import AltclipError
 from .options import DEBUG_KEY, MESSAGES_KEY, UsageError, debug_option
 from .messages import Messages
-
-
-class ExitStatus(enum.IntEnum):
-    """The exit codes, as the README documents them."""
-
-    OK = 0  # every input done
-    ERROR = 1  # the run failed (model, device, output, ...)
-    USAGE = 2  # bad command line
-    PARTIAL = 3  # done, but some inputs failed (each is named on stderr and in the output)
-    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
-    TERMINATED = 143  # SIGTERM (128 + SIGTERM), where a command stops cleanly on it
+from .status import ExitStatus
 
 
 class CommandFailed(click.ClickException):

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import click
 
@@ -47,7 +47,7 @@ class DeviceType(click.ParamType):
         return [CompletionItem(c) for c in ("auto", "cpu", "cuda", "mps") if c.startswith(incomplete)]
 
 
-def _complete_model(ctx, param, incomplete):
+def complete_model(ctx, param, incomplete):
     """Local folders and the known hub ids (hub.py is cheap to import: no huggingface_hub).
     The folder entry comes first: bash's script starts over when it meets one."""
     from click.shell_completion import CompletionItem
@@ -136,7 +136,7 @@ common_options = _stack(
 
 model_options = _stack(
     click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="ALTCLIP_MODEL",
-                 show_envvar=True, metavar="ID|DIR", shell_complete=_complete_model,
+                 show_envvar=True, metavar="ID|DIR", shell_complete=complete_model,
                  help="Hub id (downloaded on first use) or a local model folder."),
     click.option("--device", type=DeviceType(), default="auto", show_default=True, envvar="ALTCLIP_DEVICE",
                  show_envvar=True, help="auto picks cuda, then mps, then cpu; cuda:N for another GPU."),
@@ -198,12 +198,48 @@ image_input_options = _stack(
                  metavar="MB", help="Size cap for one image URL."),
     click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
                  metavar="SECONDS", help="Time allowed to read and decode one input; one that takes longer "
-                                         "(a FIFO with no writer, a hung network mount) fails and the run goes on."),
+                                         "(a hung network mount) fails and the run goes on."),
     click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
                  help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
                       "(default: at a reduced scale that keeps twice the model's input size; faster, "
                       "cosine >= 0.99997)."),
 )
+
+
+# Folders every walk skips unless --exclude-dir replaces them (inputs.walk.DEFAULT_EXCLUDES).
+DEFAULT_EXCLUDE_TEXT = ".git, node_modules, @eaDir, System Volume Information, __pycache__"
+
+# How folders are walked, the same for classify/embed -r, index and search.
+walk_options = _stack(
+    click.option("--include-hidden", is_flag=True, help="Also walk hidden files and folders (names starting with '.')."),
+    click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
+                 help=f"Skip folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT})."),
+)
+
+
+def excluded_dirs(exclude_dirs) -> tuple | None:
+    """The folder names --exclude-dir gives: None when not given (the walk's defaults); an empty
+    name (--exclude-dir "") stands for none."""
+    return tuple(d for d in exclude_dirs if d) if exclude_dirs else None
+
+
+def walk_kwargs(include_hidden: bool, exclude_dirs, index_dir: str | None = None, sort_into: str | None = None) -> dict:
+    """inputs.sources.expand_images' walk options from the command line: the walk options, and the
+    folders the command writes to (an --index DIR, a --sort-into DIR), never walked into."""
+    import os
+
+    kw = {"include_hidden": include_hidden,
+          "skip_dirs": tuple(os.path.expanduser(d) for d in (index_dir, sort_into) if d and d != "auto")}
+    excludes = excluded_dirs(exclude_dirs)
+    if excludes is not None:
+        kw["exclude_dirs"] = excludes
+    return kw
+
+# The --index option of classify and embed: vectors of unchanged indexed images without the image tower.
+reuse_index_option = click.option(
+    "--index", "index_dir", default=None, metavar="DIR|auto",
+    help="Take the vectors of images that this index (made by `altclip index`; auto: the model's own) "
+         "holds unchanged from it instead of running the image tower; the numbers are the same.")
 
 
 def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dict:
@@ -216,28 +252,14 @@ def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dic
     return kw
 
 
-@contextmanager
 def pil_pixel_limit(max_pixels):
-    """For one command's run, Pillow's process-wide pixel limit raised to --max-pixels's cap (or
-    lifted, for 0) and restored afterwards. The library never changes PIL.Image.MAX_IMAGE_PIXELS
-    (a caller's other threads use it); the command line is the application, so it may, and the
-    few Pillow plugins that check that limit again while decoding (TIFF, ICO) then agree with
-    --max-pixels. The limit is never lowered: Pillow checks it on crops too (the preprocessor's
-    224 x 224 crop), and altclip's own check already refuses images above a lower cap."""
-    if max_pixels is None:  # nothing to change (and no PIL to import: a run through a server decodes nothing)
-        yield
-        return
-    from PIL import Image
+    """inputs.images.pil_pixel_limit for one command's run; PIL is imported only when --max-pixels
+    changes anything (a run through a server decodes nothing)."""
+    if max_pixels is None:
+        return nullcontext()
+    from ..inputs.images import pil_pixel_limit as limit
 
-    saved = Image.MAX_IMAGE_PIXELS
-    if max_pixels == 0:
-        Image.MAX_IMAGE_PIXELS = None
-    elif max_pixels is not None and saved is not None and max_pixels > saved:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    return limit(max_pixels)
 
 
 def stdin_binary():
@@ -265,13 +287,14 @@ def load_model(model: str, device: str, precision: str, msgs: Messages, exact_de
 
 def get_model(server: str, token_file: str | None, model: str, device: str, precision: str, msgs: Messages, *,
               exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
-              images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0):
+              images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0,
+              input_timeout: float | None = None):
     """The model a command works with: the RemoteModel of the server --server picks
-    (serve/remote.py), else the model loaded in-process (load_model). images: images go to the
+    (serve/discovery.py), else the model loaded in-process (load_model). images: images go to the
     model (the server's decoding must match); scores: the command scores images against labels."""
     remote = connect_server(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                             revision=revision, max_pixels=max_pixels, images=images, scores=scores,
-                            url_timeout=url_timeout, url_max_mb=url_max_mb)
+                            url_timeout=url_timeout, url_max_mb=url_max_mb, input_timeout=input_timeout)
     if remote is not None:
         return remote
     return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
@@ -279,16 +302,21 @@ def get_model(server: str, token_file: str | None, model: str, device: str, prec
 
 def connect_server(server: str, token_file: str | None, model: str, device: str, precision: str, msgs: Messages, *,
                    exact_decode: bool = False, revision: str | None = None, max_pixels: int | None = None,
-                   images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0):
-    """The RemoteModel of the server --server picks (serve/remote.connect), or None to run
-    in-process; see get_model."""
-    from ..serve.remote import Wanted, connect
+                   images: bool = True, scores: bool = False, url_timeout: float = 30.0, url_max_mb: float = 64.0,
+                   input_timeout: float | None = None):
+    """The RemoteModel of the server --server picks (serve/discovery.connect), or None to run
+    in-process; see get_model. input_timeout: --input-timeout, for the local files whose bytes
+    the client reads and sends (None: the default)."""
+    from ..serve.discovery import Wanted, connect
 
     wanted = Wanted(model=model, revision=revision, device=device, precision=precision, exact_decode=exact_decode,
                     max_pixels=max_pixels, images=images, scores=scores)
     token = _token(token_file, msgs) if server not in ("auto", "off") else None  # the default socket needs none
-    return connect(server, wanted, token=token, debug=debug_line, warn=msgs.warn,
-                   fetch_kw={"timeout": url_timeout, "max_bytes": int(url_max_mb * 1_000_000)})
+    remote = connect(server, wanted, token=token, debug=debug_line, warn=msgs.warn,
+                     fetch_kw={"timeout": url_timeout, "max_bytes": int(url_max_mb * 1_000_000)})
+    if remote is not None and input_timeout is not None:
+        remote.input_timeout = input_timeout
+    return remote
 
 
 def is_remote(model) -> bool:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from ..errors import DownloadError, ModelError
 from ..nn.checkpoint import find_weights, weight_files
-from ..paths import converted_dir
-from ..cache.weights import mark_used
+from ..paths import converted_dir, mark_used
 from .convert import convert_to_safetensors
 from .download import fetch_repo, not_cached_error
 from .hfcache import cached_snapshot, flat_id, is_complete, offline, storage_folder

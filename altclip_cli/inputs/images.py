@@ -11,15 +11,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import stat
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ConfigError, InputError
+from .files import open_regular
 
 # PIL's own refusal threshold: twice Image.MAX_IMAGE_PIXELS (1 GiB / 4 bytes / 3), about 179 million.
 DEFAULT_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
@@ -81,7 +83,7 @@ def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None =
         raise _bomb_error(label, pixels, max_pixels)
     if draft_min_side and image.format == "JPEG":
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain: several times faster on
-        # large photos, keeping the shortest side >= draft_min_side (see README, Accuracy).
+        # large photos, keeping the shortest side >= draft_min_side (see docs/models.md, Correctness).
         image.draft(image.mode, (draft_min_side, draft_min_side))
     image.load()  # the file is at frame 0; load decodes only that frame
     try:
@@ -91,8 +93,13 @@ def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None =
     return image
 
 
-def _open_file(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None) -> Image.Image:
+def _open_file(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None,
+               on_bytes: Callable[[bytes], None] | None = None) -> Image.Image:
     try:
+        if on_bytes is not None:  # the file read once, whole: on_bytes sees the very bytes decoded
+            data = fp.read()
+            on_bytes(data)
+            fp = io.BytesIO(data)
         return _decode(fp, label, max_pixels, draft_min_side)
     except InputError:
         raise
@@ -116,6 +123,7 @@ def open_image(
     name: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     draft_min_side: int | None = None,
+    on_bytes: Callable[[bytes], None] | None = None,
 ) -> Image.Image:
     """Open and fully decode one image.
 
@@ -124,9 +132,12 @@ def open_image(
     Images with more than `max_pixels` pixels are refused (None: no limit), checked before
     decoding; Pillow's process-wide PIL.Image.MAX_IMAGE_PIXELS is left alone, and only the few
     plugins that check it again while decoding (TIFF, ICO, ICNS) still apply it. Every failure raises
-    `InputError` whose message starts with `name` (or the path) and says why.
+    `InputError` whose message starts with `name` (or the path) and says why. Only regular files
+    are opened (inputs.files.open_regular): a FIFO, a device or a folder is refused unread.
     draft_min_side: decode large JPEGs at a reduced scale whose shortest side stays at least
     this (None: full size, bit-exact with the reference's preprocessing).
+    on_bytes: for a file, read it whole first and call on_bytes(its bytes) before decoding them,
+    so a caller can hash exactly what was decoded without reading the file twice.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<image bytes>"
@@ -136,22 +147,9 @@ def open_image(
 
     path = os.fspath(source)
     label = name or str(path)
-    try:
-        fp = open(path, "rb")
-    except FileNotFoundError as exc:
-        raise InputError(f"{label}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise InputError(f"{label}: is a directory, not an image file") from exc
-    except PermissionError as exc:
-        raise InputError(f"{label}: permission denied") from exc
-    except OSError as exc:
-        raise InputError(f"{label}: cannot open ({exc.strerror or exc})") from exc
-    with fp:
-        st = os.fstat(fp.fileno())
-        if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # pipes report 0 too, so regular files only
-            raise InputError(f"{label}: the file is empty (zero bytes)")
+    with open_regular(path, name=label) as fp:  # a FIFO, a device or a folder is refused here
         # We own the file handle, so PIL never closes the image core; the loaded frame outlives `fp`.
-        return _open_file(fp, label, max_pixels, draft_min_side)
+        return _open_file(fp, label, max_pixels, draft_min_side, on_bytes)
 
 
 # --- preprocessing -----------------------------------------------------------------------------------
@@ -351,3 +349,29 @@ class ImagePreprocessor:
         for c in range(3):
             np.take(self._lut[c], pixels[:, :, c], out=out[c])
         return out
+
+
+# --- the command line's pixel limit ------------------------------------------------------------
+
+
+@contextmanager
+def pil_pixel_limit(max_pixels):
+    """For one run of the application, Pillow's process-wide pixel limit raised to `max_pixels`
+    (--max-pixels; 0 lifts it) and restored afterwards. The library never changes
+    PIL.Image.MAX_IMAGE_PIXELS (a caller's other threads use it); an application (the command
+    line, a Ray actor of its run) may, and the
+    few Pillow plugins that check that limit again while decoding (TIFF, ICO) then agree with
+    --max-pixels. The limit is never lowered: Pillow checks it on crops too (the preprocessor's
+    224 x 224 crop), and altclip's own check already refuses images above a lower cap."""
+    if max_pixels is None:  # nothing to change
+        yield
+        return
+    saved = Image.MAX_IMAGE_PIXELS
+    if max_pixels == 0:
+        Image.MAX_IMAGE_PIXELS = None
+    elif max_pixels is not None and saved is not None and max_pixels > saved:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved

@@ -2,9 +2,10 @@
 (PIL releases the GIL) a bounded number of images ahead of the model, and results come back in
 input order, one per source, failures included, so one bad file never stops a run.
 
-An input whose read never returns (a FIFO with no writer, a hung network mount) fails once it
-has been in a worker for `input_timeout` seconds: its thread cannot be stopped, so it is
-abandoned (a daemon, it exits if the read ever returns) and a fresh worker takes its place."""
+An input whose read never returns (a hung network mount; a FIFO or a device is refused unread,
+see files.py) fails once it has been in a worker for `input_timeout` seconds: its thread cannot
+be stopped, so it is abandoned (a daemon, it exits if the read ever returns) and a fresh worker
+takes its place."""
 from __future__ import annotations
 
 import itertools
@@ -20,9 +21,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.threads import plan_threads
-
-DEFAULT_INPUT_TIMEOUT = 120.0  # seconds one input may spend in a worker (reading, decoding)
+from .files import DEFAULT_INPUT_TIMEOUT, stuck_error
+from .threads import plan_threads
 
 
 @dataclass
@@ -36,6 +36,7 @@ class ImageResult:
 @dataclass(eq=False)
 class _Worker:
     retired: bool = False  # abandoned on a stuck input: exits once that input returns, if ever
+    counted: bool = False  # in DaemonPool.abandoned()
 
 
 @dataclass(eq=False)
@@ -53,6 +54,15 @@ class DaemonPool:
     cannot keep Ctrl-C or the interpreter's exit waiting, as ThreadPoolExecutor's joined
     workers would, and the worker stuck on it can be replaced (`abandon`)."""
 
+    _abandoned = 0  # abandoned workers of every pool still alive (stuck in their call)
+    _abandoned_lock = threading.Lock()
+
+    @classmethod
+    def abandoned(cls) -> int:
+        """How many abandoned workers, in all the pools of this process, are still stuck: a
+        long-lived caller (`altclip serve`) bounds them by refusing new work past a limit."""
+        return cls._abandoned
+
     def __init__(self, workers: int):
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._names = itertools.count()
@@ -66,15 +76,20 @@ class DaemonPool:
                          daemon=True).start()
 
     def _work(self, worker: _Worker) -> None:
-        while not worker.retired and (task := self._tasks.get()) is not None:
-            if not task.future.set_running_or_notify_cancel():
-                continue
-            task.worker, task.started_at = worker, time.monotonic()
-            task.started.set()
-            try:
-                task.future.set_result(task.fn(*task.args))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                task.future.set_exception(e)
+        try:
+            while not worker.retired and (task := self._tasks.get()) is not None:
+                if not task.future.set_running_or_notify_cancel():
+                    continue
+                task.worker, task.started_at = worker, time.monotonic()
+                task.started.set()
+                try:
+                    task.future.set_result(task.fn(*task.args))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                    task.future.set_exception(e)
+        finally:
+            with DaemonPool._abandoned_lock:
+                if worker.counted:
+                    DaemonPool._abandoned -= 1
 
     def submit(self, fn, *args) -> _Task:
         task = _Task(fn, args)
@@ -93,7 +108,9 @@ class DaemonPool:
     def abandon(self, task: _Task) -> None:
         """Give up on a started task whose call does not return: its worker retires and a new one
         keeps the pool's capacity."""
-        task.worker.retired = True
+        with DaemonPool._abandoned_lock:
+            task.worker.retired = task.worker.counted = True
+            DaemonPool._abandoned += 1
         self._start_worker()
 
     def close(self) -> None:
@@ -149,9 +166,7 @@ def stream_embeddings(sources: Iterable, open_fn: Callable, preprocess: Callable
             pending.append((index, source, None, e))
         except FutureTimeout:
             pool.abandon(task)
-            pending.append((index, source, None, InputError(
-                f"{source}: no data after {input_timeout:g} s (a FIFO, or a hung network mount?)",
-                hint="raise the input timeout (--input-timeout) if this input is only slow")))
+            pending.append((index, source, None, stuck_error(str(source), input_timeout)))
         if sum(p is not None for _, _, p, _ in pending) >= batch_size:
             yield from flush()
 

@@ -21,24 +21,21 @@ from typing import Callable, Iterable, Iterator
 from ..errors import InputError
 from .names import display
 from .urls import DEFAULT_URL_MAX_BYTES, DEFAULT_URL_TIMEOUT, URL_PREFIXES, fetch_url
-
-# What a directory walk picks up (case-insensitive). Files named on the command line are always tried.
-IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm "
-    ".tga .ico .jp2 .j2k .jpx .qoi .avif .heic .heif".split()
-)
+from .walk import DEFAULT_EXCLUDES, IMAGE_EXTENSIONS, walk_tree  # noqa: F401 (IMAGE_EXTENSIONS: this module's too)
 _GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
 class Source:
     """One image input. `name` is how the output names it (the path as given or as listed);
-    `path` or `url` says where to read it; `error` is set when there is nothing to read."""
+    `path` or `url` says where to read it; `error` is set when there is nothing to read. `root`:
+    the folder (as given) whose walk found `path` below it (paths.index_path names it by both)."""
 
     name: str
     path: str | None = None
     url: str | None = None
     error: str | None = None
+    root: str | None = None
 
     def __str__(self) -> str:  # how an error message names it
         return display(self.name)
@@ -56,35 +53,39 @@ def read_path_list(stream) -> list[str]:
 
 
 def expand_images(args: Iterable[str], *, recursive: bool = False, stdin=None,
-                  warn: Callable[[str], None] = lambda msg: None) -> Iterator[Source]:
-    """Each IMAGES argument -> Sources, in order. `stdin` is a binary stream for `-`."""
-    seen_dirs: set[tuple[int, int]] = set()
+                  warn: Callable[[str], None] = lambda msg: None, include_hidden: bool = False,
+                  exclude_dirs=DEFAULT_EXCLUDES, skip_dirs=()) -> Iterator[Source]:
+    """Each IMAGES argument -> Sources, in order. `stdin` is a binary stream for `-`. A folder is
+    walked by walk.walk_tree (its images; its tree with `recursive`) with `include_hidden`,
+    `exclude_dirs` and `skip_dirs` (folders not to enter: a --sort-into folder, an index)."""
+    walk = {"recursive": recursive, "include_hidden": include_hidden, "exclude_dirs": exclude_dirs,
+            "skip_dirs": skip_dirs, "seen": set(), "warn": warn}
     for arg in args:
         if arg == "-":
             if stdin is None:
                 raise ValueError("'-' given but no stdin stream")
             for line in read_path_list(stdin):
                 # Lines are literal paths (no glob expansion: file names may contain [ or *).
-                yield from _expand_one(line, recursive, seen_dirs, warn, globbing=False)
+                yield from _expand_one(line, walk, globbing=False)
         else:
-            yield from _expand_one(arg, recursive, seen_dirs, warn, globbing=True)
+            yield from _expand_one(arg, walk, globbing=True)
 
 
-def _expand_one(arg: str, recursive: bool, seen_dirs, warn, *, globbing: bool) -> Iterator[Source]:
+def _expand_one(arg: str, walk: dict, *, globbing: bool) -> Iterator[Source]:
     if arg.lower().startswith(URL_PREFIXES):
         yield Source(arg, url=arg)
         return
     path = os.path.expanduser(arg)
     if os.path.isdir(path):
-        yield from _expand_dir(arg, path, recursive, seen_dirs, warn)
+        yield from _expand_dir(arg, path, walk)
         return
     if globbing and not os.path.lexists(path) and _GLOB_CHARS & set(arg):
-        matches = sorted(glob.glob(path, recursive=recursive))
+        matches = sorted(glob.glob(path, recursive=walk["recursive"]))
         if not matches:
             yield Source(arg, error="no files match this pattern")
         for match in matches:
             if os.path.isdir(match):
-                yield from _expand_dir(match, match, recursive, seen_dirs, warn)
+                yield from _expand_dir(match, match, walk)
             else:
                 yield Source(match, path=match)
         return
@@ -92,73 +93,42 @@ def _expand_one(arg: str, recursive: bool, seen_dirs, warn, *, globbing: bool) -
     yield Source(arg, path=path)
 
 
-def _expand_dir(name: str, path: str, recursive: bool, seen_dirs, warn) -> Iterator[Source]:
-    """The images in a folder (sorted by name, files before subfolders); a warning naming the
-    folder when it has none (a folder is not an input that failed: there is no record for it)."""
+def _expand_dir(name: str, path: str, walk: dict) -> Iterator[Source]:
+    """The images in a folder (walk.walk_tree's order and rules), each named by `name` joined with
+    its path below the folder; a warning naming the folder when it has none (a folder is not an
+    input that failed: there is no record for it)."""
+    warn = walk["warn"]
     count = 0
-    skipped_subdirs = 0
-    for src in _walk(name, path, recursive, seen_dirs, warn):
-        if isinstance(src, int):
-            skipped_subdirs += src
-            continue
-        if src.error is None:
+    not_entered = 0
+    options = {k: v for k, v in walk.items() if k != "warn"}
+    for kind, rel, info in walk_tree(path, **options):
+        shown = os.path.join(name, rel) if rel else name
+        if kind in ("file", "irregular"):  # irregular: a broken symlink, the opener says why it cannot be read
             count += 1
-        yield src
+            yield Source(shown, path=os.path.join(path, rel), root=path)
+        elif kind == "unlisted":
+            why = ("permission denied (cannot list this folder)" if isinstance(info, PermissionError)
+                   else f"cannot list this folder ({info.strerror or info})")
+            yield Source(shown, error=why)
+            if not rel:
+                return
+        elif kind == "loop":
+            warn(f"{display(shown)}: folder already visited (a symlink loop?), skipped")
+        elif kind == "not entered":
+            not_entered = info
     if count == 0:
         why = "no images in this folder"
-        if skipped_subdirs:
-            why += f" (it has {skipped_subdirs} subfolder{'s' if skipped_subdirs > 1 else ''}: use -r to look inside)"
+        if not_entered:
+            why += f" (it has {not_entered} subfolder{'s' if not_entered > 1 else ''}: use -r to look inside)"
         warn(f"{display(name)}: {why}")
-
-
-def _walk(name: str, path: str, recursive: bool, seen_dirs, warn):
-    """Yields Sources and, without `recursive`, an int: how many subfolders were not entered."""
-    try:
-        st = os.stat(path)
-        seen_dirs.add((st.st_dev, st.st_ino))
-        with os.scandir(path) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except PermissionError:
-        yield Source(name, error="permission denied (cannot list this folder)")
-        return
-    except OSError as exc:
-        yield Source(name, error=f"cannot list this folder ({exc.strerror or exc})")
-        return
-    subdirs = []
-    for entry in entries:
-        if entry.name.startswith("."):  # hidden files, and macOS's ._IMG.jpg resource forks
-            continue
-        try:
-            is_dir = entry.is_dir()  # follows symlinks; False for a broken one
-        except OSError:
-            is_dir = False
-        if is_dir:
-            subdirs.append(entry)
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-            yield Source(os.path.join(name, entry.name), path=entry.path)
-    if not recursive:
-        if subdirs:
-            yield len(subdirs)
-        return
-    for entry in subdirs:
-        sub_name = os.path.join(name, entry.name)
-        try:
-            st = entry.stat()
-        except OSError:
-            continue
-        key = (st.st_dev, st.st_ino)
-        if key in seen_dirs:
-            warn(f"{display(sub_name)}: folder already visited (a symlink loop?), skipped")
-            continue
-        yield from _walk(sub_name, entry.path, recursive, seen_dirs, warn)
 
 
 def open_source(src: Source, *, max_pixels: int | None | bool = False,
                 url_timeout: float = DEFAULT_URL_TIMEOUT, url_max_bytes: int = DEFAULT_URL_MAX_BYTES,
-                draft_min_side: int | None = None):
+                draft_min_side: int | None = None, on_bytes: Callable[[bytes], None] | None = None):
     """Decode one Source to a PIL image, or raise InputError naming it.
     `max_pixels`: False keeps altclip_cli.images' default cap, None lifts it.
-    `draft_min_side`: see altclip_cli.images.open_image."""
+    `draft_min_side`, `on_bytes` (a local file's bytes, read once): see altclip_cli.images.open_image."""
     from .images import open_image
 
     kw = {"draft_min_side": draft_min_side}
@@ -169,7 +139,7 @@ def open_source(src: Source, *, max_pixels: int | None | bool = False,
     if src.url is not None:
         data = fetch_url(src.url, timeout=url_timeout, max_bytes=url_max_bytes)
         return open_image(data, name=src.name, **kw)
-    return open_image(src.path, name=display(src.name), **kw)
+    return open_image(src.path, name=display(src.name), on_bytes=on_bytes, **kw)
 
 
 def reason(exc: InputError, name: str) -> str:

@@ -86,7 +86,7 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_URL_TIMEOUT,
     """The body of an http(s) URL, or InputError naming it: `timeout` bounds the whole download
     (connecting, redirects and every read), `max_bytes` its size; redirects to anything but
     http(s), redirect loops, HTTP errors and network failures are refused too."""
-    from .. import __version__
+    from ..version import __version__
 
     deadline = _Deadline(timeout)
     sockets: list = []

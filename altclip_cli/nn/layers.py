@@ -26,7 +26,7 @@ def uninitialised():
         _SKIP_INIT.reset(token)
 
 
-class _SkipInit:
+class SkipInit:
     """Mixin: `reset_parameters` is a no-op inside `uninitialised()`. A module of ours that has
     parameters of its own defines `_reset_parameters`; torch's layers have `reset_parameters`."""
 
@@ -40,19 +40,19 @@ class _SkipInit:
             super().reset_parameters()
 
 
-class Linear(_SkipInit, nn.Linear):
+class Linear(SkipInit, nn.Linear):
     pass
 
 
-class Embedding(_SkipInit, nn.Embedding):
+class Embedding(SkipInit, nn.Embedding):
     pass
 
 
-class Conv2d(_SkipInit, nn.Conv2d):
+class Conv2d(SkipInit, nn.Conv2d):
     pass
 
 
-class LayerNorm(_SkipInit, nn.LayerNorm):
+class LayerNorm(SkipInit, nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, returning fp32.
 
     Under mixed precision the residual stream therefore stays fp32 and only the matmuls run

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from .config import VisionConfig
-from .layers import ACTIVATIONS, Conv2d, Embedding, LayerNorm, Linear, _SkipInit, attention
+from .layers import ACTIVATIONS, Conv2d, Embedding, LayerNorm, Linear, SkipInit, attention
 
 
-class VisionEmbeddings(_SkipInit, nn.Module):
+class VisionEmbeddings(SkipInit, nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))

@@ -248,6 +248,37 @@ class PartResult:
     failures: list  # [(name, why)] of the inputs that failed
 
 
+def settings_for(run, model, dtype) -> dict:
+    """Everything that changes the numbers (as embed -o compares it on --resume)."""
+    return {"kind": run.kind, "model": run.model_name, "weights": model.weights_id,
+            "precision": model.precision, "device_type": model.device.type, "dtype": dtype,
+            "normalize": run.normalize, "exact_decode": run.exact_decode if run.kind == "image" else None}
+
+
+class Summary:
+    """What this run's parts hold, those done earlier included (for the exit status)."""
+
+    def __init__(self, manifest: dict, ours: list[int]):
+        self.manifest, self.ours = manifest, ours
+        self.parts_done = self.inputs = self.rows = self.failed = 0
+        self.written = 0  # parts written by this run
+
+    def add_done(self, folder, parts) -> None:
+        for part in parts:
+            done = part_done(folder, self.manifest, part)
+            self.parts_done += 1
+            self.inputs += done["inputs"]
+            self.rows += done["rows"]
+            self.failed += done["failed"]
+
+    def add(self, result) -> None:
+        self.parts_done += 1
+        self.written += 1
+        self.inputs += result.inputs
+        self.rows += result.rows
+        self.failed += result.failed
+
+
 def write_part(folder: Path, manifest: dict, part: int, batches: Iterator[list[tuple]], *,
                extra: dict | None = None) -> PartResult:
     """Embed one part: `batches` yields (name, record, embedding or None) lists for exactly the

@@ -1,17 +1,30 @@
 """`classify --sort-into DIR`: put each image into DIR/<label>/ as a symbolic link, a copy or by a
 move, never overwriting a file and never losing one.
 
-Every placement is idempotent: an image already at its place (a link to it, an identical copy, or,
-for a move, the same content at the target while the source still exists: a move interrupted
-between its copy and its unlink) is recognised, so a second identical run changes nothing and a
-re-run finishes a half-done move. A move is os.rename within a filesystem (atomic); across
-filesystems the file is copied to a temporary name in the target folder, fsynced, renamed into
-place, and only then is the source unlinked.
+One `Sorter` per run. Its promises and how they are kept:
+- Never overwrite: every name is taken with a primitive that fails on an existing name
+  (symlink, rename with RENAME_NOREPLACE, or a hard link and an unlink); a name taken since it was
+  chosen makes the image take the next free one (name-1.jpg, ...).
+- A second identical run changes nothing: an image already at its place (a link to the same file,
+  an equal copy, the same file for a move) is recognised, and files in DIR's folders are never
+  taken as new inputs.
+- Never lose a photo, even under kill -9: within a filesystem a move is one rename (the photo
+  is under exactly one of its names at every instant); where the filesystem cannot rename without
+  replacing, it is a hard link and then an unlink; across filesystems it is a copy to a temporary
+  name in the target folder, fsynced, put under its name, and only then the source unlinked.
+  Before each step that leaves a photo under two names, the run writes (and fsyncs) a journal
+  entry: source, target, and the identity (device, inode) of the file that will sit at the
+  target. A later run finishes an entry (unlinks its source) only when the source is still the
+  journalled file and the target holds the journalled file with the same bytes; otherwise the
+  source stays. An equal photo from elsewhere (a `cp -p` copy) is never taken for a half-done
+  move: only the same file (the same inode) at the target counts as already moved.
+
+The journal and the settling of what dead runs left: sortjournal.py; the no-replace primitive:
+noreplace.py.
 """
 from __future__ import annotations
 
 import errno
-import filecmp
 import os
 import re
 import shutil
@@ -20,31 +33,36 @@ from pathlib import Path
 
 from ..errors import AltclipError
 from ..durable import fsync_dir
+from .noreplace import (MAX_NAME_BYTES, file_id, lstat_or_none, numbered_names, rename_noreplace, same_content,
+                        same_file, same_inode, unlink_quietly)
+from .sortjournal import JOURNAL_FOLDER, Journal, recover
 
 MODES = ("link", "copy", "move")
 UNSURE_FOLDER = "_unsure"
-TMP_PREFIX = ".altclip-sort-"  # a copy on its way into place (cross-filesystem move, copy)
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
-MAX_NAME_BYTES = 255
+_MAX_TRIES = 1000  # names taken by other writers between choosing one and taking it
 
 
 class SortError(AltclipError):
-    """A target folder that cannot be created or written (exit 1)."""
+    """A target folder that cannot be created, written or locked (exit 1)."""
 
 
 @dataclass
 class Placement:
     source: Path
     target: Path  # where the image is (or would be) placed
-    action: str  # "link", "copy", "move", or "already there"
+    action: str  # "link", "copy", "move", "already there", or "already sorted" (a file in DIR/<folder>/)
 
 
 def folder_name(label: str | None) -> str:
-    """A label made safe as one folder name (no separators or control characters, not . or ..,
-    at most 255 bytes); None (unsure) is _unsure, and a label that would read as _unsure is not."""
+    """A label made safe as one visible folder name (no separators or control characters, not
+    . or .., no leading dot, at most 255 bytes); None (unsure) is _unsure, and a label that would
+    read as _unsure is not."""
     if label is None:
         return UNSURE_FOLDER
     name = _UNSAFE.sub("_", label).strip().rstrip(".")
+    if name.startswith("."):  # hidden folders are skipped by walks, and .altclip-sort is ours
+        name = "_" + name[1:]
     if name in ("", ".", ".."):
         name = "_"
     if name == UNSURE_FOLDER:
@@ -75,147 +93,205 @@ def check_root(root: Path, *, create: bool = True) -> None:
         raise SortError(f"--sort-into {root}: not writable", hint="give a folder you can write to")
 
 
-def place(source: Path | str, folder: Path | str, mode: str = "link", *, dry_run: bool = False) -> Placement:
-    """Put source into folder (created if needed) by mode; see the module docstring."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    source, folder = Path(source), Path(folder)
-    found = _existing(source, folder, mode)
-    if found is not None:
-        if mode == "move" and not dry_run and _exists(source) and os.path.abspath(source) != os.path.abspath(found):
-            os.unlink(source)  # a move cut short after its link or copy: the photo is at the target
-        return Placement(source, found, "already there")
-    target = _free_name(folder, source.name)
-    if dry_run:
-        return Placement(source, target, mode)
-    folder.mkdir(parents=True, exist_ok=True)
-    if mode == "link":
-        os.symlink(os.path.abspath(source), target)
-    elif mode == "copy":
-        _copy_into_place(source, target)
-    else:
-        _move(source, target)
-    return Placement(source, target, mode)
+class Sorter:
+    """Places images into root/<folder>/ by mode ("link", "copy" or "move"); with dry_run it only
+    plans, and its plan names the places a real run would use. Opening a real sorter settles
+    what dead runs left (see recover; the lines are in .recovered). Use as a context manager."""
 
-
-def _exists(path: Path) -> bool:
-    return os.path.lexists(path)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _candidates(folder: Path, name: str):
-    """name, then name-1, name-2, ... (the suffix before the extension) while they exist."""
-    stem, dot, ext = name.rpartition(".") if "." in name.lstrip(".") else (name, "", "")
-    i = 0
-    while True:
-        yield folder / (name if i == 0 else f"{stem}-{i}{dot}{ext}")
-        i += 1
-
-
-def _existing(source: Path, folder: Path, mode: str) -> Path | None:
-    """The entry in folder that already is source's placement, or None."""
-    if not folder.is_dir():
-        return None
-    if mode == "move" and _exists(source) and _same_file(source.parent, folder):
-        return source  # already in its folder (a re-run over DIR itself)
-    for candidate in _candidates(folder, source.name):
-        if not _exists(candidate):
-            return None
-        if mode == "link":
-            if candidate.is_symlink() and os.readlink(candidate) == os.path.abspath(source):
-                return candidate
-        elif mode == "move" and _exists(source) and _half_moved(source, candidate):
-            return candidate
-        elif mode == "copy" and not candidate.is_symlink() and candidate.is_file() and _exists(source) \
-                and _same_content(source, candidate):
-            return candidate
-    return None
-
-
-def _half_moved(source: Path, candidate: Path) -> bool:
-    """candidate is source's own move cut short: the same file (a hard link made before the
-    source's unlink), or a complete copy with the source's content and modification time (a
-    copy across filesystems). An equal photo from elsewhere, with its own mtime, is not: it
-    gets a name of its own and the source stays."""
-    if _same_file(source, candidate):
-        return True
-    if candidate.is_symlink() or not candidate.is_file():
-        return False
-    try:
-        same_time = os.stat(source).st_mtime_ns == os.stat(candidate).st_mtime_ns
-    except OSError:
-        return False
-    return same_time and _same_content(source, candidate)
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    try:
-        return _same_file(a, b) or filecmp.cmp(a, b, shallow=False)
-    except OSError:
-        return False
-
-
-def _free_name(folder: Path, name: str) -> Path:
-    for candidate in _candidates(folder, name):
-        if not _exists(candidate):
-            return candidate
-    raise AssertionError("unreachable")
-
-
-def _move(source: Path, target: Path) -> None:
-    if _exists(target):  # never overwrite (a name taken since _free_name)
-        raise FileExistsError(errno.EEXIST, "exists", str(target))
-    try:
-        os.rename(source, target)  # atomic within a filesystem: the photo is in exactly one place
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        _copy_into_place(source, target)
-        os.unlink(source)  # only once the copy is durable at its place
-
-
-def _copy_into_place(source: Path, target: Path) -> None:
-    """Copy to a temporary name in target's folder, fsync, then link or rename into place:
-    the target name only ever holds a complete copy, and an existing file is never replaced."""
-    folder = target.parent
-    tmp = folder / f"{TMP_PREFIX}{os.getpid()}-{target.name}"
-    try:
-        with open(source, "rb") as src, open(tmp, "xb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        shutil.copystat(source, tmp)
+    def __init__(self, root: Path | str, mode: str = "link", *, dry_run: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.root, self.mode, self.dry_run = Path(root), mode, dry_run
+        self._real_root = os.path.realpath(self.root)
+        self._planned: dict[Path, Path] = {}  # dry run: target -> the source planned there
+        self._journal: Journal | None = None
+        self.recovered: list[str] = []
+        if dry_run:
+            return
         try:
-            os.link(tmp, target)  # fails if target exists: never an overwrite
-            os.unlink(tmp)
+            self.recovered = recover(self.root)
         except OSError as exc:
-            if exc.errno == errno.EEXIST:
-                raise
-            if _exists(target):  # a filesystem without hard links
-                raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
-            os.rename(tmp, target)
-        fsync_dir(folder)
-    finally:
-        if _exists(tmp):
-            os.unlink(tmp)
+            raise SortError(f"--sort-into {self.root}: cannot settle what an interrupted run left there "
+                            f"({exc.strerror or exc}: {exc.filename})",
+                            hint=f"fix that, then run again (the journal in {self.root / JOURNAL_FOLDER} "
+                                 "is kept until it is settled)") from None
+        if mode != "link":  # temporaries need an owner that other runs can see alive
+            try:
+                self._journal = Journal(self.root)
+            except OSError as exc:
+                raise SortError(f"--sort-into {self.root}: cannot keep a journal there ({exc.strerror or exc})",
+                                hint="give a local folder you can write to") from None
 
+    def __enter__(self) -> "Sorter":
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self.close()
 
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
-def clean_temporaries(root: Path) -> int:
-    """Remove the temporary copies an interrupted run left in root's label folders (their sources
-    are untouched: a source is unlinked only after its copy is in place). Returns how many."""
-    removed = 0
-    for tmp in Path(root).glob(f"*/{TMP_PREFIX}*"):
+    def place(self, source: Path | str, folder: str) -> Placement:
+        """Put source into root/folder; raises OSError when it cannot (the source is then untouched)."""
+        source = Path(source)
+        if self._in_a_sorted_folder(source):  # a result of sorting, never a new input
+            return Placement(source, source, "already sorted")
+        folder_path = self.root / folder
+        for _ in range(_MAX_TRIES):
+            found = self._existing(source, folder_path)
+            if found is not None:
+                if self.mode == "move" and not self.dry_run and _entry(source) != _entry(found):
+                    unlink_quietly(source)  # another name of the same file (or a link to it) is at the target
+                return Placement(source, found, "already there")
+            target = self._free_name(folder_path, source.name)
+            if self.dry_run:
+                self._planned[target] = source
+                return Placement(source, target, self.mode)
+            folder_path.mkdir(parents=True, exist_ok=True)
+            try:
+                if self.mode == "link":
+                    os.symlink(os.path.abspath(source), target)
+                elif self.mode == "copy":
+                    self._copy_into_place(source, target)
+                else:
+                    self._move(source, target)
+            except FileExistsError:
+                continue  # the name was taken since it was chosen: look again
+            return Placement(source, target, self.mode)
+        raise OSError(errno.EEXIST, "every free name was taken by another writer", str(folder_path))
+
+    def _in_a_sorted_folder(self, source: Path) -> bool:
+        """source lies in a folder below root (DIR/<label>/...); a file directly in root is an
+        input like any other (sorting a folder into itself)."""
+        parent = _entry(source)[0]
+        return parent != self._real_root and os.path.commonpath([parent, self._real_root]) == self._real_root
+
+    def _existing(self, source: Path, folder: Path) -> Path | None:
+        """The entry in folder that already is source's placement, or None."""
+        for candidate in numbered_names(folder, source.name):
+            standin = self._planned.get(candidate)  # dry run: what a real run would have put there
+            if standin is None and not os.path.lexists(candidate):
+                return None
+            if self._is_placement(source, candidate, standin):
+                return candidate
+
+    def _is_placement(self, source: Path, candidate: Path, standin: Path | None) -> bool:
+        if standin is not None:
+            return (same_content if self.mode == "copy" else same_file)(source, standin)
+        if self.mode == "copy":
+            return not candidate.is_symlink() and candidate.is_file() and same_content(source, candidate)
+        if self.mode == "link" or source.is_symlink():
+            return candidate.is_symlink() and same_file(candidate, source)
+        return same_inode(source, candidate)  # a move: the same file, never an equal copy
+
+    def _free_name(self, folder: Path, name: str) -> Path:
+        for candidate in numbered_names(folder, name):
+            if candidate not in self._planned and not os.path.lexists(candidate):
+                return candidate
+
+    def _copy_to_temporary(self, source: Path, folder: Path) -> Path:
+        """A complete, fsynced copy of source (bytes, mode, times) under a temporary name in folder."""
+        tmp = self._journal.temporary(folder)
         try:
-            tmp.unlink()
-            removed += 1
-        except OSError:
-            pass
-    return removed
+            with open(source, "rb") as src, open(tmp, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                shutil.copystat(source, tmp)
+                os.fsync(dst.fileno())
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
+        return tmp
+
+    def _copy_into_place(self, source: Path, target: Path) -> None:
+        tmp = self._copy_to_temporary(source, target.parent)
+        try:
+            rename_noreplace(tmp, target)
+        finally:
+            unlink_quietly(tmp)
+        fsync_dir(target.parent)
+
+    def _move(self, source: Path, target: Path) -> None:
+        if source.is_symlink():  # the link moves, made absolute so that it still points at the photo
+            os.symlink(os.path.realpath(source), target)
+            try:
+                os.unlink(source)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                os.unlink(target)
+                raise
+            return
+        entry: list[int] = []  # the journal entry, made only if the file will have two names
+
+        def journal_it():
+            st = os.lstat(source)
+            entry.append(self._journal.begin(_abs(source), _abs(target), file_id(st), file_id(st), None))
+
+        try:
+            rename_noreplace(source, target, before_link=journal_it)
+        except OSError as exc:
+            if entry:
+                self._journal.done(entry[0])  # not linked, or linked and taken back
+            if exc.errno != errno.EXDEV:
+                raise
+            self._move_across(source, target)
+            return
+        if entry:
+            fsync_dir(source.parent)
+            self._journal.done(entry[0])
+
+    def _move_across(self, source: Path, target: Path) -> None:
+        """A move to another filesystem: copy, fsync, take the name, then unlink the source."""
+        st = os.lstat(source)
+        tmp = self._copy_to_temporary(source, target.parent)
+        try:
+            placed = file_id(os.lstat(tmp))
+            entry = self._journal.begin(_abs(source), _abs(target), file_id(st), placed, _abs(tmp))
+            try:
+                rename_noreplace(tmp, target)
+            except OSError:
+                self._journal.done(entry)
+                raise
+            fsync_dir(target.parent)
+            try:
+                _unlink_unchanged(source, st)
+            except FileNotFoundError:
+                pass  # removed meanwhile (another run moved it): the copy stays, the photo is kept
+            except OSError:
+                if _is_file(target, placed):
+                    os.unlink(target)  # the source stays: no second copy left behind
+                    fsync_dir(target.parent)
+                self._journal.done(entry)
+                raise
+            fsync_dir(source.parent)
+            self._journal.done(entry)
+        finally:
+            unlink_quietly(tmp)
+
+
+def _entry(path: Path) -> tuple[str, str]:
+    """(the real path of path's folder, its name): one folder entry however path is spelled."""
+    path = os.path.abspath(path)
+    return os.path.realpath(os.path.dirname(path)), os.path.basename(path)
+
+
+def _abs(path: Path) -> str:
+    return os.fsdecode(os.path.abspath(path))
+
+
+def _is_file(path: Path, wanted: list[int]) -> bool:
+    """path is the file whose file_id is wanted."""
+    st = lstat_or_none(path)
+    return st is not None and file_id(st) == wanted
+
+
+def _unlink_unchanged(path: Path, before: os.stat_result) -> None:
+    """Unlink path if it is still the file `before` describes, unchanged (size and mtime);
+    else OSError (FileNotFoundError when it is gone)."""
+    now = os.lstat(path)
+    if file_id(now) != file_id(before) or (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise OSError(errno.EBUSY, "it changed while it was being copied", os.fspath(path))
+    os.unlink(path)

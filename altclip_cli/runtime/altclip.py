@@ -1,5 +1,7 @@
 """A loaded model (`AltCLIP`) and `load`: resolve a model, apply the device and precision policy
-(device.py), build the network (build.py), and encode texts and images."""
+(device.py), build the network (build.py), and encode texts and images: the two primitives under
+the model-facing layer (embedder.py) that labels, scores and classification share with a
+server's model."""
 from __future__ import annotations
 
 import functools
@@ -20,15 +22,17 @@ from ..inputs.pipeline import DEFAULT_INPUT_TIMEOUT, ImageResult, stream_embeddi
 from ..nn.model import AltCLIPModel
 from .build import build_model
 from .device import PRECISIONS, choose_device, choose_precision, default_batch_size
-from .threads import plan_threads
+from .embedder import Embedder
+from ..inputs.threads import plan_threads
 
 log = logging.getLogger("altclip")
 DRAFT_FACTOR = 2  # see AltCLIP.draft_min_side
 
 
 @dataclass
-class AltCLIP:
-    """A loaded model with its tokenizer and image preprocessor (see `load`)."""
+class AltCLIP(Embedder):
+    """A loaded model with its tokenizer and image preprocessor (see `load`); label embeddings,
+    scores and classify come from Embedder."""
 
     model_id: str
     folder: Path
@@ -46,7 +50,7 @@ class AltCLIP:
     def draft_min_side(self) -> int | None:
         """The shortest side large JPEGs are decoded at (libjpeg's 1/2-1/8 scales), or None for
         full-size decoding, bit-exact with the reference's preprocessing. Twice the model's input
-        side: measured cosine to full decoding >= 0.99997 (README, Accuracy)."""
+        side: measured cosine to full decoding >= 0.99997 (docs/models.md, Correctness)."""
         edge = getattr(self.preprocessor, "shortest_edge", None)
         return None if self.exact_decode or not edge else DRAFT_FACTOR * edge
 
@@ -65,6 +69,10 @@ class AltCLIP:
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.float().exp())
+
+    def default_batch_size(self, kind: str) -> int:
+        """runtime.device's batch size for "image" or "text" on this model's device."""
+        return default_batch_size(self.device, kind)
 
     def _autocast(self):
         dtype = PRECISIONS[self.precision]
@@ -95,16 +103,6 @@ class AltCLIP:
             out[rows] = self.encode_token_batch(batch_ids, mask).cpu()
         return _finish(out, normalize)
 
-    def encode_images(self, images: Sequence, *, batch_size: int | None = None,
-                      normalize: bool = True) -> np.ndarray:
-        """images: PIL images (see altclip_cli.images.open_image). (N, D) float32, row i for images[i]."""
-        results = list(self.stream_images(images, open_fn=lambda image: image, batch_size=batch_size,
-                                          normalize=normalize, input_timeout=None))  # in memory: nothing to wait for
-        for r in results:
-            if r.error:
-                raise r.error
-        return np.stack([r.embedding for r in results]) if results else np.zeros((0, self.embed_dim), np.float32)
-
     def stream_images(self, sources: Iterable, *, open_fn: Callable | None = None,
                       batch_size: int | None = None, normalize: bool = True,
                       workers: int | None = None, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT,
@@ -112,8 +110,8 @@ class AltCLIP:
         """One ImageResult (index, source, embedding or error) per source, in input order, with
         decoding in worker threads ahead of the model. open_fn(source) -> PIL image defaults to
         `open_image` (paths or bytes); an input that fails gives an InputError, never an exception.
-        input_timeout: seconds a worker may spend on one input before it fails as stuck (a FIFO
-        with no writer, a hung network mount) and the run goes on without it; None: no limit.
+        input_timeout: seconds a worker may spend on one input before it fails as stuck (a hung
+        network mount) and the run goes on without it; None: no limit.
         boundary: model batches also end at every multiple of it (see stream_embeddings)."""
         from ..inputs.images import open_image
 
@@ -122,15 +120,16 @@ class AltCLIP:
                 return open_image(source, draft_min_side=self.draft_min_side)
 
         def encode(pixels: np.ndarray) -> np.ndarray:
-            return _finish(self._encode_pixels_halving(torch.from_numpy(pixels)), normalize)
+            return _finish(self.encode_pixels(torch.from_numpy(pixels)), normalize)
 
         return stream_embeddings(sources, open_fn, self.preprocessor, encode,
                                  batch_size=batch_size or default_batch_size(self.device, "image"),
                                  workers=workers or plan_threads(self.device.type).decode_workers,
                                  input_timeout=input_timeout, boundary=boundary)
 
-    def _encode_pixels_halving(self, pixels: torch.Tensor) -> torch.Tensor:
-        """encode_pixel_batch, halving the batch on a CUDA out-of-memory error and saying so."""
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, D) on the CPU: encode_pixel_batch, halving the batch on a CUDA out-of-memory error and
+        saying so (a warning on the "altclip" logger)."""
         try:
             return self.encode_pixel_batch(pixels).cpu()
         except torch.cuda.OutOfMemoryError:
@@ -139,44 +138,8 @@ class AltCLIP:
             torch.cuda.empty_cache()
             half = len(pixels) // 2
             log.warning("CUDA out of memory on a batch of %d images: going on with batches of %d",
-                              len(pixels), half)
-            return torch.cat([self._encode_pixels_halving(pixels[:half]),
-                              self._encode_pixels_halving(pixels[half:])])
-
-    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None, *,
-                         batch_size: int | None = None) -> np.ndarray:
-        """(L, D) float32, L2-normalised. With templates, CLIP's prompt ensemble: the mean of
-        the normalised embeddings of every template filled with the label, normalised again.
-        batch_size: texts per model batch (see encode_texts)."""
-        labels = list(labels)
-        templates = list(templates or [])
-        found = self.label_cache.get(set(labels), templates) if self.label_cache else {}
-        missing = list(dict.fromkeys(label for label in labels if label not in found))
-        if missing:
-            computed = dict(zip(missing, self._embed_labels(missing, templates, batch_size)))
-            if self.label_cache:
-                self.label_cache.put(computed, templates)
-            found.update(computed)
-        return np.stack([found[label] for label in labels]) if labels else np.zeros((0, self.embed_dim), np.float32)
-
-    def _embed_labels(self, labels: list[str], templates: list[str], batch_size: int | None) -> np.ndarray:
-        if not templates:
-            return self.encode_texts(labels, batch_size=batch_size)
-        filled = [t.replace("{}", label) for label in labels for t in templates]
-        emb = torch.from_numpy(self.encode_texts(filled, batch_size=batch_size))
-        emb = emb.view(len(labels), len(templates), -1)  # (L, T, D)
-        return F.normalize(emb.mean(dim=1), dim=-1).numpy()
-
-    def classify(self, images: Sequence, labels: Sequence[str], *,
-                 templates: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(probs, logits), each (N_images, N_labels) float32: logits are the scaled cosine
-        similarities, probs their softmax over the labels (the reference's logits_per_image)."""
-        return self.scores(self.encode_images(images), self.label_embeddings(labels, templates))
-
-    def scores(self, image_emb: np.ndarray, label_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(probs, logits) from normalised embeddings, in fp32."""
-        logits = torch.from_numpy(image_emb) @ torch.from_numpy(label_emb).T * self.logit_scale
-        return logits.softmax(dim=-1).numpy(), logits.numpy()
+                        len(pixels), half)
+            return torch.cat([self.encode_pixels(pixels[:half]), self.encode_pixels(pixels[half:])])
 
 
 def _finish(emb: torch.Tensor, normalize: bool) -> np.ndarray:

@@ -12,6 +12,7 @@ from ..nn.checkpoint import check_keys, find_weights, read_state_dict
 from ..nn.config import check_against_tensors, read_config
 from ..nn.layers import LayerNorm, uninitialised
 from ..nn.model import AltCLIPModel
+from ..paths import mark_used
 from .device import PRECISIONS
 
 
@@ -53,7 +54,7 @@ def build_model(folder: Path, weights: list[Path] | None, device: torch.device, 
     if cached and fresh:
         weight_cache.save_compute_weights(state, cached, weights)
     elif cached:
-        weight_cache.mark_used(cached)
+        mark_used(cached)
     return model.eval().requires_grad_(False)
 
 

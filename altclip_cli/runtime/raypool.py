@@ -44,12 +44,11 @@ class PartWriter:
                           exact_decode=c["exact_decode"], progress=False)
         span = c["batch_size"] or (TEXT_CHUNK if c["kind"] == "text" else default_batch_size(self.model.device, "image"))
         ds.check_part_size(c["part_size"], span, c["kind"])
-        from ..cli.commands.embed_dataset import settings_for
 
         run = SimpleNamespace(kind=c["kind"], model_name=c["model"], normalize=c["normalize"],
                               exact_decode=c["exact_decode"])
-        manifest = ds.make_manifest(settings=settings_for(run, self.model, c["dtype"]), dim=self.model.embed_dim,
-                                    names=names, part_size=c["part_size"], extra=c["extra"])
+        manifest = ds.make_manifest(settings=ds.settings_for(run, self.model, c["dtype"]),
+                                    dim=self.model.embed_dim, names=names, part_size=c["part_size"], extra=c["extra"])
         self.manifest = ds.ensure_manifest(Path(c["folder"]), manifest, resume=c["resume"])
         ds.remove_stale_staging(Path(c["folder"]))
         self._ready = True
@@ -95,7 +94,7 @@ class PartWriter:
 
 
 def _pixel_limit(max_pixels):
-    from ..cli.options import pil_pixel_limit
+    from ..inputs.images import pil_pixel_limit
 
     return pil_pixel_limit(max_pixels)
 
@@ -168,16 +167,12 @@ def _cause(exc: BaseException) -> AltclipError | None:
 
 
 def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_size: int, options, opener_kw):
-    """Fill the dataset at `folder` with Ray actors; the run's summary (embed_dataset.Summary)."""
+    """Fill the dataset at `folder` with Ray actors; the run's summary (outputs.dataset.Summary)."""
     import json
 
-    from .. import __version__
-    from ..cli.commands.embed_dataset import Summary
+    from ..version import __version__
     from ..outputs import dataset as ds
-    ray = _import_ray()
-    import logging
 
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its start and finish lines: the notes say it
     msgs = run.msgs
     folder = Path(folder).resolve()  # the actors' working folder is not ours
     existing = ds.read_manifest(folder) if folder.is_dir() else None
@@ -194,6 +189,15 @@ def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_siz
         todo = ds.missing_parts(folder, existing, todo)
     if not todo and existing is None:
         todo = [MANIFEST_ONLY]
+    if not todo:  # --resume of a complete dataset: nothing to do, so Ray is neither imported nor started
+        msgs.note(f"{folder}: every part is already complete: nothing to do")
+        summary = Summary(existing, list(range(existing["parts"])))
+        summary.add_done(folder, summary.ours)
+        return summary
+    ray = _import_ray()
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its start and finish lines: the notes say it
     started = _connect(ray, run_address(options), msgs)
     try:
         workers, per_gpu, per_cpu = _resources(ray, options)
@@ -218,7 +222,7 @@ def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_siz
                     raise AltclipError(error["message"], hint=error["hint"])
                 if manifest is None:
                     manifest = ds.read_manifest(folder)
-                    summary = Summary(manifest, list(range(manifest["parts"])))
+                    summary = ds.Summary(manifest, list(range(manifest["parts"])))
                     pending = set(todo)
                     summary.add_done(folder, [p for p in summary.ours if p not in pending])
                 if int(row["part"]) == MANIFEST_ONLY:
@@ -239,10 +243,6 @@ def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_siz
         if started:
             ray.shutdown()
         ds.remove_stale_staging(folder)  # of actors killed on this machine (the others' remove theirs)
-    if summary is None:  # nothing to do: every part was done
-        manifest = existing
-        summary = Summary(manifest, list(range(manifest["parts"])))
-        summary.add_done(folder, summary.ours)
     return summary
 
 

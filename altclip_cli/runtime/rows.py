@@ -1,7 +1,7 @@
 """Embedding rows for `altclip embed`: one (name, record, embedding) per input, in input order,
-in batches. `record` is the sidecar line without "row": {"text": ...} or {"image": ...}, plus
-"error" for an input that failed (its embedding is None). Importing it is cheap (no torch): the
-remote model (serve/remote.py) batches its rows with `rows_in_spans` too."""
+in batches, for any runtime.embedder.Embedder (in-process or a server's). `record` is the sidecar
+line without "row": {"text": ...} or {"image": ...}, plus "error" for an input that failed (its
+embedding is None). Importing it is cheap (no torch)."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
@@ -29,12 +29,10 @@ def image_batches(model, sources: list, *, batch_size: int | None = None, normal
     resumed run, a dataset part) batches its images as one run from the start does, and its rows
     come out bit for bit the same (the batch's shape changes the last bits of a row on the CPU).
     on_error(name, why) is called for each failed input; workers: decoding threads [default:
-    runtime.threads' plan for the device]."""
+    inputs.threads' plan for the device]."""
     if not sources:
         return
-    from .device import default_batch_size
-
-    size = batch_size or default_batch_size(model.device, "image")
+    size = batch_size or model.default_batch_size("image")
     open_kw = {**(open_kw or {}), "draft_min_side": model.draft_min_side}
     results = model.stream_images(sources, open_fn=lambda s: open_source(s, **open_kw), batch_size=size,
                                   normalize=normalize, input_timeout=input_timeout, boundary=size,

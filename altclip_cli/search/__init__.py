@@ -1,5 +1,5 @@
 """Search over one's own images: an index per model (store.py) that `altclip index` keeps up to
-date by walking folders (walk.py, update.py), and the ranking of its vectors against a query.
+date by walking folders (inputs/walk.py, update.py), and the ranking of its vectors against a query.
 
 From Python, `search` is `altclip search`::
 
@@ -36,17 +36,12 @@ def search(model, query: str, folder: str | os.PathLike = ".", *, add: Iterable[
     date with the folder first (new and changed images embedded), as `altclip index` does.
     Raises search.query.QueryError (a bad query), IndexStoreError (the index), InputError."""
     from ..errors import InputError
-    from .query import parse_query, query_vector
-    from .run import index_folder, rank_below, update_below
-    from .update import index_identity
+    from .query import parse_query
+    from .run import search_below
 
     root = os.path.realpath(os.path.expanduser(os.fspath(folder)))
     if not os.path.isdir(root):
         raise InputError(f"{folder}: not a folder")
-    vector = query_vector(model, parse_query(query, add, subtract))
-    identity = index_identity(model)
-    where = index_folder(index, model.weights_id)
-    if update:
-        update_below(model, identity, where, index, root)
-    hits, _searched = rank_below(identity, where, root, vector, top, min_score)
-    return [SearchHit(rank, path, score) for rank, path, score in hits]
+    found = search_below(model, parse_query(query, add, subtract), root, index=index, top=top, min_score=min_score,
+                         update=update)
+    return [SearchHit(rank, path, score) for rank, path, score in found.hits]

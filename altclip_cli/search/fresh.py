@@ -1,6 +1,6 @@
 """Which folders an index is known to be up to date with, for a long-lived process (`altclip
-serve`): the trees it walked, each with an inotify watch on every folder the walk listed
-(watch.py), and what changed below them since.
+serve`): the trees it walked, each with an inotify watch on every folder the walk listed and
+the state of every symlink it followed (watch.py), and what changed below them since.
 
 A later update below the same folder, with the same walk options, walks nothing when no event
 came since, or only the folders where something changed (`FreshTrees.plan`), as long as nobody
@@ -8,7 +8,7 @@ else has written the index (`index_state`) and the whole walk is recent (TRUST_C
 Anything the watch cannot vouch for (another file system type than a local one, the watch
 limit, another OS, a queue overflow) makes the next update walk the whole tree.
 
-    trees = FreshTrees()                     # one per index, kept for the process's life
+    trees = FreshTrees()                     # one per index, kept while the process uses it
     walked = update_watched(trees, model, identity, folder, "auto", root)   # as run.update_below
     # walked: [root] the first time, then [] while nothing changes, or the folders that changed
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .run import update_below
 from .store import INDEX_DB, VECTORS
-from .walk import DEFAULT_EXCLUDES
+from ..inputs.walk import DEFAULT_EXCLUDES
 from .watch import TreeWatch
 
 TRUST_CLEAN_S = 300.0  # a watched tree with no event is still walked again after this long
@@ -34,6 +34,7 @@ class WatchedTree:
     watch: TreeWatch
     index_state: tuple  # index_state() right after this process's last update below root
     pending: set = field(default_factory=set)  # paths that changed and were not walked again yet
+    used_at: float = field(default_factory=time.monotonic)  # when a plan last relied on it
 
     def walked(self, below: str, index_state: tuple) -> None:
         """The update below `below` is done: its changes are no longer pending."""
@@ -61,6 +62,7 @@ class FreshTrees:
                 self._drop(tree)
                 continue
             tree.pending |= changes
+            tree.used_at = time.monotonic()
             if any(_within(root, p) for p in tree.pending):  # root itself, or a folder on its path
                 return tree, [root]
             return tree, _walk_roots({p for p in tree.pending if _within(p, root)}, options)
@@ -75,6 +77,25 @@ class FreshTrees:
         self._trees.append(WatchedTree(root, options, watch, index_state))
         while len(self._trees) > MAX_TREES:
             self._drop(self._trees[0])
+
+    def __len__(self) -> int:
+        return len(self._trees)
+
+    def drop_stale(self) -> int:
+        """Close the trees no plan would trust any more (TRUST_CLEAN_S went by); how many."""
+        stale = [t for t in self._trees if time.monotonic() - t.watch.armed_at > TRUST_CLEAN_S]
+        for tree in stale:
+            self._drop(tree)
+        return len(stale)
+
+    def drop_oldest(self) -> None:
+        """Close the tree a plan relied on least recently (a caller bounding its inotify instances)."""
+        if self._trees:
+            self._drop(min(self._trees, key=lambda t: t.used_at))
+
+    def close(self) -> None:
+        for tree in list(self._trees):
+            self._drop(tree)
 
     def _drop(self, tree: WatchedTree) -> None:
         tree.watch.close()
@@ -118,7 +139,7 @@ def update_watched(trees: FreshTrees, indexer, identity: dict, folder, index: st
     watching what it walks: the folders walked ([root], some below it, or [] for none). Calls
     on one index must not overlap (the caller holds a lock per index)."""
     options = (include_hidden, exclude_dirs)
-    if exclude_dirs is not None:  # else walk.DEFAULT_EXCLUDES
+    if exclude_dirs is not None:  # else inputs.walk.DEFAULT_EXCLUDES
         update_kw["exclude_dirs"] = exclude_dirs
     tree, roots = trees.plan(root, options, index_state(folder))
     if not roots:
@@ -126,6 +147,7 @@ def update_watched(trees: FreshTrees, indexer, identity: dict, folder, index: st
     watch = tree.watch if tree is not None else TreeWatch()
     try:
         update_below(indexer, identity, folder, index, root, roots=roots, before_listing=watch.add,
+                     followed_link=watch.add_link,
                      include_hidden=include_hidden, **update_kw)
     except BaseException:
         if tree is None:

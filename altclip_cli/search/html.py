@@ -4,7 +4,8 @@ path, each linking to the full image.
 Self-contained: thumbnails are JPEG data URIs (at most THUMB_PX on a side, EXIF orientation
 applied), the CSS is inline, there is no script, and a Content-Security-Policy forbids the page to
 load anything, so opening it never touches the network. Every string from outside (paths, the
-query, error messages) goes through html.escape. Needs PIL (thumbnails) and nothing else.
+query, error messages) goes through html.escape. Needs PIL (thumbnails), made in the decoding
+pipeline's pool of daemon threads under the input timeout.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import datetime
 import html
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..inputs.files import DEFAULT_INPUT_TIMEOUT, stuck_error
 from ..inputs.names import display
 
 THUMB_PX = 256
@@ -63,6 +65,30 @@ def image_uri(image, px: int = THUMB_PX, *, keep: bool = True) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _thumbnails(paths: Sequence[str], px: int, workers: int, timeout: float | None) -> list:
+    """(data URI or None, why not) per path, in order, made in daemon worker threads (PIL decodes
+    outside the GIL); one still unread after `timeout` seconds (a hung network mount) is given up
+    and its worker replaced, so the page is written all the same."""
+    from ..inputs.pipeline import DaemonPool
+    from ..inputs.sources import reason
+
+    if not paths:
+        return []
+    pool = DaemonPool(min(workers, len(paths)))
+    try:
+        tasks = [pool.submit(_thumb_or_error, path, px) for path in paths]
+        out = []
+        for path, task in zip(paths, tasks):
+            try:
+                out.append(pool.result(task, timeout))
+            except FutureTimeout:
+                pool.abandon(task)
+                out.append((None, reason(stuck_error(display(path), timeout), display(path))))
+        return out
+    finally:
+        pool.close()
+
+
 def _thumb_or_error(path: str, px: int) -> tuple[str | None, str | None]:
     from ..errors import InputError
     from ..inputs.sources import reason
@@ -76,13 +102,13 @@ def _thumb_or_error(path: str, px: int) -> tuple[str | None, str | None]:
 
 
 def render(hits: Sequence[Hit], query: str, *, searched: str = "", note: str = "", px: int = THUMB_PX,
-           workers: int | None = None, query_images: Sequence[tuple[str, object]] = ()) -> str:
+           workers: int | None = None, query_images: Sequence[tuple[str, object]] = (),
+           input_timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> str:
     """The page as a string. query: the query as one line (see query.describe); searched: the folder
     searched; note: a line for the footer (the model, the number of files); query_images: (label,
-    PIL image) of the query's image parts, shown small under the heading."""
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes outside the GIL
-        thumbs = list(pool.map(lambda h: _thumb_or_error(h.path, px), hits))
+    PIL image) of the query's image parts, shown small under the heading; input_timeout: seconds
+    one thumbnail may take (None: no limit), past which its card says why it is missing."""
+    thumbs = _thumbnails([h.path for h in hits], px, workers or min(8, os.cpu_count() or 1), input_timeout)
     best = max((h.score for h in hits), default=0.0)
     cards = "\n".join(_card(h, uri, err, best) for h, (uri, err) in zip(hits, thumbs))
     e = _escape

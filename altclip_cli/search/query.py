@@ -116,11 +116,14 @@ def combine(vectors, weights: Sequence[float]):
     return (total / length).astype(np.float32)
 
 
-def open_images(parts: Sequence[QueryPart], open_kw: dict | None = None) -> dict[int, object]:
+def open_images(parts: Sequence[QueryPart], open_kw: dict | None = None,
+                input_timeout: float | None = None) -> dict[int, object]:
     """{part index: PIL image} for the image parts, opened as `altclip classify` opens its inputs
-    (EXIF orientation, pixel cap, URL deadline and size cap). A part that cannot be read raises
-    QueryError (not a usage error: exit 1) naming it."""
+    (EXIF orientation, pixel cap, URL deadline and size cap, regular files only, each within
+    `input_timeout` seconds, None: no limit). A part that cannot be read raises QueryError (not a
+    usage error: exit 1) naming it."""
     from ..errors import InputError
+    from ..inputs.files import within
     from ..inputs.sources import Source, open_source
 
     images = {}
@@ -132,7 +135,10 @@ def open_images(parts: Sequence[QueryPart], open_kw: dict | None = None) -> dict
         else:
             src = Source(part.value, path=os.path.expanduser(part.value))
         try:
-            images[i] = open_source(src, **(open_kw or {}))
+            if input_timeout is None:
+                images[i] = open_source(src, **(open_kw or {}))
+            else:
+                images[i] = within(input_timeout, str(src), lambda src=src: open_source(src, **(open_kw or {})))
         except InputError as exc:
             raise QueryError(f"query image {exc.message}",
                              hint="a query that contains a / or starts with ~ is an image (a path or an http(s) "

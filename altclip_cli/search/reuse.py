@@ -19,23 +19,29 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..paths import index_names
 from .run import index_folder
-from .store import INDEX_DB, IndexBusy, IndexStore, IndexStoreError
-from .update import COMMIT_EVERY, _check_model, content_key, index_identity
+from .store import INDEX_DB, IndexBusy, IndexStore, IndexStoreError, OtherModelsIndex
+from .update import COMMIT_EVERY, check_model, content_key, index_identity
 
 ADD_WAIT_S = 2.0
 
 
 def open_for_reuse(spec: str, model, *, warn: Callable[[str], None]) -> IndexStore | None:
     """The index named by --index (a folder, or "auto": the model's default one), read-only, when
-    its vectors are what this run would compute: the same weights (else IndexStoreError), precision
-    and decoding (else a warning and None). None, with a warning, when there is no index there."""
+    its vectors are what this run would compute: the same weights and width, precision and
+    decoding (else a warning says why not, and None: the run goes on without it, and adds
+    nothing to it). None, with a warning, when there is no index there."""
     folder = index_folder(spec, model.weights_id)
     if not (folder / INDEX_DB).exists():
         warn(f"--index: there is no index in {folder} yet; every image goes through the model, and the "
              "images are added to a new one")
         return None
-    store = IndexStore.open(folder, identity=index_identity(model))
+    try:
+        store = IndexStore.open(folder, identity=index_identity(model))
+    except OtherModelsIndex as exc:
+        warn(f"--index: {exc.message}: not using it")
+        return None
     for key, ours in (("precision", model.precision), ("exact_decode", "1" if model.exact_decode else "0")):
         theirs = store.meta.get(key)
         if theirs is not None and theirs != ours:
@@ -49,13 +55,15 @@ def open_for_reuse(spec: str, model, *, warn: Callable[[str], None]) -> IndexSto
 
 def indexed_rows(store: IndexStore, sources) -> dict[int, int]:
     """{position in sources: vector row} for the local files (Sources with a path) that the index
-    holds with a vector and the same size and mtime_ns as now."""
-    local = [(i, s.path) for i, s in enumerate(sources) if getattr(s, "path", None) and not getattr(s, "error", None)]
-    found = store.lookup([p for _i, p in local])
+    holds, under any of their names (paths.index_names), with a vector and the same size and
+    mtime_ns as now."""
+    local = [(i, s.path, index_names(s.path, getattr(s, "root", None))) for i, s in enumerate(sources)
+             if getattr(s, "path", None) and not getattr(s, "error", None)]
+    found = store.lookup([name for *_x, names in local for name in names])
     hits = {}
-    for i, path in local:
-        record = found.get(path)
-        if record is None or record[2] is None:
+    for i, path, names in local:
+        record = next((found[n] for n in names if n in found and found[n][2] is not None), None)
+        if record is None:
             continue
         try:
             st = os.stat(path)
@@ -116,6 +124,7 @@ class IndexAdditions:
         self.pending: list[tuple] = []  # (path, size, mtime_ns, embedding)
         self.off = False
         self._stats: dict[str, tuple[int, int]] = {}
+        self._names: dict[str, list] = {}  # path -> the names the index may hold it under (paths.index_names)
 
     @classmethod
     def for_run(cls, spec: str, model, store: IndexStore | None, *, warn: Callable[[str], None]):
@@ -167,6 +176,7 @@ class IndexAdditions:
                 continue
             if stat.S_ISREG(st.st_mode):
                 self._stats[path] = (st.st_size, st.st_mtime_ns)
+                self._names[path] = index_names(path, getattr(src, "root", None))
 
     def add(self, source, embedding) -> None:
         path = getattr(source, "path", None)
@@ -186,17 +196,18 @@ class IndexAdditions:
         try:
             with IndexStore.open(self.folder, identity=index_identity(self.model), write=True, create=True,
                                  wait=ADD_WAIT_S, writer="altclip --index") as store:
-                settings = _check_model(store, self.model)
+                settings = check_model(store, self.model)
                 first = store.append_vectors(np.stack([np.asarray(e, dtype=np.float32) for *_x, e in batch]))
+                held = store.lookup([n for path, *_x in batch for n in self._names[path]])
                 upserts = []
                 for k, (path, size, mtime_ns, _e) in enumerate(batch):
+                    # Under the name the index holds it by (a changed file), else by the rule's.
+                    name = next((n for n in self._names[path] if n in held), self._names[path][0])
                     try:
                         key = content_key(path, size)
                     except OSError:
                         key = None
-                    absolute = os.path.abspath(path)  # stored as lookup() finds it: the folder's real path
-                    real = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
-                    upserts.append((store.key_of(real), size, mtime_ns, key, first + k, None))
+                    upserts.append((store.key_of(name), size, mtime_ns, key, first + k, None))
                 store.commit(upserts=upserts, meta=settings)
         except IndexBusy as exc:
             self.off = True

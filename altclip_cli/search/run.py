@@ -1,6 +1,7 @@
 """The two halves of a search that `altclip search` and `altclip serve` (POST /v1/search) share:
 bring the index up to date with the images below a folder, then rank those images against a
-query vector.
+query vector; and search_below, the whole search in this process (the query encoded, then both
+halves), which `altclip search` and altclip_cli.search.search() run.
 
     identity = index_identity(model)                       # update.py
     folder = index_folder("auto", model.weights_id)
@@ -12,12 +13,13 @@ query vector.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..paths import default_index_folder
+from ..paths import default_index_folder, index_path, indexes_dir, real_root
 from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
-from .update import update_index
+from .update import DEFAULT_INPUT_TIMEOUT, storable, update_index
 
 
 def index_folder(index: str, weights_id: str) -> Path:
@@ -25,13 +27,20 @@ def index_folder(index: str, weights_id: str) -> Path:
     return default_index_folder(weights_id) if index == "auto" else Path(os.path.expanduser(index))
 
 
-def stores_relative(index: str, folder: Path, roots) -> bool:
-    """An index folder given inside a folder it indexes (`roots`: one path or several) stores
-    paths relative to itself, so that the folder and its index move together."""
+def stores_relative(folder: Path, roots) -> bool:
+    """An index folder inside a folder it indexes (`roots`: one path or several) stores paths
+    relative to itself, so that the folder and its index move together; altclip's own indexes
+    (those of `--index auto`, under paths.indexes_dir) store absolute paths. The folder alone
+    decides, so a server given the folder of a client's `--index auto` decides as the client would."""
     real = os.path.realpath(folder)
-    folders = [os.path.realpath(r) for r in ([roots] if isinstance(roots, (str, os.PathLike)) else roots)]
-    return index != "auto" and any(os.path.isdir(r) and (real == r or real.startswith(r.rstrip(os.sep) + os.sep))
-                                   for r in folders)
+    if _within(real, os.path.realpath(indexes_dir())):
+        return False
+    folders = [real_root(r) for r in ([roots] if isinstance(roots, (str, os.PathLike)) else roots)]
+    return any(os.path.isdir(r) and _within(real, r) for r in folders)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *, roots: list | None = None,
@@ -41,11 +50,16 @@ def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *
     `root` (update.update_index; `indexer` is the model, or a callable returning it, called only
     when some image needs embedding), or only below `roots` (folders at or below root: where a
     watch saw changes). `summary` is filled in place, so an interrupted run's is kept. Raises
-    IndexStoreError (another writer, another model, a damaged index)."""
+    IndexStoreError (another writer, another model, a damaged index). `index` (the --index given)
+    does not decide how paths are stored: the folder does (stores_relative)."""
     summary = summary if summary is not None else UpdateSummary()
     with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait,
-                         relative_paths=stores_relative(index, folder, root), writer=writer) as store:
-        update_index(indexer, store, roots or [root], summary=summary, **update_kw)
+                         relative_paths=stores_relative(folder, root), writer=writer) as store:
+        if roots:  # below root as walked: named by the rule, not resolved again
+            update_index(indexer, store, [index_path(r, root) for r in roots], summary=summary, as_named=True,
+                         **update_kw)
+        else:
+            update_index(indexer, store, [root], summary=summary, **update_kw)
     return summary
 
 
@@ -60,7 +74,7 @@ def index_paths(indexer, identity: dict, folder: Path, index: str, roots: list, 
     summary = summary if summary is not None else UpdateSummary()
     paths = [r[1] if isinstance(r, tuple) else r for r in roots]
     with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait, rebuild=rebuild,
-                         relative_paths=stores_relative(index, folder, paths), writer=writer) as store:
+                         relative_paths=stores_relative(folder, paths), writer=writer) as store:
         update_index(indexer, store, roots, summary=summary, **update_kw)
         if compact or summary.removed or summary.updated:
             return store.compact(only_if_worth=not compact)
@@ -78,6 +92,8 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
     if not (folder / INDEX_DB).exists():
         raise IndexStoreError(f"there is no index in {folder}",
                               hint="leave out --no-index to build it now, or run `altclip index DIR` first")
+    if not storable(root):  # the index holds UTF-8 paths only: none below this folder
+        return [], 0
     with IndexStore.open(folder, identity=identity) as store, store.snapshot(under=root, cache=cache) as snap:
         if snap.count == 0:
             return [], 0
@@ -88,3 +104,44 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
             positions, scores = positions[keep], scores[keep]
         paths = snap.paths_of(snap.file_ids[positions])
         return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count
+
+
+@dataclass
+class Found:
+    """What search_below found: hits (rank, absolute path, score), best first; the number of
+    images searched; the query's image parts opened ({part index: PIL image}); and the index
+    update's summary (None without an update)."""
+
+    hits: list
+    searched: int
+    images: dict
+    summary: UpdateSummary | None
+
+
+def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10, min_score: float | None = None,
+                 update: bool = True, indexer=None, query_sources: dict | None = None, open_kw: dict | None = None,
+                 batch_size: int | None = None, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, wait: float = 0.0,
+                 summary: UpdateSummary | None = None, writer: str = "altclip search", **update_kw) -> Found:
+    """A search in this process, the steps of `altclip search` and of altclip_cli.search.search():
+    open the query's image parts (one that cannot be read fails before any indexing), encode the
+    query (query.QueryParts) with `model`, bring the index up to date with the images below
+    `root` (an absolute, real folder) unless `update` is False, and rank them.
+    index: "auto" or a folder. indexer: what embeds new images (default: model; a callable is
+    called only when some image needs it). query_sources: what the model takes for the image
+    parts instead of the opened images (a server's model reads them itself). input_timeout:
+    seconds one image may take to read and decode. update_kw: update.update_index's (the walk's
+    include_hidden and exclude_dirs, msgs, ...).
+    Raises query.QueryError, IndexStoreError, InputError."""
+    from .query import open_images, query_vector
+    from .update import index_identity
+
+    images = open_images(parts, open_kw, input_timeout)  # a query image that cannot be read fails before indexing
+    vector = query_vector(model, parts, images if query_sources is None else query_sources, batch_size=batch_size)
+    identity = index_identity(model)
+    folder = index_folder(index, model.weights_id)
+    if update:
+        summary = update_below(indexer or model, identity, folder, index, root, wait=wait, writer=writer,
+                               summary=summary, open_kw=open_kw, batch_size=batch_size, input_timeout=input_timeout,
+                               **update_kw)
+    hits, searched = rank_below(identity, folder, root, vector, top, min_score)
+    return Found(hits, searched, images, summary if update else None)

@@ -17,11 +17,11 @@ How to call it::
 it is called only when some file needs the image tower, so bringing an unchanged tree up to date
 never loads the model. A loaded AltCLIP may be passed instead of the callable.
 
-What a run does: walk the roots (walk.py), compare each image's size and mtime_ns with the
+What a run does: walk the roots (inputs/walk.py), compare each image's size and mtime_ns with the
 index (one SELECT per root), and then
   - drop the files under the roots that are gone (not under a folder that could not be listed);
   - for new and changed files whose size matches an indexed file's (or another new file's),
-    compare content keys (size + sha256 of the first 1 MiB and the last 64 KiB): a renamed or
+    compare content keys (the size and the sha256 of every byte: content_key_of): a renamed or
     duplicated file takes the vector of the file with the same content, without the model
     (a changed file never takes its own old vector);
   - embed the rest (the same decoding pipeline and error records as `altclip embed`), committing
@@ -29,7 +29,9 @@ index (one SELECT per root), and then
     the caller turns it into one), then re-raising it;
   - record the images that fail, with their error: they are tried again only once their size or
     mtime changes (or with retry_failed=True).
-An unchanged tree costs a walk and a SELECT, and writes nothing.
+An unchanged tree costs a walk and a SELECT, and writes nothing: an unchanged file is never read.
+Each new or changed file is hashed once: the ones of a size some other file has are hashed before
+any embedding (to find their match), the others from the very bytes the decoder reads.
 """
 from __future__ import annotations
 
@@ -42,14 +44,16 @@ from pathlib import Path
 from typing import Callable
 
 from ..quiet import Silent
-from .store import IndexStore, IndexStoreError
+from .store import IndexStore, IndexStoreError, OtherModelsIndex
 from .summary import UpdateSummary
-from .walk import DEFAULT_EXCLUDES, walk_images
+from ..inputs.walk import DEFAULT_EXCLUDES, walk_images
+from ..paths import real_root
 
-HEAD_BYTES = 1 << 20  # content key: the first 1 MiB ...
-TAIL_BYTES = 64 << 10  # ... and the last 64 KiB
+KEY_PREFIX = "sha256:"  # content keys hash whole files (index schema 2: see database.py)
+HASH_BLOCK = 1 << 20  # bytes hashed at a time when a file is read for its key alone
 COMMIT_EVERY = 256  # images embedded between two commits
-HASH_CHUNK = 64  # files hashed by one thread-pool task
+HASH_CHUNK = 64  # files hashed by one thread-pool task ...
+HASH_CHUNK_BYTES = 64 << 20  # ... and the most bytes it reads (a larger file alone), well within the input timeout
 DEFAULT_INPUT_TIMEOUT = 120.0  # as altclip_cli.inputs.pipeline (not imported: it imports numpy)
 
 
@@ -76,15 +80,31 @@ def model_identity(model: str, *, revision: str | None = None, progress: bool = 
     return {"model": str(model), "weights": content_identity(resolved.weights), "dim": dim}
 
 
+def content_key_of(data: bytes) -> str:
+    """The content key of a file holding `data`: "sha256:SIZE:HEX", its size and the sha256 of
+    every byte. Two files share a vector only when their keys are equal (a renamed or copied file)."""
+    return f"{KEY_PREFIX}{len(data)}:{hashlib.sha256(data).hexdigest()}"
+
+
 def content_key(path: str, size: int) -> str:
-    """size + sha256 of the first 1 MiB and the last 64 KiB: equal for a renamed or copied file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(HEAD_BYTES))
-        if size > HEAD_BYTES:
-            f.seek(max(HEAD_BYTES, size - TAIL_BYTES))
-            digest.update(f.read(TAIL_BYTES))
-    return f"{size}:{digest.hexdigest()}"
+    """content_key_of the file at `path`, read in blocks through the one opener (regular files
+    only). OSError when it cannot be read (inputs.files says why), or no longer holds `size` bytes
+    (it changed since it was listed)."""
+    from ..errors import InputError
+    from ..inputs.files import open_regular
+
+    try:
+        f = open_regular(path, empty_ok=True)
+    except InputError as exc:
+        raise OSError(exc.message) from None
+    digest, read = hashlib.sha256(), 0
+    with f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+            read += len(block)
+    if read != size:
+        raise OSError(f"{path} changed while it was read")
+    return f"{KEY_PREFIX}{read}:{digest.hexdigest()}"
 
 
 @dataclass(eq=False)
@@ -108,7 +128,9 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
                  exclude_dirs=DEFAULT_EXCLUDES, open_kw: dict | None = None, batch_size: int | None = None,
                  input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, msgs=None, retry_failed: bool = False,
                  commit_every: int = COMMIT_EVERY, summary: UpdateSummary | None = None,
-                 before_listing: Callable[[str], None] | None = None) -> UpdateSummary:
+                 before_listing: Callable[[str], None] | None = None,
+                 followed_link: Callable[[str, os.stat_result], None] | None = None,
+                 as_named: bool = False) -> UpdateSummary:
     """Bring `store` (opened with write=True) up to date with the image files at or below `roots`
     (folders or files; or (name, path) pairs, the name used in messages). See the module doc. get_model: a zero-argument callable returning the
     loaded AltCLIP (called only if some image needs embedding), or the model itself. open_kw: the
@@ -117,17 +139,19 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     summary: filled in place as the run goes (what an interrupted run committed is in it).
     Raises IndexStoreError when the loaded model does not match the index (weights, width,
     precision, decoding); KeyboardInterrupt after committing what was done.
-    before_listing(folder): called before each folder is listed (see walk.walk_images)."""
+    before_listing(folder), followed_link(path, stat): the walk's callbacks (see inputs.walk).
+    as_named: the roots are already named as the index names them (paths.index_path: folders
+    below a walked root, through its symlinks), so they are not resolved again."""
     started = time.monotonic()
     summary = summary if summary is not None else UpdateSummary()
     msgs = msgs or Silent()
     get = get_model if callable(get_model) else (lambda: get_model)
 
-    seen, work, removed = _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs,
-                                   before_listing)
+    seen, work, removed = _compare(store, _unique_roots(roots, as_named), include_hidden, exclude_dirs,
+                                   retry_failed, summary, msgs, before_listing, followed_link)
     summary.files = len(seen)
     if work or removed:
-        to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary)
+        to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary, input_timeout)
         if upserts or deletes:
             store.commit(upserts=upserts, deletes=deletes)
         if to_embed:
@@ -136,13 +160,14 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     return summary
 
 
-def _unique_roots(roots) -> list[tuple[str, str]]:
-    """(as given, real path) per root, without roots that lie inside another one. A root is a
-    path, or a (name for messages, path) pair (a server names files as its client gave them)."""
+def _unique_roots(roots, as_named: bool = False) -> list[tuple[str, str]]:
+    """(as given, the path the index names it by: paths.real_root unless `as_named`) per root,
+    without roots that lie inside another one. A root is a path, or a (name for messages, path)
+    pair (a server names files as its client gave them)."""
     real = []
     for root in roots:
         given, where = root if isinstance(root, tuple) else (os.fspath(root), os.fspath(root))
-        path = os.path.realpath(os.path.expanduser(where))
+        path = os.path.abspath(where) if as_named else real_root(where)
         if all(path != r for _, r in real):
             real.append((given, path))
     return [(g, r) for g, r in real if not any(_inside(r, other) for _, other in real if other != r)]
@@ -152,26 +177,36 @@ def _inside(path: str, folder: str) -> bool:
     return path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs, before_listing=None):
-    """Walk the roots and compare with the index: (keys seen, new or changed _Items, {key: file id}
-    of indexed files that are gone)."""
+def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, msgs, before_listing=None,
+             followed_link=None):
+    """Walk the roots ((as given, as named) pairs) and compare with the index: (keys seen, new or
+    changed _Items, {key: file id} of indexed files that are gone)."""
     seen: set[str] = set()
     work: list[_Item] = []
     known: dict = {}
     kept_prefixes: list[str] = []  # below folders that could not be listed: nothing is removed
-    skip = frozenset({str(store.folder)})
-    for given, real in _unique_roots(roots):
+    skip = (str(store.folder),)
+    join = os.path.join
+    for given, real in roots:
         walk = walk_images(real, include_hidden=include_hidden, exclude_dirs=exclude_dirs, skip_dirs=skip,
-                           warn=msgs.warn, before_listing=before_listing)
-        summary.skipped_names += walk.skipped_names
-        for name in walk.skipped_names:
-            msgs.warn(f"{_printable(name)}: the file name is not valid UTF-8, so the index cannot hold it; skipped")
+                           utf8_only=True, before_listing=before_listing, followed_link=followed_link)
+        for rel, exc in walk.unlisted:
+            where = join(real, rel) if rel else real
+            what = "cannot list this folder" if rel or os.path.isdir(real) else "cannot read it"
+            msgs.warn(f"{_printable(where)}: {what} ({exc.strerror or exc}); what the index holds below it is kept")
+        for rel in walk.loops:
+            msgs.warn(f"{_printable(join(real, rel))}: folder already visited (a symlink loop?), skipped")
+        for rel in walk.skipped_names:
+            where = join(real, rel) if rel else real
+            summary.skipped_names.append(_printable(where))
+            msgs.warn(not_utf8_warning(where))
+        if "" in walk.skipped_names:  # the root itself: nothing below it can be held
+            continue
         root_key = store.key_of(real)
         base = "" if root_key == "." else (root_key if root_key.endswith("/") else root_key + "/")
-        kept_prefixes += [(base + rel if rel else root_key) for rel in walk.unlisted]
+        kept_prefixes += [(base + rel if rel else root_key) for rel, _exc in walk.unlisted]
         rows = store.rows_under(real)
         known.update(rows)
-        join = os.path.join
         for rel, size, mtime_ns in walk.files:
             key = base + rel if rel else root_key
             if key in seen:
@@ -189,20 +224,38 @@ def _compare(store, roots, include_hidden, exclude_dirs, retry_failed, summary, 
     return seen, work, removed
 
 
+def storable(path: str) -> bool:
+    """Whether the index can hold `path` (it stores UTF-8 text; a name the file system holds as
+    other bytes is skipped, with not_utf8_warning)."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def not_utf8_warning(path: str) -> str:
+    """The warning that names a file or folder the index cannot hold, readably."""
+    what, below = ("folder", "the images below it") if os.path.isdir(path) else ("file", "it")
+    return (f"{_printable(path)}: the {what} name is not valid UTF-8 (the index stores UTF-8 paths), so the "
+            f"index cannot hold {below}; skipped")
+
+
 def _printable(name: str) -> str:
     from ..inputs.names import display
 
     return display(name)
 
 
-def _reuse_by_content(store, work, removed, summary):
+def _reuse_by_content(store, work, removed, summary, input_timeout=DEFAULT_INPUT_TIMEOUT):
     """Content keys for the files that might share content with an indexed file or with each
     other (same size), and the vectors they can reuse. Returns (items to embed, upserts of the
     reused ones, ids of the removed rows)."""
+    _key_indexed(store, {it.size for it in work})
     sizes = store.sizes_with_vectors()
     same_size = Counter(item.size for item in work)
     candidates = [it for it in work if it.size in sizes or same_size[it.size] > 1]
-    _hash_all(candidates)
+    _hash_all(candidates, input_timeout)
     removed_ids = set(removed.values())
     renamed_from: set[int] = set()
     upserts, to_embed = [], []
@@ -235,35 +288,76 @@ def _reuse_by_content(store, work, removed, summary):
     return to_embed, upserts, sorted(removed_ids)
 
 
-def _hash_all(items) -> None:
-    """Content keys, read in a few threads (hashlib and file reads release the GIL), a run of
-    files per task (a task per file would cost more than hashing a small one); a file that
-    cannot be read keeps None and is embedded, which reports why."""
+def _key_indexed(store, sizes) -> None:
+    """Content keys, read and committed now, for the indexed files of these sizes that have a
+    vector but no key and are unchanged since they were indexed: so a new copy of one of them
+    takes its vector (the keys of an older index are dropped when it is upgraded, see
+    database.upgrade, and come back this way, as files of their size turn up)."""
+    items = []
+    for key, size, mtime_ns, vec_row in store.without_keys(sizes):
+        path = store.path_of(key)
+        try:
+            st = os.stat(path)
+        except OSError:  # gone: the walk removes it
+            continue
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # else changed: the walk reads it anyway
+            items.append((_Item(key, path, path, size, mtime_ns, None), vec_row))
+    _hash_all([it for it, _row in items])
+    keyed = [it.row(vec_row, None) for it, vec_row in items if it.content_key is not None]
+    if keyed:
+        store.commit(upserts=keyed)
+
+
+def _hash_all(items, timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> None:
+    """Content keys, read in a few daemon threads (hashlib and file reads release the GIL), a
+    run of files per task (a task per file would cost more than hashing a small one): at most
+    HASH_CHUNK files and HASH_CHUNK_BYTES. A file that cannot be read keeps None and is embedded,
+    which reports why; so do the files of a run not hashed within `timeout` seconds (None: no
+    limit), a hung network mount, whose thread is given up."""
     if not items:
         return
+    from concurrent.futures import TimeoutError as FutureTimeout
 
-    def run(chunk):
-        for item in chunk:
+    from ..inputs.pipeline import DaemonPool
+
+    runs, size = [[]], 0
+    for item in items:
+        if runs[-1] and (len(runs[-1]) == HASH_CHUNK or size + item.size > HASH_CHUNK_BYTES):
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += item.size
+    pool = DaemonPool(min(4, len(runs)))
+    try:
+        tasks = [(run, pool.submit(_hash_run, run)) for run in runs]
+        for run, task in tasks:
             try:
-                item.content_key = content_key(item.path, item.size)
-            except OSError:
-                item.content_key = None
-
-    if len(items) < 8:
-        run(items)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    chunks = [items[i:i + HASH_CHUNK] for i in range(0, len(items), HASH_CHUNK)]
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="altclip-hash") as pool:
-        list(pool.map(run, chunks))
+                keys = pool.result(task, timeout)
+            except FutureTimeout:
+                pool.abandon(task)
+                keys = [None] * len(run)
+            for item, key in zip(run, keys):
+                item.content_key = key
+    finally:
+        pool.close()
 
 
-def _check_model(store, model) -> dict:
+def _hash_run(items) -> list:
+    """The content key of each item, None for one that cannot be read."""
+    keys = []
+    for item in items:
+        try:
+            keys.append(content_key(item.path, item.size))
+        except OSError:
+            keys.append(None)
+    return keys
+
+
+def check_model(store, model) -> dict:
     """The loaded model against the index: the same weights and width, and the precision and
     decoding of the vectors already in it. Returns the settings to record with the next commit."""
     if model.weights_id != store.meta.get("weights") or int(model.embed_dim) != store.dim:
-        raise IndexStoreError(
+        raise OtherModelsIndex(
             f"the index in {store.folder} was made with {store.meta.get('model')} (weights {store.meta.get('weights')}, "
             f"{store.dim} dims); the model loaded is {model.model_id} (weights {model.weights_id}, {model.embed_dim} dims)",
             hint="give the index's model with -m, or --rebuild to start it over with this model")
@@ -291,16 +385,19 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
     from ..outputs.signals import signals_deferred
 
     model = get()
-    settings = _check_model(store, model)
+    settings = check_model(store, model)
     kw = {**open_kw, "draft_min_side": model.draft_min_side}
-    keys: dict[str, str | None] = {}
+    keys: dict[str, str] = {}  # path -> content key, of the bytes the decoder read
+    unhashed = {it.path for it in items if it.content_key is None}
 
     def open_fn(source):
-        try:  # read here, in the decoding thread, just before the decoder reads the same bytes
-            keys[source.path] = content_key(source.path, os.stat(source.path).st_size)
-        except OSError:
-            keys[source.path] = None
-        return open_source(source, **kw)
+        if source.path not in unhashed:
+            return open_source(source, **kw)
+
+        def hashed(data: bytes) -> None:  # in the decoding thread, before the bytes are decoded
+            keys[source.path] = content_key_of(data)
+
+        return open_source(source, on_bytes=hashed, **kw)
 
     sources = [Source(it.name, path=it.path) for it in items]
     results = model.stream_images(sources, open_fn=open_fn, batch_size=batch_size, input_timeout=input_timeout)

@@ -2,12 +2,17 @@
 (Linux inotify, through ctypes; elsewhere `TreeWatch.available()` is False and every search walks).
 
 A long-running process (`altclip serve`) arms a `TreeWatch` on each folder just before the walk
-lists it (walk.walk_images' `before_listing`), so that a change made after a folder was listed,
+lists it (inputs.walk's `before_listing`), so that a change made after a folder was listed,
 or to a file after it was stat'ed, is an event on the watch. `changed()` then says whether any
 event came since: any creation, deletion, rename, write or attribute change (mtime) below the
 tree. Reading files (the decoder, the content hash) is not an event. `changes()` names what
 changed (the path of each entry created, deleted, renamed or written, or of a watched folder
 itself), so that a caller can walk those places again instead of the whole tree.
+
+A symlink the walk followed (`add_link`, walk's `followed_link`) may point anywhere: a change to
+its target is no event in the watched folders, so `changes()` also stats each such link and
+names the ones that no longer resolve to the same file (or folder) with the same size, mtime and
+ctime. A symlinked folder's own entries are watched through the link like any folder's.
 
 The watch refuses (`usable` False) what it cannot vouch for, and the caller walks instead:
   - a folder on a file system whose changes may come from elsewhere (NFS, SMB, FUSE mounts: other
@@ -23,6 +28,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import struct
 import sys
 import time
@@ -70,6 +76,15 @@ def _mount_types() -> dict[int, str]:
     return out
 
 
+def _identity(st: os.stat_result) -> tuple:
+    """What a symlink resolved to, as far as a change matters: the file or folder (device, inode)
+    and, for a file, its size, mtime and ctime (ctime moves on any write, even one whose mtime is
+    set back)."""
+    if stat.S_ISDIR(st.st_mode):  # the folder's entries are watched by inotify
+        return (st.st_dev, st.st_ino)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class TreeWatch:
     """Watches the folders given to `add` (see the module doc). Close it when done."""
 
@@ -80,6 +95,7 @@ class TreeWatch:
         self.folders = 0
         self.max_folders = max_folders
         self._paths: dict[int, str] = {}  # watch descriptor -> the folder as added
+        self._links: dict[str, tuple] = {}  # symlink followed -> what it resolved to (_identity)
         self.armed_at = time.monotonic()
         self._types = _mount_types() if self.usable else {}
         if self.usable:
@@ -115,6 +131,27 @@ class TreeWatch:
         self._paths[wd] = folder  # the same folder added again: the same descriptor
         self.folders = len(self._paths)
 
+    def add_link(self, path: str, st: os.stat_result) -> None:
+        """Watch a symlink the walk followed (`st`: what it resolved to): a change to its target,
+        which may lie anywhere, is no event in the link's folder, so changes() stats it again."""
+        if self.usable:
+            self._links[path] = _identity(st)
+
+    def _changed_links(self) -> set[str]:
+        """The followed symlinks that no longer resolve to what they did: retargeted, their target
+        replaced, written, touched or gone. Each is reported once (the walk that follows adds it
+        again)."""
+        out = set()
+        for path, was in list(self._links.items()):
+            try:
+                now = _identity(os.stat(path))
+            except OSError:
+                now = None
+            if now != was:
+                out.add(path)
+                del self._links[path]
+        return out
+
     def changes(self) -> set[str] | None:
         """The paths that changed since the last call (or since the folders were added): each
         entry created, deleted, renamed, written or touched in a watched folder, or the watched
@@ -128,7 +165,7 @@ class TreeWatch:
             try:
                 data = os.read(self.fd, 1 << 16)
             except BlockingIOError:
-                return out
+                return out | self._changed_links()
             except OSError:
                 return None
             at = 0

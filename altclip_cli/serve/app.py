@@ -29,7 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import __version__
+from ..version import __version__
 from ..errors import InputError
 from ..inputs.sources import reason
 from ..outputs.records import error_record, score_record
@@ -44,18 +44,22 @@ from .state import ServeState
 
 
 def create_app(state: ServeState) -> FastAPI:
+    search_locks = IndexLocks()
+
     @asynccontextmanager
     async def lifespan(app):
         watchdog = asyncio.create_task(_idle_watchdog(state)) if state.idle_timeout else None
         yield
         if watchdog:
             watchdog.cancel()
+        search_locks.close()
 
     app = FastAPI(title="altclip", version=__version__, lifespan=lifespan, redoc_url=None,
                   description="BAAI's multilingual AltCLIP: zero-shot classification and embeddings of "
                               "images and texts. Protocol " + str(PROTOCOL) + ".")
     answer_errors(app)
-    for router in (info_routes(state), model_routes(state), openai_routes(state), search_routes(state)):
+    routers = (info_routes(state), model_routes(state), openai_routes(state), search_routes(state, search_locks))
+    for router in routers:
         app.include_router(router)
     app.openapi = lambda: _openapi(app, state)
     return app
@@ -265,9 +269,8 @@ def _any_case_pattern(names) -> str:
 # --- POST /v1/search, POST /v1/index (Unix socket only) ---------------------------------------------------
 
 
-def search_routes(state: ServeState) -> APIRouter:
+def search_routes(state: ServeState, search_locks: IndexLocks) -> APIRouter:
     router = APIRouter()
-    search_locks = IndexLocks()
 
     @router.post("/v1/search", summary="Index a folder and rank its images against a query (Unix socket only)",
                  responses=_errors(*SEARCH_ERRORS), openapi_extra=_body_doc("SearchRequest"))

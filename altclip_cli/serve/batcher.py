@@ -220,7 +220,7 @@ class Batcher:
 
     def _encode_images(self, batch: list[_Job]) -> list[np.ndarray]:
         pixels = np.concatenate([job.payload for job in batch]) if len(batch) > 1 else batch[0].payload
-        parts = [self.model._encode_pixels_halving(torch.from_numpy(pixels[start:start + self.image_batch]))
+        parts = [self.model.encode_pixels(torch.from_numpy(pixels[start:start + self.image_batch]))
                  for start in range(0, len(pixels), self.image_batch)]
         return self._split(batch, torch.cat(parts))
 

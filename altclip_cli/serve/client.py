@@ -6,6 +6,10 @@ model itself.
     check_compatible(info, model="BAAI/AltCLIP")                     # ServerMismatch if not
     out = post_json(target, "/v1/embed", {"texts": ["a cat"]})
 
+Strings a server sends that the commands show (its /v1/health, its error messages and hints)
+come back with their control characters escaped (`printable`): a server cannot move the cursor,
+recolour or retitle the terminal of whoever reads them.
+
 Failures are typed: `ServerDown` (nothing answers, or the connection was lost before the answer:
 the caller may fall back to loading the model itself), `ServerMismatch` (a server answers but
 runs another model or protocol), `RequestFailed` (the server answered with an error; `ServerBusy`
@@ -58,10 +62,13 @@ class RequestFailed(ServerError):
 
 
 class ServerBusy(RequestFailed):
-    """503: the server's queue is full; try again after `retry_after` seconds."""
+    """503: the server cannot take the request now (its queue is full, it is stopping, its
+    decoders are stuck); try again after `retry_after` seconds when it says so. The hint is the
+    server's when it gives one."""
 
-    def __init__(self, status, message, error=None, retry_after: float | None = None):
-        super().__init__(status, message, error, hint="try again shortly, or start the server with a larger --queue-size")
+    def __init__(self, status, message, error=None, retry_after: float | None = None, hint: str | None = None):
+        super().__init__(status, message, error,
+                         hint=hint or "try again shortly, or start the server with a larger --queue-size")
         self.retry_after = retry_after
 
 
@@ -105,6 +112,25 @@ def parse_target(spec: str | os.PathLike | Target, token: str | None = None) -> 
         raise ValueError(f"{text!r} is not a server address: use a socket path or an http(s):// URL")
     return Target(scheme=url.scheme, host=url.hostname, port=url.port, prefix=url.path.rstrip("/"),
                   token=token)
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (control characters: C0, DEL, C1, the
+    bidirectional overrides; line breaks and tabs too) written as a Python escape (\\x1b, \\u202e)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def printable_strings(value):
+    """A JSON value with each string in it made printable (keys too)."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable_strings(k): printable_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable_strings(v) for v in value]
+    return value
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -186,15 +212,16 @@ def _json_or_raise(target, status: int, headers: dict, data: bytes) -> dict:
         raise RequestFailed(status, f"{target}: the answer is not a JSON object")
     error = payload.get("error") if isinstance(payload, dict) else None
     error = error if isinstance(error, dict) else {"message": data[:200].decode("utf-8", "replace")}
+    error = printable_strings(error)
     message = error.get("message") or f"HTTP {status}"
+    hint = error.get("hint") if isinstance(error.get("hint"), str) else None
     if status == 503:
         raw = headers.get("retry-after")
         try:
             retry = float(raw) if raw is not None else None
         except ValueError:
             retry = None
-        raise ServerBusy(status, message, error, retry_after=retry)
-    hint = error.get("hint") if isinstance(error.get("hint"), str) else None
+        raise ServerBusy(status, message, error, retry_after=retry, hint=hint)
     if status == 401:
         hint = "this server needs a token: pass the one in its --token-file"
     raise RequestFailed(status, message, error, hint=hint)
@@ -217,11 +244,11 @@ def post_json(target, path: str, payload: dict, *, timeout: float | None = DEFAU
 
 def health(target, *, timeout: float | None = HEALTH_TIMEOUT) -> dict:
     """GET /v1/health: the server's version, protocol, model, weights, device, precision, pid,
-    uptime. ServerDown when nothing answers; ServerMismatch when what answers is not an
+    uptime (strings made printable). ServerDown when nothing answers; ServerMismatch when what answers is not an
     altclip server."""
     target = parse_target(target)
     try:
-        info = get_json(target, "/v1/health", timeout=timeout)
+        info = printable_strings(get_json(target, "/v1/health", timeout=timeout))
     except RequestFailed as exc:
         if exc.status in (401, 403):
             raise

@@ -3,6 +3,7 @@ and Origin headers, its body size (413), the request counters and one log line p
 the error answers, `{"error": {"message", "type", "param", "code"}}`, whoever refuses."""
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -133,6 +134,13 @@ class Gate:
             if not started:
                 info["status"] = 413
                 await send_error(send, too_large(None, limit))
+        except asyncio.CancelledError:  # a forced stop (Ctrl-C twice) cuts the request short: say so
+            if started or not getattr(self.state.server, "force_exit", False):
+                raise
+            info["status"] = 503
+            await send_error(send, ApiError(503, "the server was stopped at once (Ctrl-C twice) before it answered",
+                                            type="server_error", code="stopping",
+                                            hint="send it again once a server is up"))
 
     def _log(self, scope, info, seconds: float) -> None:
         client = scope.get("client")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import stat
 from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InputError
+from ..inputs.files import stuck_error
 from ..inputs.pipeline import DaemonPool, prepare
 from .batcher import QueueFull, Stopped
 from .requests import ApiError, bad_request, decode_base64
@@ -31,48 +31,62 @@ class ImageInput:
         return self.name
 
 
+MAX_ABANDONED = 32  # decoding threads left stuck on inputs that never returned, before images are refused
+
+
 class Decoder:
     """Decoding and preprocessing in daemon worker threads (PIL releases the GIL), bounded by
-    the same caps as files on the command line: the pixel cap and the input timeout."""
+    the same caps as files on the command line: the pixel cap and the input timeout.
 
-    def __init__(self, model, workers: int, max_pixels: int | None, input_timeout: float | None):
+    A worker stuck past the input timeout (a read of a hung network mount never returns) is
+    abandoned and replaced; its thread ends only if the read ever does. Once `max_abandoned`
+    of them (in every decoding pool of the process: index updates' too) are still stuck, the
+    server decodes no more images and answers 503 (`check_stuck`) until some come back."""
+
+    def __init__(self, model, workers: int, max_pixels: int | None, input_timeout: float | None,
+                 max_abandoned: int = MAX_ABANDONED):
         self.model, self.max_pixels, self.input_timeout = model, max_pixels, input_timeout
-        self.workers = workers
+        self.workers, self.max_abandoned = workers, max_abandoned
         self.pool = DaemonPool(workers)
+
+    def check_stuck(self) -> None:
+        """ApiError 503 while `max_abandoned` decoding threads are stuck."""
+        stuck = DaemonPool.abandoned()
+        if stuck >= self.max_abandoned:
+            raise ApiError(503, f"{stuck} decoding threads are stuck on inputs that never returned (a hung network "
+                                "mount?): this server decodes no more images until they do",
+                           type="server_error", code="decoders_stuck", headers={"Retry-After": "60"},
+                           hint="restart the server if the mount never comes back")
 
     def _open(self, item: ImageInput):
         from ..inputs.images import open_image
 
-        source = item.data
-        if item.path is not None:
-            try:
-                st = os.stat(item.path)
-            except FileNotFoundError:
-                raise InputError(f"{item.name}: no such file") from None
-            except OSError as exc:
-                raise InputError(f"{item.name}: cannot open ({exc.strerror or exc})") from None
-            if not stat.S_ISREG(st.st_mode):  # a FIFO would block a decoder, a folder is no image
-                raise InputError(f"{item.name}: not a regular file")
-            source = item.path
+        source = item.data if item.path is None else item.path  # a path: regular files only (inputs/files.py)
         return open_image(source, name=item.name, max_pixels=self.max_pixels,
                           draft_min_side=self.model.draft_min_side)
 
     def start(self, item: ImageInput):
-        """Hand one item to the decoders; collect() takes its outcome."""
+        """Hand one item to the decoders; collect() takes its outcome. ApiError 503 while too
+        many decoding threads are stuck (see the class doc)."""
+        self.check_stuck()
         return self.pool.submit(prepare, item, self._open, self.model.preprocessor)
 
     def collect(self, tasks) -> list:
         """(3, H, W) float32 pixels or an InputError per (item, task), in order. Blocks: run it
         in a worker thread."""
         out = []
-        for item, task in tasks:
+        for i, (item, task) in enumerate(tasks):
             try:
                 out.append(self.pool.result(task, self.input_timeout))
             except InputError as exc:
                 out.append(exc)
             except FutureTimeout:  # the worker is stuck on this input: it is replaced
+                if DaemonPool.abandoned() + 1 >= self.max_abandoned:  # the last one: the rest are not tried
+                    for _item, rest in tasks[i + 1:]:  # (before the replacement worker takes one)
+                        rest.future.cancel()
                 self.pool.abandon(task)
-                out.append(InputError(f"{item.name}: no data after {self.input_timeout:g} s (a hung network mount?)"))
+                self.check_stuck()
+                out.append(stuck_error(item.name, self.input_timeout))
         return out
 
     async def decode(self, items: list[ImageInput]) -> list:

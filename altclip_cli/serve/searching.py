@@ -10,12 +10,19 @@ request's), and ranks (search.run.rank_below). The answer carries the records of
 messages (each image that failed, folders that could not be read).
 
 Updates of one index run one at a time in this server (a second request waits for the first,
-then finds little to do); another process updating the same index makes the request wait up to
-`wait` seconds, then fail with 409 as the command does.
+then finds little to do). Another process updating the same index makes the request wait up to
+`wait` seconds, then fail with 409 as the command does; that wait holds no worker thread and not
+the index's turn (it tries again every second or less), so a request with a shorter wait is
+answered at once meanwhile, and a stopping server answers it 503 instead of waiting on.
 
 A warm server also remembers the trees it has walked (search/fresh.py): a later search below
 the same folder skips the walk when nothing changed there since, or walks only the folders where
 something did. /v1/index always walks its paths whole, as `altclip index` does.
+
+What the server keeps per index (IndexLocks) is bounded: the MAX_INDEXES indexes used last
+(each holds a SQLite read connection and its watched trees), MAX_WATCHED_TREES watched trees in
+all (one inotify instance each), and nothing unused for IDLE_S; what goes is closed, and the next
+search there opens it again and walks.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import itertools
 import os
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,8 +41,9 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import AltclipError, InputError
+from ..inputs.names import display
 from ..quiet import NoProgress
-from ..search.fresh import FreshTrees, update_watched
+from ..search.fresh import TRUST_CLEAN_S, FreshTrees, update_watched
 from ..search.query import QueryError, combine
 from ..search.run import index_folder, index_paths, rank_below
 from ..search.store import IndexBusy, IndexStoreError, SnapshotCache
@@ -50,8 +59,8 @@ class BatchedModel:
     (batcher.Batcher): an index update shares the model with the other requests, one pass at a
     time, instead of running a second pass beside them."""
 
-    def __init__(self, model, batcher, decode_workers: int):
-        self._model, self._batcher, self._workers = model, batcher, decode_workers
+    def __init__(self, model, batcher, decoder):
+        self._model, self._batcher, self._decoder = model, batcher, decoder
 
     def __getattr__(self, name):  # model_id, weights_id, precision, device, draft_min_side, ...
         return getattr(self._model, name)
@@ -60,10 +69,11 @@ class BatchedModel:
         from ..inputs.pipeline import stream_embeddings
 
         return stream_embeddings(sources, open_fn, self._model.preprocessor, self._encode,
-                                 batch_size=self._batcher.image_batch, workers=self._workers,
+                                 batch_size=self._batcher.image_batch, workers=self._decoder.workers,
                                  input_timeout=input_timeout)
 
     def _encode(self, pixels: np.ndarray) -> np.ndarray:
+        self._decoder.check_stuck()  # an update over a hung mount stops (keeping what it committed)
         return _wait(lambda: self._batcher.submit_images(pixels, True))
 
 
@@ -116,26 +126,135 @@ class _Progress(NoProgress):
 _update_ids = itertools.count()  # keys of ServeState.indexing
 
 
+MAX_INDEXES = 8  # indexes whose state is kept while unused (a SQLite read connection each)
+MAX_WATCHED_TREES = 16  # watched trees kept in all (one inotify instance each; Linux allows 128 per user)
+IDLE_S = TRUST_CLEAN_S  # an index unused this long is closed (its watches are no longer trusted by then)
+LOCK_POLL_S = 1.0  # how often a request waiting for another process's write lock tries again (at most)
+
+
 @dataclass(eq=False)
 class IndexState:
-    """What this server keeps per index: the lock its updates take turns on, the trees it
-    watches (used under that lock), and its reader's SnapshotCache."""
+    """What this server keeps per index: the turn its updates take (one at a time), the trees
+    it watches (used during a turn), its reader's SnapshotCache, and its users (requests that
+    hold it: IndexLocks closes it only when there are none)."""
 
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    writing: threading.Lock = field(default_factory=threading.Lock)  # held by the update's thread, even
+    # if its request was cancelled meanwhile (FreshTrees is not for two threads at once)
     trees: FreshTrees = field(default_factory=FreshTrees)
     snapshots: SnapshotCache = field(default_factory=SnapshotCache)
+    users: int = 0
+    used_at: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        self.trees.close()
+        self.snapshots.close()
 
 
 class IndexLocks:
-    """The IndexState of each index folder this server has searched."""
+    """The IndexState of each index folder this server uses, bounded (see the module doc): when
+    a request is done with an index, the states beyond `max_indexes` (least recently used
+    first), those idle for `idle_s`, and watched trees beyond `max_trees` (the oldest of idle
+    indexes first) are closed. A state in use is never closed: while requests use more indexes
+    at once than the bound, that many stay open."""
 
-    def __init__(self):
+    def __init__(self, max_indexes: int = MAX_INDEXES, max_trees: int = MAX_WATCHED_TREES,
+                 idle_s: float = IDLE_S):
+        self.max_indexes, self.max_trees, self.idle_s = max_indexes, max_trees, idle_s
         self._guard = threading.Lock()
-        self._states: dict[str, IndexState] = {}
+        self._states: OrderedDict[str, IndexState] = OrderedDict()  # least recently used first
+        self._sweeper: threading.Thread | None = None  # closes idle states of a server nobody asks
+        self._closed = threading.Event()
 
-    def of(self, folder) -> IndexState:
+    @contextmanager
+    def use(self, folder):
+        """The IndexState of `folder`, held (not closed) until the block ends."""
+        key = os.path.realpath(folder)
         with self._guard:
-            return self._states.setdefault(os.path.realpath(folder), IndexState())
+            if self._sweeper is None and self.idle_s > 0:
+                self._sweeper = threading.Thread(target=self._sweep, name="altclip-index-sweeper", daemon=True)
+                self._sweeper.start()
+            state = self._states.get(key)
+            if state is None:
+                state = self._states[key] = IndexState()
+            self._states.move_to_end(key)
+            state.users += 1
+        try:
+            yield state
+        finally:
+            with self._guard:
+                state.users -= 1
+                state.used_at = time.monotonic()
+                self._trim()
+
+    def sizes(self) -> dict:
+        """{"indexes": states kept, "watched_trees": their watched trees}."""
+        with self._guard:
+            return {"indexes": len(self._states), "watched_trees": sum(len(s.trees) for s in self._states.values())}
+
+    def _trim(self) -> None:
+        now = time.monotonic()
+        idle = [(k, s) for k, s in self._states.items() if s.users == 0]  # least recently used first
+        for key, state in idle:
+            if len(self._states) > self.max_indexes or now - state.used_at > self.idle_s:
+                del self._states[key]
+                state.close()
+        trees = sum(len(s.trees) for s in self._states.values())
+        for state in (s for s in self._states.values() if s.users == 0):
+            trees -= state.trees.drop_stale()
+            while trees > self.max_trees and len(state.trees):
+                state.trees.drop_oldest()
+                trees -= 1
+
+    def _sweep(self) -> None:
+        while not self._closed.wait(self.idle_s / 2):
+            with self._guard:
+                self._trim()
+
+    def close(self) -> None:
+        """Close every state not in use (the server is stopping)."""
+        self._closed.set()
+        with self._guard:
+            for key, state in [(k, s) for k, s in self._states.items() if s.users == 0]:
+                del self._states[key]
+                state.close()
+
+
+async def _in_turn(state, kept: IndexState, wait: float, update):
+    """update() in a worker thread during the index's turn, its write lock taken without waiting
+    (it raises IndexBusy when another process holds it). While another process does, the turn
+    is given back and update tried again until `wait` seconds went by (see the module doc)."""
+    deadline = time.monotonic() + wait
+    pause = 0.05
+    while True:
+        async with kept.turn:
+            try:
+                return await run_in_threadpool(_holding, kept.writing, update)
+            except IndexBusy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+            except asyncio.CancelledError:
+                if not _stopping(state):
+                    raise
+                raise ApiError(503, "the server was stopped at once (Ctrl-C twice) during this update: it stops "
+                                    "at its next batch of images, keeping what it committed", type="server_error",
+                               code="stopping", hint="run it again to finish") from None
+        if _stopping(state):
+            raise ApiError(503, "the server is stopping: it no longer waits for another process's update of "
+                                "the index", type="server_error", code="stopping",
+                           hint="run the command again once a server is up, or without one (--server off)")
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, LOCK_POLL_S)
+
+
+def _holding(lock: threading.Lock, fn):
+    with lock:
+        return fn()
+
+
+def _stopping(state) -> bool:
+    return bool(getattr(state.server, "should_exit", False))
 
 
 async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
@@ -165,22 +284,24 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
     summary, messages = UpdateSummary(), RecordedMessages({"dir": root, "index": str(folder)})
     walked: list[str] = []  # the folders walked (root, or those below it where something changed)
 
-    def update():
+    def update(kept):
         nonlocal walked
-        kept = locks.of(folder)
-        with kept.lock:
-            walked = update_watched(kept.trees, _indexer(state), identity, folder, req.index, root, wait=req.wait,
-                                    summary=summary, **_walk_kw(state, req, messages))
+        walked = update_watched(kept.trees, _indexer(state), identity, folder, req.index, root, summary=summary,
+                                **_walk_kw(state, req, messages))
 
-    with _shown(state, messages), _api_errors():
-        # The query is encoded while the folder is walked: the two overlap on a warm server.
-        jobs = [vector()] + ([run_in_threadpool(update)] if req.update else [])
-        query, *_ = await asyncio.gather(*jobs)
+    with _shown(state, messages), _api_errors(), locks.use(folder) as kept:
+        # The query is encoded while the folder is walked: the two overlap on a warm server. Both
+        # end before the answer, a failure of either included (the update uses `kept`).
+        jobs = [vector()] + ([_in_turn(state, kept, req.wait, lambda: update(kept))] if req.update else [])
+        query, *others = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in (query, *others):
+            if isinstance(outcome, BaseException):
+                raise outcome
         hits, searched = await run_in_threadpool(rank_below, identity, folder, root, query, req.top_k, req.min_score,
-                                                 cache=locks.of(folder).snapshots)
+                                                 cache=kept.snapshots)
     if walked and walked != [root]:
         summary.files = searched  # a part was walked: the line names the images below root
-    return {"model": model.model_id, "dir": root, "index": str(folder), "searched": searched,
+    return {"model": model.model_id, "dir": display(root), "index": display(str(folder)), "searched": searched,
             "results": [{"rank": r, "path": p, "score": round(s, 4)} for r, p, s in hits],
             "update": dataclasses.asdict(summary) if req.update else None, "walked": walked,
             "messages": messages.lines}
@@ -203,13 +324,12 @@ async def run_index(state, req: IndexRequest, locks: IndexLocks) -> dict:
     summary, messages = UpdateSummary(), RecordedMessages({"dir": roots[0][1], "index": str(folder)})
 
     def update():
-        with locks.of(folder).lock:
-            return index_paths(_indexer(state), index_identity(model), folder, req.index, roots, rebuild=req.rebuild,
-                               compact=req.compact, wait=req.wait, summary=summary, retry_failed=req.retry_failed,
-                               **_walk_kw(state, req, messages))
+        return index_paths(_indexer(state), index_identity(model), folder, req.index, roots, rebuild=req.rebuild,
+                           compact=req.compact, summary=summary, retry_failed=req.retry_failed,
+                           **_walk_kw(state, req, messages))
 
-    with _shown(state, messages), _api_errors():
-        compacted = await run_in_threadpool(update)
+    with _shown(state, messages), _api_errors(), locks.use(folder) as kept:
+        compacted = await _in_turn(state, kept, req.wait, update)
     return {"model": model.model_id, "index": str(folder), "update": dataclasses.asdict(summary),
             "compacted": list(compacted) if compacted else None, "messages": messages.lines}
 
@@ -222,7 +342,7 @@ def _index(req, model):
 
 
 def _indexer(state) -> BatchedModel:
-    return BatchedModel(state.model, state.batcher, state.decoder.workers)
+    return BatchedModel(state.model, state.batcher, state.decoder)
 
 
 def _walk_kw(state, req, messages) -> dict:

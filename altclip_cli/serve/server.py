@@ -1,6 +1,12 @@
 """Running `altclip serve`: claim the address (before the model loads, so that a second server
 fails at once), load the model, start its thread, serve with uvicorn until Ctrl-C, SIGTERM or
-the idle timeout, then stop cleanly: the requests in flight are answered, the socket removed."""
+the idle timeout, then stop cleanly: no new connection is taken, the requests in flight are
+answered however long they take (an index update of a big folder included), then the socket is
+removed. A request waiting for another process's index lock is answered 503 at once instead.
+
+A second Ctrl-C stops at once: each request still in flight is answered 503 ("stopped at
+once"), and an index update among them stops at its next batch of images, keeping what it had
+committed (run it again to finish); the process exits once that batch is written."""
 from __future__ import annotations
 
 import contextlib
@@ -57,7 +63,7 @@ def _serve(settings: Settings, msgs, load_model, claim: SocketClaim | None) -> i
 
     from ..inputs.images import DEFAULT_MAX_PIXELS
     from ..runtime.device import default_batch_size
-    from ..runtime.threads import plan_threads
+    from ..inputs.threads import plan_threads
     from .app import create_app
     from .batcher import Batcher
     from .gate import Gate, stderr_log
@@ -90,8 +96,9 @@ def _serve(settings: Settings, msgs, load_model, claim: SocketClaim | None) -> i
                        token=settings.token, host_policy=policy, idle_timeout=settings.idle_timeout,
                        log=None if msgs.quiet else stderr_log)
     config = uvicorn.Config(Gate(create_app(state), state), log_config=None, access_log=False, log_level="warning",
-                            lifespan="on", ws="none", server_header=False, timeout_graceful_shutdown=30)
+                            lifespan="on", ws="none", server_header=False, timeout_graceful_shutdown=None)
     server = _Server(config)
+    server.on_stopping = lambda: _say_waiting(state, msgs)
     state.server = server
     batcher.start()
     msgs.note(f"altclip serve: {model.model_id} ({model.device}, {model.precision}) listening on {where}, "
@@ -107,6 +114,12 @@ def _serve(settings: Settings, msgs, load_model, claim: SocketClaim | None) -> i
     return 0
 
 
+def _say_waiting(state, msgs) -> None:
+    if state.in_flight:
+        msgs.note(f"altclip serve: stopping; answering the {state.in_flight} request"
+                  f"{'' if state.in_flight == 1 else 's'} in flight first (Ctrl-C again to stop at once)")
+
+
 def _pid() -> int:
     import os
 
@@ -119,9 +132,18 @@ def _server_class():
     class Server(uvicorn.Server):
         """uvicorn's server, with Ctrl-C and SIGTERM as a clean stop: uvicorn raises the signal
         again once it has shut down (the process would die of it); here it only stops serving,
-        and the command exits 0. A second Ctrl-C stops without waiting for requests in flight."""
+        and the command exits 0. A second Ctrl-C stops without waiting for requests in flight
+        (see the module doc). on_stopping() is called once when the stop begins."""
 
         stopped_by: int | None = None
+        on_stopping = None
+
+        async def shutdown(self, sockets=None):
+            if self.on_stopping is not None:
+                self.on_stopping()
+            await super().shutdown(sockets)
+            if self.force_exit:  # uvicorn skips the app's shutdown then (its task is cancelled, noisily)
+                await self.lifespan.shutdown()
 
         @contextlib.contextmanager
         def capture_signals(self):

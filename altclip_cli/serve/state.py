@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .. import __version__
+from ..version import __version__
 from .batcher import Batcher
 from .client import PROTOCOL
 from .transport import HostPolicy

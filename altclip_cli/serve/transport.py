@@ -52,8 +52,7 @@ def default_socket_path() -> Path:
 
 
 def prepare_socket_dir(folder: Path) -> None:
-    """Create `folder` (mode 0700) if it is missing, then check it: a folder, not a symlink,
-    owned by this user, no permission bits for group or others."""
+    """Create `folder` (mode 0700) if it is missing, then check it (socket_folder_problem)."""
     try:
         os.mkdir(folder, 0o700)
     except FileExistsError:
@@ -63,20 +62,50 @@ def prepare_socket_dir(folder: Path) -> None:
                              hint="create the parent folder first, or choose another --socket") from None
     except OSError as exc:
         raise TransportError(f"cannot create {folder} ({exc.strerror or exc})") from None
-    st = os.lstat(folder)
+    problem = socket_folder_problem(folder)
+    if problem is not None:
+        raise TransportError(*problem)
+
+
+def socket_folder_problem(folder: Path) -> tuple[str, str] | None:
+    """(why, hint) when `folder` cannot keep a socket private, else None: it must be a folder,
+    not a symlink, owned by this user, with no permission bits for group or others."""
+    try:
+        st = os.lstat(folder)
+    except OSError as exc:
+        return f"cannot read {folder} ({exc.strerror or exc})", "choose another --socket"
     if stat.S_ISLNK(st.st_mode):
-        raise TransportError(f"{folder} is a symbolic link; the socket's folder must be a real folder",
-                             hint="remove the link, or choose another --socket")
+        return (f"{folder} is a symbolic link; the socket's folder must be a real folder",
+                "remove the link, or choose another --socket")
     if not stat.S_ISDIR(st.st_mode):
-        raise TransportError(f"{folder} is not a folder", hint="choose another --socket")
+        return f"{folder} is not a folder", "choose another --socket"
     if st.st_uid != os.getuid():
-        raise TransportError(f"{folder} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}): "
-                             "whoever owns it could reach or replace the socket",
-                             hint="choose a folder of your own with --socket")
+        return (f"{folder} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}): whoever owns it could "
+                "reach or replace the socket", "choose a folder of your own with --socket")
     if st.st_mode & 0o077:
-        raise TransportError(f"{folder} has mode {stat.S_IMODE(st.st_mode):04o}: other users could reach "
-                             "the socket; its folder must be private (0700)",
-                             hint=f"chmod 700 {folder}, or choose another --socket")
+        return (f"{folder} has mode {stat.S_IMODE(st.st_mode):04o}: other users could reach the socket; its "
+                "folder must be private (0700)", f"chmod 700 {folder}, or choose another --socket")
+    return None
+
+
+def socket_problem(path: Path) -> str | None:
+    """Why the socket at `path` is not one of this user's servers as `altclip serve` makes them
+    (a socket of ours in a private folder of ours), or None. Whoever reads the default socket
+    without being told to (`--server auto`, `altclip info`) asks this first: another user who
+    owns its folder would otherwise answer in the server's name."""
+    path = Path(path)
+    problem = socket_folder_problem(path.parent)
+    if problem is not None:
+        return problem[0]
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "it is not a socket"
+    if st.st_uid != os.getuid():
+        return f"it belongs to uid {st.st_uid}, not to you"
+    return None
 
 
 @dataclass

@@ -8,9 +8,8 @@ import click
 
 from ...errors import InputError
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
-                       server_options, stdin_for)
+                       reuse_index_option, server_options, stdin_for, walk_kwargs, walk_options)
 from ..formats import FORMATS
-from .index import reuse_index_option
 
 
 @click.command()
@@ -37,11 +36,12 @@ from .index import reuse_index_option
 @click.option("--dry-run", is_flag=True, help="With --sort-into: print the plan on stderr and change nothing.")
 @reuse_index_option
 @image_input_options
+@walk_options
 @model_options
 @server_options
 @common_options
 def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_into, sort_mode, dry_run, index_dir, recursive, max_pixels, url_timeout,
-             url_max_mb, input_timeout, exact_decode, model, device, precision, revision, batch_size, server,
+             url_max_mb, input_timeout, exact_decode, include_hidden, exclude_dirs, model, device, precision, revision, batch_size, server,
              token_file, quiet):
     """Score IMAGES against labels: which label fits each image best.
 
@@ -77,7 +77,8 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
     sorter = _sorter(sort_into, sort_mode, dry_run, msgs)
     if fmt is None:
         fmt = "table" if isatty(sys.stdout) else "jsonl"
-    sources = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn))
+    sources = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn,
+                                 **walk_kwargs(include_hidden, exclude_dirs, index_dir, sort_into)))
     if not sources:
         msgs.warn("no images to classify: the inputs named none")
 
@@ -85,19 +86,15 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
     failed = 0
     store = None  # the index of --index, when its vectors are used
     if sources:
-        from ..options import get_model, is_remote, pil_pixel_limit
+        from ..options import get_model, pil_pixel_limit
 
         model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                            revision=revision, max_pixels=max_pixels, scores=True, url_timeout=url_timeout,
-                           url_max_mb=url_max_mb)
+                           url_max_mb=url_max_mb, input_timeout=input_timeout)
         templates = list(templates) or None
-        if is_remote(model_) and index_dir is None and all(len(g) == 1 for g in groups):
-            # The server scores too (/v1/classify, with its label cache): no numpy here.
-            records = model_.classify_records(sources, labels, templates, top_k, batch_size=batch_size)
-        else:
-            records, store = _records_here(model_, sources, groups, templates, top_k, index_dir, msgs, batch_size,
-                                           input_timeout, open_kwargs(max_pixels, url_timeout, url_max_mb,
-                                                                      model_.draft_min_side))
+        opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
+        records, store = _records(model_, sources, groups, templates, top_k, index_dir, msgs, batch_size,
+                                  input_timeout, opener_kw)
         with (pil_pixel_limit(max_pixels),
               msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar):
             for source, record in zip(sources, records):
@@ -106,27 +103,28 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
                     failed += 1
                     msgs.error(f"{record['image']}: {record['error']}")
                 writer.write(record)
-                if sorter is not None and "error" not in record:
-                    sorter(source, record)
+                if sorter is not None and "error" not in record and not sorter(source, record):
+                    failed += 1
                 bar.advance()
     writer.close()
     if store is not None:
         store.close()
     if failed:
-        from .. import ExitStatus
+        from ..status import ExitStatus
 
         msgs.warn(f"{failed} of {len(sources)} images failed")
         click.get_current_context().exit(ExitStatus.PARTIAL)
 
 
-def _records_here(model, sources, groups, templates, top_k, index_dir, msgs, batch_size, input_timeout, opener_kw):
-    """(classify's records in input order, the --index store or None), scored in this process
-    from the model's vectors (and the index's, with --index). groups: each label's synonyms."""
+def _records(model, sources, groups, templates, top_k, index_dir, msgs, batch_size, input_timeout, opener_kw):
+    """(classify's records in input order, the --index store or None), scored from the model's
+    vectors (and the index's, with --index), in this process or through a server alike (model:
+    a runtime.embedder.Embedder). groups: each label's synonyms."""
     from ...inputs.sources import display, open_source, reason
     from ..formats import error_record, score_record
 
     labels = [g[0] for g in groups]
-    label_emb = group_embeddings(model, groups, templates, batch_size=batch_size)
+    label_emb = model.group_embeddings(groups, templates, batch_size=batch_size)
     results, store = _image_results(model, sources, index_dir, msgs, lambda s: open_source(s, **opener_kw),
                                     batch_size, input_timeout)
 
@@ -140,30 +138,6 @@ def _records_here(model, sources, groups, templates, top_k, index_dir, msgs, bat
                 yield score_record(name, labels, probs[0], logits[0], top_k)
 
     return records(), store
-
-
-def group_embeddings(model, groups, templates=None, *, batch_size: int | None = None):
-    """(G, D) float32 numpy array, L2-normalised: one row per synonym group (e.g. ["cat", "猫", "gato"]).
-    A group's row is the mean of the normalised embeddings of its alternatives (with templates:
-    of every alternative in every template), normalised again. A group of one is exactly
-    model.label_embeddings' row. model: an AltCLIP or a serve.remote.RemoteModel."""
-    import numpy as np  # not at import time: a classify through a server imports no numpy
-
-    groups = [list(g) for g in groups]
-    templates = list(templates or [])
-    out = np.zeros((len(groups), model.embed_dim), np.float32)
-    singles = [i for i, g in enumerate(groups) if len(g) == 1]
-    if singles:
-        out[singles] = model.label_embeddings([groups[i][0] for i in singles], templates, batch_size=batch_size)
-    texts_of = {i: [t.replace("{}", a) for a in g for t in templates] if templates else g
-                for i, g in enumerate(groups) if len(g) > 1}
-    if texts_of:  # one call for every group's texts: one model pass, the label cache per text
-        texts = list(dict.fromkeys(t for ts in texts_of.values() for t in ts))
-        rows = dict(zip(texts, model.label_embeddings(texts, None, batch_size=batch_size)))
-        for i, ts in texts_of.items():
-            mean = np.mean([rows[t] for t in ts], axis=0, dtype=np.float32)  # (D,) of (A*T, D)
-            out[i] = mean / max(float(np.linalg.norm(mean)), 1e-12)
-    return out
 
 
 def _image_results(model, sources, index_dir, msgs, open_fn, batch_size, input_timeout):
@@ -235,8 +209,9 @@ def _synonyms(i: int, label: str) -> list[str]:
 
 
 def _sorter(sort_into, mode, dry_run, msgs):
-    """None without --sort-into; else sort(source, record) placing the image by its top label
-    (the folder checked now, before any model work)."""
+    """None without --sort-into; else sort(source, record) -> False when the image could not be
+    placed, placing it by its top label. The folder is checked, and what an interrupted run left
+    there settled, now, before any model work; the sorter closes with the command."""
     if sort_into is None:
         for flag, given in (("--copy" if mode == "copy" else "--move", mode), ("--dry-run", dry_run)):
             if given:
@@ -244,26 +219,34 @@ def _sorter(sort_into, mode, dry_run, msgs):
         return None
     from pathlib import Path
 
-    from ...outputs.sortinto import check_root, clean_temporaries, folder_name, place
+    from ...inputs.names import display
+    from ...outputs.sortinto import Sorter, check_root, folder_name
 
     root = Path(sort_into)
     check_root(root, create=not dry_run)
-    if not dry_run:
-        clean_temporaries(root)
     mode = mode or "link"
+    sorter = Sorter(root, mode, dry_run=dry_run)
+    click.get_current_context().call_on_close(sorter.close)
+    for line in sorter.recovered:
+        msgs.note(display(line))
 
-    def sort(source, record) -> None:
+    def sort(source, record) -> bool:
         if source.path is None:
             msgs.warn(f"{record['image']}: not a local file, not sorted")
-            return
+            return True
         try:
-            done = place(source.path, root / folder_name(record["top"]), mode, dry_run=dry_run)
+            done = sorter.place(source.path, folder_name(record["top"]))
         except OSError as exc:
-            msgs.error(f"{record['image']}: cannot {mode} it into {root} ({exc.strerror or exc})")
-            return
-        if dry_run or done.action != "already there":
-            msgs.note(f"{mode} {source.path} -> {done.target}" if done.action != "already there"
-                      else f"{source.path}: already at {done.target}")
+            where = f": {exc.filename}" if exc.strerror and exc.filename else ""
+            msgs.error(display(f"{record['image']}: cannot {mode} it into {root} ({exc.strerror or exc}{where})"))
+            return False
+        if done.action == "already sorted":
+            msgs.note(display(f"{source.path}: already in a folder of {root}, not sorted again"))
+        elif done.action != "already there":
+            msgs.note(display(f"{mode} {source.path} -> {done.target}"))
+        elif dry_run:
+            msgs.note(display(f"{source.path}: already at {done.target}"))
+        return True
 
     return sort
 

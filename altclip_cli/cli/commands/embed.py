@@ -7,11 +7,10 @@ import sys
 import click
 
 from ..options import (UsageError, common_options, image_input_options, messages, model_options, open_kwargs,
-                       pil_pixel_limit, server_options)
+                       pil_pixel_limit, reuse_index_option, server_options, walk_options)
 from .embed_dataset import check_usage as check_dataset_usage
 from .embed_dataset import dataset_options, settings_for
 from .embed_dataset import to_dataset as to_dataset_output
-from .index import reuse_index_option
 
 
 @click.command()
@@ -33,12 +32,13 @@ from .index import reuse_index_option
 @dataset_options
 @reuse_index_option
 @image_input_options
+@walk_options
 @model_options
 @server_options
 @common_options
 def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, checkpoint_every, index_dir, recursive,
-          max_pixels, url_timeout, url_max_mb, input_timeout, exact_decode, model, device, precision, revision,
-          batch_size, server, token_file, quiet, dataset):
+          max_pixels, url_timeout, url_max_mb, input_timeout, exact_decode, include_hidden, exclude_dirs, model, device,
+          precision, revision, batch_size, server, token_file, quiet, dataset):
     """Embed texts or images into AltCLIP's shared space.
 
     With -o the rows go to OUT.npy (float32, L2-normalised unless --no-normalize) and
@@ -97,9 +97,10 @@ def embed(images, image_mode, text_file, output, no_normalize, dtype, resume, ch
         names = texts
     else:
         from ...inputs.sources import expand_images
-        from ..options import stdin_for
+        from ..options import stdin_for, walk_kwargs
 
-        inputs = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn))
+        inputs = list(expand_images(images, recursive=recursive, stdin=stdin_for(images), warn=msgs.warn,
+                                    **walk_kwargs(include_hidden, exclude_dirs, index_dir)))
         names = [s.name for s in inputs]
     if not inputs:
         msgs.warn("nothing to embed: the input list is empty")
@@ -143,22 +144,15 @@ class _Run:
             self._model = get_model(self.server, self.token_file, self.model_name, self.device, self.precision,
                                     self.msgs, exact_decode=self.exact_decode, revision=self.revision,
                                     max_pixels=self.max_pixels, images=self.kind == "image",
-                                    url_timeout=self.url_timeout, url_max_mb=self.url_max_mb)
+                                    url_timeout=self.url_timeout, url_max_mb=self.url_max_mb,
+                                    input_timeout=self.input_timeout)
         return self._model
 
-    def _rows(self):
-        """runtime.rows, or its twin in serve.remote for a server's model (same batches)."""
-        from ..options import is_remote
-
-        if is_remote(self.model):
-            from ...serve import remote as rows
-        else:
-            from ...runtime import rows
-        return rows
-
     def batches(self, inputs, opener_kw):
-        """Lists of (name, record, embedding or None) in input order (see runtime/rows.py)."""
-        rows = self._rows()
+        """Lists of (name, record, embedding or None) in input order (see runtime/rows.py), from
+        the model in this process or a server's alike."""
+        from ...runtime import rows
+
         if self.kind == "text":
             return rows.text_batches(self.model, inputs, batch_size=self.batch_size, normalize=self.normalize)
         if not inputs:
@@ -191,17 +185,8 @@ class _Run:
                 store.close()
             return embedded(inputs)
         rest = [s for i, s in enumerate(inputs) if i not in hits]
-        size = self.batch_size or self._default_image_batch()
+        size = self.batch_size or self.model.default_batch_size("image")
         return merged_batches(inputs, hits, store, embedded(rest) if rest else iter(()), size)
-
-    def _default_image_batch(self) -> int:
-        from ..options import is_remote
-
-        if is_remote(self.model):
-            return self.model.default_batch_size("image")
-        from ...runtime.device import default_batch_size
-
-        return default_batch_size(self.model.device, "image")
 
 
 def _to_stdout(run: _Run, inputs, opener_kw) -> int:
@@ -229,7 +214,7 @@ def _to_stdout(run: _Run, inputs, opener_kw) -> int:
 def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, opener_kw) -> int:
     import numpy as np
 
-    from ... import __version__
+    from ...version import __version__
     from ...outputs.embedfile import EmbeddingOutput, check_writable
     from ...outputs.signals import sigterm_as_interrupt
 
@@ -298,6 +283,6 @@ def _to_file(run: _Run, inputs, names, output, dtype, resume, checkpoint_every, 
 
 
 def _exit_status():
-    from .. import ExitStatus  # the group's module imports this one
+    from ..status import ExitStatus
 
     return ExitStatus

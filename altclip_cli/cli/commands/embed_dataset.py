@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import click
 
+from ...outputs.dataset import Summary, settings_for
 from ..options import UsageError
 
 
@@ -91,25 +92,18 @@ def check_usage(dataset: DatasetOptions, *, to_dataset: bool, server: str, index
         raise UsageError("--index is not used with --ray")
 
 
-def settings_for(run, model, dtype) -> dict:
-    """Everything that changes the numbers (as embed -o compares it on --resume)."""
-    return {"kind": run.kind, "model": run.model_name, "weights": model.weights_id,
-            "precision": model.precision, "device_type": model.device.type, "dtype": dtype,
-            "normalize": run.normalize, "exact_decode": run.exact_decode if run.kind == "image" else None}
-
-
 def batch_span(run) -> int:
     """Inputs per batch of rows.text_batches / image_batches for this run."""
     if run.kind == "text":
         from ...runtime.rows import TEXT_CHUNK
 
         return run.batch_size or TEXT_CHUNK
-    return run.batch_size or run._default_image_batch()
+    return run.batch_size or run.model.default_batch_size("image")
 
 
 def to_dataset(run, inputs, names, output, dtype, resume, dataset: DatasetOptions, opener_kw) -> None:
     """Fill the dataset at `output` (this process's parts); exits 3 when inputs failed."""
-    from ... import __version__
+    from ...version import __version__
     from ...outputs import dataset as ds
 
     msgs = run.msgs
@@ -162,32 +156,6 @@ def to_dataset(run, inputs, names, output, dtype, resume, dataset: DatasetOption
     _finish(run, folder, summary)
 
 
-class Summary:
-    """What this run's parts hold, those done earlier included (for the exit status)."""
-
-    def __init__(self, manifest: dict, ours: list[int]):
-        self.manifest, self.ours = manifest, ours
-        self.parts_done = self.inputs = self.rows = self.failed = 0
-        self.written = 0  # parts written by this run
-
-    def add_done(self, folder, parts) -> None:
-        from ...outputs import dataset as ds
-
-        for part in parts:
-            done = ds.part_done(folder, self.manifest, part)
-            self.parts_done += 1
-            self.inputs += done["inputs"]
-            self.rows += done["rows"]
-            self.failed += done["failed"]
-
-    def add(self, result) -> None:
-        self.parts_done += 1
-        self.written += 1
-        self.inputs += result.inputs
-        self.rows += result.rows
-        self.failed += result.failed
-
-
 def _finish(run, folder, summary: Summary) -> None:
     from ...outputs import dataset as ds
 
@@ -213,6 +181,6 @@ def _advancing(batches, bar):
 
 
 def _exit_status():
-    from .. import ExitStatus  # the group's module imports this one
+    from ..status import ExitStatus
 
     return ExitStatus

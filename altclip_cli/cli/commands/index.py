@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import common_options, messages, model_options, server_options
-
-DEFAULT_EXCLUDE_TEXT = ".git, node_modules, @eaDir, System Volume Information, __pycache__"
-
-# The --index option of classify and embed: vectors of unchanged indexed images without the image tower.
-reuse_index_option = click.option(
-    "--index", "index_dir", default=None, metavar="DIR|auto",
-    help="Take the vectors of images that this index (made by `altclip index`; auto: the model's own) "
-         "holds unchanged from it instead of running the image tower; the numbers are the same.")
+from ..options import common_options, excluded_dirs, messages, model_options, server_options, walk_options
 
 
 @click.command()
@@ -21,9 +13,7 @@ reuse_index_option = click.option(
 @click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
               help="Where the index lives; auto: one per model under ALTCLIP_HOME/indexes. A DIR inside a "
                    "walked folder stores paths relative to it, so the two can move together.")
-@click.option("--include-hidden", is_flag=True, help="Also walk hidden files and folders (names starting with '.').")
-@click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
-              help=f"Skip folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
+@walk_options
 @click.option("--retry-failed", is_flag=True, help="Try again the images that failed before, changed or not.")
 @click.option("--rebuild", is_flag=True, help="Start the index over (a damaged one too) and embed every image.")
 @click.option("--compact", is_flag=True,
@@ -71,13 +61,13 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     from ...paths import default_index_folder
     from ...search.run import index_paths
     from ...search.summary import UpdateSummary
-    from .. import ExitStatus
+    from ..status import ExitStatus
     from ..options import connect_server, load_model, open_kwargs
     from ..terminal import isatty
 
     msgs = messages()
     roots = list(paths) or ["."]
-    excludes = tuple(d for d in exclude_dirs if d) if exclude_dirs else None
+    excludes = excluded_dirs(exclude_dirs)
     summary = UpdateSummary()
     compacted = None  # (vector rows before, after) when the run compacted the index
     remote = connect_server(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
@@ -133,13 +123,21 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
 def _index_on_server(remote, roots, index, include_hidden, excludes, retry_failed, rebuild, compact, wait, msgs):
     """`altclip index` by the server (POST /v1/index), its messages printed here: (its
     UpdateSummary, its compaction (rows before, after) or None)."""
-    import os
-
+    from ...paths import real_root
     from ...search.summary import UpdateSummary
+    from ...search.update import not_utf8_warning, storable
     from ..messages import ServerProgress, replay
     from ..terminal import isatty
 
-    paths = [(root, os.path.realpath(os.path.expanduser(root))) for root in roots]
+    paths = []
+    for root in roots:  # named as the index names them (a request holds UTF-8 text only)
+        real = real_root(root)
+        if storable(real):
+            paths.append((root, real))
+        else:
+            msgs.warn(not_utf8_warning(real))
+    if not paths:
+        return UpdateSummary(), None
     bar = ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
     try:
         answer = remote.index(paths, index=index, include_hidden=include_hidden, exclude_dirs=excludes,

@@ -9,15 +9,15 @@ import sys
 
 import click
 
-from ... import __version__
+from ...version import __version__
 from ...hub.registry import DEFAULT_MODEL
-from ..options import DeviceType, _complete_model, common_options, messages
+from ..options import DeviceType, common_options, complete_model, messages
 
 LIBRARIES = ("torch", "numpy", "pillow", "tokenizers", "safetensors", "huggingface_hub", "click", "rich")
 
 
 @click.command(short_help="Fetch a model into the Hugging Face cache.")
-@click.argument("model", required=False, envvar="ALTCLIP_MODEL", metavar="[MODEL]", shell_complete=_complete_model)
+@click.argument("model", required=False, envvar="ALTCLIP_MODEL", metavar="[MODEL]", shell_complete=complete_model)
 @click.option("--revision", metavar="REV", help="A branch, tag or commit of the hub repo [default: main].")
 @common_options
 def download(model, revision, quiet):
@@ -90,24 +90,26 @@ def info(device, precision, as_json, quiet):
 
 def _server_status() -> dict:
     """What answers on the default socket: {"socket", "running"} and, when one runs, its model,
-    device, precision, altclip version, pid and uptime."""
-    from ...serve.client import ServerError, health
-    from ...serve.transport import default_socket_path
+    device, precision, altclip version, pid and uptime (strings with their control characters
+    escaped); "refused": why a socket there is not asked (it is not this user's private one)."""
+    from ...serve.discovery import ask_default_socket
 
-    path = default_socket_path()
-    out = {"socket": str(path), "running": False}
-    if not path.exists():
+    found = ask_default_socket(timeout=1.0)
+    out = {"socket": str(found.path), "running": False}
+    if found.refused is not None:
+        out["refused"] = found.refused
+    if found.info is None:
         return out
-    try:
-        info = health(str(path), timeout=1.0)
-    except ServerError:
-        return out
-    out.update(running=True, **{k: info.get(k) for k in ("model", "device", "precision", "altclip", "pid",
-                                                          "uptime_s")})
+    info = found.info
+    out.update(running=True, **{k: info.get(k) for k in ("model", "device", "precision", "altclip")},
+               pid=info.get("pid") if isinstance(info.get("pid"), int) else None,
+               uptime_s=info.get("uptime_s") if isinstance(info.get("uptime_s"), (int, float)) else None)
     return out
 
 
 def _server_line(server: dict) -> str:
+    if server.get("refused"):
+        return f"not asking unix:{server['socket']}: {server['refused']}"
     if not server["running"]:
         return f"none on unix:{server['socket']} (`altclip serve` starts one)"
     hours = (server.get("uptime_s") or 0) / 3600

@@ -29,7 +29,7 @@ def merge(folder, output, quiet):
     from ...outputs.dataset import open_complete
     from ...outputs.embedfile import check_writable
     from ...outputs.signals import sigterm_as_interrupt
-    from .. import ExitStatus
+    from ..status import ExitStatus
 
     msgs = messages()
     manifest = open_complete(folder, verb="merge")

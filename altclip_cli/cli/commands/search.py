@@ -8,8 +8,7 @@ import sys
 
 import click
 
-from ..options import UsageError, common_options, messages, model_options, server_options
-from .index import DEFAULT_EXCLUDE_TEXT
+from ..options import UsageError, common_options, messages, model_options, server_options, walk_options
 
 SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 
@@ -38,9 +37,7 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Wait this long for another run updating the same index [default: fail at once; "
                    "--no-index searches what it has committed so far].")
-@click.option("--include-hidden", is_flag=True, help="Also index hidden files and folders (names starting with '.').")
-@click.option("--exclude-dir", "exclude_dirs", multiple=True, metavar="NAME",
-              help=f"Do not index folders with this name (repeatable; replaces the defaults: {DEFAULT_EXCLUDE_TEXT}).")
+@walk_options
 @click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
               help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
 @click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
@@ -94,26 +91,30 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
     except QueryError as exc:
         raise UsageError(exc.message, hint=exc.hint) from None
     fmt = _choose_format(fmt, null, output, isatty(sys.stdout))
+    if output is not None:
+        from ...outputs.embedfile import check_writable
+
+        check_writable(output)  # a missing or read-only folder fails now, not after the indexing
     if not os.path.isdir(os.path.expanduser(search_dir)):
         what = "is not a folder" if os.path.exists(os.path.expanduser(search_dir)) else "no such folder"
         raise UsageError(f"--dir {search_dir}: {what}", hint="give --dir an existing folder (default: the current one)")
     root = os.path.realpath(os.path.expanduser(search_dir))
 
     from ...outputs.signals import sigterm_as_interrupt
-    from ..options import get_model, is_remote, open_kwargs, pil_pixel_limit
+    from ..options import excluded_dirs, get_model, is_remote, open_kwargs, pil_pixel_limit
 
-    walk = {"include_hidden": include_hidden, "exclude_dirs": tuple(d for d in exclude_dirs if d) or None}
+    walk = {"include_hidden": include_hidden, "exclude_dirs": excluded_dirs(exclude_dirs)}
     with sigterm_as_interrupt() as terminated, pil_pixel_limit(max_pixels):
         try:
             # The images to index go to the model too: a server's decoding must be this command's.
             model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                                revision=revision, max_pixels=max_pixels,
-                               images=not no_index or any(p.is_image for p in parts))
+                               images=not no_index or any(p.is_image for p in parts), input_timeout=input_timeout)
             open_kw = open_kwargs(max_pixels, 30.0, 64.0, model_.draft_min_side)
             if is_remote(model_) and model_.searches:
                 hits, searched = _search_on_server(model_, parts, root, search_dir, index_dir, top, min_score,
                                                    no_index, wait, walk, msgs)
-                images = open_images(parts, open_kw) if fmt == "html" else {}  # the page shows them
+                images = open_images(parts, open_kw, input_timeout) if fmt == "html" else {}  # the page shows them
             else:
                 images, hits, searched = _search_here(
                     model_, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, open_kw,
@@ -125,7 +126,7 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
                 raise UsageError(exc.message, hint=exc.hint) from None
             raise
         except KeyboardInterrupt:
-            from .. import ExitStatus
+            from ..status import ExitStatus
 
             msgs.error("interrupted; the index keeps what was done", hint="run the same command again to go on")
             click.get_current_context().exit(ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED)
@@ -135,39 +136,34 @@ def search(query, add, subtract, top, min_score, fmt, null, output, search_dir, 
         msgs.note(f"no image scores {min_score} or more (the best of {searched:,} images is below it)")
     shown = [(("- " if p.weight < 0 else "") + p.given, images[i]) for i, p in enumerate(parts) if i in images]
     _output(fmt, hits, output, null, title=describe(parts), searched=root, query_images=shown,
-            note=f"{model_.model_id}, {searched:,} image{'' if searched == 1 else 's'} searched")
+            note=f"{model_.model_id}, {searched:,} image{'' if searched == 1 else 's'} searched",
+            input_timeout=input_timeout)
 
 
 def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, open_kw,
                  batch_size, input_timeout, msgs, load_here):
-    """(query images, hits, images searched), the index updated and ranked in this process; the
-    query is encoded by model_ (loaded here, or a server's that cannot search this folder)."""
-    from ...search.query import open_images, query_vector
-    from ...search.run import index_folder, rank_below, update_below
-    from ...search.summary import UpdateSummary, report_update
-    from ...search.update import index_identity
+    """(query images, hits, images searched), the index updated and ranked in this process
+    (search.run.search_below, as the library's search()); the query is encoded by model_ (loaded
+    here, or a server's that cannot search this folder)."""
+    from ...search.run import search_below
+    from ...search.summary import report_update
     from ..options import is_remote
 
-    images = open_images(parts, open_kw)  # a query image that cannot be read fails before indexing
-    # A server reads the image parts itself (as files or bytes), as it would any image.
-    given = _query_sources(parts) if is_remote(model_) else images
-    vector = query_vector(model_, parts, given, batch_size=batch_size)
-    identity = index_identity(model_)
-    folder = index_folder(index_dir, model_.weights_id)
-    if not no_index:
-        def local_model():  # update_index calls it only when some image needs the model
-            msgs.note("new or changed images to index: loading the model in this process "
-                      "(the server cannot read this folder)")
-            return load_here()
+    def local_model():  # update_index calls it only when some image needs the model
+        msgs.note("new or changed images to index: loading the model in this process "
+                  "(the server cannot read this folder)")
+        return load_here()
 
-        summary = UpdateSummary()
-        walk_kw = {k: v for k, v in walk.items() if v is not None}
-        update_below(local_model if is_remote(model_) else model_, identity, folder, index_dir, root, wait=wait,
-                     summary=summary, open_kw=open_kw, batch_size=batch_size, input_timeout=input_timeout,
-                     msgs=msgs, **walk_kw)
-        report_update(summary, search_dir, msgs)
-    hits, searched = rank_below(identity, folder, root, vector, top, min_score)
-    return images, hits, searched
+    remote = is_remote(model_)
+    found = search_below(model_, parts, root, index=index_dir, top=top, min_score=min_score, update=not no_index,
+                         indexer=local_model if remote else None,
+                         # A server reads the image parts itself (as files or bytes), as it would any image.
+                         query_sources=_query_sources(parts) if remote else None,
+                         open_kw=open_kw, batch_size=batch_size, wait=wait, input_timeout=input_timeout, msgs=msgs,
+                         **{k: v for k, v in walk.items() if v is not None})
+    if found.summary is not None:
+        report_update(found.summary, search_dir, msgs)
+    return found.images, found.hits, found.searched
 
 
 def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, msgs):
@@ -175,12 +171,16 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
     warm model and ranks; its messages (failed images, the summary) are printed here."""
     from ...paths import default_index_folder
     from ...search.summary import UpdateSummary, report_update
+    from ...search.update import not_utf8_warning, storable
     from ..messages import ServerProgress, replay
     from ..terminal import isatty
 
     # This command's index, wherever the server keeps its own (its ALTCLIP_HOME may not be ours).
     folder = default_index_folder(remote.weights_id) if index_dir == "auto" else os.path.expanduser(index_dir)
     index = os.path.abspath(folder)
+    if not storable(root):  # no image below it can be indexed (and a request holds UTF-8 text only)
+        msgs.warn(not_utf8_warning(root))
+        return [], 0
     bar = ServerProgress(msgs) if not msgs.quiet and isatty(msgs.stream) else None
     try:
         answer = remote.search(parts, root, index=index, top=top, min_score=min_score, update=not no_index,
@@ -225,20 +225,24 @@ def _query_sources(parts) -> dict:
 # --- output -----------------------------------------------------------------------------------------
 
 
-def _output(fmt, hits, output, null, *, title, searched, note, query_images=()) -> None:
+def _output(fmt, hits, output, null, *, title, searched, note, query_images=(), input_timeout=None) -> None:
     if fmt == "html":
         from ...search.html import Hit, render
 
         data = render([Hit(r, p, s) for r, p, s in hits], title, searched=searched, note=note,
-                      query_images=query_images).encode("utf-8")
+                      query_images=query_images, input_timeout=input_timeout).encode("utf-8")
     elif fmt == "table":
         data = _table(hits, output is None)
     else:
         data = b"".join(_FORMATTERS[fmt](hits, null))
     if output is not None:
+        from ...errors import AltclipError
         from ...search.html import write
 
-        write(output, data)
+        try:
+            write(output, data)
+        except OSError as exc:  # the folder went away (or filled up) while the search ran
+            raise AltclipError(f"cannot write {output} ({exc.strerror or exc})") from None
         return
     out = getattr(sys.stdout, "buffer", None)
     if out is None:  # a text-only stream in place of stdout (an embedding program's)

@@ -1,6 +1,6 @@
 """How many threads a run uses: torch's intra-op threads for the model and the decode workers
 that prepare images ahead of it. Both share the same cores, so they are planned together.
-No torch import: the decode pipeline uses this too."""
+Planned below the runtime (no torch import): the decode pipeline uses it too."""
 from __future__ import annotations
 
 import os

@@ -1,0 +1,180 @@
+"""Consistent read-only views of an index (IndexStore.snapshot), and the cache a long-lived
+reader (`altclip serve`) keeps of its connection and recent folders' rows.
+
+A snapshot is a WAL read transaction, and the vectors only up to `vectors_committed` as of that
+transaction, in the vector file of the generation that transaction names; any number of
+readers take them while one writer writes.
+
+Cheap to import: numpy is imported inside the functions that need it.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .database import INDEX_DB, SQL_CHUNK, connect_readonly, meta_token
+from .errors import StaleVectors, damaged
+from .vectorfile import map_vectors
+
+if TYPE_CHECKING:
+    from .store import IndexStore
+
+
+class Snapshot:
+    """A consistent view of an index (see IndexStore.snapshot).
+
+    vectors: (committed rows, dim) float32, a read-only np.memmap of vectors.f32 (rows that no
+        current file uses are in it too: index it with `rows`).
+    rows: int64 (N,), the vector row of each file at or below `under` that has a vector.
+    file_ids: int64 (N,), those files' ids (same order as rows).
+    count: N.
+    paths_of(file_ids): their absolute paths (meant for a few, e.g. the top k)."""
+
+    def __init__(self, store: "IndexStore", db: sqlite3.Connection, vectors, rows, file_ids,
+                 cache: "SnapshotCache | None" = None):
+        self.store = store
+        self._db = db
+        self._cache = cache
+        self.vectors = vectors
+        self.rows = rows
+        self.file_ids = file_ids
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def paths_of(self, file_ids) -> list[str]:
+        ids = [int(i) for i in file_ids]
+        found: dict[int, str] = {}
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), SQL_CHUNK):
+            chunk = unique[start:start + SQL_CHUNK]
+            cur = self._db.execute(f"SELECT id, path FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            found.update((int(i), p) for i, p in cur)
+        return [self.store.path_of(found[i]) for i in ids]
+
+    def close(self) -> None:
+        if self._db is not None:
+            if self._cache is not None:
+                self._cache.end()  # ends the read transaction; the connection stays the cache's
+            else:
+                self._db.close()  # ends the read transaction
+            self._db = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def take_snapshot(store: "IndexStore", under, cache: "SnapshotCache | None" = None) -> Snapshot:
+    """A Snapshot of the files with a vector at or below `under` (None: all) in `store`'s index,
+    begun again when a compaction replaced the vector file after its transaction began."""
+    for attempt in range(5):
+        try:
+            return _snapshot(store, under, cache)
+        except StaleVectors:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _snapshot(store: "IndexStore", under, cache: "SnapshotCache | None") -> Snapshot:
+    import numpy as np
+
+    folder = store.folder
+    db = cache.begin(folder) if cache is not None else connect_readonly(folder)
+    try:
+        if cache is None:
+            db.execute("BEGIN")
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('vectors_committed', 'vectors_token')"))
+        committed = int(meta["vectors_committed"])
+        clause, params = store.under_clause(under)
+        pairs = cache.rows(db, (clause, *params)) if cache is not None else None
+        if pairs is None:
+            cur = db.execute(f"SELECT id, vec_row FROM files WHERE vec_row IS NOT NULL AND {clause}", params)
+            flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
+            pairs = np.ascontiguousarray(flat.reshape(-1, 2).T)  # (2, N): ids, vector rows
+            if cache is not None:
+                cache.keep((clause, *params), pairs)
+        if pairs.shape[1] and int(pairs[1].max()) >= committed:
+            raise damaged(folder, "a file row points past the committed vectors")
+        vectors = map_vectors(folder, committed, store.dim, meta_token(meta))
+    except BaseException as exc:
+        cache.end() if cache is not None else db.close()
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise damaged(folder, f"{INDEX_DB}: {exc}") from None
+        raise
+    return Snapshot(store, db, vectors, pairs[1], pairs[0], cache=cache)
+
+
+class SnapshotCache:
+    """For a long-lived reader of one index (`altclip serve`): one read connection, and the file
+    rows its snapshots read below the last few folders, reused while no one has written the
+    index since (SQLite's PRAGMA data_version on that connection: any other connection's
+    commit, in any process, changes it). A repeated search then skips the SELECT of every row
+    below its folder. One snapshot at a time holds it (a lock); close it when done."""
+
+    MAX_FOLDERS = 4  # each holds two int64 per file below its folder (16 MB for a million)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._file: tuple | None = None  # (st_dev, st_ino) of the database the connection has open
+        self._version = None
+        self._rows: dict[tuple, object] = {}
+
+    def begin(self, folder: Path) -> sqlite3.Connection:
+        """The connection, in a new read transaction (the lock held until end())."""
+        self._lock.acquire()
+        try:
+            st = os.stat(folder / INDEX_DB)
+            if self._db is None or self._file != (st.st_dev, st.st_ino):  # new, or the index was rebuilt
+                self._drop()
+                self._db = connect_readonly(folder)
+                self._file = (st.st_dev, st.st_ino)
+            self._db.execute("BEGIN")
+            return self._db
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def rows(self, db: sqlite3.Connection, key: tuple):
+        """The rows kept for `key` if nothing was committed since they were read, else None.
+        Call it after the transaction's first read (its data_version is then the snapshot's)."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._rows.clear()
+            self._version = version
+        return self._rows.get(key)
+
+    def keep(self, key: tuple, pairs) -> None:
+        self._rows.pop(key, None)
+        self._rows[key] = pairs
+        while len(self._rows) > self.MAX_FOLDERS:
+            self._rows.pop(next(iter(self._rows)))
+
+    def end(self) -> None:
+        try:
+            if self._db is not None and self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._drop()
+        finally:
+            self._lock.release()
+
+    def _drop(self) -> None:
+        if self._db is not None:
+            self._db.close()
+        self._db, self._file, self._version = None, None, None
+        self._rows.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
