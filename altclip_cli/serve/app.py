@@ -344,7 +344,8 @@ async def _idle_watchdog(state: ServeState) -> None:
 
 
 # Every error status an endpoint answers, with why (the body is always ErrorAnswer). The gate's
-# (401 with --token-file, 403 for Host or Origin over TCP, 413 over the size cap) apply to all.
+# (401 with --token-file, 403 for Host or Origin over TCP, 413 over the size cap, 503 when a
+# forced stop cuts a request short) apply to all.
 ERROR_WHY = {
     400: "The request is malformed: not JSON, a missing, unknown or invalid field (the message names it).",
     401: "The token is missing or wrong (a server started with --token-file).",
@@ -357,11 +358,12 @@ ERROR_WHY = {
     422: "Well-formed, but unusable: an image that does not decode (not an image, over the pixel cap, unreadable), "
          "or a folder or index that cannot be used.",
     500: "The index could not be updated or read (the message says why).",
-    503: "The server is busy (its queue is full: come back after Retry-After seconds) or stopping.",
+    503: "The server is busy (its queue is full: come back after Retry-After seconds) or stopping (a request "
+         "cut short by a forced stop, on any endpoint).",
 }
-GATE_ERRORS = (401, 403, 413)
-MODEL_ERRORS = (400, 415, 422, 503)
-SEARCH_ERRORS = (400, 409, 415, 422, 500, 503)
+GATE_ERRORS = (401, 403, 413, 503)
+MODEL_ERRORS = (400, 415, 422)
+SEARCH_ERRORS = (400, 409, 415, 422, 500)
 
 
 def _errors(*statuses: int) -> dict:
