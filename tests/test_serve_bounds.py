@@ -186,3 +186,13 @@ def test_without_a_token_the_host_check_stays_and_allow_host_adds_names(_tiny_mo
         assert s.log().count(WARNING) == 1  # said once, at start
     finally:
         assert s.stop() == 0, s.log()
+
+
+def test_a_tcp_server_without_a_token_says_once_that_every_local_user_can_reach_it(_tiny_model_master):
+    s = start_server(_tiny_model_master, tcp=True)
+    try:
+        client.post_json(s.target, "/v1/embed", {"texts": ["a"]})
+        log = s.log()
+        assert log.count(WARNING) == 1 and log.index(WARNING) < log.index("listening on"), log
+    finally:
+        assert s.stop() == 0, s.log()
