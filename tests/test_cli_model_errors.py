@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -98,20 +99,21 @@ def test_offline_hub_ids_not_cached(model, message, tmp_path, monkeypatch):
 
 
 def test_permission_denied_image_is_named(tiny_model_dir, tmp_path, monkeypatch):
-    # Tests run as root, who can read a chmod 000 file: make the OS refuse it instead.
-    import altclip_cli.inputs.images as images
+    # Tests run as root, who can read a chmod 000 file: make the OS refuse it instead, at the one
+    # opener every image file goes through.
+    import altclip_cli.inputs.files as files
 
     monkeypatch.chdir(tmp_path)
     write_image(tmp_path / "a.png", 1)
     write_image(tmp_path / "secret.png", 2)
-    real_open = open
+    real_open = os.open
 
     def guarded_open(path, *args, **kwargs):
         if str(path).endswith("secret.png"):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(images, "open", guarded_open, raising=False)
+    monkeypatch.setattr(files.os, "open", guarded_open)
     result = invoke("classify", "a.png", "secret.png", "-l", "cat", "-l", "dog", "-m", tiny_model_dir,
                     "-f", "json")
     assert result.exit_code == 3

@@ -191,7 +191,7 @@ def fill(run, inputs, names, folder: Path, *, dtype: str, resume: bool, part_siz
         todo = [MANIFEST_ONLY]
     if not todo:  # --resume of a complete dataset: nothing to do, so Ray is neither imported nor started
         msgs.note(f"{folder}: every part is already complete: nothing to do")
-        summary = Summary(existing, list(range(existing["parts"])))
+        summary = ds.Summary(existing, list(range(existing["parts"])))
         summary.add_done(folder, summary.ours)
         return summary
     ray = _import_ray()
