@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from bounded import in_thread
+
 from altclip_cli.errors import InputError
 from altclip_cli.inputs import files
 from altclip_cli.inputs.files import open_regular, read_regular, within
@@ -19,19 +21,7 @@ from altclip_cli.inputs.images import open_image
 
 def finishes(fn, limit: float = 20):
     """fn()'s result, or its exception; the test fails (instead of hanging) past `limit` seconds."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            out["error"] = e
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(limit)
-    assert not worker.is_alive(), f"still running after {limit} s"
-    return out
+    return in_thread(fn, limit)[0]
 
 
 def refused(fn, limit: float = 20) -> str:

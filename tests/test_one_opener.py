@@ -17,8 +17,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from bounded import in_thread  # noqa: E402
 from test_search_html import Page  # noqa: E402
-from test_serve import png_bytes, short_dir, start_server  # noqa: E402
+from test_serve import png_bytes, start_server  # noqa: E402
 from test_serve_client import CLIENT_MAIN, Run, client_env  # noqa: E402
 
 from altclip_cli.errors import InputError  # noqa: E402
@@ -191,19 +192,7 @@ def hung(tmp_path, monkeypatch):
 
 
 def within_limit(fn, limit: float = 30):
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            out["error"] = e
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(limit)
-    assert not worker.is_alive(), f"still running after {limit} s"
-    return out
+    return in_thread(fn, limit)[0]
 
 
 def test_the_client_of_a_tcp_server_reads_a_file_within_the_input_timeout(hung):

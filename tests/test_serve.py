@@ -30,7 +30,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from altclip_cli.cli import cli  # noqa: E402
-from altclip_cli.cli.formats import score_record  # noqa: E402
+from altclip_cli.outputs.records import score_record  # noqa: E402
 from altclip_cli.inputs.images import open_image  # noqa: E402
 from altclip_cli.serve import client  # noqa: E402
 from altclip_cli.serve.client import RequestFailed, ServerBusy, ServerDown, ServerLost, ServerMismatch  # noqa: E402

@@ -17,29 +17,11 @@ from altclip_cli.errors import InputError
 from altclip_cli.inputs.images import open_image
 from altclip_cli.inputs.pipeline import stream_embeddings
 from altclip_cli.inputs.urls import fetch_url
+from bounded import in_thread
 from urlserver import serve
 
 SAFE_ENV = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "NO_COLOR": "1",
             "ALTCLIP_DEVICE": "cpu", "ALTCLIP_PRECISION": "fp32"}
-
-
-def in_thread(fn, limit: float):
-    """fn()'s result or exception, and the seconds it took; fails the test (instead of hanging
-    it) when fn has not returned after `limit` seconds."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            out["error"] = e
-
-    start = time.monotonic()
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(limit)
-    assert not worker.is_alive(), f"still running after {limit} s"
-    return out, time.monotonic() - start
 
 
 # --- URLs ------------------------------------------------------------------------------------------

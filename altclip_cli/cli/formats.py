@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
-from ..outputs.records import UNSURE, error_record, number, score_record, with_top  # noqa: F401 - the records
+from ..outputs.records import UNSURE
 from .terminal import no_color
 
 FORMATS = ("table", "json", "jsonl", "csv")

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 from ..errors import InputError
 from .names import display
 from .urls import DEFAULT_URL_MAX_BYTES, DEFAULT_URL_TIMEOUT, URL_PREFIXES, fetch_url
-from .walk import DEFAULT_EXCLUDES, IMAGE_EXTENSIONS, walk_tree  # noqa: F401 (IMAGE_EXTENSIONS: this module's too)
+from .walk import DEFAULT_EXCLUDES, walk_tree
 _GLOB_CHARS = frozenset("*?[")
 
 

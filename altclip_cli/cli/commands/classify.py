@@ -65,7 +65,8 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
       {"image": "bad.jpg", "error": "..."}
     """
     from ...inputs.sources import expand_images
-    from ..formats import classify_writer, with_top
+    from ...outputs.records import with_top
+    from ..formats import classify_writer
     from ..terminal import isatty
 
     msgs = messages()
@@ -121,7 +122,7 @@ def _records(model, sources, groups, templates, top_k, index_dir, msgs, batch_si
     vectors (and the index's, with --index), in this process or through a server alike (model:
     a runtime.embedder.Embedder). groups: each label's synonyms."""
     from ...inputs.sources import display, open_source, reason
-    from ..formats import error_record, score_record
+    from ...outputs.records import error_record, score_record
 
     labels = [g[0] for g in groups]
     label_emb = model.group_embeddings(groups, templates, batch_size=batch_size)
