@@ -681,6 +681,26 @@ def test_the_pixel_cap_copy_equals_the_library_default():
     assert discovery.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
 
 
+def test_a_stopping_server_is_not_waited_for(info):
+    """Only a full queue is worth waiting out: a 503 from a server that is stopping fails the
+    request at once, naming the server and its reason."""
+    from altclip_cli.serve.client import ServerBusy
+    from altclip_cli.serve.remote import RemoteModel
+
+    seen = []
+
+    def answer(method, body):
+        seen.append(body)
+        return 503, {"error": {"message": "the server is stopping", "code": "stopping"}}, {"Retry-After": "5"}
+
+    with fake_server(answer) as url:
+        model = RemoteModel(client.parse_target(url), info, model_id="m")
+        started = time.monotonic()
+        with pytest.raises(ServerBusy, match="the server at .*: the server is stopping"):
+            model.encode_texts(["a"])
+        assert len(seen) == 1 and time.monotonic() - started < 5
+
+
 def test_a_full_queue_is_waited_out_and_a_restarted_server_is_noticed(info, monkeypatch):
     """503 + Retry-After: the request is sent again after the pause; an answer from another model
     (the server was restarted with it) fails the command instead of mixing vectors."""
@@ -688,7 +708,7 @@ def test_a_full_queue_is_waited_out_and_a_restarted_server_is_noticed(info, monk
 
     from altclip_cli.serve.remote import RemoteModel
 
-    answers = [(503, {"error": {"message": "the server is busy: 64 requests are waiting"}}),
+    answers = [(503, {"error": {"message": "the server is busy: 64 requests are waiting", "code": "queue_full"}}),
                (200, {"model": info["model"], "results": [
                    {"row": 0, "text": "a", "embedding": base64.b64encode(b"\0" * 128).decode()}]}),
                (200, {"model": "another", "results": []})]

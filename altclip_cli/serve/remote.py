@@ -344,14 +344,18 @@ class RemoteModel(Embedder):
     # --- requests ----------------------------------------------------------------------------------
 
     def _post(self, path: str, payload: dict) -> dict:
-        """post_json, waiting out a full queue (503 + Retry-After) for up to BUSY_PATIENCE_S, and
-        saying which server failed."""
+        """post_json, waiting out a full queue (503 queue_full + Retry-After) for up to
+        BUSY_PATIENCE_S (any other 503, a server stopping or with stuck decoders, fails at once),
+        and saying which server failed."""
         waited = 0.0
         while True:
             try:
                 answer = post_json(self.target, path, payload)
                 break
             except ServerBusy as exc:
+                if exc.error.get("code") != "queue_full":  # stopping, or decoders stuck: waiting does not help
+                    raise ServerBusy(exc.status, f"the server at {self.target}: {exc.message}", exc.error,
+                                     exc.retry_after, hint=exc.hint) from None
                 pause = min(max(exc.retry_after or 1.0, 0.2), 10.0)
                 if waited + pause > BUSY_PATIENCE_S:
                     raise ServerBusy(exc.status, f"the server at {self.target} stayed busy for {waited:.0f} s: "
