@@ -1,0 +1,97 @@
+"""XMP sidecars beside photos: which file is a photo's sidecar, and updating the keywords one
+hierarchy root owns in it, safely.
+
+Naming: "full" is photo.jpg.xmp (digiKam's and darktable's default; IMG_1.CR2 and IMG_1.JPG keep
+apart), "adobe" is photo.xmp (Adobe's XMP spec; Lightroom, Capture One). A sidecar that exists
+under either name is the one updated, except that photo.xmp is not taken for photo.jpg while
+another file shares its base name (photo.cr2's sidecar, then). The photo itself is only read
+from the folder listing, never opened.
+
+A sidecar is written to a temporary file beside it, fsynced and renamed over it (durable.py), so
+an interruption at any instant leaves the old packet or the new one. A sidecar that does not
+parse is never written (xmp.XmpError); one whose keywords would not change is not touched at
+all (same bytes, same mtime).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..durable import fsync_dir, write_atomic
+from .xmp import NEW_PACKET, Packet, XmpError
+
+NAMINGS = ("full", "adobe")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What updating one sidecar did (or would do, in a dry run)."""
+
+    sidecar: Path
+    action: str  # "created", "changed", "unchanged", "removed" (the file, emptied of all), "none" (no file, no keywords)
+
+    @property
+    def changed(self) -> bool:
+        return self.action in ("created", "changed", "removed")
+
+
+def sidecar_names(photo: Path) -> tuple[Path, Path]:
+    """(photo.jpg.xmp, photo.xmp) for photo.jpg."""
+    photo = Path(photo)
+    return photo.with_name(photo.name + ".xmp"), photo.with_suffix(".xmp") if photo.suffix else photo.with_name(photo.name + ".xmp")
+
+
+def sidecar_for(photo: Path, naming: str = "full") -> Path:
+    """The sidecar of photo: an existing one under either name (the chosen naming's first), else
+    the chosen naming's."""
+    full, adobe = sidecar_names(photo)
+    chosen, other = (full, adobe) if naming == "full" else (adobe, full)
+    if os.path.lexists(chosen):
+        return chosen
+    if os.path.lexists(other) and (other == full or not _shares_base_name(Path(photo))):
+        return other
+    return chosen
+
+
+def _shares_base_name(photo: Path) -> bool:
+    """Whether another file in the photo's folder has its base name (IMG_1.CR2 beside IMG_1.JPG)."""
+    stem = photo.stem
+    try:
+        names = os.listdir(photo.parent if str(photo.parent) else ".")
+    except OSError:
+        return False
+    return any(n != photo.name and Path(n).stem == stem and not n.lower().endswith(".xmp") for n in names)
+
+
+def update(photo: Path, root: str, keywords: list[str], *, naming: str = "full", dry_run: bool = False) -> Outcome:
+    """Make `keywords` the ones under `root` in photo's sidecar (an empty list removes them, and
+    the sidecar too when altclip made it and nothing else is left). Raises XmpError for a sidecar
+    that does not parse, OSError when it cannot be read or written."""
+    photo = Path(photo)
+    path = sidecar_for(photo, naming)
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path  # a linked sidecar is updated where it lies
+    if os.path.realpath(target) == os.path.realpath(photo):
+        raise XmpError(f"{path} is the photo itself, not a sidecar", hint="rename the photo")
+    try:
+        with open(target, "rb") as f:
+            old = f.read()
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        old, mode = None, None
+    if old is None and not keywords:
+        return Outcome(path, "none")
+    packet = Packet.parse(old if old is not None else NEW_PACKET, name=str(path))
+    if not packet.set_owned(root, keywords):
+        return Outcome(path, "unchanged" if old is not None else "none")
+    if old is not None and packet.is_empty_and_ours():
+        if not dry_run:
+            os.unlink(target)
+            fsync_dir(target.parent)
+        return Outcome(path, "removed")
+    if not dry_run:
+        write_atomic(target, packet.serialise(), mode)
+        fsync_dir(target.parent)
+    return Outcome(path, "created" if old is None else "changed")
