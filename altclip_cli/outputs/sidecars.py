@@ -66,6 +66,38 @@ def _shares_base_name(photo: Path) -> bool:
     return any(n != photo.name and Path(n).stem == stem and not n.lower().endswith(".xmp") for n in names)
 
 
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary sidecars (".photo.jpg.xmp.tmp-PID", durable.write_atomic's) that a
+    killed run left in folder: those whose process is gone. Returns them."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        base, sep, pid = name.rpartition(".tmp-")
+        if not (sep and name.startswith(".") and base.lower().endswith(".xmp") and pid.isdigit()):
+            continue
+        if _running(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(Path(folder) / name)
+        except OSError:
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
 def update(photo: Path, root: str, keywords: list[str], *, naming: str = "full", dry_run: bool = False) -> Outcome:
     """Make `keywords` the ones under `root` in photo's sidecar (an empty list removes them, and
     the sidecar too when altclip made it and nothing else is left). Raises XmpError for a sidecar

@@ -87,9 +87,11 @@ def tag(images, labels, labels_file, templates, min_prob, thresholds, top, root,
             input_timeout=input_timeout, server=server, token_file=token_file, model=model, device=device,
             precision=precision, exact_decode=exact_decode, revision=revision, max_pixels=max_pixels,
             url_timeout=url_timeout, url_max_mb=url_max_mb)
+    folders = _FolderCleaner(dry_run)
     try:
         with msgs.progress("tagging", total=len(sources), data_to_stdout=True) as bar:
             for source, record in zip(sources, records):
+                folders.visit(source.path)
                 out.write(*_tag_one(source, record, limits, top, root, naming, dry_run, msgs))
                 bar.advance()
     finally:
@@ -133,6 +135,25 @@ def _tag_one(source, record, limits, top, root, naming, dry_run, msgs):
     if dry_run and done.changed:
         msgs.note(display(f"would {_VERB[done.action]} {done.sidecar}: {', '.join(keywords) or 'no keywords'}"))
     return {"image": name, "keywords": keywords, "sidecar": display(str(done.sidecar)), "changed": done.changed}, done
+
+
+class _FolderCleaner:
+    """Removes, once per folder, the temporary sidecars an interrupted run left there."""
+
+    def __init__(self, dry_run: bool):
+        self.seen: set[str] = set()
+        self.dry_run = dry_run
+
+    def visit(self, path: str | None) -> None:
+        import os
+
+        from ...outputs.sidecars import clean_stale_temporaries
+
+        folder = os.path.dirname(path) or "." if path else None
+        if folder is None or folder in self.seen or self.dry_run:
+            return
+        self.seen.add(folder)
+        clean_stale_temporaries(folder)
 
 
 _VERB = {"created": "create", "changed": "change", "removed": "remove"}
