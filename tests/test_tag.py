@@ -281,6 +281,15 @@ def test_malformed_sidecar_unreadable_photo_and_read_only_folder(photos, model, 
     assert set(after[0]) - set(before[0]) == {"a.png.xmp", "c.png.xmp"}
 
 
+def test_a_sidecar_that_is_not_a_file_is_named_and_does_not_block(photos, model):
+    os.mkfifo(photos / "a.png.xmp")
+    (photos / "b.jpg.xmp").mkdir()
+    result = tag("a.png", "b.jpg", "c.png", "-l", "cat", "--min-prob", 0, model=model)
+    assert result.exit_code == 3
+    assert "a.png.xmp is not a regular file" in result.stderr and "b.jpg.xmp is not a regular file" in result.stderr
+    assert [("error" in r) for r in jsonl(result.stdout)] == [True, True, False]
+
+
 # --- independent readers ----------------------------------------------------------------------------
 
 def _need(tool: str) -> str:

@@ -24,6 +24,7 @@ from ..durable import fsync_dir, write_atomic
 from .xmp import NEW_PACKET, Packet, XmpError
 
 NAMINGS = ("full", "adobe")
+MAX_SIDECAR_BYTES = 64_000_000  # a sidecar is kilobytes; darktable's long histories stay far below this
 
 
 @dataclass(frozen=True)
@@ -107,23 +108,61 @@ def update(photo: Path, root: str, keywords: list[str], *, naming: str = "full",
     target = Path(os.path.realpath(path)) if os.path.islink(path) else path  # a linked sidecar is updated where it lies
     if os.path.realpath(target) == os.path.realpath(photo):
         raise XmpError(f"{path} is the photo itself, not a sidecar", hint="rename the photo")
+    for _attempt in range(3):
+        old, mode, seen = _read(target, path)
+        outcome, data = _plan(path, old, root, keywords)
+        if data is None or dry_run:
+            break
+        if _state(target) != seen:  # changed under us (another program, a second run): start again
+            continue
+        _put(target, data, mode)
+        break
+    else:
+        raise XmpError(f"{path} kept changing while altclip read it (another program writing it?); "
+                       "it is left as it is", hint="run again when that program is done")
+    return outcome
+
+
+def _read(target: Path, shown: Path) -> tuple[bytes | None, int | None, tuple | None]:
+    """(content or None when there is no sidecar, its permission bits, its state: see _state)."""
     try:
-        with open(target, "rb") as f:
-            old = f.read()
-        mode = stat.S_IMODE(os.stat(target).st_mode)
+        st = os.stat(target)
     except FileNotFoundError:
-        old, mode = None, None
+        return None, None, None
+    if not stat.S_ISREG(st.st_mode):
+        raise XmpError(f"{shown} is not a regular file; it is left as it is", hint="move it away, then run again")
+    if st.st_size > MAX_SIDECAR_BYTES:
+        raise XmpError(f"{shown} is larger than {MAX_SIDECAR_BYTES // 1_000_000} MB, too large for a sidecar; "
+                       "it is left as it is", hint="check what wrote it")
+    with open(target, "rb") as f:
+        data = f.read(MAX_SIDECAR_BYTES + 1)
+    return data, stat.S_IMODE(st.st_mode), (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _state(target: Path) -> tuple | None:
+    """What tells a file replaced or rewritten since it was read: (inode, size, mtime), None if absent."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _plan(path: Path, old: bytes | None, root: str, keywords: list[str]) -> tuple[Outcome, bytes | None]:
+    """(the outcome, the new content: None to leave the file as it is, b"" to remove it)."""
     if old is None and not keywords:
-        return Outcome(path, "none")
+        return Outcome(path, "none"), None
     packet = Packet.parse(old if old is not None else NEW_PACKET, name=str(path))
     if not packet.set_owned(root, keywords):
-        return Outcome(path, "unchanged" if old is not None else "none")
+        return Outcome(path, "unchanged" if old is not None else "none"), None
     if old is not None and packet.is_empty_and_ours():
-        if not dry_run:
-            os.unlink(target)
-            fsync_dir(target.parent)
-        return Outcome(path, "removed")
-    if not dry_run:
-        write_atomic(target, packet.serialise(), mode)
-        fsync_dir(target.parent)
-    return Outcome(path, "created" if old is None else "changed")
+        return Outcome(path, "removed"), b""
+    return Outcome(path, "created" if old is None else "changed"), packet.serialise()
+
+
+def _put(target: Path, data: bytes, mode: int | None) -> None:
+    if data:
+        write_atomic(target, data, mode)
+    else:
+        os.unlink(target)
+    fsync_dir(target.parent)
