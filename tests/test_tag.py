@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from test_cli import invoke, jsonl, write_image
+from test_index import FP32, index, tower  # noqa: F401 (tower: a fixture)
 
 from altclip_cli.outputs.xmp import DC, DIGIKAM, LR, RDF, Packet
 
@@ -119,6 +120,19 @@ def test_markup_characters_are_escaped(photos, model):
     raw = (photos / "a.png.xmp").read_text(encoding="utf-8")
     assert "R&amp;D &lt;" in raw
     assert keywords_in(photos / "a.png.xmp")["subject"] == [label]
+
+
+def test_index_gives_the_same_keywords_without_the_image_tower(photos, model, tower):
+    assert index(model, ".", "-b", "1").exit_code == 0
+    args = [".", *LABELS, "--min-prob", 0, "--top", 2, *FP32, "-b", "1"]
+    tower.clear()
+    plain = tag(*args, "--dry-run", model=model)
+    assert plain.exit_code == 0 and sum(tower) == 3
+    tower.clear()
+    indexed = tag(*args, "--index", "auto", model=model)
+    assert indexed.exit_code == 0, indexed.stderr
+    assert sum(tower) == 0
+    assert [r["keywords"] for r in jsonl(indexed.stdout)] == [r["keywords"] for r in jsonl(plain.stdout)]
 
 
 # --- sidecar names, the photo untouched -----------------------------------------------------------
