@@ -252,6 +252,20 @@ def test_an_identical_second_run_changes_no_file(photos, model):
     assert "0 created, 0 changed, 3 unchanged" in second.stderr
 
 
+def test_keywords_in_another_order_are_not_a_change():
+    """A photo manager that rewrote the lists in its own order: nothing to write."""
+    from altclip_cli.outputs.xmp import NEW_PACKET
+
+    packet = Packet.parse(NEW_PACKET)
+    assert packet.set_owned("altclip", ["猫", "dog"])
+    text = packet.serialise().decode()
+    swapped = text.replace("猫<", "@@<").replace("dog<", "猫<").replace("@@<", "dog<")
+    assert swapped != text
+    again = Packet.parse(swapped.encode())
+    assert again.set_owned("altclip", ["猫", "dog"]) is False
+    assert again.serialise().decode() == swapped
+
+
 def test_remove_deletes_a_sidecar_altclip_made_and_nothing_else(photos, model):
     (photos / "b.jpg.xmp").write_bytes(_USER_SIDECAR)
     assert tag("a.png", "b.jpg", "-l", "cat", "--min-prob", 0, model=model).exit_code == 0

@@ -161,8 +161,9 @@ class Packet:
 
     def _set_items(self, prop: str, kind: str, have: list[str], want: list[str]) -> bool:
         """Give the property the items `want` (have: its items now), keeping the rdf:li elements
-        of the items that stay, with their attributes and layout; False when nothing changes."""
-        if have == want:
+        of the items that stay, with their attributes and layout; False when nothing changes.
+        The order of items is not a change: photo managers treat these lists as sets."""
+        if sorted(have) == sorted(want):
             return False
         elements = self._properties(prop)
         if not want:
