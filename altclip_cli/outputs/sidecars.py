@@ -99,13 +99,44 @@ def _running(pid: int) -> bool:
     return True
 
 
-def update(photo: Path, root: str, keywords: list[str], *, naming: str = "full", dry_run: bool = False) -> Outcome:
+class Folders:
+    """What a run does once per folder of sidecars: remove the temporaries a killed run left there
+    (on the first visit), and fsync the folder after its last change (renames are atomic on their
+    own; the folder's fsync makes them survive a power cut), when the run moves to another folder
+    or closes, instead of once per sidecar."""
+
+    def __init__(self, dry_run: bool = False):
+        self.dry_run = dry_run
+        self.seen: set[str] = set()
+        self.unsynced: str | None = None
+
+    def visit(self, folder: str) -> None:
+        if folder not in self.seen and not self.dry_run:
+            self.seen.add(folder)
+            clean_stale_temporaries(Path(folder))
+
+    def changed(self, folder: str) -> None:
+        if self.unsynced is not None and self.unsynced != folder:
+            fsync_dir(self.unsynced)
+        self.unsynced = folder
+
+    def close(self) -> None:
+        if self.unsynced is not None:
+            fsync_dir(self.unsynced)
+            self.unsynced = None
+
+
+def update(photo: Path, root: str, keywords: list[str], *, naming: str = "full", dry_run: bool = False,
+           folders: Folders | None = None) -> Outcome:
     """Make `keywords` the ones under `root` in photo's sidecar (an empty list removes them, and
-    the sidecar too when altclip made it and nothing else is left). Raises XmpError for a sidecar
-    that does not parse, OSError when it cannot be read or written."""
+    the sidecar too when altclip made it and nothing else is left). folders: the run's, or None to
+    fsync the folder at once. Raises XmpError for a sidecar that does not parse, OSError when it
+    cannot be read or written."""
     photo = Path(photo)
     path = sidecar_for(photo, naming)
     target = Path(os.path.realpath(path)) if os.path.islink(path) else path  # a linked sidecar is updated where it lies
+    if folders is not None:
+        folders.visit(str(target.parent))
     if os.path.realpath(target) == os.path.realpath(photo):
         raise XmpError(f"{path} is the photo itself, not a sidecar", hint="rename the photo")
     for _attempt in range(3):
@@ -116,6 +147,10 @@ def update(photo: Path, root: str, keywords: list[str], *, naming: str = "full",
         if _state(target) != seen:  # changed under us (another program, a second run): start again
             continue
         _put(target, data, mode)
+        if folders is None:
+            fsync_dir(target.parent)
+        else:
+            folders.changed(str(target.parent))
         break
     else:
         raise XmpError(f"{path} kept changing while altclip read it (another program writing it?); "
@@ -165,4 +200,3 @@ def _put(target: Path, data: bytes, mode: int | None) -> None:
         write_atomic(target, data, mode)
     else:
         os.unlink(target)
-    fsync_dir(target.parent)

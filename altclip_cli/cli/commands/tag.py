@@ -87,14 +87,16 @@ def tag(images, labels, labels_file, templates, min_prob, thresholds, top, root,
             input_timeout=input_timeout, server=server, token_file=token_file, model=model, device=device,
             precision=precision, exact_decode=exact_decode, revision=revision, max_pixels=max_pixels,
             url_timeout=url_timeout, url_max_mb=url_max_mb)
-    folders = _FolderCleaner(dry_run)
+    from ...outputs.sidecars import Folders
+
+    folders = Folders(dry_run)
     try:
         with msgs.progress("tagging", total=len(sources), data_to_stdout=True) as bar:
             for source, record in zip(sources, records):
-                folders.visit(source.path)
-                out.write(*_tag_one(source, record, limits, top, root, naming, dry_run, msgs))
+                out.write(*_tag_one(source, record, limits, top, root, naming, dry_run, folders, msgs))
                 bar.advance()
     finally:
+        folders.close()
         if store is not None:
             store.close()
     msgs.note(out.summary())
@@ -105,7 +107,7 @@ def tag(images, labels, labels_file, templates, min_prob, thresholds, top, root,
         click.get_current_context().exit(ExitStatus.PARTIAL)
 
 
-def _tag_one(source, record, limits, top, root, naming, dry_run, msgs):
+def _tag_one(source, record, limits, top, root, naming, dry_run, folders, msgs):
     """(the photo's output record, the sidecar's Outcome or None when it failed)."""
     from ...inputs.names import display
     from ...outputs.sidecars import update
@@ -124,7 +126,7 @@ def _tag_one(source, record, limits, top, root, naming, dry_run, msgs):
         if score["prob"] >= limits[score["label"]] and keyword not in keywords and len(keywords) < top:
             keywords.append(keyword)
     try:
-        done = update(source.path, root, keywords, naming=naming, dry_run=dry_run)
+        done = update(source.path, root, keywords, naming=naming, dry_run=dry_run, folders=folders)
     except XmpError as exc:
         msgs.error(display(f"{name}: {exc.message}"), exc.hint)
         return {"image": name, "error": exc.message}, None
@@ -135,25 +137,6 @@ def _tag_one(source, record, limits, top, root, naming, dry_run, msgs):
     if dry_run and done.changed:
         msgs.note(display(f"would {_VERB[done.action]} {done.sidecar}: {', '.join(keywords) or 'no keywords'}"))
     return {"image": name, "keywords": keywords, "sidecar": display(str(done.sidecar)), "changed": done.changed}, done
-
-
-class _FolderCleaner:
-    """Removes, once per folder, the temporary sidecars an interrupted run left there."""
-
-    def __init__(self, dry_run: bool):
-        self.seen: set[str] = set()
-        self.dry_run = dry_run
-
-    def visit(self, path: str | None) -> None:
-        import os
-
-        from ...outputs.sidecars import clean_stale_temporaries
-
-        folder = os.path.dirname(path) or "." if path else None
-        if folder is None or folder in self.seen or self.dry_run:
-            return
-        self.seen.add(folder)
-        clean_stale_temporaries(folder)
 
 
 _VERB = {"created": "create", "changed": "change", "removed": "remove"}
