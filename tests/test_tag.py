@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from test_cli import invoke, jsonl, write_image
-from test_index import FP32, index, tower  # noqa: F401 (tower: a fixture)
+from test_index import FP32, index, loads, tower  # noqa: F401 (loads, tower: fixtures)
 
 from altclip_cli.outputs.xmp import DC, DIGIKAM, LR, RDF, Packet
 
@@ -274,6 +274,40 @@ def test_remove_deletes_a_sidecar_altclip_made_and_nothing_else(photos, model):
     assert [(r["image"], r["changed"]) for r in jsonl(result.stdout)] == [("a.png", True), ("b.jpg", True), ("c.png", False)]
     assert not (photos / "a.png.xmp").exists()
     assert keywords_in(photos / "b.jpg.xmp")["subject"] == ["Paris", "猫"]
+
+
+def test_remove_loads_no_model(photos, model, loads):
+    assert tag("a.png", "-l", "cat", "--min-prob", 0, model=model).exit_code == 0
+    loads.clear()
+    result = tag("a.png", "--remove", model=model)
+    assert result.exit_code == 0 and loads == [] and not (photos / "a.png.xmp").exists()
+
+
+def test_names_that_are_not_utf8(photos, model):
+    name = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(photos / "a.png", photos / name)
+    result = tag(".", "-l", "cat", "--min-prob", 0, model=model)
+    assert result.exit_code == 0, result.stderr
+    assert keywords_in(photos / (name + ".xmp"))["subject"] == ["cat"]
+
+
+def test_two_runs_at_once_leave_one_whole_set_each(tmp_path, model):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for i in range(60):
+        write_image(folder / f"p{i:02}.png", i, size=(8, 8))
+        (folder / f"p{i:02}.png.xmp").write_bytes(_USER_SIDECAR)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [[sys.executable, "-m", "altclip_cli", "tag", str(folder), "-m", str(model), "--server", "off",
+             "-l", word, "--min-prob", "0"] for word in ("dog", "bird")]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for cmd in runs]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    for side in folder.glob("*.xmp"):
+        kw = keywords_in(side)
+        assert kw["tags"] in (["altclip/dog"], ["altclip/bird"])
+        assert kw["hier"] == ["Places|Paris", "Animals|猫", kw["tags"][0].replace("/", "|")]
+        assert _user_facts(side)["rating"] == "4"
 
 
 def test_dry_run_writes_nothing(photos, model):
