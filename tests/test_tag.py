@@ -266,6 +266,31 @@ def test_keywords_in_another_order_are_not_a_change():
     assert again.serialise().decode() == swapped
 
 
+_TWO_DESCRIPTIONS = b"""<?xml version="1.0" encoding="UTF-8"?>
+<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+ <rdf:Description rdf:about="" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:Rating="2"/>
+ <rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/">
+  <dc:subject><rdf:Bag><rdf:li>mine</rdf:li></rdf:Bag></dc:subject>
+ </rdf:Description>
+</rdf:RDF>
+"""
+
+
+def test_a_packet_without_xmpmeta_and_with_two_descriptions():
+    packet = Packet.parse(_TWO_DESCRIPTIONS)
+    assert packet.set_owned("altclip", ["猫"])
+    out = packet.serialise()
+    assert out.startswith(b'<?xml version="1.0" encoding="UTF-8"?>\n<rdf:RDF')
+    root = ET.fromstring(out)
+    assert [li.text for li in root.iter(f"{{{RDF}}}li")].count("mine") == 1
+    assert [li.text for el in root.iter(f"{{{DC}}}subject") for li in el.iter(f"{{{RDF}}}li")] == ["mine", "猫"]
+    assert root.find(f"{{{RDF}}}Description").get(f"{{{XMP}}}Rating") == "2"
+    again = Packet.parse(out)
+    assert again.owned("altclip") == ["猫"] and again.set_owned("altclip", ["猫"]) is False
+    assert again.set_owned("altclip", []) and Packet.parse(again.serialise()).owned("altclip") == []
+    assert b"mine" in again.serialise()
+
+
 def test_remove_deletes_a_sidecar_altclip_made_and_nothing_else(photos, model):
     (photos / "b.jpg.xmp").write_bytes(_USER_SIDECAR)
     assert tag("a.png", "b.jpg", "-l", "cat", "--min-prob", 0, model=model).exit_code == 0
