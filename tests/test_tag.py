@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from oracle import in_ci
 from test_cli import invoke, jsonl, write_image
 from test_index import FP32, index, loads, tower  # noqa: F401 (loads, tower: fixtures)
 
@@ -379,11 +380,22 @@ def test_a_sidecar_that_is_not_a_file_is_named_and_does_not_block(photos, model)
 
 # --- independent readers ----------------------------------------------------------------------------
 
+def test_a_missing_reader_fails_in_ci(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="exiv2 is missing"):
+        _need("exiv2")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        _need("exiv2")
+
+
 def _need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is missing: .ci/run installs it")
+        if in_ci():
+            pytest.fail(f"CI={os.environ.get('CI')!r}: {tool} is missing, a failure, not a skip: "
+                        "apt-get install libimage-exiftool-perl exiv2", pytrace=False)
         pytest.skip(f"{tool} is not installed")
     return path
 
