@@ -58,6 +58,8 @@ def tag(images, labels, labels_file, templates, min_prob, thresholds, top, root,
       {"image": "bad.jpg", "error": "..."}
     """
     from ...inputs.sources import expand_images
+    from ...outputs.sidecars import Folders
+    from ..options import pil_pixel_limit
     from ..terminal import isatty
 
     msgs = messages()
@@ -87,11 +89,10 @@ def tag(images, labels, labels_file, templates, min_prob, thresholds, top, root,
             input_timeout=input_timeout, server=server, token_file=token_file, model=model, device=device,
             precision=precision, exact_decode=exact_decode, revision=revision, max_pixels=max_pixels,
             url_timeout=url_timeout, url_max_mb=url_max_mb)
-    from ...outputs.sidecars import Folders
-
     folders = Folders(dry_run)
     try:
-        with msgs.progress("tagging", total=len(sources), data_to_stdout=True) as bar:
+        with (pil_pixel_limit(max_pixels),
+              msgs.progress("tagging", total=len(sources), data_to_stdout=True) as bar):
             for source, record in zip(sources, records):
                 out.write(*_tag_one(source, record, limits, top, root, naming, dry_run, folders, msgs))
                 bar.advance()
