@@ -15,7 +15,6 @@ No model knowledge here: the caller says which keywords a root holds.
 
 from __future__ import annotations
 
-import io
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -86,11 +85,9 @@ class Packet:
         except UnicodeDecodeError:
             raise XmpError(f"{name} is not UTF-8 XML; it is left as it is",
                            hint="repair or remove that sidecar, then run again") from None
-        prefixes: dict[str, str] = {}
+        builder = _Builder()
         try:
-            for _event, (prefix, uri) in ET.iterparse(io.BytesIO(text.encode("utf-8")), events=("start-ns",)):
-                prefixes.setdefault(prefix, uri)
-            parser = ET.XMLParser(target=ET.TreeBuilder(insert_comments=True, insert_pis=True))
+            parser = ET.XMLParser(target=builder)
             parser.feed(text)
             root = parser.close()
         except ET.ParseError as exc:
@@ -100,7 +97,7 @@ class Packet:
             raise XmpError(f"{name} holds no rdf:RDF, so it is not an XMP packet; it is left as it is",
                            hint="repair or remove that sidecar, then run again")
         start, end = _root_span(text)
-        return cls(root, text[:start], text[end:], prefixes)
+        return cls(root, text[:start], text[end:], builder.prefixes)
 
     def owned(self, root_name: str) -> list[str]:
         """The keywords under root_name, in the order the hierarchical fields hold them."""
@@ -195,6 +192,18 @@ class Packet:
             li.text = item
             _append(self.root, box, li)
         return True
+
+
+class _Builder(ET.TreeBuilder):
+    """The element tree with comments and processing instructions, and the namespace prefixes the
+    packet declares (prefix -> namespace; the first declaration of a prefix wins)."""
+
+    def __init__(self):
+        super().__init__(insert_comments=True, insert_pis=True)
+        self.prefixes: dict[str, str] = {}
+
+    def start_ns(self, prefix: str, uri: str) -> None:
+        self.prefixes.setdefault(prefix, uri)
 
 
 def _rdf(root: ET.Element) -> ET.Element | None:
