@@ -208,7 +208,8 @@ def _user_facts(path: Path) -> dict:
     return {"rating": desc.get(f"{{{XMP}}}Rating"), "label": desc.get(f"{{{XMP}}}Label"),
             "mine": desc.get("{http://example.org/my-tool/1.0/}Thing"), "history": hist,
             "packet": path.read_bytes().startswith(_USER_SIDECAR[:60]) and path.read_bytes().rstrip().endswith(b'<?xpacket end="w"?>'),
-            "comment": b"<!-- kept: a comment -->" in path.read_bytes()}
+            "comment": b"<!-- kept: a comment -->" in path.read_bytes(),
+            "prefix": b'xmlns:my="http://example.org/my-tool/1.0/"' in path.read_bytes()}
 
 
 def test_existing_content_is_kept_through_tag_retag_and_remove(photos, model):
