@@ -126,6 +126,148 @@ class Folders:
             self.unsynced = None
 
 
+@dataclass
+class _Staged:
+    """A sidecar whose new packet waits in its temporary file for the batch's sync."""
+
+    target: Path
+    tmp: Path | None  # None: the sidecar is to be removed
+    seen: tuple | None  # the sidecar's state when it was read (see _state)
+    outcome: Outcome
+    again: tuple  # (photo, root, keywords): to start again if the sidecar changes meanwhile
+
+
+class Batch:
+    """A run's sidecar updates, made durable a group at a time: each new packet is written to a
+    temporary file beside its sidecar at once; at `flush` one sync of the file system makes them
+    all durable (instead of an fsync each, the slow part of tagging a library), then each is
+    renamed over its sidecar and each folder fsynced. Killed at any instant, every sidecar is the
+    old one or the new one; the temporaries left are removed by the next run (Folders).
+
+    `stage` returns the item's key; `flush` returns {key: Outcome or exception}, for every item
+    staged since the last flush, once the sidecars are in place. A photo whose sidecar another
+    photo of the run already has (photo.xmp for IMG_1.CR2 and IMG_1.JPG) fails with XmpError."""
+
+    def __init__(self, *, naming: str = "full", dry_run: bool = False):
+        self.naming, self.dry_run = naming, dry_run
+        self.folders = Folders(dry_run)
+        self.owners: dict[str, str] = {}  # sidecar -> the photo it was written for
+        self.staged: list[tuple[object, _Staged | Exception | Outcome]] = []
+
+    def stage(self, key, photo: Path, root: str, keywords: list[str]) -> None:
+        try:
+            self.staged.append((key, self._stage(Path(photo), root, keywords)))
+        except (XmpError, OSError) as exc:
+            self.staged.append((key, exc))
+
+    def _stage(self, photo: Path, root: str, keywords: list[str]):
+        path = sidecar_for(photo, self.naming)
+        owner = self.owners.setdefault(os.path.realpath(path), str(photo))
+        if owner != str(photo):
+            raise XmpError(f"{path} is also {owner}'s sidecar, tagged already in this run; {photo} is not tagged",
+                           hint="tag with the default --sidecar-name full, which gives each photo its own")
+        target = _target(photo, path)
+        self.folders.visit(str(target.parent))
+        old, mode, seen = _read(target, path)
+        outcome, data = _plan(path, old, root, keywords)
+        if data is None or self.dry_run:
+            return outcome
+        tmp = None
+        if data:
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                if mode is not None:
+                    os.fchmod(f.fileno(), mode)
+                f.write(data)
+        return _Staged(target, tmp, seen, outcome, (photo, root, keywords))
+
+    def __len__(self) -> int:
+        return len(self.staged)
+
+    def flush(self) -> dict:
+        staged, self.staged = self.staged, []
+        pending = [item for _key, item in staged if isinstance(item, _Staged)]
+        if pending:
+            _sync([item.tmp for item in pending if item.tmp is not None])
+        done = {}
+        for key, item in staged:
+            if isinstance(item, _Staged):
+                try:
+                    item = self._put(item)
+                except (XmpError, OSError) as exc:
+                    item = exc
+            done[key] = item
+        return done
+
+    def _put(self, item: _Staged) -> Outcome:
+        if _state(item.target) != item.seen:  # changed since it was read (another program): start again
+            if item.tmp is not None:
+                os.unlink(item.tmp)
+            photo, root, keywords = item.again
+            return update(photo, root, keywords, naming=self.naming, folders=self.folders)
+        if item.tmp is not None:
+            os.replace(item.tmp, item.target)
+        else:
+            os.unlink(item.target)
+        self.folders.changed(str(item.target.parent))
+        return item.outcome
+
+    def close(self) -> None:
+        """Remove what an unflushed batch staged (an interrupted run), and fsync the last folder."""
+        for _key, item in self.staged:
+            if isinstance(item, _Staged) and item.tmp is not None:
+                try:
+                    os.unlink(item.tmp)
+                except OSError:
+                    pass
+        self.staged = []
+        self.folders.close()
+
+
+def _target(photo: Path, path: Path) -> Path:
+    """The file to write for sidecar path: the path, or where it links to; never the photo."""
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path  # a linked sidecar is updated where it lies
+    if os.path.realpath(target) == os.path.realpath(photo):
+        raise XmpError(f"{path} is the photo itself, not a sidecar", hint="rename the photo")
+    return target
+
+
+def _sync(files: list[Path]) -> None:
+    """Make the files' data durable: one syncfs of each file system they are on, or (where the
+    C library has no syncfs) an fsync each."""
+    syncfs = _syncfs()
+    folders = {os.path.dirname(f) or "." for f in files}
+    devices: dict[int, str] = {}
+    for folder in folders:
+        devices.setdefault(os.stat(folder).st_dev, folder)
+    if syncfs is not None:
+        for folder in devices.values():
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                if syncfs(fd) == 0:
+                    continue
+            finally:
+                os.close(fd)
+            syncfs = None
+            break
+    if syncfs is None:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _syncfs():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
 def update(photo: Path, root: str, keywords: list[str], *, naming: str = "full", dry_run: bool = False,
            folders: Folders | None = None) -> Outcome:
     """Make `keywords` the ones under `root` in photo's sidecar (an empty list removes them, and

@@ -58,7 +58,7 @@ def tag(images, labels, labels_file, templates, min_prob, thresholds, top, root,
       {"image": "bad.jpg", "error": "..."}
     """
     from ...inputs.sources import expand_images
-    from ...outputs.sidecars import Folders
+    from ...outputs.sidecars import Batch
     from ..options import pil_pixel_limit
     from ..terminal import isatty
 
@@ -89,15 +89,22 @@ def tag(images, labels, labels_file, templates, min_prob, thresholds, top, root,
             input_timeout=input_timeout, server=server, token_file=token_file, model=model, device=device,
             precision=precision, exact_decode=exact_decode, revision=revision, max_pixels=max_pixels,
             url_timeout=url_timeout, url_max_mb=url_max_mb)
-    folders = Folders(dry_run)
+    batch = Batch(naming=naming, dry_run=dry_run)
+    waiting = _Waiting(out, msgs, dry_run)
     try:
         with (pil_pixel_limit(max_pixels),
               msgs.progress("tagging", total=len(sources), data_to_stdout=True) as bar):
-            for source, record in zip(sources, records):
-                out.write(*_tag_one(source, record, limits, top, root, naming, dry_run, folders, msgs))
+            for i, (source, record) in enumerate(zip(sources, records)):
+                keywords = _keywords(source, record, limits, top, msgs)
+                if keywords is not None:
+                    batch.stage(i, source.path, root, keywords)
+                waiting.add(i, record, keywords)
+                if waiting.due():
+                    waiting.emit(batch.flush())
                 bar.advance()
+        waiting.emit(batch.flush())
     finally:
-        folders.close()
+        batch.close()
         if store is not None:
             store.close()
     msgs.note(out.summary())
@@ -108,36 +115,77 @@ def tag(images, labels, labels_file, templates, min_prob, thresholds, top, root,
         click.get_current_context().exit(ExitStatus.PARTIAL)
 
 
-def _tag_one(source, record, limits, top, root, naming, dry_run, folders, msgs):
-    """(the photo's output record, the sidecar's Outcome or None when it failed)."""
+def _keywords(source, record, limits, top, msgs) -> list[str] | None:
+    """The keywords for a photo's record, most likely first; None (the error said) when the photo
+    failed or has no sidecar."""
     from ...inputs.names import display
-    from ...outputs.sidecars import update
-    from ...outputs.xmp import XmpError
 
-    name = display(record["image"])
     if "error" in record:
-        msgs.error(f"{name}: {record['error']}")
-        return {"image": name, "error": record["error"]}, None
+        msgs.error(f"{display(record['image'])}: {record['error']}")
+        return None
     if source.path is None:
-        msgs.error(f"{name}: not a local file, so it has no sidecar")
-        return {"image": name, "error": "not a local file"}, None
+        record["error"] = "not a local file, so it has no sidecar"
+        msgs.error(f"{display(record['image'])}: {record['error']}")
+        return None
     keywords = []
     for score in record["scores"]:  # most likely first
         keyword = score["label"].strip()
         if score["prob"] >= limits[score["label"]] and keyword not in keywords and len(keywords) < top:
             keywords.append(keyword)
-    try:
-        done = update(source.path, root, keywords, naming=naming, dry_run=dry_run, folders=folders)
-    except XmpError as exc:
-        msgs.error(display(f"{name}: {exc.message}"), exc.hint)
-        return {"image": name, "error": exc.message}, None
-    except OSError as exc:
+    return keywords
+
+
+class _Waiting:
+    """Photos whose output waits for their sidecars to be in place (outputs.sidecars.Batch): written
+    in input order after each flush, which comes every GROUP photos or SECONDS seconds."""
+
+    GROUP = 256
+    SECONDS = 2.0
+
+    def __init__(self, out, msgs, dry_run: bool):
+        self.out, self.msgs, self.dry_run = out, msgs, dry_run
+        self.items: list[tuple[int, dict, list[str] | None]] = []
+        self.since = 0.0
+
+    def add(self, key: int, record: dict, keywords: list[str] | None) -> None:
+        import time
+
+        if not self.items:
+            self.since = time.monotonic()
+        self.items.append((key, record, keywords))
+
+    def due(self) -> bool:
+        import time
+
+        return len(self.items) >= self.GROUP or (bool(self.items) and time.monotonic() - self.since >= self.SECONDS)
+
+    def emit(self, done: dict) -> None:
+        from ...inputs.names import display
+
+        for key, record, keywords in self.items:
+            name = display(record["image"])
+            result = done.get(key)
+            if keywords is None:
+                self.out.write({"image": name, "error": record["error"]}, None)
+            elif isinstance(result, Exception):
+                message, hint = _failure(result)
+                self.msgs.error(display(f"{name}: {message}"), hint)
+                self.out.write({"image": name, "error": message}, None)
+            else:
+                if self.dry_run and result.changed:
+                    self.msgs.note(display(f"would {_VERB[result.action]} {result.sidecar}: "
+                                           f"{', '.join(keywords) or 'no keywords'}"))
+                self.out.write({"image": name, "keywords": keywords, "sidecar": display(str(result.sidecar)),
+                                "changed": result.changed}, result)
+        self.items = []
+
+
+def _failure(exc: Exception) -> tuple[str, str | None]:
+    """(message, hint) for a sidecar that could not be updated."""
+    if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
-        msgs.error(display(f"{name}: cannot write its sidecar{where} ({exc.strerror or exc})"))
-        return {"image": name, "error": f"cannot write its sidecar ({exc.strerror or exc})"}, None
-    if dry_run and done.changed:
-        msgs.note(display(f"would {_VERB[done.action]} {done.sidecar}: {', '.join(keywords) or 'no keywords'}"))
-    return {"image": name, "keywords": keywords, "sidecar": display(str(done.sidecar)), "changed": done.changed}, done
+        return f"cannot write its sidecar{where} ({exc.strerror or exc})", None
+    return exc.message, exc.hint
 
 
 _VERB = {"created": "create", "changed": "change", "removed": "remove"}
