@@ -7,8 +7,9 @@ under either name is the one updated, except that photo.xmp is not taken for pho
 another file shares its base name (photo.cr2's sidecar, then). The photo itself is only read
 from the folder listing, never opened.
 
-A sidecar is written to a temporary file beside it, fsynced and renamed over it (durable.py), so
-an interruption at any instant leaves the old packet or the new one. A sidecar that does not
+A sidecar is written to a temporary file beside it, made durable and renamed over it (one at a
+time with `update`, through durable.write_atomic; a run's many with `Batch`, one file-system sync
+for a group), so an interruption at any instant leaves the old packet or the new one. A sidecar that does not
 parse is never written (xmp.XmpError); one whose keywords would not change is not touched at
 all (same bytes, same mtime).
 """
