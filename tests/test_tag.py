@@ -476,3 +476,34 @@ def test_kill_9_leaves_every_sidecar_whole_and_a_rerun_finishes(tmp_path, model)
         if side.name.startswith("p") and int(side.name[1:4]) % 3 == 0:
             assert kw["hier"][:2] == ["Places|Paris", "Animals|猫"]
     assert not [p.name for p in folder.iterdir() if ".tmp-" in p.name]  # a killed run's temporaries are gone
+
+
+# --- through `altclip serve` ----------------------------------------------------------------------------
+
+def test_tag_through_the_server_writes_what_a_run_in_process_writes(tmp_path, _tiny_model_master):
+    from test_serve_client import altclip, counters, model_args, start_server, short_dir
+
+    xdg = short_dir()
+    xdg.chmod(0o700)
+    server = start_server(_tiny_model_master, socket_path=xdg / "altclip" / "altclip.sock")
+    try:
+        runs = {}
+        for how in ("server", "local"):
+            folder = tmp_path / how
+            folder.mkdir()
+            for i in range(3):
+                write_image(folder / f"p{i}.png", i)
+            (folder / "bad.png").write_text("nope")
+            before = counters(server.target)
+            extra = () if how == "server" else ("--server", "off")
+            run = altclip(xdg, "tag", folder, *LABELS, "--min-prob", 0, "--top", 4, *model_args(_tiny_model_master),
+                          *extra)
+            assert run.code == 3, run.stderr
+            assert (counters(server.target)[1] > before[1]) is (how == "server")
+            assert ("torch" in run.modules) is (how == "local")
+            runs[how] = [(Path(r["image"]).name, sorted(r.get("keywords", []))) for r in jsonl(run.stdout.decode())]
+            assert sorted(keywords_in(folder / "p0.png.xmp")["subject"]) == runs[how][1][1]
+        assert runs["server"] == runs["local"]
+    finally:
+        assert server.stop() == 0, server.log()
+        shutil.rmtree(xdg, ignore_errors=True)
