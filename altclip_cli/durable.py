@@ -20,12 +20,15 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file in one step: temporary file beside it, fsync, os.replace."""
+def write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write a small file in one step: temporary file beside it, fsync, os.replace.
+    mode: the new file's permission bits (default: as the umask gives)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

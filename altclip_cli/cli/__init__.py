@@ -22,6 +22,7 @@ from .commands.manage import download, info, models
 from .commands.merge import merge
 from .commands.search import search
 from .commands.serve import serve
+from .commands.tag import tag
 from ..errors import AltclipError
 from .options import DEBUG_KEY, MESSAGES_KEY, UsageError, debug_option
 from .messages import Messages
@@ -128,7 +129,7 @@ def cli():
     """
 
 
-for _command in (classify, embed, merge, check, download, info, models, cache, index, search, serve):
+for _command in (classify, tag, embed, merge, check, download, info, models, cache, index, search, serve):
     cli.add_command(_command)
 
 
