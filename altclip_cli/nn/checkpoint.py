@@ -164,7 +164,7 @@ def _normalised(paths: list[Path], read: Callable[[Path], Iterable[tuple[str, ob
 
 # --- reading lazily: a tensor at a time, a piece at a time ----------------------------------------
 
-CHUNK_BYTES = 64 << 20  # the most of one tensor that a lazy read holds in memory at once
+CHUNK_BYTES = 16 << 20  # the most of one tensor that a lazy read holds in memory at once
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,14 @@ class LazyTensor:
         pieces are bit for bit those of the whole tensor cast at once."""
         if dtype == self.dtype:
             return self
-        return LazyTensor(self.shape, dtype, lambda: (piece.to(dtype) for piece in self.chunks()))
+        return LazyTensor(self.shape, dtype, functools.partial(_cast_chunks, self.chunks, dtype))
+
+
+def _cast_chunks(chunks: Callable[[], Iterator[torch.Tensor]], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    for piece in chunks():
+        cast = piece.to(dtype)
+        del piece  # freed before the next piece is read: one source piece in memory, not two
+        yield cast
 
 
 def open_lazily(paths: list[Path], *, normalise: bool = True) -> dict[str, LazyTensor]:
@@ -272,6 +279,7 @@ def _file_chunks(path: Path, begin: int, end: int, dtype) -> Iterator[torch.Tens
                                           hint="the file may be truncated: delete it and download the model again")
                 got += n
             yield piece.view(dtype)
+            del piece, view  # freed before the next piece is allocated
 
 
 def _lazy_pickle(path: Path) -> dict[str, LazyTensor]:
@@ -377,6 +385,7 @@ def write_safetensors(tensors: dict, path: Path) -> None:
             for piece in pieces:
                 # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
                 written += f.write(memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del piece  # freed before the next piece is made
             if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
                 raise CheckpointError(f"writing {path}: tensor {name} gave {written} bytes, not the size of its shape")
         f.flush()
