@@ -169,27 +169,19 @@ CHUNK_BYTES = 16 << 20  # the most of one tensor that a lazy read holds in memor
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A checkpoint tensor not read yet: its shape and dtype, and `chunks()`, its values as flat
-    pieces in order (at most CHUNK_BYTES of the file each), read when asked for. Writing a model
-    through these holds one piece in memory, never the model."""
+    """A checkpoint tensor not read yet: its shape and dtype, and `chunks()`, flat pieces in
+    order (at most CHUNK_BYTES of the file each, mapped from it when asked for) whose values,
+    cast to `dtype`, are the tensor's. The writer casts each piece straight into its file, so
+    writing a model through these holds one piece, never the model."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     chunks: Callable[[], Iterator[torch.Tensor]]
 
     def cast(self, dtype: torch.dtype) -> LazyTensor:
-        """The same tensor in `dtype`, cast a piece at a time: the cast is elementwise, so the
-        pieces are bit for bit those of the whole tensor cast at once."""
-        if dtype == self.dtype:
-            return self
-        return LazyTensor(self.shape, dtype, functools.partial(_cast_chunks, self.chunks, dtype))
-
-
-def _cast_chunks(chunks: Callable[[], Iterator[torch.Tensor]], dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    for piece in chunks():
-        cast = piece.to(dtype)
-        del piece  # freed before the next piece is read: one source piece in memory, not two
-        yield cast
+        """The same tensor in `dtype`, cast a piece at a time when written: the cast is
+        elementwise, so the pieces are bit for bit those of the whole tensor cast at once."""
+        return LazyTensor(self.shape, dtype, self.chunks)
 
 
 def open_lazily(paths: list[Path], *, normalise: bool = True) -> dict[str, LazyTensor]:
@@ -263,23 +255,34 @@ def _lazy_safetensors(path: Path) -> dict[str, LazyTensor]:
 
 
 def _file_chunks(path: Path, begin: int, end: int, dtype) -> Iterator[torch.Tensor]:
-    """Bytes [begin, end) of `path` as flat `dtype` pieces, each read into fresh memory."""
+    """Bytes [begin, end) of `path` as flat `dtype` pieces mapped from the file (a private map:
+    nothing is written back), each piece's pages given back once the consumer is done with it."""
+    import mmap
+
     import torch
 
+    if begin == end:
+        return
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     step = CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize
-    with open(path, "rb", buffering=0) as f:
-        f.seek(begin)
-        for at in range(begin, end, step):
-            piece = torch.empty(min(step, end - at), dtype=torch.uint8)
-            view, got = memoryview(piece.numpy()), 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CheckpointError(f"cannot read {path}: it ends before its tensors do",
-                                          hint="the file may be truncated: delete it and download the model again")
-                got += n
-            yield piece.view(dtype)
-            del piece, view  # freed before the next piece is allocated
+    for at in range(begin, end, step):
+        size = min(step, end - at)
+        yield torch.frombuffer(mapped, dtype=dtype, count=size // dtype.itemsize, offset=at)
+        give_back(mapped, at, size)
+
+
+def give_back(mapped, offset: int, size: int) -> None:
+    """Drop bytes [offset, offset + size) of a file mapping (an mmap.mmap) from this process's
+    memory, with the whole pages around them: a private map's pages are clean and a shared map's
+    are kept in the page cache, so the file's content stays; they just stop counting as ours.
+    Linux only (elsewhere MADV_DONTNEED may discard data): a no-op there."""
+    import mmap
+
+    if not sys.platform.startswith("linux") or size <= 0:
+        return
+    first = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, first, offset + size - first)
 
 
 def _lazy_pickle(path: Path) -> dict[str, LazyTensor]:
@@ -379,17 +382,35 @@ def write_safetensors(tensors: dict, path: Path) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, tensor in tensors.items():
-            pieces = tensor.chunks() if isinstance(tensor, LazyTensor) else [tensor.detach().cpu()]
-            written = 0
-            for piece in pieces:
-                # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
-                written += f.write(memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy()))
-                del piece  # freed before the next piece is made
-            if written != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
-                raise CheckpointError(f"writing {path}: tensor {name} gave {written} bytes, not the size of its shape")
+        _write_data(f, tensors, header)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_data(f, tensors: dict, header: dict) -> None:
+    """Write each tensor a piece at a time, a piece in another dtype cast into one reused buffer
+    (no fresh memory per piece); check each tensor's byte count against the header's."""
+    import torch
+
+    buffer = torch.empty(0, dtype=torch.uint8)
+    for name, tensor in tensors.items():
+        begin, end = header[name]["data_offsets"]
+        pieces = tensor.chunks() if isinstance(tensor, LazyTensor) else [tensor.detach().cpu()]
+        written = 0
+        for piece in pieces:
+            flat = piece.reshape(-1)
+            if flat.dtype == tensor.dtype:
+                out = flat.contiguous()
+            else:
+                size = flat.numel() * tensor.dtype.itemsize
+                if buffer.numel() < size:
+                    buffer = torch.empty(size, dtype=torch.uint8)
+                out = buffer[:size].view(tensor.dtype).copy_(flat)
+            # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
+            written += f.write(memoryview(out.view(torch.uint8).numpy()))
+            del piece, flat, out  # one piece at a time: the source gives its pages back on the next
+        if written != end - begin:
+            raise CheckpointError(f"writing {f.name}: tensor {name} gave {written} bytes, not the size of its shape")
 
 
 def save_safetensors(tensors: dict, path: Path) -> None:
