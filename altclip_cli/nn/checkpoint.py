@@ -388,29 +388,43 @@ def write_safetensors(tensors: dict, path: Path) -> None:
 
 
 def _write_data(f, tensors: dict, header: dict) -> None:
-    """Write each tensor a piece at a time, a piece in another dtype cast into one reused buffer
-    (no fresh memory per piece); check each tensor's byte count against the header's."""
+    """Write each tensor a piece at a time, checking each tensor's byte count against the
+    header's. A piece in another dtype is cast into one of two reused buffers (no fresh memory
+    per piece) while a second thread writes the piece before it: casting and the kernel's copy
+    into the page cache overlap."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
-    buffer = torch.empty(0, dtype=torch.uint8)
-    for name, tensor in tensors.items():
-        begin, end = header[name]["data_offsets"]
-        pieces = tensor.chunks() if isinstance(tensor, LazyTensor) else [tensor.detach().cpu()]
-        written = 0
-        for piece in pieces:
-            flat = piece.reshape(-1)
-            if flat.dtype == tensor.dtype:
-                out = flat.contiguous()
-            else:
-                size = flat.numel() * tensor.dtype.itemsize
-                if buffer.numel() < size:
-                    buffer = torch.empty(size, dtype=torch.uint8)
-                out = buffer[:size].view(tensor.dtype).copy_(flat)
-            # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
-            written += f.write(memoryview(out.view(torch.uint8).numpy()))
-            del piece, flat, out  # one piece at a time: the source gives its pages back on the next
-        if written != end - begin:
-            raise CheckpointError(f"writing {f.name}: tensor {name} gave {written} bytes, not the size of its shape")
+    buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+    with ThreadPoolExecutor(1, thread_name_prefix="altclip-write") as writer:
+        pending = None  # the previous piece's write: at most one in flight
+        try:
+            for name, tensor in tensors.items():
+                begin, end = header[name]["data_offsets"]
+                pieces = tensor.chunks() if isinstance(tensor, LazyTensor) else [tensor.detach().cpu()]
+                written = 0
+                for piece in pieces:
+                    flat = piece.reshape(-1)
+                    if flat.dtype == tensor.dtype:
+                        out = flat.contiguous()
+                    else:
+                        size = flat.numel() * tensor.dtype.itemsize
+                        if buffers[0].numel() < size:  # the other buffer is free: its write is done
+                            buffers[0] = torch.empty(size, dtype=torch.uint8)
+                        out = buffers[0][:size].view(tensor.dtype).copy_(flat)
+                        buffers.reverse()
+                    if pending is not None:
+                        pending.result()
+                    # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
+                    pending = writer.submit(f.write, memoryview(out.view(torch.uint8).numpy()))
+                    written += out.numel() * out.element_size()
+                    del piece, flat, out  # one piece at a time: the source gives its pages back on the next
+                if written != end - begin:
+                    raise CheckpointError(f"writing {f.name}: tensor {name} gave {written} bytes, not the size of its shape")
+        finally:
+            if pending is not None:
+                pending.result()
 
 
 def save_safetensors(tensors: dict, path: Path) -> None:
