@@ -380,11 +380,27 @@ def write_safetensors(tensors: dict, path: Path) -> None:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     with open(path, "wb") as f:
+        _reserve(f, 8 + len(raw) + offset)
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         _write_data(f, tensors, header)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _reserve(f, size: int) -> None:
+    """Allocate the file's blocks before writing: a full disk fails now, not gigabytes later, and
+    writes into blocks already allocated are faster on ext4 and xfs. Where the file system
+    cannot (or the OS has no posix_fallocate), nothing is reserved."""
+    import errno
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
 
 
 def _write_data(f, tensors: dict, header: dict) -> None:
