@@ -186,9 +186,9 @@ class LazyTensor:
 
 def open_lazily(paths: list[Path], *, normalise: bool = True) -> dict[str, LazyTensor]:
     """Every tensor of a checkpoint, none read yet (keys normalised as read_state_dict does,
-    unless `normalise` is False). Safetensors are read by positioned reads from the header's
-    offsets, so no page of the file stays mapped; a zip-format pickle through torch's memory
-    map, each piece's pages given back once it is used."""
+    unless `normalise` is False): safetensors through their header and a map of the file, a
+    zip-format pickle through torch's memory map. Each piece's pages are given back once it is
+    used, so the checkpoint never becomes resident whole."""
     def read(path: Path):
         return (_lazy_safetensors(path) if path.suffix == ".safetensors" else _lazy_pickle(path)).items()
 
@@ -294,7 +294,7 @@ def _lazy_pickle(path: Path) -> dict[str, LazyTensor]:
 def _tensor_chunks(tensor: torch.Tensor, mapped: bool) -> Iterator[torch.Tensor]:
     """A tensor as flat pieces; when it is memory-mapped, each piece's pages are given back to
     the kernel once the consumer is done with it, so the file never becomes resident whole."""
-    flat = tensor.detach().reshape(-1)  # a view when contiguous, which a mapped tensor is
+    flat = tensor.detach().cpu().reshape(-1)  # a view when contiguous, which a mapped tensor is
     step = max(1, CHUNK_BYTES // max(1, flat.element_size()))
     for at in range(0, flat.numel(), step):
         piece = flat[at:at + step]
@@ -405,9 +405,9 @@ def _reserve(f, size: int) -> None:
 
 def _write_data(f, tensors: dict, header: dict) -> None:
     """Write each tensor a piece at a time, checking each tensor's byte count against the
-    header's. A piece in another dtype is cast into one of two reused buffers (no fresh memory
-    per piece) while a second thread writes the piece before it: casting and the kernel's copy
-    into the page cache overlap."""
+    header's. Each piece is cast (or copied) into one of two reused buffers, no fresh memory per
+    piece, while a second thread writes the piece before it: casting and the kernel's copy into
+    the page cache overlap, and the thread never reads a mapped piece whose pages are given back."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -418,18 +418,15 @@ def _write_data(f, tensors: dict, header: dict) -> None:
         try:
             for name, tensor in tensors.items():
                 begin, end = header[name]["data_offsets"]
-                pieces = tensor.chunks() if isinstance(tensor, LazyTensor) else [tensor.detach().cpu()]
+                pieces = tensor.chunks() if isinstance(tensor, LazyTensor) else _tensor_chunks(tensor, False)
                 written = 0
                 for piece in pieces:
                     flat = piece.reshape(-1)
-                    if flat.dtype == tensor.dtype:
-                        out = flat.contiguous()
-                    else:
-                        size = flat.numel() * tensor.dtype.itemsize
-                        if buffers[0].numel() < size:  # the other buffer is free: its write is done
-                            buffers[0] = torch.empty(size, dtype=torch.uint8)
-                        out = buffers[0][:size].view(tensor.dtype).copy_(flat)
-                        buffers.reverse()
+                    size = flat.numel() * tensor.dtype.itemsize
+                    if buffers[0].numel() < size:  # the other buffer is free: its write is done
+                        buffers[0] = torch.empty(size, dtype=torch.uint8)
+                    out = buffers[0][:size].view(tensor.dtype).copy_(flat)
+                    buffers.reverse()
                     if pending is not None:
                         pending.result()
                     # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
