@@ -183,3 +183,35 @@ def test_the_first_start_needs_little_more_memory_than_a_later_one(tmp_path, sou
     later = start_peak_mb(folder)
     assert first - later < 0.25 * size_mb, (first, later, size_mb)
     shutil.rmtree(folder)
+
+
+MEASURE_CONVERT = """
+import json, sys
+import torch  # imported before the baseline: its own memory is not the conversion's
+from pathlib import Path
+from altclip_cli.hub.convert import convert_to_safetensors
+from altclip_cli.nn import checkpoint
+
+def peak_mb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+
+checkpoint.CHUNK_BYTES = 8 << 20
+before = peak_mb()
+convert_to_safetensors([Path(sys.argv[1])], Path(sys.argv[2]))
+print(json.dumps({"growth_mb": peak_mb() - before}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak RSS from /proc")
+def test_converting_a_pickle_holds_a_piece_not_the_checkpoint(tmp_path):
+    folder = tmp_path / "large"
+    size_mb = write_large_model(folder, vocab=3_000_000) / 2**20
+    source, target = as_bin(folder), tmp_path / "converted" / "model.safetensors"
+    child = subprocess.run([sys.executable, "-c", MEASURE_CONVERT, str(source), str(target)], capture_output=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert child.returncode == 0, child.stderr.decode()
+    growth = json.loads(child.stdout.decode().splitlines()[-1])["growth_mb"]
+    assert growth < 0.25 * size_mb, (growth, size_mb)
+    want = torch.load(source, weights_only=True)
+    got = load_file(str(target))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
