@@ -57,7 +57,8 @@ def _met(row: Row, ours, ratio) -> str:
     return "yes" if ok else "no"
 
 
-def comparison_table(med: dict) -> list[str]:
+def comparison_table(med: dict, measured_only: bool = False) -> list[str]:
+    """The rows of COMPARED; with measured_only, those that have an altclip value."""
     ours, ref = med.get("altclip", {}), med.get("reference", {})
     # The reference caches nothing: its every call is a cold one.
     ref = {**ref, "classify_repeat_s": ref.get("classify_s"), "classify_first_s": ref.get("classify_s"),
@@ -66,6 +67,8 @@ def comparison_table(med: dict) -> list[str]:
              "|---|---:|---:|---:|---|---|"]
     for row in COMPARED:
         a, r = ours.get(row.metric), ref.get(row.metric)
+        if measured_only and a is None:
+            continue
         ratio = a / r if a is not None and r else None
         if row.metric == "classify_repeat_s":  # its target is altclip's own cold call
             cold = ours.get("classify_s")

@@ -268,7 +268,7 @@ def markdown(bench: Bench, acc: dict, cross: dict, meta: dict) -> str:
              f"Command: `{meta['command']}`. Medians; ratios are altclip / reference. "
              f"Random weights with BAAI/AltCLIP's shapes; the reference is fp32 (its default), altclip "
              f"`{asked}`" + ("." if prec == "?" else f" ({prec} on this CPU)."),
-             "", *report.comparison_table(med), ""]
+             "", *report.comparison_table(med, measured_only=bool(bench.args.only)), ""]
     if bench.args.only == "classify":
         return "\n".join(lines)
     lines += [f"The image tower's limit on this CPU ({prec} matmul rate / FLOPs per image; {prec} is what "
