@@ -37,11 +37,12 @@ def compute_weights_path(identity: str, precision: str) -> Path:
     return weights_root() / identity / f"model-{precision}.safetensors"
 
 
-def save_compute_weights(state: dict, path: Path, sources: list[Path]) -> None:
-    """Write the cast state dict under the entry's lock, one tensor at a time (no second copy of
-    the weights in memory), then drop older entries of the same source files. meta.json goes in
-    first, so a weights file without one was written by an older altclip. A failure (disk full,
-    read-only) only warns."""
+def save_compute_weights(state: dict, path: Path, sources: list[Path]) -> bool:
+    """Write the cast state dict ({name: tensor or checkpoint.LazyTensor}, lazy ones cast a piece
+    at a time on the way to the file) under the entry's lock, then drop older entries of the same
+    source files. meta.json goes in first, so a weights file without one was written by an older
+    altclip. True when the entry is there (written now or by another process while this one
+    waited); a failure (disk full, read-only) only warns and gives False."""
     from filelock import FileLock
 
     from ..nn.checkpoint import remove_stale_temporaries, save_safetensors
@@ -51,7 +52,7 @@ def save_compute_weights(state: dict, path: Path, sources: list[Path]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path.parent / LOCK)):
             if path.is_file():  # another process wrote it while we waited
-                return
+                return True
             remove_stale_temporaries(path)  # we hold the lock: any found now are a killed writer's
             _write_meta(path.parent, {"format": FORMAT, "sources": sources_real, "created": time.time()})
             save_safetensors(state, path)
@@ -59,6 +60,8 @@ def save_compute_weights(state: dict, path: Path, sources: list[Path]) -> None:
         _drop_superseded(path.parent, sources_real)
     except OSError as e:
         log.warning("could not cache the weights in the compute dtype (%s); the next start casts them again", e)
+        return path.is_file()
+    return True
 
 
 def _write_meta(entry: Path, meta: dict) -> None:

@@ -1,14 +1,14 @@
 """Converting a pickled pytorch_model.bin (the hub's BAAI/AltCLIP ships only that) to safetensors
 in altclip's own cache, once: `altclip_home()/converted/<org>--<name>/<commit>/model.safetensors`.
-The pickle is read with torch's weights-only unpickler (nn/checkpoint.py), so a file holding code
-is refused; the snapshot folder is shared with other tools, so nothing is written there."""
+The pickle is read memory-mapped with torch's weights-only unpickler (nn/checkpoint.py), so a
+file holding code is refused; the snapshot folder is shared with other tools, so nothing is
+written there."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from ..errors import CheckpointError
-from ..nn.checkpoint import read_pickle, remove_stale_temporaries, save_safetensors
+from ..nn.checkpoint import open_lazily, remove_stale_temporaries, save_safetensors
 
 
 def convert_to_safetensors(sources: list[Path], target: Path, *, progress: bool = False) -> Path:
@@ -29,11 +29,7 @@ def convert_to_safetensors(sources: list[Path], target: Path, *, progress: bool 
         remove_stale_temporaries(target)
         if progress and sys.stderr.isatty():
             print(f"Converting {sources[0].name} to safetensors (once): {target}", file=sys.stderr)
-        tensors: dict = {}
-        for source in sources:
-            part = read_pickle(source)
-            if tensors.keys() & part.keys():
-                raise CheckpointError(f"{source} repeats tensors of another shard")
-            tensors.update(part)
-        save_safetensors(tensors, target)
+        # Memory-mapped and copied a piece at a time, each piece's pages given back after: the
+        # pickle never becomes resident whole.
+        save_safetensors(open_lazily(sources, normalise=False), target)
     return target

@@ -3,15 +3,19 @@
 whose error names the missing and unexpected keys, grouped by layer."""
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import re
 import struct
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+from ..durable import fsync_dir
 from ..errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -83,11 +87,17 @@ def read_pickle(path: Path) -> dict:
     is in the zip format): a flat {name: tensor} dict, nothing dropped. A file holding anything
     but tensors and plain containers (a function, a class) raises CheckpointError: unpickling it
     could run code."""
+    return _load_pickle(path)[0]
+
+
+def _load_pickle(path: Path) -> tuple[dict, bool]:
+    """read_pickle's dict, and whether its tensors are memory-mapped from the file."""
     import pickle
     import warnings
 
     import torch
 
+    mapped = True
     try:
         try:
             with warnings.catch_warnings():  # torch's note on pickle protocols means nothing to a user
@@ -96,6 +106,7 @@ def read_pickle(path: Path) -> dict:
         except RuntimeError as exc:
             if "mmap" not in str(exc):
                 raise
+            mapped = False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 state = torch.load(path, map_location="cpu", weights_only=True)  # legacy pre-zip format
@@ -116,7 +127,7 @@ def read_pickle(path: Path) -> dict:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path} is not a flat state dict of named tensors",
                               hint="expected what torch.save(model.state_dict()) writes")
-    return state
+    return state, mapped
 
 
 def normalise_key(key: str) -> str | None:
@@ -131,17 +142,181 @@ def normalise_key(key: str) -> str | None:
 def read_state_dict(paths: list[Path], convert: Callable[[str, torch.Tensor], torch.Tensor]) -> dict:
     """Read every tensor, normalise its key and pass it through `convert(key, tensor)` one at
     a time (the runtime casts there), so at most one full-precision tensor is in memory."""
-    state = {}
+    def read(path: Path):
+        return _iter_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path).items()
+
+    return {name: convert(name, tensor) for name, tensor in _normalised(paths, read)}
+
+
+def _normalised(paths: list[Path], read: Callable[[Path], Iterable[tuple[str, object]]]) -> Iterator[tuple[str, object]]:
+    """(model name, value) for every item `read(path)` gives, dropped keys left out."""
+    seen = set()
     for path in paths:
-        items = _iter_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path).items()
-        for key, tensor in items:
+        for key, value in read(path):
             name = normalise_key(key)
             if name is None:
                 continue
-            if name in state:
+            if name in seen:
                 raise CheckpointError(f"{path} has the tensor {name} twice (under two spellings)")
-            state[name] = convert(name, tensor)
+            seen.add(name)
+            yield name, value
+
+
+# --- reading lazily: a tensor at a time, a piece at a time ----------------------------------------
+
+CHUNK_BYTES = 16 << 20  # the most of one tensor that a lazy read holds in memory at once
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A checkpoint tensor not read yet: its shape and dtype, and `chunks()`, flat pieces in
+    order (at most CHUNK_BYTES of the file each, mapped from it when asked for) whose values,
+    cast to `dtype`, are the tensor's. The writer casts each piece straight into its file, so
+    writing a model through these holds one piece, never the model."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: Callable[[], Iterator[torch.Tensor]]
+
+    def cast(self, dtype: torch.dtype) -> LazyTensor:
+        """The same tensor in `dtype`, cast a piece at a time when written: the cast is
+        elementwise, so the pieces are bit for bit those of the whole tensor cast at once."""
+        return LazyTensor(self.shape, dtype, self.chunks)
+
+
+def open_lazily(paths: list[Path], *, normalise: bool = True) -> dict[str, LazyTensor]:
+    """Every tensor of a checkpoint, none read yet (keys normalised as read_state_dict does,
+    unless `normalise` is False): safetensors through their header and a map of the file, a
+    zip-format pickle through torch's memory map. Each piece's pages are given back once it is
+    used, so the checkpoint never becomes resident whole."""
+    def read(path: Path):
+        return (_lazy_safetensors(path) if path.suffix == ".safetensors" else _lazy_pickle(path)).items()
+
+    if normalise:
+        return dict(_normalised(paths, read))
+    state: dict = {}
+    for path in paths:
+        part = dict(read(path))
+        if state.keys() & part.keys():
+            raise CheckpointError(f"{path} repeats tensors of another shard")
+        state.update(part)
     return state
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+    """{key: (dtype code, shape, first byte, end byte)} of a safetensors file, the byte offsets
+    absolute in the file and checked against its size and the shapes."""
+    import torch
+
+    itemsize = {code: dtype.itemsize for dtype, code in _safetensors_dtypes(torch).items()}
+
+    def broken(why: str) -> CheckpointError:
+        return CheckpointError(f"cannot read {path}: {why}",
+                               hint="the file may be truncated: delete it and download the model again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise broken("no header")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, 100 << 20):
+                raise broken("the header's length is past the end of the file")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise broken(first_line(e)) from None
+    except ValueError:
+        raise broken("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise broken("the header is not a JSON object")
+    start, out = 8 + length, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = info["dtype"], [int(n) for n in info["shape"]], info["data_offsets"]
+            expected = math.prod(shape) * itemsize[code]
+        except (KeyError, TypeError, ValueError):
+            raise broken(f"the header's entry for {key} is malformed") from None
+        if end - begin != expected or begin < 0 or start + end > size:
+            raise broken(f"the data of {key} does not fit its shape or the file")
+        out[key] = (code, shape, start + begin, start + end)
+    return out
+
+
+def _lazy_safetensors(path: Path) -> dict[str, LazyTensor]:
+    import torch
+
+    dtypes = {code: dtype for dtype, code in _safetensors_dtypes(torch).items()}
+    return {key: LazyTensor(tuple(shape), dtypes[code],
+                            functools.partial(_file_chunks, path, begin, end, dtypes[code]))
+            for key, (code, shape, begin, end) in read_safetensors_header(path).items()}
+
+
+def _file_chunks(path: Path, begin: int, end: int, dtype) -> Iterator[torch.Tensor]:
+    """Bytes [begin, end) of `path` as flat `dtype` pieces mapped from the file (a private map:
+    nothing is written back), each piece's pages given back once the consumer is done with it."""
+    import mmap
+
+    import torch
+
+    if begin == end:
+        return
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    step = CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize
+    for at in range(begin, end, step):
+        size = min(step, end - at)
+        yield torch.frombuffer(mapped, dtype=dtype, count=size // dtype.itemsize, offset=at)
+        give_back(mapped, at, size)
+
+
+def give_back(mapped, offset: int, size: int) -> None:
+    """Drop bytes [offset, offset + size) of a file mapping (an mmap.mmap) from this process's
+    memory, with the whole pages around them: a private map's pages are clean and a shared map's
+    are kept in the page cache, so the file's content stays; they just stop counting as ours.
+    Linux only (elsewhere MADV_DONTNEED may discard data): a no-op there."""
+    import mmap
+
+    if not sys.platform.startswith("linux") or size <= 0:
+        return
+    first = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, first, offset + size - first)
+
+
+def _lazy_pickle(path: Path) -> dict[str, LazyTensor]:
+    state, mapped = _load_pickle(path)
+    return {key: LazyTensor(tuple(t.shape), t.dtype, functools.partial(_tensor_chunks, t, mapped))
+            for key, t in state.items()}
+
+
+def _tensor_chunks(tensor: torch.Tensor, mapped: bool) -> Iterator[torch.Tensor]:
+    """A tensor as flat pieces; when it is memory-mapped, each piece's pages are given back to
+    the kernel once the consumer is done with it, so the file never becomes resident whole."""
+    flat = tensor.detach().cpu().reshape(-1)  # a view when contiguous, which a mapped tensor is
+    step = max(1, CHUNK_BYTES // max(1, flat.element_size()))
+    for at in range(0, flat.numel(), step):
+        piece = flat[at:at + step]
+        yield piece
+        if mapped and tensor.is_contiguous():
+            _give_back_pages(piece)
+
+
+def _give_back_pages(tensor: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) the whole pages of a tensor memory-mapped from a file: they are
+    clean file pages, so this drops them from the process and a later read reads the file again.
+    Never call it on ordinary memory (that would zero it). Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux") or tensor.numel() == 0:
+        return
+    import ctypes
+    import mmap
+
+    begin = tensor.data_ptr()
+    end = begin + tensor.numel() * tensor.element_size()
+    first, last = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 def _grouped(keys) -> list[str]:
@@ -180,7 +355,8 @@ def check_keys(expected: set[str], state: dict) -> None:
 
 
 def write_safetensors(tensors: dict, path: Path) -> None:
-    """Write {name: tensor} as safetensors, streaming one tensor at a time.
+    """Write {name: tensor or LazyTensor} as safetensors, streaming one tensor (one piece of a
+    LazyTensor) at a time.
 
     safetensors.torch.save_file would first copy every tensor into memory (3.5 GB for AltCLIP)
     and refuses shared or strided tensors; here each name gets its own contiguous bytes, so
@@ -197,21 +373,71 @@ def write_safetensors(tensors: dict, path: Path) -> None:
     for name, tensor in tensors.items():
         if tensor.dtype not in dtypes:
             raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}, which safetensors cannot store")
-        size = tensor.numel() * tensor.element_size()
+        size = math.prod(tensor.shape) * tensor.dtype.itemsize
         header[name] = {"dtype": dtypes[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     with open(path, "wb") as f:
+        _reserve(f, 8 + len(raw) + offset)
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for tensor in tensors.values():
-            # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
-            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            f.write(memoryview(flat.numpy()))
+        _write_data(f, tensors, header)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _reserve(f, size: int) -> None:
+    """Allocate the file's blocks before writing: a full disk fails now, not gigabytes later, and
+    writes into blocks already allocated are faster on ext4 and xfs. Where the file system
+    cannot (or the OS has no posix_fallocate), nothing is reserved."""
+    import errno
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
+def _write_data(f, tensors: dict, header: dict) -> None:
+    """Write each tensor a piece at a time, checking each tensor's byte count against the
+    header's. Each piece is cast (or copied) into one of two reused buffers, no fresh memory per
+    piece, while a second thread writes the piece before it: casting and the kernel's copy into
+    the page cache overlap, and the thread never reads a mapped piece whose pages are given back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+    with ThreadPoolExecutor(1, thread_name_prefix="altclip-write") as writer:
+        pending = None  # the previous piece's write: at most one in flight
+        try:
+            for name, tensor in tensors.items():
+                begin, end = header[name]["data_offsets"]
+                pieces = tensor.chunks() if isinstance(tensor, LazyTensor) else _tensor_chunks(tensor, False)
+                written = 0
+                for piece in pieces:
+                    flat = piece.reshape(-1)
+                    size = flat.numel() * tensor.dtype.itemsize
+                    if buffers[0].numel() < size:  # the other buffer is free: its write is done
+                        buffers[0] = torch.empty(size, dtype=torch.uint8)
+                    out = buffers[0][:size].view(tensor.dtype).copy_(flat)
+                    buffers.reverse()
+                    if pending is not None:
+                        pending.result()
+                    # (N,) bytes view: works for every dtype, bf16 included, without numpy dtypes.
+                    pending = writer.submit(f.write, memoryview(out.view(torch.uint8).numpy()))
+                    written += out.numel() * out.element_size()
+                    del piece, flat, out  # one piece at a time: the source gives its pages back on the next
+                if written != end - begin:
+                    raise CheckpointError(f"writing {f.name}: tensor {name} gave {written} bytes, not the size of its shape")
+        finally:
+            if pending is not None:
+                pending.result()
 
 
 def save_safetensors(tensors: dict, path: Path) -> None:
@@ -228,6 +454,7 @@ def save_safetensors(tensors: dict, path: Path) -> None:
             if set(f.keys()) != set(tensors):
                 raise CheckpointError(f"writing {path} lost tensors")
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

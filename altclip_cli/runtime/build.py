@@ -8,7 +8,7 @@ import torch
 
 from ..cache import weights as weight_cache
 from ..errors import CheckpointError, ModelError
-from ..nn.checkpoint import check_keys, find_weights, read_state_dict
+from ..nn.checkpoint import check_keys, find_weights, open_lazily, read_state_dict
 from ..nn.config import check_against_tensors, read_config
 from ..nn.layers import LayerNorm, uninitialised
 from ..nn.model import AltCLIPModel
@@ -34,16 +34,26 @@ def build_model(folder: Path, weights: list[Path] | None, device: torch.device, 
                  for p in ("weight", "bias")} | {"logit_scale"}
     dtype = PRECISIONS[precision]
 
+    def target_dtype(name: str, source: torch.dtype) -> torch.dtype:
+        return torch.float32 if name in keep_fp32 or not source.is_floating_point else dtype
+
     def convert(name: str, tensor: torch.Tensor) -> torch.Tensor:
         # One tensor at a time, straight to its final dtype and device.
-        target = torch.float32 if name in keep_fp32 or not tensor.is_floating_point() else dtype
-        return tensor.to(device=device, dtype=target)
+        return tensor.to(device=device, dtype=target_dtype(name, tensor.dtype))
 
     expected = set(model.state_dict().keys())
     cached = weight_cache.compute_weights_path(cache_key, precision) if cache_key and precision != "fp32" else None
     state = _read_cached(cached, convert, cfg, expected) if cached and cached.is_file() else None
-    fresh = state is None
-    if fresh:
+    if cached and state is None:
+        # First start: cast the checkpoint into the cache a piece at a time, then load the cache
+        # as every later start does; the whole model is never in memory twice.
+        lazy = open_lazily(weights)
+        check_against_tensors(cfg, {k: v.shape for k, v in lazy.items()})
+        check_keys(expected, lazy)
+        cast = {name: t.cast(target_dtype(name, t.dtype)) for name, t in lazy.items()}
+        if weight_cache.save_compute_weights(cast, cached, weights):
+            state = _read_cached(cached, convert, cfg, expected)
+    if state is None:  # no cache, fp32, or the cache could not be written
         state = read_state_dict(weights, convert)
         check_against_tensors(cfg, {k: tuple(v.shape) for k, v in state.items()})
         check_keys(expected, state)
@@ -51,9 +61,7 @@ def build_model(folder: Path, weights: list[Path] | None, device: torch.device, 
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"the weights do not fit the model: {e}") from None
-    if cached and fresh:
-        weight_cache.save_compute_weights(state, cached, weights)
-    elif cached:
+    if cached:
         mark_used(cached)
     return model.eval().requires_grad_(False)
 
