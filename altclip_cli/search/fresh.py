@@ -9,7 +9,7 @@ Anything the watch cannot vouch for (another file system type than a local one, 
 limit, another OS, a queue overflow) makes the next update walk the whole tree.
 
     trees = FreshTrees()                     # one per index, kept while the process uses it
-    walked = update_watched(trees, model, identity, folder, "auto", root)   # as run.update_below
+    walked = update_watched(trees, model, identity, folder, root)   # as run.update_below
     # walked: [root] the first time, then [] while nothing changes, or the folders that changed
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ def index_state(folder) -> tuple:
     return tuple(out)
 
 
-def update_watched(trees: FreshTrees, indexer, identity: dict, folder, index: str, root: str, *,
+def update_watched(trees: FreshTrees, indexer, identity: dict, folder, root: str, *,
                    include_hidden: bool = False, exclude_dirs=None, **update_kw) -> list[str]:
     """run.update_below for `root`, walking only what `trees` does not know to be unchanged, and
     watching what it walks: the folders walked ([root], some below it, or [] for none). Calls
@@ -146,7 +146,7 @@ def update_watched(trees: FreshTrees, indexer, identity: dict, folder, index: st
         return []
     watch = tree.watch if tree is not None else TreeWatch()
     try:
-        update_below(indexer, identity, folder, index, root, roots=roots, before_listing=watch.add,
+        update_below(indexer, identity, folder, root, roots=roots, before_listing=watch.add,
                      followed_link=watch.add_link,
                      include_hidden=include_hidden, **update_kw)
     except BaseException:

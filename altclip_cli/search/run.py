@@ -5,7 +5,7 @@ halves), which `altclip search` and altclip_cli.search.search() run.
 
     identity = index_identity(model)                       # update.py
     folder = index_folder("auto", model.weights_id)
-    summary = update_below(model, identity, folder, "auto", root, writer="altclip search")
+    summary = update_below(model, identity, folder, root, writer="altclip search")
     hits, searched = rank_below(identity, folder, root, vector, top=10)
 
 `root` is an absolute, real path; hits are (rank, absolute path, score) tuples, best first.
@@ -43,15 +43,15 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *, roots: list | None = None,
+def update_below(indexer, identity: dict, folder: Path, root: str, *, roots: list | None = None,
                  wait: float = 0.0, writer: str = "altclip search", summary: UpdateSummary | None = None,
                  **update_kw) -> UpdateSummary:
     """Open (or create) the index in `folder` and bring it up to date with the images below
     `root` (update.update_index; `indexer` is the model, or a callable returning it, called only
     when some image needs embedding), or only below `roots` (folders at or below root: where a
     watch saw changes). `summary` is filled in place, so an interrupted run's is kept. Raises
-    IndexStoreError (another writer, another model, a damaged index). `index` (the --index given)
-    does not decide how paths are stored: the folder does (stores_relative)."""
+    IndexStoreError (another writer, another model, a damaged index). How paths are stored is
+    decided by the folder (stores_relative)."""
     summary = summary if summary is not None else UpdateSummary()
     with IndexStore.open(folder, identity=identity, write=True, create=True, wait=wait,
                          relative_paths=stores_relative(folder, root), writer=writer) as store:
@@ -63,7 +63,7 @@ def update_below(indexer, identity: dict, folder: Path, index: str, root: str, *
     return summary
 
 
-def index_paths(indexer, identity: dict, folder: Path, index: str, roots: list, *, rebuild: bool = False,
+def index_paths(indexer, identity: dict, folder: Path, roots: list, *, rebuild: bool = False,
                 compact: bool = False, wait: float = 0.0, writer: str = "altclip index",
                 summary: UpdateSummary | None = None, **update_kw) -> tuple[int, int] | None:
     """`altclip index`: open (or create; with `rebuild`, start over) the index in `folder`, bring
@@ -140,7 +140,7 @@ def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10,
     identity = index_identity(model)
     folder = index_folder(index, model.weights_id)
     if update:
-        summary = update_below(indexer or model, identity, folder, index, root, wait=wait, writer=writer,
+        summary = update_below(indexer or model, identity, folder, root, wait=wait, writer=writer,
                                summary=summary, open_kw=open_kw, batch_size=batch_size, input_timeout=input_timeout,
                                **update_kw)
     hits, searched = rank_below(identity, folder, root, vector, top, min_score)

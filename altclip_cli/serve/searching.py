@@ -286,7 +286,7 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
 
     def update(kept):
         nonlocal walked
-        walked = update_watched(kept.trees, _indexer(state), identity, folder, req.index, root, summary=summary,
+        walked = update_watched(kept.trees, _indexer(state), identity, folder, root, summary=summary,
                                 **_walk_kw(state, req, messages))
 
     with _shown(state, messages), _api_errors(), locks.use(folder) as kept:
@@ -324,7 +324,7 @@ async def run_index(state, req: IndexRequest, locks: IndexLocks) -> dict:
     summary, messages = UpdateSummary(), RecordedMessages({"dir": roots[0][1], "index": str(folder)})
 
     def update():
-        return index_paths(_indexer(state), index_identity(model), folder, req.index, roots, rebuild=req.rebuild,
+        return index_paths(_indexer(state), index_identity(model), folder, roots, rebuild=req.rebuild,
                            compact=req.compact, summary=summary, retry_failed=req.retry_failed,
                            **_walk_kw(state, req, messages))
 

@@ -97,7 +97,7 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
                 if excludes is not None:
                     kw["exclude_dirs"] = excludes
                 with _pixel_limit(max_pixels):
-                    compacted = index_paths(get_model, identity, os.path.expanduser(folder), index_dir, roots,
+                    compacted = index_paths(get_model, identity, os.path.expanduser(folder), roots,
                                             rebuild=rebuild, compact=compact, wait=wait, summary=summary, **kw)
         except KeyboardInterrupt:
             code = ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED
