@@ -47,7 +47,7 @@ class PhotoMeta:
 
     @property
     def camera(self) -> str | None:
-        """"Make Model" ("Canon EOS R5"), what a camera filter matches against."""
+        """Make and model in one text ("Canon EOS R5"), what a camera filter matches against."""
         parts = [p for p in (self.make, self.model) if p]
         return " ".join(parts) or None
 
