@@ -168,3 +168,56 @@ def test_blank_camera_text_is_named(text):
     with pytest.raises(ValueError) as err:
         camera_matches(text, "Canon", "EOS R5")
     assert repr(text) in str(err.value)
+
+
+# --- on photos ------------------------------------------------------------------------------------
+
+def test_the_pieces_filter_photos_read_from_their_exif(tmp_path):
+    """Photos written with EXIF, read by read_meta, kept by the filters as a search would keep them."""
+    from PIL import Image
+    from PIL.TiffImagePlugin import IFDRational as R
+
+    from altclip_cli.inputs.photometa import read_meta
+
+    def dms(x):
+        x = abs(x)
+        return (R(int(x), 1), R(int(x * 60 % 60), 1), R(round(x * 3600 % 60 * 100), 100))
+
+    photos = {"paris.jpg": (PARIS, "2023:07:14 10:00:00", "Canon", "Canon EOS R5"),
+              "versailles.jpg": ((48.8049, 2.1204), "2023:08:01 00:00:00", "Apple", "iPhone 12"),
+              "london.jpg": (LONDON, "2023:06:30 23:59:59", "Canon", "Canon EOS 5D")}
+    metas = {}
+    for name, ((lat, lon), date, make, model) in photos.items():
+        exif = Image.Exif()
+        exif[0x010F], exif[0x0110] = make, model
+        exif.get_ifd(0x8769)[0x9003] = date
+        exif.get_ifd(0x8825).update({1: "N" if lat >= 0 else "S", 2: dms(lat), 3: "E" if lon >= 0 else "W",
+                                     4: dms(lon)})
+        Image.new("RGB", (8, 8)).save(tmp_path / name, exif=exif)
+        with Image.open(tmp_path / name) as image:
+            metas[name] = read_meta(image)
+
+    def kept(near=None, within=None, after=None, before=None, camera=None):
+        out = []
+        for name, m in metas.items():
+            if near and haversine_m(parse_near(near), m.gps) > parse_distance(within):
+                continue
+            if after and local_time(m.taken) < parse_date_bound(after, end=False):
+                continue
+            if before and local_time(m.taken) >= parse_date_bound(before, end=True):
+                continue
+            if camera and not camera_matches(camera, m.make, m.model):
+                continue
+            out.append(name)
+        return sorted(out)
+
+    assert kept(near="48.8566,2.3522", within="5km") == ["paris.jpg"]
+    assert kept(near="48.8566,2.3522", within="20 km") == ["paris.jpg", "versailles.jpg"]
+    assert kept(near="51.5,-0.13", within="1km") == ["london.jpg"]
+    assert kept(after="2023-07", before="2023-07") == ["paris.jpg"]
+    assert kept(after="2023-07") == ["paris.jpg", "versailles.jpg"]
+    assert kept(before="2023-06") == ["london.jpg"]  # June 30th is in June
+    assert kept(before="2023-06-29") == []
+    assert kept(before="2023-06-30") == ["london.jpg"]
+    assert kept(camera="canon eos") == ["london.jpg", "paris.jpg"]
+    assert kept(camera="EOS R5", near="48.85,2.35", within="10km") == ["paris.jpg"]

@@ -115,6 +115,17 @@ def test_exiftool_reads_the_same(tmp_path, case):
         assert (meta.width, meta.height) == ImageOps.exif_transpose(image).size
 
 
+@pytest.mark.parametrize("lat,lon,want", [
+    ((R(48, 1), R(5124, 100)), (R(2, 1), R(21, 1)), (48 + 51.24 / 60, 2 + 21 / 60)),  # degrees, decimal minutes
+    ((R(488540, 10000),), (R(23522, 10000),), (48.854, 2.3522)),  # decimal degrees
+])
+def test_gps_in_fewer_parts(tmp_path, lat, lon, want):
+    path = write_photo(tmp_path / "p.jpg", gps={1: "N", 2: lat, 3: "E", 4: lon})
+    ref = exiftool(path)
+    assert meta_of(path).gps == pytest.approx(want, abs=1e-9)
+    assert meta_of(path).gps == pytest.approx((ref["GPSLatitude"], ref["GPSLongitude"]), abs=1e-9)
+
+
 def test_the_size_of_an_image_already_turned_is_its_size(tmp_path):
     path = write_photo(tmp_path / "p.jpg", ifd0={0x0112: 6})
     with Image.open(path) as image:

@@ -10,6 +10,7 @@ Cheap to import: PIL is not imported here (the caller's image brings it).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -182,6 +183,8 @@ def _degrees(value, ref: str | None, positive: str, negative: str, limit: float)
     """Signed degrees from EXIF's (degrees, minutes, seconds) rationals and a hemisphere letter;
     None for a missing or unknown hemisphere, a zero denominator, or an out-of-range part."""
     ref = (ref or "").upper()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = (value,)  # one rational, decimal degrees, reads as a single value
     if ref not in (positive, negative) or not isinstance(value, (tuple, list)) or not 1 <= len(value) <= 3:
         return None
     try:
