@@ -216,6 +216,27 @@ def test_a_dark_photo_is_not_blank_and_stays_near_its_bright_original(tmp_path):
     assert near(hb, hn), hamming(hb.value, hn.value)
 
 
+def test_transparent_and_16_bit_pictures_hash_like_their_8_bit_copies(tmp_path):
+    base = _bases()[1][1]
+    # A transparent PNG (hidden pixels black) and the JPEG flattened onto white that people keep.
+    rgba = base.convert("RGBA")
+    alpha = Image.new("L", base.size, 0)
+    ImageDraw.Draw(alpha).ellipse([20, 20, base.width - 20, base.height - 20], fill=255)
+    rgba.putalpha(alpha)
+    hidden_black = Image.composite(rgba, Image.new("RGBA", base.size, (0, 0, 0, 0)), alpha)
+    flat = Image.alpha_composite(Image.new("RGBA", base.size, (255, 255, 255, 255)), hidden_black).convert("RGB")
+    h_png = perceptual_hash(open_image(_save(hidden_black, tmp_path / "t.png")))
+    h_jpg = _hash_of(flat, tmp_path, "flat")
+    assert near(h_png, h_jpg), hamming(h_png.value, h_jpg.value)
+    # A 16-bit greyscale PNG and its 8-bit JPEG.
+    grey = np.asarray(base.convert("L"), dtype=np.uint16) * 257
+    h16 = perceptual_hash(open_image(_save(Image.fromarray(grey), tmp_path / "g16.png")))
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    h8 = _hash_of(base.convert("L"), tmp_path, "g8")
+    assert not h16.low_information
+    assert near(h16, h8), hamming(h16.value, h8.value)
+
+
 def test_untrimmed_hash_matches_imagehash_phash(library, tmp_path):
     imagehash = pytest.importorskip("imagehash")
     for name, base in _bases():

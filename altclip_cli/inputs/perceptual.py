@@ -101,14 +101,14 @@ def from_int64(value: int) -> int:
 
 
 def perceptual_hash(image, *, trim_margins: bool = True) -> PerceptualHash:
-    """Hash a decoded, EXIF-transposed PIL image (any mode; transparency is ignored).
+    """Hash a decoded, EXIF-transposed PIL image (any mode; transparency is composited onto white).
 
     trim_margins=False hashes the whole frame, exactly as `imagehash.phash` does.
     """
     import numpy as np
     from PIL import Image
 
-    grey = image.convert("L")
+    grey = _greyscale(image)
     spread = float(np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.LANCZOS), dtype=np.float64).std())
     # A dark or faint picture's margin is told from its content by a tolerance its contrast allows.
     tolerance = min(MARGIN_TOLERANCE, spread / 2)
@@ -123,6 +123,30 @@ def perceptual_hash(image, *, trim_margins: bool = True) -> PerceptualHash:
     for bit in bits:
         value = (value << 1) | int(bit)
     return PerceptualHash(value=value, spread=spread)
+
+
+def _greyscale(image):
+    """The picture in 8-bit grey ("L"), as the model would see it.
+
+    Transparency is composited onto white (inputs.images.to_rgb, the model's own rule), so a
+    transparent PNG and its flattened JPEG copy agree. 16-bit and 32-bit integer pixels are scaled
+    from 0-65535 (Pillow's own conversion would clip them at 255); float pixels are stretched
+    from their minimum to their maximum.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from .images import to_rgb
+
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64) / 257  # 16-bit range to 8-bit
+        return Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8))
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) * (255 / (high - low)) if high > low else np.zeros_like(pixels)
+        return Image.fromarray(scaled.round().astype(np.uint8))
+    return to_rgb(image).convert("L")
 
 
 def _dct_basis(n: int):
