@@ -109,13 +109,14 @@ def perceptual_hash(image, *, trim_margins: bool = True) -> PerceptualHash:
     from PIL import Image
 
     grey = _greyscale(image)
-    spread = float(np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.LANCZOS), dtype=np.float64).std())
+    whole = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.LANCZOS), dtype=np.float64)  # (32, 32)
+    spread = float(whole.std())
     # A dark or faint picture's margin is told from its content by a tolerance its contrast allows.
     tolerance = min(MARGIN_TOLERANCE, spread / 2)
     box = _content_box(grey, tolerance) if trim_margins else None
+    pixels = whole
     if box is not None and box != (0, 0) + grey.size:
-        grey = grey.crop(box)
-    pixels = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.LANCZOS), dtype=np.float64)  # (32, 32)
+        pixels = np.asarray(grey.crop(box).resize((HASH_SIDE, HASH_SIDE), Image.LANCZOS), dtype=np.float64)
     basis = _dct_basis(HASH_SIDE)
     low = (basis @ pixels @ basis.T)[:LOW_SIDE, :LOW_SIDE]  # (8, 8): rows are vertical frequencies
     bits = (low > np.median(low)).ravel()
