@@ -1,11 +1,12 @@
 """A perceptual hash of a photo's decoded pixels: the same picture saved again hashes alike.
 
 The hash is the classic DCT pHash, 64 bits:
-  1. the picture in greyscale (Pillow's "L"), shrunk to 32x32 with Lanczos filtering;
+  1. the picture in 8-bit greyscale, shrunk to 32x32 with Lanczos filtering;
   2. its 2-D DCT-II; the 8x8 lowest frequencies (the DC term included) are kept;
   3. each of those 64 coefficients gives one bit: 1 when above their median.
 Bits are read row by row, the first the most significant, as `imagehash.phash` orders them, so
-`int(str(imagehash.phash(img)), 16)` is the same number for a picture without blank margins.
+`int(str(imagehash.phash(img)), 16)` is the same number for an opaque 8-bit picture hashed with
+trim_margins=False (or one without blank margins).
 
 Why pHash: low frequencies survive re-encoding, recompression, resizing, metadata stripping and
 crops of a few percent (a difference hash of neighbouring pixels moves more under a crop), and
@@ -13,9 +14,10 @@ the median threshold makes it independent of brightness and contrast.
 
 Two refinements, both for the false alarms a duplicate finder must not raise:
 - Blank margins are trimmed before hashing: rows and columns at the edges whose every pixel is
-  within `MARGIN_TOLERANCE` grey levels (fewer for a faint picture) of the border's colour. Two different objects on the same
-  white page otherwise share most low frequencies (the page's); trimmed, they are compared by
-  what they show. A border cropped away, added, or letterboxing do not move the hash.
+  within `MARGIN_TOLERANCE` grey levels (fewer for a faint picture) of the border's colour.
+  Two different objects on the same white page otherwise share most low frequencies (the
+  page's); trimmed, they are compared by what they show. A border cropped away or added, or
+  letterboxing, does not move the hash.
 - A picture with almost no contrast (a black or blank frame, a lens-cap shot: the standard
   deviation of its 32x32 greyscale thumbnail, margins included, under `LOW_SPREAD` grey levels)
   has a hash made of noise, and any two such frames may share it. `near` never pairs such a
