@@ -188,6 +188,15 @@ def test_photos_sharing_blank_margins_are_not_near(tmp_path):
     assert near(hashes[0], _hash_of(again, tmp_path, "again"))
 
 
+def test_letterboxed_copy_is_near_its_original(tmp_path):
+    for name, base in _bases()[:4]:
+        w, h = base.size
+        boxed = Image.new("RGB", (w, h + h // 4), (0, 0, 0))  # black bars above and below
+        boxed.paste(base, (0, h // 8))
+        hb, hx = _hash_of(base, tmp_path, name), _hash_of(boxed, tmp_path, f"{name}-boxed")
+        assert near(hb, hx), (name, hamming(hb.value, hx.value))
+
+
 def test_different_near_black_frames_are_not_near(tmp_path):
     rng = np.random.default_rng(3)
     size = (640, 360)

@@ -56,6 +56,9 @@ MARGIN_TOLERANCE = 12
 # Margins are found on a copy this size (longest side), so a huge photo costs little.
 _MARGIN_SIDE = 256
 
+# Margins inside margins trimmed at most this deep (a letterboxed scan of a photo on a page).
+_MARGIN_ROUNDS = 3
+
 _SIGNED_OFFSET = 1 << 64
 
 
@@ -177,16 +180,28 @@ def _content_box(grey, tolerance: float):
     else:
         scale = 1.0
     a = np.asarray(small, dtype=np.int16)  # (h, w)
-    ring = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    background = int(np.median(ring))
-    busy = np.abs(a - background) > tolerance  # (h, w): pixels that are not margin
-    rows = np.flatnonzero(busy.any(axis=1))
-    cols = np.flatnonzero(busy.any(axis=0))
-    if rows.size == 0:
-        return None
-    # Back to full-size pixels, rounding outwards so no content is cut.
-    left = max(0, int(cols[0] * scale))
-    top = max(0, int(rows[0] * scale))
-    right = min(width, int(np.ceil((cols[-1] + 1) * scale)))
-    bottom = min(height, int(np.ceil((rows[-1] + 1) * scale)))
-    return left, top, right, bottom
+    top, left, bottom, right = 0, 0, a.shape[0], a.shape[1]  # the content so far, in `small`
+    for round_ in range(_MARGIN_ROUNDS):  # margins inside margins: a letterboxed picture on a page
+        inner = a[top:bottom, left:right]
+        ring = np.concatenate([inner[0], inner[-1], inner[:, 0], inner[:, -1]])
+        busy = np.abs(inner - int(np.median(ring))) > tolerance  # (h, w): pixels that are not margin
+        rows = np.flatnonzero(busy.any(axis=1))
+        cols = np.flatnonzero(busy.any(axis=0))
+        if rows.size == 0:  # one colour inside: the frame itself, or a plain block on a page
+            if round_ == 0:
+                return None
+            break
+        box = (top + rows[0], left + cols[0], top + rows[-1] + 1, left + cols[-1] + 1)
+        if box == (top, left, bottom, right):
+            break
+        top, left, bottom, right = box
+    return _scale_box((left, top, right, bottom), scale, width, height)
+
+
+def _scale_box(box, scale: float, width: int, height: int):
+    """A box in the small copy's pixels, in full-size pixels, rounded outwards so no content is cut."""
+    import numpy as np
+
+    left, top, right, bottom = box
+    return (max(0, int(left * scale)), max(0, int(top * scale)),
+            min(width, int(np.ceil(right * scale))), min(height, int(np.ceil(bottom * scale))))
