@@ -69,6 +69,16 @@ def _text(rng, size):
     return img
 
 
+def _landscape(rng, size):
+    """A clear sky, a faint gradient with no edge in it, over textured ground."""
+    w, h = size
+    horizon = int(h * rng.uniform(0.3, 0.6))
+    sky = np.array([120.0, 170.0, 230.0]) + np.linspace(0, rng.uniform(5, 20), horizon)[:, None, None]
+    ground = np.asarray(_texture(rng, (w, h - horizon)), dtype=np.float64)
+    pixels = np.concatenate([np.broadcast_to(sky, (horizon, w, 3)), ground])
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
 def _on_page(rng, size, kind):
     """An object filling the middle third of a large white page (a product shot, a scan)."""
     page = Image.new("RGB", size, (255, 255, 255))
@@ -79,15 +89,17 @@ def _on_page(rng, size, kind):
     return page
 
 
-MAKERS = [_shapes, _gradient, _texture, _text]
-SIZES = [(1024, 768), (640, 480), (300, 400), (512, 512), (800, 600), (256, 384), (1000, 700), (480, 640)]
+MAKERS = [_shapes, _gradient, _texture, _text, _landscape]
+SIZES = [(1024, 768), (640, 480), (300, 400), (512, 512), (800, 600), (256, 384), (1000, 700), (480, 640),
+         (900, 600), (700, 1000)]
 
 
 def _bases():
     bases = []
     for n, size in enumerate(SIZES):
         rng = np.random.default_rng(1000 + n)
-        bases.append((f"{MAKERS[n % 4].__name__[1:]}{n}", MAKERS[n % 4](rng, size)))
+        make = MAKERS[n % len(MAKERS)]
+        bases.append((f"{make.__name__[1:]}{n}", make(rng, size)))
     return bases
 
 

@@ -49,9 +49,11 @@ DEFAULT_MAX_DISTANCE = 10
 # Standard deviation (grey levels, 0-255) of the 32x32 thumbnail below which a picture is blank.
 LOW_SPREAD = 3.0
 
-# Grey levels a margin pixel may differ from the border's colour (JPEG noise, scanner dust);
-# at most half the picture's spread, so a dark photo's content is not taken for margin.
-MARGIN_TOLERANCE = 12
+# Grey levels a margin pixel may differ from the border's colour, on the shrunk copy where JPEG
+# noise averages out. Small, so a photo's clear sky is not taken for margin: a trimmed gradient
+# would end somewhere else in every crop. At most half the picture's spread, so a dark photo's
+# content is not taken for margin either.
+MARGIN_TOLERANCE = 4
 
 # Margins are found on a copy this size (longest side), so a huge photo costs little.
 _MARGIN_SIDE = 256
