@@ -16,8 +16,8 @@ but every candidate costs a few vectorised operations, never a Python loop.
 
 Size, measured once (not a test): 100,000 random hashes plus 5,000 near copies of some of them
 (numpy 2.4, one core of a 2-core x86 server CPU): at distance 10 the plan is 4 blocks of 16 bits
-(r = 2, 137 buckets looked up per hash and block), about 6 s; at distance 8, 3 blocks of 21-22
-bits, about 1.6 s; the exact-bucket scheme (d + 1 = 11 blocks) takes about 32 s at distance 10,
+(r = 2, 137 buckets looked up per hash and block), about 2.4 s; at distance 8, 3 blocks of 21-22
+bits, about 2 s; the exact-bucket scheme (d + 1 = 11 blocks) takes about 31 s at distance 10,
 and comparing every pair means 5 * 10**9 popcounts. Memory stays at a few arrays of N, plus at
 most about 4 million candidate pairs at a time, plus the pairs found.
 """
@@ -82,9 +82,15 @@ def near_pairs(hashes, max_distance: int = DEFAULT_MAX_DISTANCE, *, usable=None,
         starts = np.cumsum(counts) - counts
         for flip in _flips(width, radius):
             probe = keys ^ flip
-            for i, j in _bucket_pairs(probe, counts, starts, order):
-                keep = i < j  # each unordered pair once (the other side finds it with the same flip)
-                i, j = i[keep], j[keep]
+            # Each unordered pair once: within a bucket, i < j; across two buckets, only from the
+            # one with the smaller key (the other would find the same pair with the same flip).
+            looking = None if flip == 0 else keys < probe
+            for i, j in _bucket_pairs(probe, counts, starts, order, looking):
+                if flip == 0:
+                    keep = i < j
+                    i, j = i[keep], j[keep]
+                else:
+                    i, j = np.minimum(i, j), np.maximum(i, j)
                 close = _popcount(h[i] ^ h[j]) <= max_distance
                 found_i.append(i[close])
                 found_j.append(j[close])
@@ -129,11 +135,14 @@ def _flips(width: int, radius: int):
             yield sum(1 << b for b in bits)
 
 
-def _bucket_pairs(probe, counts, starts, order):
-    """(i, j) arrays: each i with every j in bucket probe[i], in chunks of about _CHUNK pairs."""
+def _bucket_pairs(probe, counts, starts, order, looking=None):
+    """(i, j) arrays: each i (where `looking`) with every j in bucket probe[i], in chunks of about
+    _CHUNK pairs."""
     import numpy as np
 
     sizes = counts[probe]  # (n,)
+    if looking is not None:
+        sizes = np.where(looking, sizes, 0)
     rows = np.flatnonzero(sizes)
     if rows.size == 0:
         return
