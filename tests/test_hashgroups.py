@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from altclip_cli.inputs.perceptual import DEFAULT_MAX_DISTANCE, to_int64
+from altclip_cli.search import hashgroups
 from altclip_cli.search.hashgroups import near_pairs, plan_blocks
 
 
@@ -58,6 +59,16 @@ def test_low_distance_pairs_beyond_the_plants_are_found_in_clustered_hashes():
     assert _as_set(got) == _brute_force(hashes, 6)
 
 
+def test_pairs_expanded_in_small_chunks_are_the_same(monkeypatch):
+    # Many photos sharing a bucket are expanded a chunk at a time; the chunk edges lose nothing.
+    rng = np.random.default_rng(4)
+    hashes = _planted(rng, 200, 200, 6)
+    hashes[:30] = hashes[30]
+    expected = _brute_force(hashes, 6)
+    monkeypatch.setattr(hashgroups, "_CHUNK", 7)
+    assert _as_set(near_pairs(hashes, 6)) == expected
+
+
 def test_int64_input_and_unusable_hashes():
     rng = np.random.default_rng(2)
     hashes = _planted(rng, 300, 100, 8)
@@ -74,6 +85,8 @@ def test_small_and_bad_inputs():
         near_pairs(np.array([1.5, 2.5]))
     with pytest.raises(ValueError, match="blocks"):
         near_pairs(np.zeros(3, dtype=np.uint64), blocks=2)  # 32-bit buckets: too wide a table
+    with pytest.raises(ValueError, match="usable"):
+        near_pairs(np.zeros(3, dtype=np.uint64), usable=[True, False])
     with pytest.raises(ValueError, match="max_distance"):
         near_pairs(np.zeros(3, dtype=np.uint64), 65)
 

@@ -25,6 +25,7 @@ most about 4 million candidate pairs at a time, plus the pairs found.
 from __future__ import annotations
 
 from itertools import combinations
+from math import comb
 from typing import NamedTuple
 
 from ..inputs.perceptual import DEFAULT_MAX_DISTANCE, HASH_BITS
@@ -63,7 +64,10 @@ def near_pairs(hashes, max_distance: int = DEFAULT_MAX_DISTANCE, *, usable=None,
         raise ValueError(f"max_distance must be within 0-{HASH_BITS}, not {max_distance}")
     positions = np.arange(len(h), dtype=np.int64)
     if usable is not None:
-        positions = positions[np.asarray(usable, dtype=bool)]
+        usable = np.asarray(usable, dtype=bool)
+        if usable.shape != h.shape:
+            raise ValueError(f"usable has {usable.shape} entries for {h.shape} hashes")
+        positions = positions[usable]
     h = h[positions]
     n = len(h)
     empty = np.zeros(0, dtype=np.int64)
@@ -110,7 +114,7 @@ def plan_blocks(n: int, max_distance: int) -> int:
         width = -(-HASH_BITS // m)  # the widest block
         if width > _MAX_BLOCK_BITS:
             continue
-        lookups = sum(_comb(width, k) for k in range(max_distance // m + 1))
+        lookups = sum(comb(width, k) for k in range(max_distance // m + 1))
         work = m * lookups * n * (1 + n / 2**width)
         if work < best_work:
             best, best_work = m, work
@@ -171,8 +175,3 @@ def _popcount(x):
     table = np.array([bin(v).count("1") for v in range(256)], dtype=np.int64)
     return table[x.view(np.uint8).reshape(-1, 8)].sum(axis=1)
 
-
-def _comb(n: int, k: int) -> int:
-    from math import comb
-
-    return comb(n, k)
