@@ -167,6 +167,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB as the model sees it: transparency composited onto white."""
+    return _to_rgb(image)
+
+
 def _pair(value, what: str) -> tuple[int, int]:
     """A size given as an int, [h, w] or {"height", "width"} -> (h, w)."""
     if isinstance(value, bool):
