@@ -379,6 +379,33 @@ def test_malformed_sidecar_unreadable_photo_and_read_only_folder(photos, model, 
     assert set(after[0]) - set(before[0]) == {"a.png.xmp", "c.png.xmp"}
 
 
+def test_a_folder_the_system_refuses_to_write_is_named_and_the_rest_go_on(photos, model, monkeypatch):
+    """The read-only folder of the test above, as root too (root writes anywhere): the system
+    refuses the sidecar's temporary file there; that photo is named, exit 3, nothing is left in
+    its folder, and the other photos get their sidecars."""
+    import builtins
+
+    import altclip_cli.outputs.sidecars as sidecars
+
+    locked = photos / "locked"
+    locked.mkdir()
+    write_image(locked / "d.png", 5)
+    real_open = builtins.open
+
+    def refusing_open(path, *args, **kwargs):
+        if Path(os.path.abspath(path)).parent == locked.resolve() and args and "w" in args[0]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sidecars, "open", refusing_open, raising=False)
+    result = tag("a.png", "locked/d.png", "c.png", "-l", "cat", "--min-prob", 0, model=model)
+    assert result.exit_code == 3, result.stderr
+    assert [("error" in r) for r in jsonl(result.stdout)] == [False, True, False]
+    assert "locked/d.png" in result.stderr and "ermission denied" in result.stderr
+    assert sorted(p.name for p in locked.iterdir()) == ["d.png"]
+    assert (photos / "a.png.xmp").is_file() and (photos / "c.png.xmp").is_file()
+
+
 def test_a_sidecar_that_is_not_a_file_is_named_and_does_not_block(photos, model):
     os.mkfifo(photos / "a.png.xmp")
     (photos / "b.jpg.xmp").mkdir()
