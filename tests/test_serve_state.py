@@ -19,6 +19,7 @@ from altclip_cli.search.store import IndexStore  # noqa: E402
 from altclip_cli.serve import client  # noqa: E402
 from altclip_cli.serve.client import RequestFailed  # noqa: E402
 from altclip_cli.serve.searching import MAX_INDEXES, MAX_WATCHED_TREES, IndexLocks  # noqa: E402
+from test_serve import SERVER_MAIN as SERVE_MAIN  # noqa: E402
 from test_serve import _until, png_bytes, start_server  # noqa: E402
 
 LINUX = sys.platform.startswith("linux")
@@ -26,26 +27,15 @@ LINUX = sys.platform.startswith("linux")
 # The server's own process, as test_serve's, plus: uvicorn's graceful shutdown, when capped at
 # all, is capped at 1 s instead of the 30 s that altclip once gave it, so that a request a few
 # seconds long stands for one longer than that cap.
-SERVER_MAIN = """
-import sys, time
-delay = float(sys.argv[1])
-if delay:
-    from altclip_cli.serve import batcher
-    real = batcher.Batcher._run
-    def slow(self, batch):
-        time.sleep(delay)
-        return real(self, batch)
-    batcher.Batcher._run = slow
-import uvicorn
+SERVER_MAIN = SERVE_MAIN.replace("from altclip_cli.cli import main", """import uvicorn
 real_init = uvicorn.Config.__init__
 def init(self, *args, **kw):
     real_init(self, *args, **kw)
     if self.timeout_graceful_shutdown is not None:
         self.timeout_graceful_shutdown = min(self.timeout_graceful_shutdown, 1)
 uvicorn.Config.__init__ = init
-from altclip_cli.cli import main
-main(sys.argv[2:])
-"""
+from altclip_cli.cli import main""")
+assert SERVER_MAIN != SERVE_MAIN
 
 
 def start(model_dir, *args, delay: float = 0.0):
