@@ -41,3 +41,15 @@ def tiny_loaded(_tiny_model_master):
     from altclip_cli.runtime.altclip import load
 
     return _tiny_model_master, load(str(_tiny_model_master), device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def model(tiny_loaded):
+    """The tiny model's folder (the -m argument of a command)."""
+    return tiny_loaded[0]
+
+
+@pytest.fixture
+def loaded(tiny_loaded):
+    """altclip's fp32 load of the tiny model."""
+    return tiny_loaded[1]

@@ -15,11 +15,6 @@ from test_cli import invoke, jsonl, write_image
 
 
 @pytest.fixture
-def model(tiny_loaded):
-    return tiny_loaded[0]
-
-
-@pytest.fixture
 def photos(tmp_path, monkeypatch):
     """cwd with a.png, b.png, c.png (random pixels) and bad.jpg (text)."""
     monkeypatch.chdir(tmp_path)

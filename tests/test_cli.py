@@ -56,11 +56,6 @@ def images(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def model(tiny_loaded):
-    return tiny_loaded[0]
-
-
-@pytest.fixture
 def ref(tiny_loaded):
     return tiny_loaded[1]
 

@@ -17,7 +17,7 @@ import pytest
 
 from altclip_cli.outputs.manifest import check_pair
 from embedhooks import interrupted_after
-from test_cli import SAFE_ENV, invoke, model, write_image  # noqa: F401 - model is a fixture
+from test_cli import SAFE_ENV, invoke, write_image
 
 BASE = ["-b", "4", "--precision", "fp32"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import invoke, model, write_image  # noqa: F401 - model is a fixture
+from test_cli import invoke, write_image
 from test_dataset import BASE, _assert_merge_equals_single
 from test_dataset import _single as _single_run
 

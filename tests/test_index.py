@@ -28,16 +28,6 @@ FP32 = ["--precision", "fp32"]
 
 
 @pytest.fixture
-def model(tiny_loaded):
-    return tiny_loaded[0]
-
-
-@pytest.fixture
-def loaded(tiny_loaded):
-    return tiny_loaded[1]
-
-
-@pytest.fixture
 def photos(tmp_path, monkeypatch):
     """cwd = tmp_path with photos/: a.png, b.jpg, sub/c.png, sub/deeper/d.png (random pixels)."""
     monkeypatch.chdir(tmp_path)

@@ -20,16 +20,6 @@ from test_cli import write_image
 from test_index import content, folder_of, index, rows, summary_line
 
 
-@pytest.fixture
-def model(tiny_loaded):
-    return tiny_loaded[0]
-
-
-@pytest.fixture
-def loaded(tiny_loaded):
-    return tiny_loaded[1]
-
-
 def scans(folder):
     """folder/a.tif and folder/b.tif: uncompressed TIFFs of one size (1.5 MiB), equal in their
     first 1 MiB and their last 64 KiB, different in between (as two scans with equal margins)."""

@@ -214,11 +214,6 @@ GALLERY = [("beach.png", (64, 48)), ("dog.jpg", (320, 240)), ("cat.png", (100, 1
            ("river.png", (300, 299)), ("bike.jpg", (123, 321)), ("moon.png", (16, 16)), ("hill.jpg", (500, 250))]
 
 
-@pytest.fixture
-def model(tiny_loaded):
-    return tiny_loaded[0]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_loaded):
     from oracle import Reference

@@ -480,11 +480,6 @@ UNSURE = ["-l", "cat", "-l", "dog", "--min-prob", "1"]  # every image unsure: on
 
 
 @pytest.fixture
-def model(tiny_loaded):
-    return tiny_loaded[0]
-
-
-@pytest.fixture
 def two_folders(tmp_path, monkeypatch):
     """cwd with a/x.png and b/x.png: two photos under one name."""
     from test_cli import write_image

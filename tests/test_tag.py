@@ -27,11 +27,6 @@ XMP = "http://ns.adobe.com/xap/1.0/"
 
 
 @pytest.fixture
-def model(tiny_loaded):
-    return tiny_loaded[0]
-
-
-@pytest.fixture
 def photos(tmp_path, monkeypatch):
     """cwd with a.png, b.jpg, c.png (random pixels)."""
     monkeypatch.chdir(tmp_path)
