@@ -1,12 +1,20 @@
-"""The pieces of search's metadata filters: date bounds, a place and a distance, a camera.
+"""Search's metadata filters: date bounds, a place and a distance, a camera, and the order of
+the results; one SearchFilter made by one parser (parse_filter) for `altclip search`,
+`altclip classify --index` and POST /v1/search.
 
-Pure functions over the values inputs/photometa.py reads. Parsers raise ValueError with a message
-naming the text given and the form expected; the command line turns it into a usage error.
+    where = parse_filter(after="2023-06", before="2023-08", near="43.3,5.4", within="5km", camera="canon")
+    snap = store.snapshot(root, where=where)     # only the files it keeps, in SQL (see SearchFilter.sql)
+    where.accepts(facts)                         # the same rule on one search.facts.PhotoFacts
+
+The parsers raise ValueError with a message naming the text given and the form expected;
+parse_filter raises FilterError, which also names the field (the command line's option, the
+request's field). Pure Python; numpy only inside SearchFilter.exact.
 """
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from datetime import datetime
 
 EARTH_RADIUS_M = 6_371_000.0  # a sphere: within 0.5% of the ellipsoid, plenty for "within 5 km"
@@ -77,14 +85,257 @@ def haversine_m(a: tuple[float, float], b: tuple[float, float]) -> float:
 def camera_matches(text: str, make: str | None, model: str | None) -> bool:
     """Whether `text` is in "make model", ignoring case and runs of spaces ("eos r5" matches
     Canon's "EOS R5"). A photo without make and model matches nothing."""
-    needle = " ".join(text.split()).casefold()
+    needle = camera_needle(text)
+    hay = camera_text(" ".join(p for p in (make, model) if p))
+    return bool(hay) and needle in hay
+
+
+def camera_needle(text: str) -> str:
+    """What a camera filter looks for: `text` in lower case, runs of spaces made one."""
+    needle = camera_text(text)
     if not needle:
         raise ValueError(f"{text!r} names no camera: expected part of a make or model, e.g. 'canon' or 'EOS R5'")
-    hay = " ".join(" ".join(p for p in (make, model) if p).split()).casefold()
-    return bool(hay) and needle in hay
+    return needle
+
+
+def camera_text(text: str) -> str:
+    """A camera's make and model as compared: lower case (ASCII letters only, as SQLite's lower()
+    does: the index stores cameras in ASCII), runs of spaces made one."""
+    return " ".join(text.split()).translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def local_time(taken: str) -> datetime:
     """A stored capture time ("2023-07-14T10:20:30+02:00" or naive) as the naive wall-clock time
     where the photo was taken: what date bounds compare with ("summer 2023" is local summer)."""
     return datetime.fromisoformat(taken).replace(tzinfo=None)
+
+
+# --- one filter for search, classify --index and POST /v1/search ------------------------------------
+
+DEFAULT_WITHIN = "1km"  # --near without --within: the size of a neighbourhood, a beach, a park
+SORTS = ("score", "date")
+FIELDS = ("after", "before", "near", "within", "camera", "sort")  # the options' names, the request's fields
+FACT_NAMES = {"date": "date", "place": "place (GPS position)", "camera": "camera"}  # what a filter needs
+_EPOCH = datetime(1970, 1, 1)
+_BOX_MARGIN_DEG = 1e-6  # the bounding box is widened by this much, so that rounding never loses a photo in it
+
+
+class FilterError(ValueError):
+    """A filter that cannot be used. `field` names it (one of FIELDS); message_for(prefix) names
+    every field with that prefix: "--" for the command line, "" for a request."""
+
+    def __init__(self, field: str, template: str):
+        self.field, self.template = field, template
+        super().__init__(self.message_for("--"))
+
+    def message_for(self, prefix: str) -> str:
+        return self.template.format(**{f: prefix + f for f in FIELDS})
+
+
+def _literal(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def local_seconds(moment: datetime) -> int:
+    """A naive wall-clock time as the index's taken_local holds it: seconds since 1970-01-01T00:00:00."""
+    return int((moment - _EPOCH).total_seconds())
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Which photos a search keeps, by the facts the index holds about them (search/facts.py),
+    and the order of its results. Made by parse_filter; hashable (a snapshot cache key).
+
+    taken_from, taken_to: taken_local seconds, from (included) and to (excluded), or None;
+    near: (lat, lon) in degrees and within_m metres (a great circle), or None;
+    camera: lower-case text that the camera's make and model must contain, or None;
+    sort: "score" (best first) or "date" (the photos kept by -k / --min-score, oldest first,
+    those without a date last). A photo without a fact that a filter asks about is left out."""
+
+    taken_from: int | None = None
+    taken_to: int | None = None
+    near: tuple[float, float] | None = None
+    within_m: float | None = None
+    camera: str | None = None
+    sort: str = "score"
+
+    @property
+    def active(self) -> bool:
+        """Whether it leaves any photo out."""
+        return bool(self.needs)
+
+    @property
+    def key(self) -> tuple:
+        """What decides which photos it keeps (not their order): a snapshot cache's key."""
+        return (self.taken_from, self.taken_to, self.near, self.within_m, self.camera)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The facts its filters ask about, among "date", "place", "camera"."""
+        return tuple(name for name, used in (("date", self.taken_from is not None or self.taken_to is not None),
+                                             ("place", self.near is not None), ("camera", self.camera is not None))
+                     if used)
+
+    # --- in SQL, over the index's files table -------------------------------------------------------
+
+    def sql(self) -> tuple[str, list]:
+        """SQL (for WHERE, over the files table) and its parameters: the date range, the camera,
+        and a bounding box around the place (exact() then keeps the photos within the circle)."""
+        terms, params = [], []
+        if self.taken_from is not None:
+            terms.append("taken_local >= ?")
+            params.append(self.taken_from)
+        if self.taken_to is not None:
+            terms.append("taken_local < ?")
+            params.append(self.taken_to)
+        if self.near is not None:
+            (lat_lo, lat_hi), lons = self.box()
+            terms.append("lat BETWEEN ? AND ?")
+            params += [lat_lo, lat_hi]
+            if lons is None:
+                terms.append("lon IS NOT NULL")
+            else:
+                lon_lo, lon_hi = lons
+                if lon_lo <= lon_hi:
+                    terms.append("lon BETWEEN ? AND ?")
+                else:  # across the antimeridian: from lon_lo up to 180, and from -180 up to lon_hi
+                    terms.append("(lon >= ? OR lon <= ?)")
+                params += [lon_lo, lon_hi]
+        if self.camera is not None:
+            terms.append("instr(lower(camera), ?) > 0")
+            params.append(self.camera)
+        return " AND ".join(terms) or "1", params
+
+    def box(self) -> tuple[tuple[float, float], tuple[float, float] | None]:
+        """((lat_lo, lat_hi), (lon_lo, lon_hi) or None: every longitude) around the circle of
+        `near` and `within_m`; lon_lo > lon_hi when it crosses the antimeridian."""
+        lat, lon = self.near
+        angle = self.within_m / EARTH_RADIUS_M  # radians of arc
+        dlat = math.degrees(angle) + _BOX_MARGIN_DEG
+        lats = (max(-90.0, lat - dlat), min(90.0, lat + dlat))
+        if lat - dlat <= -90 or lat + dlat >= 90 or angle >= math.pi / 2:
+            return lats, None  # the circle holds a pole (or a hemisphere): any longitude
+        ratio = math.sin(angle) / math.cos(math.radians(lat))  # the widest longitude on the circle
+        if ratio >= 1:
+            return lats, None
+        dlon = math.degrees(math.asin(ratio)) + _BOX_MARGIN_DEG
+        if dlon >= 180:
+            return lats, None
+        lo, hi = lon - dlon, lon + dlon
+        return lats, (lo + 360 if lo < -180 else lo, hi - 360 if hi > 180 else hi)
+
+    @property
+    def exact_columns(self) -> tuple[str, ...]:
+        """The columns exact() needs of the rows sql() kept."""
+        return ("lat", "lon") if self.near is not None else ()
+
+    def exact(self, lat, lon):
+        """A bool array: which of the rows sql() kept (their lat and lon, float arrays) are within
+        within_m of near."""
+        import numpy as np
+
+        return distances_m(self.near, np.asarray(lat, np.float64), np.asarray(lon, np.float64)) <= self.within_m
+
+    def missing_sql(self) -> list[tuple[str, str]]:
+        """(fact, SQL true for a file without it) for each fact the filters ask about."""
+        column = {"date": "taken_local IS NULL", "place": "lat IS NULL OR lon IS NULL", "camera": "camera IS NULL"}
+        return [(name, column[name]) for name in self.needs]
+
+    # --- in Python, on one photo's facts ------------------------------------------------------------
+
+    def lacks(self, facts) -> list[str]:
+        """The facts the filters ask about that `facts` (a PhotoFacts, or None: not read) lacks."""
+        have = {"date": facts is not None and facts.taken_local is not None,
+                "place": facts is not None and facts.lat is not None and facts.lon is not None,
+                "camera": facts is not None and bool(facts.camera)}
+        return [name for name in self.needs if not have[name]]
+
+    def accepts(self, facts) -> bool:
+        """Whether the photo with these facts (a PhotoFacts, or None) is kept: what sql() and
+        exact() keep, for one photo."""
+        if self.lacks(facts):
+            return False
+        if self.taken_from is not None and facts.taken_local < self.taken_from:
+            return False
+        if self.taken_to is not None and facts.taken_local >= self.taken_to:
+            return False
+        if self.near is not None and not haversine_m(self.near, (facts.lat, facts.lon)) <= self.within_m:
+            return False
+        return self.camera is None or self.camera in camera_text(facts.camera)
+
+    # --- the order of the results -------------------------------------------------------------------
+
+    def order(self, hits: list, taken_local: list) -> list:
+        """`hits` (best first) in the order asked for: as they are for "score"; for "date" by
+        taken_local (seconds, None: unknown) oldest first, those without a date last, equal
+        dates in score order."""
+        if self.sort != "date":
+            return list(hits)
+        keyed = sorted(range(len(hits)), key=lambda i: (taken_local[i] is None, taken_local[i] or 0, i))
+        return [hits[i] for i in keyed]
+
+
+def parse_filter(after: str | None = None, before: str | None = None, near=None, within: str | None = None,
+                 camera: str | None = None, sort: str | None = None) -> SearchFilter:
+    """The SearchFilter of the command line's --after, --before, --near, --within, --camera and
+    --sort (or a request's fields of the same names; near may also be a [lat, lon] pair).
+    FilterError naming the field for a bad value, --within without --near, or --after past
+    --before."""
+    def parsed(field, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except ValueError as exc:
+            raise FilterError(field, "{" + field + "}: " + _literal(str(exc))) from None
+
+    low = parsed("after", parse_date_bound, after, end=False) if after is not None else None
+    high = parsed("before", parse_date_bound, before, end=True) if before is not None else None
+    if low is not None and high is not None and low >= high:
+        raise FilterError("after", f"{{after}} {_literal(after)} is after {{before}} {_literal(before)}: "
+                                   "no date is in both (both include the period they name)")
+    if isinstance(near, (list, tuple)):
+        if len(near) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in near):
+            raise FilterError("near", "{near}: " + _literal(repr(list(near))) + " is not a place: expected "
+                                      "[LAT, LON] in decimal degrees, e.g. [48.85, 2.35]")
+        near = ",".join(_plain(x) for x in near)
+    place = parsed("near", parse_near, near) if near is not None else None
+    if within is not None and place is None:
+        raise FilterError("within", "{within} " + _literal(within) + " needs {near} LAT,LON: the place to measure "
+                                    "the distance from")
+    metres = parsed("within", parse_distance, within if within is not None else DEFAULT_WITHIN) if place else None
+    needle = parsed("camera", camera_needle, camera) if camera is not None else None
+    sort = "score" if sort is None else sort
+    if sort not in SORTS:
+        raise FilterError("sort", "{sort}: " + _literal(repr(sort)) + " is not an order: expected score or date")
+    return SearchFilter(taken_from=local_seconds(low) if low is not None else None,
+                        taken_to=local_seconds(high) if high is not None else None,
+                        near=place, within_m=metres, camera=needle, sort=sort)
+
+
+def _plain(x: float) -> str:
+    """A number as parse_near reads it (no exponent)."""
+    text = repr(float(x))
+    return f"{x:.12f}" if "e" in text else text
+
+
+def distances_m(center: tuple[float, float], lat, lon):
+    """haversine_m from `center` to each point of the float arrays lat, lon (degrees), in numpy."""
+    import numpy as np
+
+    lat1, lon1 = math.radians(center[0]), math.radians(center[1])
+    lat2, lon2 = np.radians(lat), np.radians(lon)
+    h = np.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    return 2 * EARTH_RADIUS_M * np.arcsin(np.minimum(1.0, np.sqrt(h)))
+
+
+def missing_lines(missing: dict, unread: int = 0) -> list[str]:
+    """What a summary says of the photos a filter left out for lack of a fact: "12 photos have
+    no date" per fact (missing: {fact: count}), and those whose facts the index has not read."""
+    lines = [f"{n:,} photo{'' if n == 1 else 's'} {'has' if n == 1 else 'have'} no {FACT_NAMES[name]}: "
+             "left out by the filter" for name, n in missing.items() if n]
+    if unread:
+        lines.append(f"{unread:,} of them {'was' if unread == 1 else 'were'} indexed before altclip read dates, "
+                     "places and cameras: `altclip index` reads them")
+    return lines

@@ -21,6 +21,7 @@ from .errors import StaleVectors, damaged
 from .vectorfile import map_vectors
 
 if TYPE_CHECKING:
+    from .filters import SearchFilter
     from .store import IndexStore
 
 
@@ -32,16 +33,26 @@ class Snapshot:
     rows: int64 (N,), the vector row of each file at or below `under` that has a vector.
     file_ids: int64 (N,), those files' ids (same order as rows).
     count: N.
-    paths_of(file_ids): their absolute paths (meant for a few, e.g. the top k)."""
+    paths_of(file_ids): their absolute paths (meant for a few, e.g. the top k).
+    With a filter (`where`), the files are those it keeps, and
+    total: the files with a vector at or below `under`, kept or not;
+    missing: {fact: how many of those lack it} for each fact the filter asks about ("date",
+        "place", "camera"): the filter left them out;
+    unread: how many of those the index has not read the facts of yet (an index made before
+        it read them)."""
 
     def __init__(self, store: "IndexStore", db: sqlite3.Connection, vectors, rows, file_ids,
-                 cache: "SnapshotCache | None" = None):
+                 cache: "SnapshotCache | None" = None, counts: dict | None = None):
         self.store = store
         self._db = db
         self._cache = cache
         self.vectors = vectors
         self.rows = rows
         self.file_ids = file_ids
+        counts = counts or {}
+        self.total = counts.get("total", len(rows))
+        self.missing = {k: v for k, v in counts.items() if k not in ("total", "unread")}
+        self.unread = counts.get("unread", 0)
 
     @property
     def count(self) -> int:
@@ -73,21 +84,23 @@ class Snapshot:
         return False
 
 
-def take_snapshot(store: "IndexStore", under, cache: "SnapshotCache | None" = None) -> Snapshot:
-    """A Snapshot of the files with a vector at or below `under` (None: all) in `store`'s index,
-    begun again when a compaction replaced the vector file after its transaction began."""
+def take_snapshot(store: "IndexStore", under, cache: "SnapshotCache | None" = None,
+                  where: "SearchFilter | None" = None) -> Snapshot:
+    """A Snapshot of the files with a vector at or below `under` (None: all) in `store`'s index
+    that `where` keeps (None: all), begun again when a compaction replaced the vector file after
+    its transaction began."""
+    if where is not None and not where.active:
+        where = None
     for attempt in range(5):
         try:
-            return _snapshot(store, under, cache)
+            return _snapshot(store, under, cache, where)
         except StaleVectors:
             if attempt == 4:
                 raise
     raise AssertionError("unreachable")
 
 
-def _snapshot(store: "IndexStore", under, cache: "SnapshotCache | None") -> Snapshot:
-    import numpy as np
-
+def _snapshot(store: "IndexStore", under, cache: "SnapshotCache | None", where: "SearchFilter | None") -> Snapshot:
     folder = store.folder
     db = cache.begin(folder) if cache is not None else connect_readonly(folder)
     try:
@@ -96,13 +109,13 @@ def _snapshot(store: "IndexStore", under, cache: "SnapshotCache | None") -> Snap
         meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('vectors_committed', 'vectors_token')"))
         committed = int(meta["vectors_committed"])
         clause, params = store.under_clause(under)
-        pairs = cache.rows(db, (clause, *params)) if cache is not None else None
-        if pairs is None:
-            cur = db.execute(f"SELECT id, vec_row FROM files WHERE vec_row IS NOT NULL AND {clause}", params)
-            flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
-            pairs = np.ascontiguousarray(flat.reshape(-1, 2).T)  # (2, N): ids, vector rows
+        key = (clause, *params) if where is None else (clause, *params, where.key)
+        kept = cache.rows(db, key) if cache is not None else None
+        if kept is None:
+            kept = _select(db, clause, params) if where is None else _select_where(db, clause, params, where)
             if cache is not None:
-                cache.keep((clause, *params), pairs)
+                cache.keep(key, kept)
+        pairs, counts = kept
         if pairs.shape[1] and int(pairs[1].max()) >= committed:
             raise damaged(folder, "a file row points past the committed vectors")
         vectors = map_vectors(folder, committed, store.dim, meta_token(meta))
@@ -111,7 +124,41 @@ def _snapshot(store: "IndexStore", under, cache: "SnapshotCache | None") -> Snap
         if isinstance(exc, sqlite3.DatabaseError):
             raise damaged(folder, f"{INDEX_DB}: {exc}") from None
         raise
-    return Snapshot(store, db, vectors, pairs[1], pairs[0], cache=cache)
+    return Snapshot(store, db, vectors, pairs[1], pairs[0], cache=cache, counts=counts)
+
+
+def _select(db: sqlite3.Connection, clause: str, params: list):
+    """((2, N) int64: file ids, vector rows; None) of the files with a vector where `clause`."""
+    import numpy as np
+
+    cur = db.execute(f"SELECT id, vec_row FROM files WHERE vec_row IS NOT NULL AND {clause}", params)
+    flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
+    return np.ascontiguousarray(flat.reshape(-1, 2).T), None  # (2, N): ids, vector rows
+
+
+def _select_where(db: sqlite3.Connection, clause: str, params: list, where: "SearchFilter"):
+    """(pairs as _select's, counts: {"total", "unread", and per fact the filter asks about, the
+    files without it}) of the files with a vector where `clause` that `where` keeps: its SQL
+    first (a date range, a camera, a bounding box), then its exact test on what that kept."""
+    import numpy as np
+
+    sql, sql_params = where.sql()
+    extra = where.exact_columns
+    cur = db.execute(f"SELECT id, vec_row{''.join(', ' + c for c in extra)} FROM files "
+                     f"WHERE vec_row IS NOT NULL AND {clause} AND {sql}", [*params, *sql_params])
+    if not extra:
+        flat = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.int64)
+        pairs = np.ascontiguousarray(flat.reshape(-1, 2).T)
+    else:  # ids and rows are exact in float64 (below 2**53)
+        table = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.float64).reshape(-1, 2 + len(extra))
+        keep = where.exact(*table[:, 2:].T)
+        pairs = np.ascontiguousarray(table[keep, :2].T.astype(np.int64))
+    missing = where.missing_sql()
+    sums = "".join(f", SUM({expr})" for _name, expr in missing)
+    row = db.execute(f"SELECT COUNT(*), SUM(facts IS NULL){sums} FROM files WHERE vec_row IS NOT NULL AND {clause}",
+                     params).fetchone()
+    counts = {"total": row[0], "unread": row[1] or 0, **{name: n or 0 for (name, _e), n in zip(missing, row[2:])}}
+    return pairs, counts
 
 
 class SnapshotCache:
@@ -121,7 +168,8 @@ class SnapshotCache:
     commit, in any process, changes it). A repeated search then skips the SELECT of every row
     below its folder. One snapshot at a time holds it (a lock); close it when done."""
 
-    MAX_FOLDERS = 4  # each holds two int64 per file below its folder (16 MB for a million)
+    MAX_FOLDERS = 4  # each holds two int64 per file below its folder (16 MB for a million), or per
+    # file a filter kept there: a key is a folder and a filter
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -154,9 +202,9 @@ class SnapshotCache:
             self._version = version
         return self._rows.get(key)
 
-    def keep(self, key: tuple, pairs) -> None:
+    def keep(self, key: tuple, kept) -> None:
         self._rows.pop(key, None)
-        self._rows[key] = pairs
+        self._rows[key] = kept
         while len(self._rows) > self.MAX_FOLDERS:
             self._rows.pop(next(iter(self._rows)))
 

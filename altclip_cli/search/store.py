@@ -48,6 +48,7 @@ from . import compaction
 from .database import (INDEX_DB, SCHEMA_VERSION, SQL_CHUNK, check_identity, check_schema, meta_token, open_db,
                        read_meta, upgrade, write_schema)
 from .errors import IndexBusy, IndexStoreError, OtherModelsIndex, StaleVectors, damaged, missing
+from .filters import SearchFilter
 from .snapshot import Snapshot, SnapshotCache, take_snapshot
 from .vectorfile import (HEADER_SIZE, ITEMSIZE, ROW_DTYPE, VECTORS, VECTORS_NEW, new_token, open_matching,
                          vectors_header)
@@ -331,12 +332,14 @@ class IndexStore:
             out[i] = np.frombuffer(data, ROW_DTYPE)
         return out
 
-    def snapshot(self, under: str | os.PathLike | None = None, *, cache: "SnapshotCache | None" = None) -> "Snapshot":
+    def snapshot(self, under: str | os.PathLike | None = None, *, cache: "SnapshotCache | None" = None,
+                 where: SearchFilter | None = None) -> "Snapshot":
         """A consistent read-only view of the committed files with a vector at or below `under`
         (all when None), taken in one SQLite read transaction (see Snapshot). Close it (or use it as
         a context manager) when done: it holds that read transaction. cache: a long-lived
-        reader's SnapshotCache of this index (its connection, and the rows of recent folders)."""
-        return take_snapshot(self, under, cache)
+        reader's SnapshotCache of this index (its connection, and the rows of recent folders).
+        where: a filters.SearchFilter: only the files it keeps (None: all)."""
+        return take_snapshot(self, under, cache, where)
 
     # --- writing --------------------------------------------------------------------------------------
 
