@@ -68,6 +68,19 @@ class Snapshot:
             found.update((int(i), p) for i, p in cur)
         return [self.store.path_of(found[i]) for i in ids]
 
+    def facts_of(self, file_ids) -> list:
+        from .facts import FACT_COLUMNS, PhotoFacts
+
+        ids = [int(i) for i in file_ids]
+        found = {}
+        for start in range(0, len(ids), SQL_CHUNK):
+            chunk = ids[start:start + SQL_CHUNK]
+            cur = self._db.execute(f"SELECT id, facts, {', '.join(FACT_COLUMNS)} FROM files "
+                                   f"WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            for i, read, *values in cur:
+                found[int(i)] = PhotoFacts(*values) if read else None
+        return [found.get(i) for i in ids]
+
     def close(self) -> None:
         if self._db is not None:
             if self._cache is not None:
