@@ -242,6 +242,32 @@ reuse_index_option = click.option(
          "holds unchanged from it instead of running the image tower; the numbers are the same.")
 
 
+# The metadata filters of search and classify --index (search/filters.py: one parser for them and
+# for POST /v1/search).
+filter_options = _stack(
+    click.option("--after", metavar="DATE",
+                 help="Only photos taken on or after DATE: YYYY, YYYY-MM or YYYY-MM-DD (from that period's start)."),
+    click.option("--before", metavar="DATE",
+                 help="Only photos taken on or before DATE: YYYY, YYYY-MM or YYYY-MM-DD (to that period's end)."),
+    click.option("--near", metavar="LAT,LON",
+                 help="Only photos taken within --within of this place (decimal degrees, south and west negative)."),
+    click.option("--within", metavar="DISTANCE", help="With --near: how far, e.g. 5km or 500m [default: 1km]."),
+    click.option("--camera", metavar="TEXT",
+                 help="Only photos whose camera make and model contain TEXT (any case, e.g. 'canon', 'iphone 12')."),
+)
+
+
+def search_filter(after, before, near, within, camera, sort=None):
+    """The search.filters.SearchFilter of the filter options (and --sort); a UsageError naming the
+    option for a bad value."""
+    from ..search.filters import FilterError, parse_filter
+
+    try:
+        return parse_filter(after=after, before=before, near=near, within=within, camera=camera, sort=sort)
+    except FilterError as exc:
+        raise UsageError(exc.message_for("--")) from None
+
+
 def open_kwargs(max_pixels, url_timeout, url_max_mb, draft_min_side=None) -> dict:
     """The keyword arguments of inputs.open_source from the image input options
     (draft_min_side: the loaded model's, see AltCLIP.draft_min_side)."""

@@ -38,16 +38,61 @@ def label_groups(labels, labels_file, templates, images, msgs) -> list[list[str]
 
 def scored_records(sources, groups, templates, top_k, msgs, *, index_dir, batch_size, input_timeout, server,
                    token_file, model, device, precision, exact_decode, revision, max_pixels, url_timeout,
-                   url_max_mb):
+                   url_max_mb, where=None):
     """(records in input order, the --index store or None) for the sources against the label
     groups: classify's records ({"image", "scores": [...]} or {"image", "error"}), from the model
-    of the options, in this process or through `altclip serve` alike. The caller closes the store."""
+    of the options, in this process or through `altclip serve` alike. The caller closes the store.
+    where: a search.filters.SearchFilter over the --index index's facts: the record of a source it
+    leaves out is None (the model never sees it)."""
     model_ = get_model(server, token_file, model, device, precision, msgs, exact_decode=exact_decode,
                        revision=revision, max_pixels=max_pixels, scores=True, url_timeout=url_timeout,
                        url_max_mb=url_max_mb, input_timeout=input_timeout)
     opener_kw = open_kwargs(max_pixels, url_timeout, url_max_mb, model_.draft_min_side)
-    return _records(model_, sources, groups, list(templates) or None, top_k, index_dir, msgs, batch_size,
-                    input_timeout, opener_kw)
+    keep, given = None, len(sources)
+    if where is not None and where.active:
+        keep = _kept_by_filter(model_, sources, index_dir, where, msgs)
+        sources = [sources[i] for i in keep]
+    records, store = _records(model_, sources, groups, list(templates) or None, top_k, index_dir, msgs, batch_size,
+                              input_timeout, opener_kw)
+    return (records if keep is None else _spread(records, keep, given)), store
+
+
+def _kept_by_filter(model, sources, index_dir, where, msgs) -> list[int]:
+    """The positions of the sources `where` keeps by the facts the --index index holds of them,
+    the others counted on stderr."""
+    from ..search.filters import missing_lines
+    from ..search.reuse import filtered_positions
+    from ..search.run import index_folder
+    from ..search.store import INDEX_DB, IndexStore, IndexStoreError
+
+    folder = index_folder(index_dir, model.weights_id)
+    if not (folder / INDEX_DB).exists():
+        msgs.warn(f"--index: there is no index in {folder}: the filters keep no image "
+                  f"(`altclip index` the images first)")
+        return []
+    try:
+        with IndexStore.open(folder) as store:  # any model's index holds the same facts
+            kept, counts = filtered_positions(store, sources, where)
+    except IndexStoreError as exc:
+        raise IndexStoreError(f"--index: {exc.message}", hint=exc.hint) from None
+    msgs.note(f"{counts['kept']:,} of {counts['total']:,} image{'' if counts['total'] == 1 else 's'} "
+              f"{'matches' if counts['kept'] == 1 else 'match'} the filters")
+    if counts["not_indexed"]:
+        n = counts["not_indexed"]
+        msgs.note(f"{n:,} image{'' if n == 1 else 's'} {'is' if n == 1 else 'are'} not in the index as "
+                  f"{'it is' if n == 1 else 'they are'} now (new, changed, or not a local file): left out by the "
+                  "filters (`altclip index` them first)")
+    for line in missing_lines(counts["missing"], counts["unread"]):
+        msgs.note(line)
+    return kept
+
+
+def _spread(records, keep: list[int], length: int):
+    """The records of the kept positions in place, None at the others (up to `length`)."""
+    records = iter(records)
+    kept = set(keep)
+    for i in range(length):
+        yield next(records) if i in kept else None
 
 
 def _records(model, sources, groups, templates, top_k, index_dir, msgs, batch_size, input_timeout, opener_kw):

@@ -1,9 +1,12 @@
-"""The records altclip writes for each classified image, shared by the command line's writers
-(cli/formats.py) and the server's answers (serve/): one shape on every path.
+"""The records altclip writes for each classified image and each search result, shared by the
+command line's writers (cli/) and the server's answers (serve/): one shape on every path.
 
   {"image": name, "scores": [{"label", "prob", "logit"}, ...]}   a scored image
   {"image": name, "top": label or None, "scores": [...]}         with its best label (with_top)
   {"image": name, "error": reason}                               an image that failed
+  {"rank": 1, "path": path, "score": 0.3127, "taken": "2023-07-14T10:20:30+02:00",
+   "gps": [lat, lon], "camera": "Canon EOS R5"}                  a search result (search_record;
+                                                                 taken, gps, camera when known)
 """
 from __future__ import annotations
 
@@ -39,3 +42,9 @@ def with_top(record: dict, min_prob: float | None = None) -> dict:
 
 def error_record(image: str, error: str) -> dict:
     return {"image": image, "error": error}
+
+
+def search_record(rank: int, path: str, score: float, facts: dict | None = None) -> dict:
+    """A search result: its rank (1 is the best), path, cosine score (4 decimals), and what is
+    known of "taken", "gps" and "camera" (facts: search.facts.PhotoFacts.record())."""
+    return {"rank": rank, "path": path, "score": round(score, 4), **(facts or {})}

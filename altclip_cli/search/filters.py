@@ -168,6 +168,11 @@ class SearchFilter:
         return bool(self.needs)
 
     @property
+    def needs_dates(self) -> bool:
+        """Whether dates matter to it (a date filter, or the date order): what a table then shows."""
+        return self.sort == "date" or "date" in self.needs
+
+    @property
     def key(self) -> tuple:
         """What decides which photos it keeps (not their order): a snapshot cache's key."""
         return (self.taken_from, self.taken_to, self.near, self.within_m, self.camera)
@@ -266,6 +271,24 @@ class SearchFilter:
             return False
         return self.camera is None or self.camera in camera_text(facts.camera)
 
+    def as_request(self) -> dict:
+        """The request fields (POST /v1/search) that parse_filter makes this filter of again."""
+        from datetime import timedelta
+
+        out: dict = {}
+        if self.taken_from is not None:
+            out["after"] = (_EPOCH + timedelta(seconds=self.taken_from)).date().isoformat()
+        if self.taken_to is not None:  # the day before the first instant after the range
+            out["before"] = (_EPOCH + timedelta(seconds=self.taken_to - 1)).date().isoformat()
+        if self.near is not None:
+            out["near"] = list(self.near)
+            out["within"] = _plain(self.within_m) + "m"
+        if self.camera is not None:
+            out["camera"] = self.camera
+        if self.sort != "score":
+            out["sort"] = self.sort
+        return out
+
     # --- the order of the results -------------------------------------------------------------------
 
     def order(self, hits: list, taken_local: list) -> list:
@@ -316,7 +339,7 @@ def parse_filter(after: str | None = None, before: str | None = None, near=None,
 
 def _plain(x: float) -> str:
     """A number as parse_near reads it (no exponent)."""
-    text = repr(float(x))
+    text = repr(x) if isinstance(x, int) else repr(float(x))
     return f"{x:.12f}" if "e" in text else text
 
 

@@ -30,11 +30,13 @@ JPEG_QUALITY = 82
 
 @dataclass(frozen=True)
 class Hit:
-    """One result: its rank (1 is the best), absolute path and cosine score."""
+    """One result: its rank (1 is the best), absolute path and cosine score, and when known the
+    date it was taken (ISO 8601, shown as its local date and time)."""
 
     rank: int
     path: str
     score: float
+    taken: str | None = None
 
 
 def thumbnail(path: str, px: int = THUMB_PX) -> str:
@@ -139,6 +141,7 @@ def _card(hit: Hit, uri: str | None, error: str | None, best: float) -> str:
             f'<a class="thumb" href="{href}" title="{e(shown)}">{thumb}</a>'
             f'<figcaption><div class="top"><span class="rank">#{hit.rank}</span>'
             f'<span class="score">{score}</span></div>'
+            + (f'<div class="taken">{e(hit.taken[:16].replace("T", " "))}</div>' if hit.taken else "") +
             f'<div class="bar"><span style="width:{width:.0f}%"></span></div>'
             f'<a class="file" href="{href}" title="{e(shown)}"><span class="name">{e(name)}</span>'
             f'<span class="dir">{e(folder)}</span></a></figcaption></figure>')
@@ -201,6 +204,7 @@ figcaption { padding: 10px 12px 12px; }
 .top { display: flex; justify-content: space-between; font-variant-numeric: tabular-nums; }
 .rank { font-weight: 600; }
 .score { color: var(--muted); font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
+.taken { color: var(--muted); font-size: 12px; font-variant-numeric: tabular-nums; }
 .bar { height: 3px; margin: 7px 0 8px; background: var(--line); border-radius: 2px; }
 .bar span { display: block; height: 100%; background: var(--accent); border-radius: 2px; }
 a { color: inherit; text-decoration: none; }

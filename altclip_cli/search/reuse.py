@@ -57,21 +57,49 @@ def indexed_rows(store: IndexStore, sources) -> dict[int, int]:
     """{position in sources: vector row} for the local files (Sources with a path) that the index
     holds, under any of their names (paths.index_names), with a vector and the same size and
     mtime_ns as now."""
+    return {i: record[2] for i, (_name, record) in indexed_files(store, sources).items()}
+
+
+def indexed_files(store: IndexStore, sources) -> dict[int, tuple[str, tuple]]:
+    """{position in sources: (the name the index holds it under, store.lookup's record)} for the
+    files of indexed_rows."""
     local = [(i, s.path, index_names(s.path, getattr(s, "root", None))) for i, s in enumerate(sources)
              if getattr(s, "path", None) and not getattr(s, "error", None)]
     found = store.lookup([name for *_x, names in local for name in names])
     hits = {}
     for i, path, names in local:
-        record = next((found[n] for n in names if n in found and found[n][2] is not None), None)
-        if record is None:
+        name = next((n for n in names if n in found and found[n][2] is not None), None)
+        if name is None:
             continue
         try:
             st = os.stat(path)
         except OSError:
             continue
-        if (st.st_size, st.st_mtime_ns) == (record[0], record[1]):
-            hits[i] = record[2]
+        if (st.st_size, st.st_mtime_ns) == found[name][:2]:
+            hits[i] = (name, found[name])
     return hits
+
+
+def filtered_positions(store: IndexStore, sources, where) -> tuple[list[int], dict]:
+    """(the positions in sources that `where` (a filters.SearchFilter) keeps, counts) by what the
+    index holds of each file as it is now (indexed_files), in the same SQL as a search's
+    snapshot. counts: {"total": sources, "kept", "not_indexed": sources it does not hold as they
+    are now (URLs, new or changed files), "missing": {fact: held files without it}, "unread":
+    held files whose facts it has not read}; all but the kept are left out."""
+    held = indexed_files(store, sources)
+    with store.snapshot(where=where) as snap:
+        ids = snap.ids_of([store.key_of(name) for name, _record in held.values()])
+        kept_ids = set(snap.file_ids.tolist())
+        file_of = {i: ids[store.key_of(name)] for i, (name, _record) in held.items()}
+        kept = [i for i in sorted(held) if file_of[i] in kept_ids]
+        left = [i for i in sorted(held) if file_of[i] not in kept_ids]
+        facts = snap.facts_of([file_of[i] for i in left])
+    missing = {name: 0 for name in where.needs}
+    for f in facts:
+        for name in where.lacks(f):
+            missing[name] += 1
+    return kept, {"total": len(sources), "kept": len(kept), "not_indexed": len(sources) - len(held),
+                  "missing": missing, "unread": sum(f is None for f in facts)}
 
 
 def merged_results(sources, hits: dict[int, int], store: IndexStore, results):

@@ -6,17 +6,20 @@ halves), which `altclip search` and altclip_cli.search.search() run.
     identity = index_identity(model)                       # update.py
     folder = index_folder("auto", model.weights_id)
     summary = update_below(model, identity, folder, root, writer="altclip search")
-    hits, searched = rank_below(identity, folder, root, vector, top=10)
+    ranked = rank_below(identity, folder, root, vector, top=10, where=parse_filter(after="2023"))
 
-`root` is an absolute, real path; hits are (rank, absolute path, score) tuples, best first.
+`root` is an absolute, real path; ranked.hits are (rank, absolute path, score, facts) tuples,
+best first (or by date: filters.SearchFilter.sort), facts the photo's known "taken", "gps" and
+"camera" (search.facts.PhotoFacts.record).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..paths import default_index_folder, index_path, indexes_dir, real_root
+from .filters import SearchFilter
 from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
 from .update import DEFAULT_INPUT_TIMEOUT, storable, update_index
@@ -81,10 +84,24 @@ def index_paths(indexer, identity: dict, folder: Path, roots: list, *, rebuild: 
     return None
 
 
+@dataclass
+class Ranked:
+    """What rank_below found: hits (rank, absolute path, score, facts), in the order asked for;
+    searched: the images ranked (those the filter kept); and with a filter, as the snapshot
+    (Snapshot) counted them: total, the images below the folder; missing, {fact: those left out
+    for lack of it}; unread, those whose facts the index has not read yet."""
+
+    hits: list
+    searched: int
+    total: int = 0
+    missing: dict = field(default_factory=dict)
+    unread: int = 0
+
+
 def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_score: float | None = None, *,
-               cache: SnapshotCache | None = None) -> tuple[list[tuple[int, str, float]], int]:
-    """([(rank, absolute path, score)], images searched): the `top` indexed images at or below
-    `root` by cosine with `vector` ((D,) unit float32), those under `min_score` left out.
+               cache: SnapshotCache | None = None, where: SearchFilter | None = None) -> Ranked:
+    """The `top` indexed images at or below `root` by cosine with `vector` ((D,) unit float32),
+    those under `min_score` left out, of those that `where` keeps (None: all), in its order.
     IndexStoreError when there is no index in `folder`. cache: a long-lived reader's
     store.SnapshotCache for this index."""
     from .rank import ExactRanker
@@ -93,35 +110,45 @@ def rank_below(identity: dict, folder: Path, root: str, vector, top: int, min_sc
         raise IndexStoreError(f"there is no index in {folder}",
                               hint="leave out --no-index to build it now, or run `altclip index DIR` first")
     if not storable(root):  # the index holds UTF-8 paths only: none below this folder
-        return [], 0
-    with IndexStore.open(folder, identity=identity) as store, store.snapshot(under=root, cache=cache) as snap:
+        return Ranked([], 0)
+    with IndexStore.open(folder, identity=identity) as store, \
+            store.snapshot(under=root, cache=cache, where=where) as snap:
+        counts = {"total": snap.total, "missing": snap.missing, "unread": snap.unread}
         if snap.count == 0:
-            return [], 0
+            return Ranked([], 0, **counts)
         hits = ExactRanker(snap.vectors).top_k(vector, top, rows=snap.rows)
         positions, scores = hits.positions[0], hits.scores[0]
         if min_score is not None:
             keep = scores >= min_score
             positions, scores = positions[keep], scores[keep]
-        paths = snap.paths_of(snap.file_ids[positions])
-        return [(i + 1, p, float(s)) for i, (p, s) in enumerate(zip(paths, scores))], snap.count
+        ids = snap.file_ids[positions]
+        paths, facts = snap.paths_of(ids), snap.facts_of(ids)
+        found = [(i + 1, p, float(s), f.record() if f is not None else {})
+                 for i, (p, s, f) in enumerate(zip(paths, scores, facts))]
+        if where is not None:
+            found = where.order(found, [f.taken_local if f is not None else None for f in facts])
+        return Ranked(found, snap.count, **counts)
 
 
 @dataclass
 class Found:
-    """What search_below found: hits (rank, absolute path, score), best first; the number of
-    images searched; the query's image parts opened ({part index: PIL image}); and the index
-    update's summary (None without an update)."""
+    """What search_below found: hits (rank, absolute path, score, facts), best first (or as the
+    filter orders them); the number of images searched; the query's image parts opened ({part
+    index: PIL image}); the index update's summary (None without an update); and the ranking's
+    counts (Ranked)."""
 
     hits: list
     searched: int
     images: dict
     summary: UpdateSummary | None
+    ranked: Ranked | None = None
 
 
 def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10, min_score: float | None = None,
                  update: bool = True, indexer=None, query_sources: dict | None = None, open_kw: dict | None = None,
                  batch_size: int | None = None, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, wait: float = 0.0,
-                 summary: UpdateSummary | None = None, writer: str = "altclip search", **update_kw) -> Found:
+                 summary: UpdateSummary | None = None, writer: str = "altclip search", where: SearchFilter | None = None,
+                 **update_kw) -> Found:
     """A search in this process, the steps of `altclip search` and of altclip_cli.search.search():
     open the query's image parts (one that cannot be read fails before any indexing), encode the
     query (query.QueryParts) with `model`, bring the index up to date with the images below
@@ -129,8 +156,8 @@ def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10,
     index: "auto" or a folder. indexer: what embeds new images (default: model; a callable is
     called only when some image needs it). query_sources: what the model takes for the image
     parts instead of the opened images (a server's model reads them itself). input_timeout:
-    seconds one image may take to read and decode. update_kw: update.update_index's (the walk's
-    include_hidden and exclude_dirs, msgs, ...).
+    seconds one image may take to read and decode. where: a filters.SearchFilter (None: every
+    image). update_kw: update.update_index's (the walk's include_hidden and exclude_dirs, msgs, ...).
     Raises query.QueryError, IndexStoreError, InputError."""
     from .query import open_images, query_vector
     from .update import index_identity
@@ -143,5 +170,5 @@ def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10,
         summary = update_below(indexer or model, identity, folder, root, wait=wait, writer=writer,
                                summary=summary, open_kw=open_kw, batch_size=batch_size, input_timeout=input_timeout,
                                **update_kw)
-    hits, searched = rank_below(identity, folder, root, vector, top, min_score)
-    return Found(hits, searched, images, summary if update else None)
+    ranked = rank_below(identity, folder, root, vector, top, min_score, where=where)
+    return Found(ranked.hits, ranked.searched, images, summary if update else None, ranked)

@@ -81,6 +81,15 @@ class Snapshot:
                 found[int(i)] = PhotoFacts(*values) if read else None
         return [found.get(i) for i in ids]
 
+    def ids_of(self, keys) -> dict[str, int]:
+        """{stored path: file id} for those of `keys` (stored paths, store.key_of) the index holds."""
+        unique, found = list(dict.fromkeys(keys)), {}
+        for start in range(0, len(unique), SQL_CHUNK):
+            chunk = unique[start:start + SQL_CHUNK]
+            cur = self._db.execute(f"SELECT path, id FROM files WHERE path IN ({','.join('?' * len(chunk))})", chunk)
+            found.update((p, int(i)) for p, i in cur)
+        return found
+
     def close(self) -> None:
         if self._db is not None:
             if self._cache is not None:

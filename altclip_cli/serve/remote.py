@@ -183,11 +183,13 @@ class RemoteModel(Embedder):
 
     def search(self, parts, root: str, *, index: str, top: int, min_score: float | None, update: bool,
                wait: float = 0.0, include_hidden: bool = False, exclude_dirs=None,
-               progress: Callable[[int, int], None] | None = None) -> dict:
+               progress: Callable[[int, int], None] | None = None, where=None) -> dict:
         """POST /v1/search: the server brings the index (`index`: "auto" or an absolute folder)
         up to date below `root` (an absolute folder) unless not `update`, encodes the query
         (search.query.QueryParts; image parts as any image item) and ranks. Returns its answer:
-        {"results": [{"rank", "path", "score"}], "searched", "update", "messages"}. The server's
+        {"results": [{"rank", "path", "score", ...}], "searched", "update", "messages"}; where: a
+        search.filters.SearchFilter, sent as the request's filter fields (the answer then also
+        holds "total", "missing" and "unread"). The server's
         refusal keeps its message and hint (a QueryError for a usage error, so exit status 2).
         progress(done, total): called while the server embeds new images below root (its
         /v1/health, asked every PROGRESS_POLL_S while the request runs)."""
@@ -207,7 +209,8 @@ class RemoteModel(Embedder):
                 query.append({"text": p.value, "weight": p.weight})
         payload = {"query": query, "dir": root, "index": index, "top_k": top, "min_score": min_score,
                    "update": update, "wait": wait, "include_hidden": include_hidden,
-                   "exclude_dirs": list(exclude_dirs) if exclude_dirs is not None else None}
+                   "exclude_dirs": list(exclude_dirs) if exclude_dirs is not None else None,
+                   **(where.as_request() if where is not None else {})}
         try:
             return self._indexing_request("/v1/search", payload, ("dir", root), progress if update else None)
         except RequestFailed as exc:

@@ -206,6 +206,14 @@ class SearchRequest(_Indexing):
     top_k: Count = Field(10, description="The number of results.")
     min_score: float | None = Field(None, description="Only results whose cosine is at least this.")
     update: bool = Field(True, description="Index new and changed images below dir first.")
+    after: str | None = Field(None, description="Only photos taken on or after this date: YYYY, YYYY-MM or YYYY-MM-DD.")
+    before: str | None = Field(None, description="Only photos taken on or before this date (its period included).")
+    near: str | list[float] | None = Field(
+        None, description='Only photos taken near this place: "LAT,LON" or [LAT, LON] in decimal degrees.')
+    within: str | None = Field(None, description='With near: how far, e.g. "5km" or "500m" [default: 1km].')
+    camera: str | None = Field(None, description="Only photos whose camera make and model contain this (any case).")
+    sort: str | None = Field(None, description='"score" (best first, the default) or "date" (the results kept by '
+                                               'top_k and min_score, oldest first; those without a date last).')
 
     @field_validator("query")
     @classmethod

@@ -43,6 +43,8 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import AltclipError, InputError
 from ..inputs.names import display
 from ..quiet import NoProgress
+from ..outputs.records import search_record
+from ..search.filters import FilterError, parse_filter
 from ..search.fresh import TRUST_CLEAN_S, FreshTrees, update_watched
 from ..search.query import QueryError, combine
 from ..search.run import index_folder, index_paths, rank_below
@@ -260,6 +262,7 @@ def _stopping(state) -> bool:
 async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
     """The answer to one SearchRequest (see the module doc); ApiError for what cannot be done."""
     model = state.model
+    where = _filter(req)
     root = _folder(req.dir)
     identity = index_identity(model)
     folder = _index(req, model)
@@ -297,12 +300,14 @@ async def run_search(state, req: SearchRequest, locks: IndexLocks) -> dict:
         for outcome in (query, *others):
             if isinstance(outcome, BaseException):
                 raise outcome
-        hits, searched = await run_in_threadpool(rank_below, identity, folder, root, query, req.top_k, req.min_score,
-                                                 cache=kept.snapshots)
+        ranked = await run_in_threadpool(rank_below, identity, folder, root, query, req.top_k, req.min_score,
+                                         cache=kept.snapshots, where=where)
     if walked and walked != [root]:
-        summary.files = searched  # a part was walked: the line names the images below root
-    return {"model": model.model_id, "dir": display(root), "index": display(str(folder)), "searched": searched,
-            "results": [{"rank": r, "path": p, "score": round(s, 4)} for r, p, s in hits],
+        summary.files = ranked.total if where.active else ranked.searched  # a part was walked: the line
+        # names the images below root
+    counts = {"total": ranked.total, "missing": ranked.missing, "unread": ranked.unread} if where.active else {}
+    return {"model": model.model_id, "dir": display(root), "index": display(str(folder)), "searched": ranked.searched,
+            **counts, "results": [search_record(*hit) for hit in ranked.hits],
             "update": dataclasses.asdict(summary) if req.update else None, "walked": walked,
             "messages": messages.lines}
 
@@ -332,6 +337,15 @@ async def run_index(state, req: IndexRequest, locks: IndexLocks) -> dict:
         compacted = await _in_turn(state, kept, req.wait, update)
     return {"model": model.model_id, "index": str(folder), "update": dataclasses.asdict(summary),
             "compacted": list(compacted) if compacted else None, "messages": messages.lines}
+
+
+def _filter(req: SearchRequest):
+    """The request's search.filters.SearchFilter; 400 naming the field for a bad one."""
+    try:
+        return parse_filter(after=req.after, before=req.before, near=req.near, within=req.within, camera=req.camera,
+                            sort=req.sort)
+    except FilterError as exc:
+        raise bad_request(exc.message_for(""), exc.field, code="bad_filter") from None
 
 
 def _index(req, model):

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from ..options import (UsageError, common_options, image_input_options, messages, model_options,
-                       reuse_index_option, server_options, stdin_for, walk_kwargs, walk_options)
+from ..options import (UsageError, common_options, filter_options, image_input_options, messages, model_options,
+                       reuse_index_option, search_filter, server_options, stdin_for, walk_kwargs, walk_options)
 from ..formats import FORMATS
 from ..zeroshot import label_groups, label_options, scored_records
 
@@ -29,12 +29,14 @@ from ..zeroshot import label_groups, label_options, scored_records
               help="With --sort-into: move the images (an interrupted move loses none; run it again to finish).")
 @click.option("--dry-run", is_flag=True, help="With --sort-into: print the plan on stderr and change nothing.")
 @reuse_index_option
+@filter_options
 @image_input_options
 @walk_options
 @model_options
 @server_options
 @common_options
-def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_into, sort_mode, dry_run, index_dir, recursive, max_pixels, url_timeout,
+def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_into, sort_mode, dry_run, index_dir,
+             after, before, near, within, camera, recursive, max_pixels, url_timeout,
              url_max_mb, input_timeout, exact_decode, include_hidden, exclude_dirs, model, device, precision, revision, batch_size, server,
              token_file, quiet):
     """Score IMAGES against labels: which label fits each image best.
@@ -52,6 +54,11 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
       altclip classify cat.jpg -l cat -l dog --server off     # never through `altclip serve`
       altclip classify photos/ -l "cat|猫|gato" -l "dog|犬|perro" --min-prob 0.6
       altclip classify photos/ -l cat -l dog --min-prob 0.6 --sort-into sorted/ --move
+      altclip classify photos/ -r -l beach -l city --index auto --after 2023-06 --before 2023-08
+
+    With --index, --after, --before, --near/--within and --camera classify only the images whose
+    date, place or camera the index holds and that fit (as `altclip search` filters them); the
+    others are counted on stderr.
 
     \b
     json is one array, jsonl one object per line, in input order:
@@ -67,6 +74,12 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
     groups = label_groups(labels, labels_file, templates, images, msgs)
     labels = [g[0] for g in groups]  # each group is shown and reported under its first alternative
     _check_min_prob(min_prob)
+    where = search_filter(after, before, near, within, camera)
+    if where.active and index_dir is None:
+        given = next(f"--{name} {value}" for name, value in (("after", after), ("before", before), ("near", near),
+                                                              ("camera", camera)) if value is not None)
+        raise UsageError(f"{given} filters by what the index holds of each image: it needs --index",
+                         hint="add --index auto (the model's own index) or --index DIR")
     sorter = _sorter(sort_into, sort_mode, dry_run, msgs)
     if fmt is None:
         fmt = "table" if isatty(sys.stdout) else "jsonl"
@@ -85,10 +98,13 @@ def classify(images, labels, labels_file, templates, top_k, min_prob, fmt, sort_
             sources, groups, templates, top_k, msgs, index_dir=index_dir, batch_size=batch_size,
             input_timeout=input_timeout, server=server, token_file=token_file, model=model, device=device,
             precision=precision, exact_decode=exact_decode, revision=revision, max_pixels=max_pixels,
-            url_timeout=url_timeout, url_max_mb=url_max_mb)
+            url_timeout=url_timeout, url_max_mb=url_max_mb, where=where)
         with (pil_pixel_limit(max_pixels),
               msgs.progress("classifying", total=len(sources), data_to_stdout=True) as bar):
             for source, record in zip(sources, records):
+                if record is None:  # left out by the filters
+                    bar.advance()
+                    continue
                 record = with_top(record, min_prob)
                 if "error" in record:
                     failed += 1

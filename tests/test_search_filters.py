@@ -1,0 +1,306 @@
+"""Search's metadata filters (--after, --before, --near/--within, --camera, --sort date) against a
+brute-force Python reference over the same photos: in the index's SQL (a snapshot), on one photo's
+facts (SearchFilter.accepts), in the ranking (-k and --min-score first, then the date order),
+through `altclip search`, `altclip classify --index` and POST /v1/search; bad values named."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sqlite3
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+
+from altclip_cli.search.filters import FilterError, SearchFilter, local_seconds, parse_filter
+from altclip_cli.search.store import IndexStore
+
+DIM = 16
+IDENTITY = {"model": "test", "weights": "test-weights", "dim": DIM}
+CAMERAS = ["Canon EOS R5", "Canon EOS 5D Mark IV", "NIKON CORPORATION NIKON D750", "Apple iPhone 12",
+           "Apple iPhone 12 Pro", "SONY ILCE-7M3", "FUJIFILM X-T3"]
+PLACES = [(48.8566, 2.3522), (43.2965, 5.3698), (-33.8688, 151.2093), (64.1466, -21.9426), (0.0, 179.99),
+          (0.0, -179.99), (89.99, 10.0), (-89.995, -120.0)]
+
+
+# --- photos and their facts ------------------------------------------------------------------------
+
+def random_photos(n: int, seed: int = 17) -> list[dict]:
+    """Photos as the reference sees them: {"key", "read", "taken" (ISO text), "local" (naive
+    datetime), "gps", "camera"}; about a tenth without a date, a third without a place, a fifth
+    without a camera, a twentieth never read (an index made before facts)."""
+    rng = random.Random(seed)
+    photos = []
+    for i in range(n):
+        read = rng.random() > 0.05
+        local = datetime(2021, 11, 1) + timedelta(seconds=rng.randrange(0, 900 * 86400))
+        if rng.random() < 0.03:  # on the edges of the periods the tests name
+            local = rng.choice([datetime(2023, 7, 1), datetime(2023, 7, 31, 23, 59, 59), datetime(2023, 8, 1),
+                                datetime(2023, 6, 30, 23, 59, 59), datetime(2024, 2, 29, 12)])
+        has_date = read and rng.random() > 0.1
+        offset = rng.choice(["", "+02:00", "-11:00", "+14:00", "Z"])
+        place = None
+        if read and rng.random() > 0.33:
+            lat0, lon0 = rng.choice(PLACES)
+            lat = max(-90.0, min(90.0, lat0 + rng.gauss(0, 0.05)))
+            lon = lon0 + rng.gauss(0, 0.05)
+            lon = (lon + 180) % 360 - 180
+            place = (lat, lon)
+        camera = rng.choice(CAMERAS) if read and rng.random() > 0.2 else None
+        photos.append({"key": f"/photos/{i // 100:03d}/p{i:05d}.jpg", "read": read,
+                       "taken": local.isoformat() + offset if has_date else None,
+                       "local": local if has_date else None, "gps": place, "camera": camera})
+    return photos
+
+
+def facts_of(photo: dict):
+    """The index's PhotoFacts of a reference photo (None: never read)."""
+    from altclip_cli.search.facts import PhotoFacts
+
+    if not photo["read"]:
+        return None
+    lat, lon = photo["gps"] or (None, None)
+    taken_local = local_seconds(photo["local"]) if photo["local"] is not None else None
+    return PhotoFacts(taken=photo["taken"], taken_local=taken_local, taken_source="exif-original" if taken_local else None,
+                      lat=lat, lon=lon, camera=photo["camera"], width=100, height=80, phash=None, phash_low=False)
+
+
+FACT_SQL_COLUMNS = {"facts": "INT", "taken": "TEXT", "taken_local": "INT", "taken_source": "TEXT", "lat": "REAL",
+                    "lon": "REAL", "camera": "TEXT", "width": "INT", "height": "INT", "phash": "INT",
+                    "phash_low": "INT"}
+
+
+def put_facts(folder, facts_by_key: dict) -> None:
+    """Write photo facts into an index's files rows (stored path -> PhotoFacts or None: not read)."""
+    db = sqlite3.connect(folder / "index.sqlite3", isolation_level=None)
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+        for column, kind in FACT_SQL_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
+        db.execute("BEGIN IMMEDIATE")
+        for key, f in facts_by_key.items():
+            if f is None:
+                db.execute("UPDATE files SET facts = NULL WHERE path = ?", (key,))
+                continue
+            db.execute("UPDATE files SET facts = 1, taken = ?, taken_local = ?, taken_source = ?, lat = ?, lon = ?, "
+                       "camera = ?, width = ?, height = ?, phash = NULL, phash_low = 0 WHERE path = ?",
+                       (f.taken, f.taken_local, f.taken_source, f.lat, f.lon, f.camera, f.width, f.height, key))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def build_index(folder, photos, seed: int = 3) -> np.ndarray:
+    """An index of the photos (a random unit vector each, two photos sharing one now and then, as
+    copies do) with their facts; returns the vectors by photo."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((len(photos), DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with IndexStore.open(folder, identity=IDENTITY, write=True, create=True) as store:
+        first = store.append_vectors(vectors)
+        rows = [first + i if i % 50 != 49 else first + i - 1 for i in range(len(photos))]  # every 50th: a copy
+        store.commit(upserts=[(p["key"], 1000, 1, None, row, None) for p, row in zip(photos, rows)])
+    put_facts(folder, {p["key"]: facts_of(p) for p in photos})
+    return vectors[[r - first for r in rows]]
+
+
+# --- the reference ---------------------------------------------------------------------------------
+
+def _chord_km(a, b) -> float:
+    """An independent distance: the angle between the points' unit vectors, from their chord."""
+    def unit(p):
+        lat, lon = map(math.radians, p)
+        return (math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon), math.sin(lat))
+    return 2 * math.asin(min(1.0, math.dist(unit(a), unit(b)) / 2)) * 6371.0
+
+
+def reference_keeps(photo: dict, after=None, before=None, near=None, within_km=None, camera=None) -> bool:
+    """The filters' meaning, by hand: dates as prefixes of the ISO text, distances along a chord,
+    the camera as a substring of its lower-case text with runs of spaces made one."""
+    if (after or before) and photo["taken"] is None:
+        return False
+    if after and photo["taken"][:len(after)] < after:
+        return False
+    if before and photo["taken"][:len(before)] > before:
+        return False
+    if near:
+        if photo["gps"] is None or _chord_km(near, photo["gps"]) > within_km:
+            return False
+    if camera:
+        if photo["camera"] is None or " ".join(camera.split()).lower() not in " ".join(photo["camera"].split()).lower():
+            return False
+    return True
+
+
+def reference_missing(photos, **filters) -> dict:
+    out = {}
+    if filters.get("after") or filters.get("before"):
+        out["date"] = sum(p["taken"] is None for p in photos)
+    if filters.get("near"):
+        out["place"] = sum(p["gps"] is None for p in photos)
+    if filters.get("camera"):
+        out["camera"] = sum(p["camera"] is None for p in photos)
+    return out
+
+
+CASES = [
+    dict(after="2023"),
+    dict(before="2022-12"),
+    dict(after="2023-07", before="2023-07"),
+    dict(after="2023-07-01", before="2023-07-31"),
+    dict(after="2024-02-29", before="2024-02-29"),
+    dict(after="2022-06-15", before="2023-01"),
+    dict(near=(48.8566, 2.3522), within_km=5),
+    dict(near=(43.3, 5.37), within_km=0.5),
+    dict(near=(0.0, 180.0), within_km=8),  # across the antimeridian
+    dict(near=(90.0, 0.0), within_km=20),  # the pole: every longitude
+    dict(near=(-89.99, 60.0), within_km=5),
+    dict(near=(48.0, 2.0), within_km=20_000),  # the whole earth
+    dict(camera="canon"),
+    dict(camera="  iPhone   12 "),
+    dict(camera="iphone 12 pro"),
+    dict(camera="nikon d7"),
+    dict(camera="leica"),
+    dict(after="2023", camera="EOS", near=(48.8566, 2.3522), within_km=10),
+    dict(before="2023-06", near=(-33.87, 151.21), within_km=12),
+]
+
+
+def make_filter(after=None, before=None, near=None, within_km=None, camera=None, sort=None) -> SearchFilter:
+    return parse_filter(after=after, before=before, near=f"{near[0]},{near[1]}" if near else None,
+                        within=f"{within_km}km" if within_km is not None else None, camera=camera, sort=sort)
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("filters") / "index"
+    photos = random_photos(3000)
+    vectors = build_index(folder, photos)
+    return folder, photos, vectors
+
+
+@pytest.mark.parametrize("case", CASES, ids=[" ".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
+def test_a_snapshot_keeps_what_the_reference_keeps(indexed, case):
+    folder, photos, _ = indexed
+    where = make_filter(**case)
+    want = {p["key"] for p in photos if reference_keeps(p, **case)}
+    with IndexStore.open(folder) as store, store.snapshot(where=where) as snap:
+        got = set(snap.paths_of(snap.file_ids))
+        assert got == want
+        assert snap.count == len(want) and snap.total == len(photos)
+        assert snap.missing == reference_missing(photos, **case)
+        assert snap.unread == sum(not p["read"] for p in photos)
+        assert all(where.accepts(f) == (p["key"] in want) for p, f in zip(photos, snap.facts_of(
+            [snap.ids_of([p["key"]])[p["key"]] for p in photos])))
+
+
+def test_a_folder_and_a_filter_together(indexed):
+    folder, photos, _ = indexed
+    case = dict(after="2023", camera="apple")
+    below = [p for p in photos if p["key"].startswith("/photos/007/")]
+    with IndexStore.open(folder) as store, store.snapshot("/photos/007", where=make_filter(**case)) as snap:
+        assert set(snap.paths_of(snap.file_ids)) == {p["key"] for p in below if reference_keeps(p, **case)}
+        assert snap.total == len(below) and snap.missing == reference_missing(below, **case)
+
+
+def test_a_sort_alone_filters_nothing(indexed):
+    folder, photos, _ = indexed
+    with IndexStore.open(folder) as store, store.snapshot(where=parse_filter(sort="date")) as snap:
+        assert snap.count == snap.total == len(photos) and snap.missing == {}
+
+
+def test_the_snapshot_cache_keys_each_filter_apart(indexed):
+    """A long-lived reader's cache keeps each folder and filter's rows apart; another process's
+    commit makes them read again."""
+    from altclip_cli.search.store import SnapshotCache
+
+    folder, photos, _ = indexed
+    cache = SnapshotCache()
+    try:
+        with IndexStore.open(folder) as store:
+            def kept(**case):
+                with store.snapshot(cache=cache, where=make_filter(**case) if case else None) as snap:
+                    return set(snap.paths_of(snap.file_ids)), snap.missing
+            for _ in range(2):  # the second time from the cache
+                assert kept(camera="canon")[0] == {p["key"] for p in photos if reference_keeps(p, camera="canon")}
+                assert kept(camera="sony")[0] == {p["key"] for p in photos if reference_keeps(p, camera="sony")}
+                assert kept(camera="sony", sort="date")[0] == kept(camera="sony")[0]
+                assert len(kept()[0]) == len(photos)
+            moved = next(p for p in photos if p["camera"] and "Canon" in p["camera"])
+            put_facts(folder, {moved["key"]: facts_of({**moved, "camera": "SONY ILCE-7M3"})})
+            assert moved["key"] in kept(camera="sony")[0] and moved["key"] not in kept(camera="canon")[0]
+    finally:
+        put_facts(folder, {moved["key"]: facts_of(moved)})
+        cache.close()
+
+
+# --- ranking: the filter first, -k and --min-score, then the date order ------------------------------
+
+def _brute_ranking(photos, vectors, query, k, min_score, **case):
+    scores = vectors @ query
+    kept = [i for i, p in enumerate(photos) if reference_keeps(p, **case)]
+    kept.sort(key=lambda i: (-scores[i], i))
+    best = [i for i in kept[:k] if min_score is None or scores[i] >= min_score]
+    return best, scores
+
+
+@pytest.mark.parametrize("case", [dict(after="2023", camera="canon"), dict(near=(48.8566, 2.3522), within_km=6),
+                                  dict(before="2022-06"), {}])
+@pytest.mark.parametrize("sort", ["score", "date"])
+def test_ranking_keeps_the_best_of_the_kept_then_orders_them(indexed, case, sort):
+    from altclip_cli.search.run import rank_below
+
+    folder, photos, vectors = indexed
+    query = np.random.default_rng(5).standard_normal(DIM).astype(np.float32)
+    query /= np.linalg.norm(query)
+    for k, min_score in ((15, None), (1000, 0.3)):
+        best, scores = _brute_ranking(photos, vectors, query, k, min_score, **case)
+        ranked = rank_below(IDENTITY, folder, "/photos", query, k, min_score, where=make_filter(**case, sort=sort))
+        want = best
+        if sort == "date":  # oldest first, no date last; equal dates in score order
+            want = sorted(best, key=lambda i: (photos[i]["local"] is None, photos[i]["local"] or datetime.min,
+                                               best.index(i)))
+        assert [h[1] for h in ranked.hits] == [photos[i]["key"] for i in want]
+        assert [h[0] for h in ranked.hits] == [best.index(i) + 1 for i in want]  # the rank is the score's
+        assert [h[2] for h in ranked.hits] == pytest.approx([float(scores[i]) for i in want], abs=1e-5)
+        for (_rank, _path, _score, facts), i in zip(ranked.hits, want):
+            p = photos[i]
+            assert facts.get("taken") == p["taken"] and facts.get("camera") == p["camera"]
+            assert facts.get("gps") == (list(p["gps"]) if p["gps"] else None)
+        if sort == "date":
+            dated = [photos[i]["local"] for i in want if photos[i]["local"] is not None]
+            assert dated == sorted(dated)
+
+
+# --- the parser: one for the command line and requests ----------------------------------------------
+
+@pytest.mark.parametrize("fields,field,words", [
+    (dict(after="2023-13"), "after", "'2023-13' is not a date of the calendar"),
+    (dict(before="23"), "before", "'23' is not a date"),
+    (dict(near="91,0"), "near", "latitude 91 is outside -90..90"),
+    (dict(near="48.85"), "near", "LAT,LON"),
+    (dict(near=[91, 0]), "near", "latitude 91 is outside"),
+    (dict(near=[1, 2, 3]), "near", "[LAT, LON]"),
+    (dict(near="1,2", within="5"), "within", "'5' is not a distance"),
+    (dict(near="1,2", within="-1km"), "within", "'-1km'"),
+    (dict(within="5km"), "within", "within 5km needs near"),
+    (dict(after="2024", before="2023-12"), "after", "after 2024 is after before 2023-12"),
+    (dict(camera="   "), "camera", "names no camera"),
+    (dict(sort="newest"), "sort", "'newest' is not an order"),
+])
+def test_bad_filters_name_the_field_and_the_value(fields, field, words):
+    with pytest.raises(FilterError) as err:
+        parse_filter(**fields)
+    assert err.value.field == field and words in err.value.message_for("")
+    assert err.value.message_for("--").startswith(f"--{field}")
+
+
+def test_a_filter_goes_to_a_server_and_back_unchanged():
+    for case in CASES:
+        for sort in ("score", "date"):
+            where = make_filter(**case, sort=sort)
+            assert parse_filter(**where.as_request()) == where
+    assert parse_filter(near=[1e-7, -0.5]).near == (1e-7, -0.5)
+    assert parse_filter(near="1,2").within_m == 1000  # the default distance
