@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sqlite3
 from datetime import datetime, timedelta
@@ -304,3 +305,168 @@ def test_a_filter_goes_to_a_server_and_back_unchanged():
             assert parse_filter(**where.as_request()) == where
     assert parse_filter(near=[1e-7, -0.5]).near == (1e-7, -0.5)
     assert parse_filter(near="1,2").within_m == 1000  # the default distance
+
+
+# --- through the command line ----------------------------------------------------------------------
+
+@pytest.fixture
+def photo_index(tmp_path, monkeypatch, model):
+    """cwd = tmp_path: photos/ (16 images), their index in idx/ made by `altclip search`, and facts
+    written into it: (photos as the reference sees them, keyed by real path; the unfiltered ranking
+    of QUERY as {path: -rank})."""
+    from test_cli import invoke, jsonl, write_image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    paths = [str(write_image(tmp_path / "photos" / f"p{i:02d}.png", 40 + i, size=(30 + i, 24 + i)).resolve())
+             for i in range(16)]
+    result = invoke("search", QUERY, "--dir", "photos", "--index", "idx", "-k", "100", "-m", model)
+    assert result.exit_code == 0, result.stderr
+    scores = {r["path"]: -r["rank"] for r in jsonl(result.stdout)}  # the unfiltered order (rounded scores may tie)
+    assert sorted(scores) == sorted(paths)
+    photos = random_photos(16, seed=9)
+    for photo, path in zip(photos, paths):
+        photo["key"] = path
+    photos[0].update(taken=None, local=None)  # one without a date, one without a place, one never read
+    photos[1].update(gps=None)
+    photos[2].update(read=False, taken=None, local=None, gps=None, camera=None)
+    photos[3].update(taken="2023-07-14T10:20:30+02:00", local=datetime(2023, 7, 14, 10, 20, 30), camera="Canon EOS R5",
+                     gps=(48.8566, 2.3522))
+    put_facts(tmp_path / "idx", {p["key"]: facts_of(p) for p in photos})
+    return photos, scores
+
+
+QUERY = "a red car"
+
+
+def _search(model, *args):
+    from test_cli import invoke
+
+    return invoke("search", QUERY, "--dir", "photos", "--index", "idx", "--no-index", "-m", model, *args)
+
+
+def _want(photos, scores, k=100, sort="score", **case):
+    kept = [p for p in photos if reference_keeps(p, **case)]
+    kept.sort(key=lambda p: -scores[p["key"]])
+    kept = kept[:k]
+    if sort == "date":
+        kept.sort(key=lambda p: (p["local"] is None, p["local"] or datetime.min))  # stable: score order kept
+    return kept
+
+
+@pytest.mark.parametrize("args,case", [
+    (["--after", "2023"], dict(after="2023")),
+    (["--after", "2022-03", "--before", "2023-07-14"], dict(after="2022-03", before="2023-07-14")),
+    (["--near", "48.8566,2.3522", "--within", "30 km"], dict(near=(48.8566, 2.3522), within_km=30)),
+    (["--near=-33.87,151.21", "--within", "12000m"], dict(near=(-33.87, 151.21), within_km=12)),
+    (["--camera", "CANON eos"], dict(camera="CANON eos")),
+    (["--camera", "apple", "--after", "2022"], dict(camera="apple", after="2022")),
+])
+def test_search_filters_as_the_reference(photo_index, model, args, case):
+    from test_cli import jsonl
+
+    photos, scores = photo_index
+    result = _search(model, *args, "-k", "100")
+    assert result.exit_code == 0, result.stderr
+    records = jsonl(result.stdout)
+    want = _want(photos, scores, **case)
+    assert [r["path"] for r in records] == [p["key"] for p in want]
+    for r, p in zip(records, want):
+        assert r.get("taken") == p["taken"] and r.get("camera") == p["camera"]
+        assert r.get("gps") == (pytest.approx(list(p["gps"])) if p["gps"] else None)
+    assert f"{len(want)} of 16 indexed images below the folder match" in result.stderr
+    for fact, n in reference_missing(photos, **case).items():
+        words = {"date": "no date", "place": "no place (GPS position)", "camera": "no camera"}[fact]
+        assert f"{n} photo{'s have' if n != 1 else ' has'} {words}: left out by the filter" in result.stderr
+    assert "1 of them was indexed before altclip read dates" in result.stderr  # photos[2]
+
+
+def test_date_sort_orders_what_k_kept(photo_index, model):
+    from test_cli import jsonl
+
+    photos, scores = photo_index
+    for args, k in ((["-k", "5"], 5), (["-k", "100"], 100)):
+        result = _search(model, "--sort", "date", *args)
+        assert result.exit_code == 0, result.stderr
+        records = jsonl(result.stdout)
+        want = _want(photos, scores, k=k, sort="date")
+        assert [r["path"] for r in records] == [p["key"] for p in want]
+        by_score = sorted(scores, key=lambda path: -scores[path])
+        assert [r["rank"] for r in records] == [by_score.index(p["key"]) + 1 for p in want]
+        if k == 100:
+            assert records[-1].get("taken") is None and records[0]["taken"] == min(
+                (p["taken"] for p in photos if p["local"] and p["local"] == min(q["local"] for q in photos if q["local"])))
+    table = _search(model, "--sort", "date", "-k", "3", "-f", "table")
+    assert table.exit_code == 0 and "taken" in table.stdout.splitlines()[0]
+
+
+def test_every_format_takes_the_filtered_results(photo_index, model):
+    photos, scores = photo_index
+    want = [p["key"] for p in _want(photos, scores, camera="canon")]
+    paths = _search(model, "--camera", "canon", "-f", "paths", "-k", "100")
+    assert paths.exit_code == 0 and paths.stdout.splitlines() == want
+    page = _search(model, "--camera", "canon", "--sort", "date", "-o", "page.html")
+    assert page.exit_code == 0, page.stderr
+    html = open("page.html", encoding="utf-8").read()
+    assert html.count('class="card"') == len(want) and f"{len(want)} of 16 images match the filters" in html
+    dated = [p for p in photos if p["key"] in want and p["taken"]]
+    assert all(p["taken"][:16].replace("T", " ") in html for p in dated)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--after", "2023-13"], "--after: '2023-13' is not a date of the calendar"),
+    (["--before", "2023/07"], "--before: '2023/07' is not a date"),
+    (["--near", "91,0"], "--near: '91,0': latitude 91 is outside -90..90"),
+    (["--near", "48.85,2.35", "--within", "5"], "--within: '5' is not a distance"),
+    (["--within", "5km"], "--within 5km needs --near LAT,LON"),
+    (["--after", "2024", "--before", "2023"], "--after 2024 is after --before 2023"),
+    (["--camera", " "], "--camera: ' ' names no camera"),
+    (["--sort", "newest"], "'newest' is not one of 'score', 'date'"),
+])
+def test_bad_filters_are_usage_errors_naming_the_value(photo_index, model, args, words):
+    result = _search(model, *args)
+    assert result.exit_code == 2 and words in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_the_library_search_takes_the_same_filters(photo_index, tiny_loaded):
+    from altclip_cli.search import search as library_search
+
+    photos, scores = photo_index
+    hits = library_search(tiny_loaded[1], QUERY, "photos", index="idx", update=False, top=100, after="2022",
+                          camera="canon", sort="date")
+    want = _want(photos, scores, after="2022", camera="canon", sort="date")
+    assert [h.path for h in hits] == [p["key"] for p in want]
+    assert [(h.taken, h.camera, h.gps) for h in hits] == [(p["taken"], p["camera"], p["gps"]) for p in want]
+    with pytest.raises(FilterError, match="latitude 91"):
+        library_search(tiny_loaded[1], QUERY, "photos", index="idx", near="91,0")
+
+
+def test_classify_index_classifies_only_what_the_filters_keep(photo_index, model):
+    from test_cli import invoke, jsonl
+
+    photos, _ = photo_index
+    (open("new.png", "wb")).write(open(photos[5]["key"], "rb").read() + b"")  # a copy the index has not seen
+    result = invoke("classify", "photos", "new.png", "-l", "cat", "-l", "dog", "--index", "idx", "--camera", "canon",
+                    "--after", "2022", "-m", model)
+    assert result.exit_code == 0, result.stderr
+    want = sorted(p["key"] for p in photos if reference_keeps(p, camera="canon", after="2022"))
+    assert want and sorted(os.path.realpath(r["image"]) for r in jsonl(result.stdout)) == want
+    assert f"{len(want)} of 17 images match the filters" in result.stderr
+    assert "1 image is not in the index as it is now" in result.stderr
+    missing = reference_missing(photos, camera="canon", after="2022")
+    assert f"{missing['camera']} photo{'s have' if missing['camera'] != 1 else ' has'} no camera" in result.stderr
+    plain = invoke("classify", "photos", "-l", "cat", "-l", "dog", "--index", "idx", "-m", model)
+    assert plain.exit_code == 0 and len(jsonl(plain.stdout)) == 16  # no filter: every image
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--after", "2023"], "--after 2023 filters by what the index holds of each image: it needs --index"),
+    (["--index", "idx", "--near", "0,200"], "--near: '0,200': longitude 200 is outside"),
+    (["--index", "idx", "--within", "2km"], "--within 2km needs --near"),
+])
+def test_classify_filter_errors(photo_index, model, args, words):
+    from test_cli import invoke
+
+    result = invoke("classify", "photos", "-l", "cat", *args, "-m", model)
+    assert result.exit_code == 2 and words in result.stderr, result.stderr

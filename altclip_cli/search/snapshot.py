@@ -75,8 +75,11 @@ class Snapshot:
         found = {}
         for start in range(0, len(ids), SQL_CHUNK):
             chunk = ids[start:start + SQL_CHUNK]
-            cur = self._db.execute(f"SELECT id, facts, {', '.join(FACT_COLUMNS)} FROM files "
-                                   f"WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            try:
+                cur = self._db.execute(f"SELECT id, facts, {', '.join(FACT_COLUMNS)} FROM files "
+                                       f"WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            except sqlite3.OperationalError:  # an index without the columns
+                return [None] * len(ids)
             for i, read, *values in cur:
                 found[int(i)] = PhotoFacts(*values) if read else None
         return [found.get(i) for i in ids]
