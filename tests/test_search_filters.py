@@ -470,3 +470,61 @@ def test_classify_filter_errors(photo_index, model, args, words):
 
     result = invoke("classify", "photos", "-l", "cat", *args, "-m", model)
     assert result.exit_code == 2 and words in result.stderr, result.stderr
+
+
+# --- through the server: POST /v1/search, and `altclip search --server` -----------------------------
+
+def test_the_server_filters_as_the_command_does(photo_index, model, tmp_path):
+    """POST /v1/search takes the same fields (bad ones 400 naming the field), answers the same
+    records with their facts and the counts; `altclip search --server SOCKET` passes the options on
+    and prints what an in-process run prints."""
+    pytest.importorskip("fastapi")
+    from test_cli import invoke, jsonl
+    from test_serve import start_server
+
+    from altclip_cli.serve import client
+    from altclip_cli.serve.client import RequestFailed
+
+    photos, scores = photo_index
+    server = start_server(model)
+    try:
+        base = {"query": [{"text": QUERY}], "dir": str(tmp_path / "photos"), "index": str(tmp_path / "idx"),
+                "update": False, "top_k": 100}
+        for fields, case in (({"after": "2022-03", "before": "2023-07-14"}, dict(after="2022-03", before="2023-07-14")),
+                             ({"near": [48.8566, 2.3522], "within": "30km"}, dict(near=(48.8566, 2.3522), within_km=30)),
+                             ({"near": "48.8566,2.3522", "within": "30km", "camera": "canon", "sort": "date"},
+                              dict(near=(48.8566, 2.3522), within_km=30, camera="canon", sort="date"))):
+            answer = client.post_json(server.target, "/v1/search", {**base, **fields})
+            want = _want(photos, scores, **case)
+            assert [r["path"] for r in answer["results"]] == [p["key"] for p in want]
+            assert [r.get("camera") for r in answer["results"]] == [p["camera"] for p in want]
+            assert answer["searched"] == len(want) and answer["total"] == 16 and answer["unread"] == 1
+            assert answer["missing"] == reference_missing(photos, **case)
+        plain = client.post_json(server.target, "/v1/search", base)
+        assert "total" not in plain and len(plain["results"]) == 16
+        assert {r["path"]: r.get("taken") for r in plain["results"]} == {p["key"]: p["taken"] for p in photos}
+
+        for fields, field, words in (({"after": "2023-13"}, "after", "after: '2023-13' is not a date of the calendar"),
+                                     ({"near": "91,0"}, "near", "near: '91,0': latitude 91 is outside"),
+                                     ({"near": [0, 200]}, "near", "longitude 200.0 is outside"),
+                                     ({"near": "1,2", "within": "5"}, "within", "within: '5' is not a distance"),
+                                     ({"within": "5km"}, "within", "within 5km needs near"),
+                                     ({"sort": "newest"}, "sort", "'newest' is not an order"),
+                                     ({"camera": 5}, "camera", "camera")):
+            with pytest.raises(RequestFailed) as err:
+                client.post_json(server.target, "/v1/search", {**base, **fields})
+            assert err.value.status == 400 and words in err.value.message, err.value.message
+            assert err.value.error["param"] == field
+
+        args = ("--dir", "photos", "--index", "idx", "--no-index", "-m", model, "-k", "100", "--after", "2022",
+                "--camera", "apple", "--sort", "date")
+        remote = invoke("search", QUERY, *args, "--server", server.target)
+        here = invoke("search", QUERY, *args, "--server", "off")
+        assert remote.exit_code == here.exit_code == 0, (remote.stderr, here.stderr)
+        assert remote.stderr == here.stderr and "of 16 indexed images below the folder match" in here.stderr
+        want = _want(photos, scores, after="2022", camera="apple", sort="date")
+        for run in (remote, here):
+            assert [r["path"] for r in jsonl(run.stdout)] == [p["key"] for p in want]
+        assert client.health(server.target)["requests"] >= 1
+    finally:
+        assert server.stop() == 0, server.log()
