@@ -68,22 +68,6 @@ class Snapshot:
             found.update((int(i), p) for i, p in cur)
         return [self.store.path_of(found[i]) for i in ids]
 
-    def facts_of(self, file_ids) -> list:
-        from .facts import FACT_COLUMNS, PhotoFacts
-
-        ids = [int(i) for i in file_ids]
-        found = {}
-        for start in range(0, len(ids), SQL_CHUNK):
-            chunk = ids[start:start + SQL_CHUNK]
-            try:
-                cur = self._db.execute(f"SELECT id, facts, {', '.join(FACT_COLUMNS)} FROM files "
-                                       f"WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-            except sqlite3.OperationalError:  # an index without the columns
-                return [None] * len(ids)
-            for i, read, *values in cur:
-                found[int(i)] = PhotoFacts(*values) if read else None
-        return [found.get(i) for i in ids]
-
     def ids_of(self, keys) -> dict[str, int]:
         """{stored path: file id} for those of `keys` (stored paths, store.key_of) the index holds."""
         unique, found = list(dict.fromkeys(keys)), {}
