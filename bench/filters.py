@@ -76,11 +76,6 @@ def build(folder: Path, rows: int, dim: int, seed: int = 0) -> None:
             store.append_vectors(v / np.linalg.norm(v, axis=1, keepdims=True))
         store.commit(upserts=[])  # the vectors committed; the rows come next, written directly
     db = sqlite3.connect(folder / "index.sqlite3", isolation_level=None)
-    have = {row[1] for row in db.execute("PRAGMA table_info(files)")}
-    for column, kind in (("facts", "INT"), ("taken", "TEXT"), ("taken_local", "INT"), ("lat", "REAL"),
-                         ("lon", "REAL"), ("camera", "TEXT")):
-        if column not in have:  # an altclip whose index does not hold them yet
-            db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
     pick = random.Random(seed)
     cities = [(pick.uniform(-50, 65), pick.uniform(-170, 175)) for _ in range(49)] + [(48.8566, 2.3522)]
     start = datetime(2014, 1, 1).timestamp()

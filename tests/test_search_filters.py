@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 
-from altclip_cli.search.filters import FilterError, SearchFilter, local_seconds, parse_filter
+from altclip_cli.search.filters import FilterError, SearchFilter, bound_seconds, parse_filter
 from altclip_cli.search.store import IndexStore
 
 DIM = 16
@@ -62,33 +62,23 @@ def facts_of(photo: dict):
     if not photo["read"]:
         return None
     lat, lon = photo["gps"] or (None, None)
-    taken_local = local_seconds(photo["local"]) if photo["local"] is not None else None
+    taken_local = bound_seconds(photo["local"]) if photo["local"] is not None else None
     return PhotoFacts(taken=photo["taken"], taken_local=taken_local, taken_source="exif-original" if taken_local else None,
                       lat=lat, lon=lon, camera=photo["camera"], width=100, height=80, phash=None, phash_low=False)
 
 
-FACT_SQL_COLUMNS = {"facts": "INT", "taken": "TEXT", "taken_local": "INT", "taken_source": "TEXT", "lat": "REAL",
-                    "lon": "REAL", "camera": "TEXT", "width": "INT", "height": "INT", "phash": "INT",
-                    "phash_low": "INT"}
-
-
 def put_facts(folder, facts_by_key: dict) -> None:
-    """Write photo facts into an index's files rows (stored path -> PhotoFacts or None: not read)."""
+    """Give files of an index these facts (stored path -> PhotoFacts, or None: never read, as in
+    an index made before altclip read them)."""
+    from altclip_cli.search.facts import FACT_COLUMNS
+
+    with IndexStore.open(folder, write=True) as store:
+        store.commit(facts={key: f for key, f in facts_by_key.items() if f is not None})
+    unread = [key for key, f in facts_by_key.items() if f is None]
     db = sqlite3.connect(folder / "index.sqlite3", isolation_level=None)
     try:
-        have = {row[1] for row in db.execute("PRAGMA table_info(files)")}
-        for column, kind in FACT_SQL_COLUMNS.items():
-            if column not in have:
-                db.execute(f"ALTER TABLE files ADD COLUMN {column} {kind}")
-        db.execute("BEGIN IMMEDIATE")
-        for key, f in facts_by_key.items():
-            if f is None:
-                db.execute("UPDATE files SET facts = NULL WHERE path = ?", (key,))
-                continue
-            db.execute("UPDATE files SET facts = 1, taken = ?, taken_local = ?, taken_source = ?, lat = ?, lon = ?, "
-                       "camera = ?, width = ?, height = ?, phash = NULL, phash_low = 0 WHERE path = ?",
-                       (f.taken, f.taken_local, f.taken_source, f.lat, f.lon, f.camera, f.width, f.height, key))
-        db.execute("COMMIT")
+        db.executemany(f"UPDATE files SET facts = NULL, {', '.join(f'{c} = NULL' for c in FACT_COLUMNS)} "
+                       "WHERE path = ?", [(key,) for key in unread])
     finally:
         db.close()
 
@@ -102,8 +92,8 @@ def build_index(folder, photos, seed: int = 3) -> np.ndarray:
     with IndexStore.open(folder, identity=IDENTITY, write=True, create=True) as store:
         first = store.append_vectors(vectors)
         rows = [first + i if i % 50 != 49 else first + i - 1 for i in range(len(photos))]  # every 50th: a copy
-        store.commit(upserts=[(p["key"], 1000, 1, None, row, None) for p, row in zip(photos, rows)])
-    put_facts(folder, {p["key"]: facts_of(p) for p in photos})
+        store.commit(upserts=[(p["key"], 1000, 1, None, row, None) for p, row in zip(photos, rows)],
+                     facts={p["key"]: facts_of(p) for p in photos if p["read"]})
     return vectors[[r - first for r in rows]]
 
 

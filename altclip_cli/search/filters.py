@@ -139,7 +139,7 @@ def _literal(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-def local_seconds(moment: datetime) -> int:
+def bound_seconds(moment: datetime) -> int:
     """A naive wall-clock time as the index's taken_local holds it: seconds since 1970-01-01T00:00:00."""
     return int((moment - _EPOCH).total_seconds())
 
@@ -332,8 +332,8 @@ def parse_filter(after: str | None = None, before: str | None = None, near=None,
     sort = "score" if sort is None else sort
     if sort not in SORTS:
         raise FilterError("sort", "{sort}: " + _literal(repr(sort)) + " is not an order: expected score or date")
-    return SearchFilter(taken_from=local_seconds(low) if low is not None else None,
-                        taken_to=local_seconds(high) if high is not None else None,
+    return SearchFilter(taken_from=bound_seconds(low) if low is not None else None,
+                        taken_to=bound_seconds(high) if high is not None else None,
                         near=place, within_m=metres, camera=needle, sort=sort)
 
 
