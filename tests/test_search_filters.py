@@ -172,12 +172,25 @@ def indexed(tmp_path_factory):
     return folder, photos, vectors
 
 
+@pytest.fixture(scope="module")
+def long_lived():
+    """A server's SnapshotCache, kept over the tests of the module (filters over its columns)."""
+    from altclip_cli.search.store import SnapshotCache
+
+    cache = SnapshotCache()
+    yield cache
+    cache.close()
+
+
+@pytest.mark.parametrize("reader", ["command", "server"])
 @pytest.mark.parametrize("case", CASES, ids=[" ".join(f"{k}={v}" for k, v in c.items()) for c in CASES])
-def test_a_snapshot_keeps_what_the_reference_keeps(indexed, case):
+def test_a_snapshot_keeps_what_the_reference_keeps(indexed, long_lived, case, reader):
+    """In SQL (each command's snapshot), and over the columns a server's cache keeps."""
     folder, photos, _ = indexed
     where = make_filter(**case)
     want = {p["key"] for p in photos if reference_keeps(p, **case)}
-    with IndexStore.open(folder) as store, store.snapshot(where=where) as snap:
+    cache = long_lived if reader == "server" else None
+    with IndexStore.open(folder) as store, store.snapshot(where=where, cache=cache) as snap:
         got = set(snap.paths_of(snap.file_ids))
         assert got == want
         assert snap.count == len(want) and snap.total == len(photos)

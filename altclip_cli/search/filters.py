@@ -123,6 +123,32 @@ _EPOCH = datetime(1970, 1, 1)
 _BOX_MARGIN_DEG = 1e-6  # the bounding box is widened by this much, so that rounding never loses a photo in it
 
 
+TAKEN_UNKNOWN = -2**63  # FactColumns.taken_local where the date is unknown
+
+
+@dataclass
+class FactColumns:
+    """The facts of the files of a folder with a vector, as columns in one order (read by
+    snapshot.py, kept by a long-lived reader so that any filter runs again without SQL). ids,
+    rows int64; read bool (the facts were read); taken_local int64 (TAKEN_UNKNOWN: unknown);
+    lat, lon float64 (NaN: unknown); camera int32, an index into cameras (-1: unknown). A column
+    group not read yet is None: "date" (taken_local), "place" (lat, lon), "camera"."""
+
+    ids: object
+    rows: object
+    read: object
+    taken_local: object = None
+    lat: object = None
+    lon: object = None
+    camera: object = None
+    cameras: list = None
+
+    def lacks(self, needs) -> list[str]:
+        """The groups among `needs` ("date", "place", "camera") not read yet."""
+        have = {"date": self.taken_local, "place": self.lat, "camera": self.camera}
+        return [name for name in needs if have[name] is None]
+
+
 class FilterError(ValueError):
     """A filter that cannot be used. `field` names it (one of FIELDS); message_for(prefix) names
     every field with that prefix: "--" for the command line, "" for a request."""
@@ -248,6 +274,41 @@ class SearchFilter:
         """(fact, SQL true for a file without it) for each fact the filters ask about."""
         column = {"date": "taken_local IS NULL", "place": "lat IS NULL OR lon IS NULL", "camera": "camera IS NULL"}
         return [(name, column[name]) for name in self.needs]
+
+    # --- in numpy, on a folder's facts kept as columns (a long-lived reader's) ---------------------
+
+    def select(self, columns: "FactColumns"):
+        """((2, N) int64: the file ids and vector rows it keeps, counts as Snapshot has them) from
+        a folder's FactColumns holding the facts it needs: what sql() and exact() select."""
+        import numpy as np
+
+        keep = np.ones(len(columns.ids), bool)
+        counts = {"total": len(columns.ids), "unread": int((~columns.read).sum())}
+        if "date" in self.needs:
+            taken = columns.taken_local
+            known = taken != TAKEN_UNKNOWN
+            counts["date"] = int((~known).sum())
+            keep &= known
+            if self.taken_from is not None:
+                keep &= taken >= self.taken_from
+            if self.taken_to is not None:
+                keep &= taken < self.taken_to
+        if self.near is not None:
+            known = ~np.isnan(columns.lat)
+            counts["place"] = int((~known).sum())
+            (lat_lo, lat_hi), lons = self.box()
+            keep &= known & (columns.lat >= lat_lo) & (columns.lat <= lat_hi)
+            if lons is not None:
+                lon = columns.lon
+                keep &= ((lon >= lons[0]) & (lon <= lons[1])) if lons[0] <= lons[1] else \
+                    ((lon >= lons[0]) | (lon <= lons[1]))
+            inside = np.flatnonzero(keep)
+            keep[inside] = self.exact(columns.lat[inside], columns.lon[inside])
+        if self.camera is not None:
+            counts["camera"] = int((columns.camera < 0).sum())
+            matching = [code for code, text in enumerate(columns.cameras) if self.camera in camera_text(text)]
+            keep &= np.isin(columns.camera, np.asarray(matching, np.int32))
+        return np.stack([columns.ids[keep], columns.rows[keep]]), counts
 
     # --- in Python, on one photo's facts ------------------------------------------------------------
 

@@ -165,13 +165,15 @@ def _snapshot(store: "IndexStore", under, cache: "SnapshotCache | None", where: 
         meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('vectors_committed', 'vectors_token')"))
         committed = int(meta["vectors_committed"])
         clause, params = store.under_clause(under)
-        key = (clause, *params) if where is None else (clause, *params, where.key)
-        kept = cache.rows(db, key) if cache is not None else None
-        if kept is None:
-            kept = _select(db, clause, params) if where is None else _select_where(db, clause, params, where)
-            if cache is not None:
-                cache.keep(key, kept)
-        pairs, counts = kept
+        if where is not None and cache is not None and has_fact_columns(db):
+            pairs, counts = where.select(_fact_columns(db, clause, params, cache, where.needs))
+        else:
+            kept = cache.rows(db, (clause, *params)) if cache is not None and where is None else None
+            if kept is None:
+                kept = _select(db, clause, params) if where is None else _select_where(db, clause, params, where)
+                if cache is not None and where is None:
+                    cache.keep((clause, *params), kept)
+            pairs, counts = kept
         if pairs.shape[1] and int(pairs[1].max()) >= committed:
             raise damaged(folder, "a file row points past the committed vectors")
         vectors = map_vectors(folder, committed, store.dim, meta_token(meta))
@@ -218,6 +220,44 @@ def _select_where(db: sqlite3.Connection, clause: str, params: list, where: "Sea
                      params).fetchone()
     counts = {"total": row[0], "unread": row[1] or 0, **{name: n or 0 for (name, _e), n in zip(missing, row[2:])}}
     return pairs, counts
+
+
+def _fact_columns(db: sqlite3.Connection, clause: str, params: list, cache: "SnapshotCache", needs):
+    """The FactColumns of the files with a vector where `clause`, with the groups `needs` read:
+    from the cache, the groups it lacks read now (one SELECT each) and kept with it."""
+    import numpy as np
+
+    from .filters import TAKEN_UNKNOWN, FactColumns
+
+    key = (clause, *params, "facts")
+    columns = cache.rows(db, key)
+    where = f"FROM files WHERE vec_row IS NOT NULL AND {clause}"
+
+    def read(sql: str, dtype, width: int):  # (ids, values (n, width)) in the order of `columns`
+        cur = db.execute(f"SELECT id, {sql} {where}", params)
+        table = np.fromiter(itertools.chain.from_iterable(cur), dtype=dtype).reshape(-1, width + 1)
+        ids = table[:, 0].astype(np.int64)
+        if columns is not None and not np.array_equal(ids, columns.ids):  # another order: follow the columns'
+            table = table[np.argsort(ids, kind="stable")][np.argsort(np.argsort(columns.ids, kind="stable"))]
+        return ids, table[:, 1:]
+
+    if columns is None:
+        ids, values = read(f"vec_row, ifnull(facts, 0), ifnull(taken_local, {TAKEN_UNKNOWN})", np.int64, 3)
+        columns = FactColumns(ids=ids, rows=np.ascontiguousarray(values[:, 0]), read=values[:, 1] != 0,
+                              taken_local=np.ascontiguousarray(values[:, 2]))
+    if "place" in columns.lacks(needs):
+        _ids, values = read("ifnull(lat, 'NaN'), ifnull(lon, 'NaN')", np.float64, 2)
+        columns.lat, columns.lon = np.ascontiguousarray(values[:, 0]), np.ascontiguousarray(values[:, 1])
+    if "camera" in columns.lacks(needs):
+        names: dict = {}
+        cur = db.execute(f"SELECT id, camera {where}", params)
+        pairs = [(i, -1 if c is None else names.setdefault(c, len(names))) for i, c in cur]
+        table = np.asarray(pairs, np.int64).reshape(-1, 2)
+        if not np.array_equal(table[:, 0], columns.ids):
+            table = table[np.argsort(table[:, 0], kind="stable")][np.argsort(np.argsort(columns.ids, kind="stable"))]
+        columns.camera, columns.cameras = table[:, 1].astype(np.int32), list(names)
+    cache.keep(key, columns)
+    return columns
 
 
 class SnapshotCache:
