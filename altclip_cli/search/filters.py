@@ -3,12 +3,13 @@ the results; one SearchFilter made by one parser (parse_filter) for `altclip sea
 `altclip classify --index` and POST /v1/search.
 
     where = parse_filter(after="2023-06", before="2023-08", near="43.3,5.4", within="5km", camera="canon")
-    snap = store.snapshot(root, where=where)     # only the files it keeps, in SQL (see SearchFilter.sql)
+    snap = store.snapshot(root, where=where)     # only the files it keeps, in SQL (SearchFilter.sql)
+    where.select(columns)                        # the same over a server's cached FactColumns, in numpy
     where.accepts(facts)                         # the same rule on one search.facts.PhotoFacts
 
 The parsers raise ValueError with a message naming the text given and the form expected;
 parse_filter raises FilterError, which also names the field (the command line's option, the
-request's field). Pure Python; numpy only inside SearchFilter.exact.
+request's field). Cheap to import: numpy is imported inside the functions that need it.
 """
 from __future__ import annotations
 

@@ -265,10 +265,12 @@ class SnapshotCache:
     rows its snapshots read below the last few folders, reused while no one has written the
     index since (SQLite's PRAGMA data_version on that connection: any other connection's
     commit, in any process, changes it). A repeated search then skips the SELECT of every row
-    below its folder. One snapshot at a time holds it (a lock); close it when done."""
+    below its folder; a filtered one, once a filter read a folder's dates, places and cameras
+    (filters.FactColumns), filters them in numpy whatever its values. One snapshot at a time
+    holds it (a lock); close it when done."""
 
-    MAX_FOLDERS = 4  # each holds two int64 per file below its folder (16 MB for a million), or per
-    # file a filter kept there: a key is a folder and a filter
+    MAX_FOLDERS = 4  # entries: a folder's rows, two int64 per file (16 MB for a million), or its
+    # FactColumns, up to 45 bytes per file (45 MB for a million)
 
     def __init__(self):
         self._lock = threading.Lock()
