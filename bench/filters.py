@@ -174,8 +174,8 @@ def main(argv=None) -> None:
             print(f"| {name} | {kept:,} | {here:.3f} | {server:.3f} | |")
             continue
         adds = max(here - base_here, server - base_server)
-        print(f"| {name} | {kept:,} | {here:.3f} ({here - base_here:+.3f}) | {server:.3f} ({server - base_server:+.3f}) "
-              f"| {'yes' if adds <= GOAL_S else 'no'} |")
+        print(f"| {name} | {kept:,} | {here:.3f} ({here - base_here:+.3f}) | "
+              f"{server:.3f} ({server - base_server:+.3f}) | {'yes' if adds <= GOAL_S else 'no'} |")
     print()
     print(f"Server: reading the folder's dates, places and cameras into its cache, once per folder and "
           f"index version (the first filtered search after a change): {facts_load:.3f} s.")

@@ -4,7 +4,6 @@ facts (SearchFilter.accepts), in the ranking (-k and --min-score first, then the
 through `altclip search`, `altclip classify --index` and POST /v1/search; bad values named."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -63,8 +62,9 @@ def facts_of(photo: dict):
         return None
     lat, lon = photo["gps"] or (None, None)
     taken_local = bound_seconds(photo["local"]) if photo["local"] is not None else None
-    return PhotoFacts(taken=photo["taken"], taken_local=taken_local, taken_source="exif-original" if taken_local else None,
-                      lat=lat, lon=lon, camera=photo["camera"], width=100, height=80, phash=None, phash_low=False)
+    return PhotoFacts(taken=photo["taken"], taken_local=taken_local,
+                      taken_source="exif-original" if taken_local is not None else None, lat=lat, lon=lon,
+                      camera=photo["camera"], width=100, height=80, phash=None, phash_low=False)
 
 
 def put_facts(folder, facts_by_key: dict) -> None:
@@ -397,8 +397,8 @@ def test_date_sort_orders_what_k_kept(photo_index, model):
         by_score = sorted(scores, key=lambda path: -scores[path])
         assert [r["rank"] for r in records] == [by_score.index(p["key"]) + 1 for p in want]
         if k == 100:
-            assert records[-1].get("taken") is None and records[0]["taken"] == min(
-                (p["taken"] for p in photos if p["local"] and p["local"] == min(q["local"] for q in photos if q["local"])))
+            oldest = min((p for p in photos if p["local"]), key=lambda p: p["local"])
+            assert records[0]["taken"] == oldest["taken"] and records[-1].get("taken") is None
     table = _search(model, "--sort", "date", "-k", "3", "-f", "table")
     assert table.exit_code == 0 and "taken" in table.stdout.splitlines()[0]
 
@@ -493,10 +493,11 @@ def test_the_server_filters_as_the_command_does(photo_index, model, tmp_path):
     try:
         base = {"query": [{"text": QUERY}], "dir": str(tmp_path / "photos"), "index": str(tmp_path / "idx"),
                 "update": False, "top_k": 100}
+        paris = (48.8566, 2.3522)
         for fields, case in (({"after": "2022-03", "before": "2023-07-14"}, dict(after="2022-03", before="2023-07-14")),
-                             ({"near": [48.8566, 2.3522], "within": "30km"}, dict(near=(48.8566, 2.3522), within_km=30)),
+                             ({"near": list(paris), "within": "30km"}, dict(near=paris, within_km=30)),
                              ({"near": "48.8566,2.3522", "within": "30km", "camera": "canon", "sort": "date"},
-                              dict(near=(48.8566, 2.3522), within_km=30, camera="canon", sort="date"))):
+                              dict(near=paris, within_km=30, camera="canon", sort="date"))):
             answer = client.post_json(server.target, "/v1/search", {**base, **fields})
             want = _want(photos, scores, **case)
             assert [r["path"] for r in answer["results"]] == [p["key"] for p in want]
@@ -531,3 +532,27 @@ def test_the_server_filters_as_the_command_does(photo_index, model, tmp_path):
         assert client.health(server.target)["requests"] >= 1
     finally:
         assert server.stop() == 0, server.log()
+
+
+@pytest.mark.parametrize("reader", ["command", "server"])
+def test_an_index_older_than_the_facts_keeps_nothing_and_says_why(tmp_path, reader):
+    """An index a reader opens before any writer upgraded it (no fact columns): a filter keeps
+    no photo, and every one is counted as lacking what it asks about, and as unread."""
+    from altclip_cli.search.database import FACT_COLUMN_TYPES
+    from altclip_cli.search.store import SnapshotCache
+
+    photos = random_photos(40)
+    build_index(tmp_path / "index", photos)
+    db = sqlite3.connect(tmp_path / "index" / "index.sqlite3", isolation_level=None)
+    for column, _kind in FACT_COLUMN_TYPES:
+        db.execute(f"ALTER TABLE files DROP COLUMN {column}")
+    db.close()
+    cache = SnapshotCache() if reader == "server" else None
+    try:
+        with IndexStore.open(tmp_path / "index") as store, \
+                store.snapshot(where=make_filter(after="2020", camera="canon"), cache=cache) as snap:
+            assert snap.count == 0 and snap.total == 40 and snap.unread == 40
+            assert snap.missing == {"date": 40, "camera": 40}
+    finally:
+        if cache is not None:
+            cache.close()

@@ -132,22 +132,16 @@ class FactColumns:
     """The facts of the files of a folder with a vector, as columns in one order (read by
     snapshot.py, kept by a long-lived reader so that any filter runs again without SQL). ids,
     rows int64; read bool (the facts were read); taken_local int64 (TAKEN_UNKNOWN: unknown);
-    lat, lon float64 (NaN: unknown); camera int32, an index into cameras (-1: unknown). A column
-    group not read yet is None: "date" (taken_local), "place" (lat, lon), "camera"."""
+    lat, lon float64 (NaN: unknown); camera int32, an index into cameras (-1: unknown)."""
 
     ids: object
     rows: object
     read: object
-    taken_local: object = None
-    lat: object = None
-    lon: object = None
-    camera: object = None
-    cameras: list = None
-
-    def lacks(self, needs) -> list[str]:
-        """The groups among `needs` ("date", "place", "camera") not read yet."""
-        have = {"date": self.taken_local, "place": self.lat, "camera": self.camera}
-        return [name for name in needs if have[name] is None]
+    taken_local: object
+    lat: object
+    lon: object
+    camera: object
+    cameras: list
 
 
 class FilterError(ValueError):

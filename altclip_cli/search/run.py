@@ -147,8 +147,8 @@ class Found:
 def search_below(model, parts, root: str, *, index: str = "auto", top: int = 10, min_score: float | None = None,
                  update: bool = True, indexer=None, query_sources: dict | None = None, open_kw: dict | None = None,
                  batch_size: int | None = None, input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, wait: float = 0.0,
-                 summary: UpdateSummary | None = None, writer: str = "altclip search", where: SearchFilter | None = None,
-                 **update_kw) -> Found:
+                 summary: UpdateSummary | None = None, writer: str = "altclip search",
+                 where: SearchFilter | None = None, **update_kw) -> Found:
     """A search in this process, the steps of `altclip search` and of altclip_cli.search.search():
     open the query's image parts (one that cannot be read fails before any indexing), encode the
     query (query.QueryParts) with `model`, bring the index up to date with the images below

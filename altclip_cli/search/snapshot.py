@@ -166,7 +166,7 @@ def _snapshot(store: "IndexStore", under, cache: "SnapshotCache | None", where: 
         committed = int(meta["vectors_committed"])
         clause, params = store.under_clause(under)
         if where is not None and cache is not None and has_fact_columns(db):
-            pairs, counts = where.select(_fact_columns(db, clause, params, cache, where.needs))
+            pairs, counts = where.select(_fact_columns(db, clause, params, cache))
         else:
             kept = cache.rows(db, (clause, *params)) if cache is not None and where is None else None
             if kept is None:
@@ -222,42 +222,35 @@ def _select_where(db: sqlite3.Connection, clause: str, params: list, where: "Sea
     return pairs, counts
 
 
-def _fact_columns(db: sqlite3.Connection, clause: str, params: list, cache: "SnapshotCache", needs):
-    """The FactColumns of the files with a vector where `clause`, with the groups `needs` read:
-    from the cache, the groups it lacks read now (one SELECT each) and kept with it."""
+def _fact_columns(db: sqlite3.Connection, clause: str, params: list, cache: "SnapshotCache"):
+    """The FactColumns of the files with a vector where `clause`: from the cache, or read now (the
+    cameras' names, then one SELECT of every column) and kept in it."""
     import numpy as np
 
     from .filters import TAKEN_UNKNOWN, FactColumns
 
     key = (clause, *params, "facts")
     columns = cache.rows(db, key)
+    if columns is not None:
+        return columns
     where = f"FROM files WHERE vec_row IS NOT NULL AND {clause}"
-
-    def read(sql: str, dtype, width: int):  # (ids, values (n, width)) in the order of `columns`
-        cur = db.execute(f"SELECT id, {sql} {where}", params)
-        table = np.fromiter(itertools.chain.from_iterable(cur), dtype=dtype).reshape(-1, width + 1)
-        ids = table[:, 0].astype(np.int64)
-        if columns is not None and not np.array_equal(ids, columns.ids):  # another order: follow the columns'
-            table = table[np.argsort(ids, kind="stable")][np.argsort(np.argsort(columns.ids, kind="stable"))]
-        return ids, table[:, 1:]
-
-    if columns is None:
-        ids, values = read(f"vec_row, ifnull(facts, 0), ifnull(taken_local, {TAKEN_UNKNOWN})", np.int64, 3)
-        columns = FactColumns(ids=ids, rows=np.ascontiguousarray(values[:, 0]), read=values[:, 1] != 0,
-                              taken_local=np.ascontiguousarray(values[:, 2]))
-    if "place" in columns.lacks(needs):
-        _ids, values = read("ifnull(lat, 'NaN'), ifnull(lon, 'NaN')", np.float64, 2)
-        columns.lat, columns.lon = np.ascontiguousarray(values[:, 0]), np.ascontiguousarray(values[:, 1])
-    if "camera" in columns.lacks(needs):
-        names: dict = {}
-        cur = db.execute(f"SELECT id, camera {where}", params)
-        pairs = [(i, -1 if c is None else names.setdefault(c, len(names))) for i, c in cur]
-        table = np.asarray(pairs, np.int64).reshape(-1, 2)
-        if not np.array_equal(table[:, 0], columns.ids):
-            table = table[np.argsort(table[:, 0], kind="stable")][np.argsort(np.argsort(columns.ids, kind="stable"))]
-        columns.camera, columns.cameras = table[:, 1].astype(np.int32), list(names)
+    cameras = [name for (name,) in db.execute(f"SELECT DISTINCT camera {where} AND camera IS NOT NULL", params)]
+    code = f"CASE camera {' '.join(f'WHEN ? THEN {k}' for k in range(len(cameras)))} ELSE -1 END" if cameras else "-1"
+    # One float64 table (ids, rows and seconds are exact below 2**53); NULL as a value no fact has.
+    cur = db.execute(f"SELECT id, vec_row, ifnull(facts, 0), ifnull(taken_local, {_NO_VALUE}), "
+                     f"ifnull(lat, {_NO_VALUE}), ifnull(lon, {_NO_VALUE}), {code} {where}", [*cameras, *params])
+    table = np.fromiter(itertools.chain.from_iterable(cur), dtype=np.float64).reshape(-1, 7)
+    known = table[:, 3:6] != _NO_VALUE  # taken_local, lat, lon
+    lat, lon = np.where(known[:, 1], table[:, 4], np.nan), np.where(known[:, 2], table[:, 5], np.nan)
+    columns = FactColumns(ids=table[:, 0].astype(np.int64), rows=table[:, 1].astype(np.int64), read=table[:, 2] != 0,
+                          taken_local=np.where(known[:, 0], table[:, 3], 0).astype(np.int64),
+                          lat=lat, lon=lon, camera=table[:, 6].astype(np.int32), cameras=cameras)
+    columns.taken_local[~known[:, 0]] = TAKEN_UNKNOWN
     cache.keep(key, columns)
     return columns
+
+
+_NO_VALUE = -1e300  # what _fact_columns reads for a NULL fact
 
 
 class SnapshotCache:

@@ -54,9 +54,9 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 @model_options
 @server_options
 @common_options
-def search(query, add, subtract, top, min_score, after, before, near, within, camera, sort, fmt, null, output, search_dir, no_index, index_dir, wait,
-           include_hidden, exclude_dirs, max_pixels, input_timeout, exact_decode, model, device, precision,
-           revision, batch_size, server, token_file, quiet):
+def search(query, add, subtract, top, min_score, after, before, near, within, camera, sort, fmt, null, output,
+           search_dir, no_index, index_dir, wait, include_hidden, exclude_dirs, max_pixels, input_timeout,
+           exact_decode, model, device, precision, revision, batch_size, server, token_file, quiet):
     """Find the images below --dir (default: here) that best match QUERY.
 
     QUERY and each -a/-s part is a text, in any language, or an image: a part that contains a
@@ -170,9 +170,9 @@ def _report_filtered(searched, counts, msgs) -> None:
 
 def _search_here(model_, parts, root, search_dir, index_dir, top, min_score, no_index, wait, walk, open_kw,
                  batch_size, input_timeout, msgs, where, load_here):
-    """(query images, hits, images searched, the filter's counts), the index updated and ranked in this process
-    (search.run.search_below, as the library's search()); the query is encoded by model_ (loaded
-    here, or a server's that cannot search this folder)."""
+    """(query images, hits, images searched, the filter's counts), the index updated and ranked in
+    this process (search.run.search_below, as the library's search()); the query is encoded by
+    model_ (loaded here, or a server's that cannot search this folder)."""
     from ...search.run import search_below
     from ...search.summary import report_update
     from ..options import is_remote
