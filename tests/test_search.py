@@ -352,8 +352,8 @@ def test_every_format(gallery, model, monkeypatch):
     assert len(lines) == 5
     records = [json.loads(line) for line in lines]
     for i, (line, r) in enumerate(zip(lines, records), start=1):
-        assert list(r) == ["rank", "path", "score"] and r["rank"] == i
-        assert re.fullmatch(r'\{"rank": \d+, "path": "[^"]+", "score": -?\d\.\d{1,4}\}', line), line
+        assert list(r) == ["rank", "path", "score", "taken"] and r["rank"] == i  # no EXIF: the file's time
+        assert re.fullmatch(r'\{"rank": \d+, "path": "[^"]+", "score": -?\d\.\d{1,4}, "taken": "[^"]+"\}', line), line
         assert os.path.isabs(r["path"]) and os.path.isfile(r["path"])
         assert r["score"] == round(r["score"], 4)
     assert search(*args, model=model).stdout.splitlines() == lines  # jsonl when piped
