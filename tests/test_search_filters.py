@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 
-from altclip_cli.search.filters import FilterError, SearchFilter, bound_seconds, parse_filter
+from altclip_cli.search.facts import local_seconds
+from altclip_cli.search.filters import FilterError, SearchFilter, parse_filter
 from altclip_cli.search.store import IndexStore
 
 DIM = 16
@@ -61,7 +62,7 @@ def facts_of(photo: dict):
     if not photo["read"]:
         return None
     lat, lon = photo["gps"] or (None, None)
-    taken_local = bound_seconds(photo["local"]) if photo["local"] is not None else None
+    taken_local = local_seconds(photo["local"].isoformat()) if photo["local"] is not None else None
     return PhotoFacts(taken=photo["taken"], taken_local=taken_local,
                       taken_source="exif-original" if taken_local is not None else None, lat=lat, lon=lon,
                       camera=photo["camera"], width=100, height=80, phash=None, phash_low=False)

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+from .facts import local_seconds
+
 EARTH_RADIUS_M = 6_371_000.0  # a sphere: within 0.5% of the ellipsoid, plenty for "within 5 km"
 
 _DATE_FORMS = "YYYY, YYYY-MM or YYYY-MM-DD"
@@ -160,15 +162,10 @@ def _literal(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-def bound_seconds(moment: datetime) -> int:
-    """A naive wall-clock time as the index's taken_local holds it: seconds since 1970-01-01T00:00:00."""
-    return int((moment - _EPOCH).total_seconds())
-
-
 @dataclass(frozen=True)
 class SearchFilter:
     """Which photos a search keeps, by the facts the index holds about them (search/facts.py),
-    and the order of its results. Made by parse_filter; hashable (a snapshot cache key).
+    and the order of its results. Made by parse_filter.
 
     taken_from, taken_to: taken_local seconds, from (included) and to (excluded), or None;
     near: (lat, lon) in degrees and within_m metres (a great circle), or None;
@@ -192,11 +189,6 @@ class SearchFilter:
     def needs_dates(self) -> bool:
         """Whether dates matter to it (a date filter, or the date order): what a table then shows."""
         return self.sort == "date" or "date" in self.needs
-
-    @property
-    def key(self) -> tuple:
-        """What decides which photos it keeps (not their order): a snapshot cache's key."""
-        return (self.taken_from, self.taken_to, self.near, self.within_m, self.camera)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -388,8 +380,8 @@ def parse_filter(after: str | None = None, before: str | None = None, near=None,
     sort = "score" if sort is None else sort
     if sort not in SORTS:
         raise FilterError("sort", "{sort}: " + _literal(repr(sort)) + " is not an order: expected score or date")
-    return SearchFilter(taken_from=bound_seconds(low) if low is not None else None,
-                        taken_to=bound_seconds(high) if high is not None else None,
+    return SearchFilter(taken_from=local_seconds(low.isoformat()) if low is not None else None,
+                        taken_to=local_seconds(high.isoformat()) if high is not None else None,
                         near=place, within_m=metres, camera=needle, sort=sort)
 
 
