@@ -20,17 +20,23 @@ restore does nothing; a restore killed half-way is finished by running it again.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 from ..errors import AltclipError
+from .noreplace import file_id, lstat_or_none, numbered_names, same_inode
+from .sortjournal import Journal, flock, is_file, live_journals, read_journal, records, recover, write_record
 
 MOVED_FOLDER = ".altclip-dupes"  # DIR/.altclip-dupes/: the journals and records of moves into DIR
+TMP_PREFIX = ".altclip-dupes-"  # a copy on its way into place across filesystems: hidden, and ours
+_MAX_TRIES = 1000  # names taken (or folders removed) by other writers between choosing and taking
 
 
 class MoveAsideError(AltclipError):
     """DIR cannot take the photos (not a folder, not writable, the very folder they are in) or
-    cannot keep its journal (exit 1); nothing was moved."""
+    cannot keep its journal, or another restore runs on it (exit 1); nothing was moved."""
 
 
 @dataclass
@@ -49,6 +55,8 @@ class RestoreSummary:
 
     restored: list[tuple[str, str]] = field(default_factory=list)  # (where it was in DIR, its original path)
     kept: list[tuple[str, str, str]] = field(default_factory=list)  # (in DIR, original path, why it stays)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (where it was put in DIR, original path):
+    # no longer there (moved or removed in DIR since), so not restored; its record is dropped
     recovered: list[str] = field(default_factory=list)
 
 
@@ -66,7 +74,155 @@ def move_aside(items: Iterable[Item], dest: str | os.PathLike, msgs=None) -> Mov
     anything when dest is not a folder that can be written, or is the folder a source was found
     in (its target would be the source itself). msgs: optional Messages (note/warn) for the
     lines about skipped photos and settled interrupted runs; everything is in the summary too."""
-    raise NotImplementedError
+    dest = Path(os.path.abspath(os.fsdecode(os.fspath(dest))))
+    plan = [_plan(item, dest) for item in items]
+    for source, target, _listed, why in plan:
+        if why is None and os.path.realpath(target) == os.path.realpath(source):
+            raise MoveAsideError(f"--move-to {dest}: it is the folder the photos are in ({source} would be "
+                                 "moved onto itself)", hint="give a folder outside the ones searched for duplicates")
+    _make_folder(dest)
+    summary = MoveSummary()
+    summary.recovered = _recover(dest, msgs)
+    moved_before = _moved_by_records(dest)
+    try:
+        journal = Journal(dest, folder=MOVED_FOLDER, tmp_prefix=TMP_PREFIX, keep=True)
+    except OSError as exc:
+        raise MoveAsideError(f"--move-to {dest}: cannot keep a journal there ({exc.strerror or exc})",
+                             hint="give a local folder you can write to") from None
+    real_dest = os.path.realpath(dest)
+    try:
+        for source, target, listed, why in plan:
+            if why is None:
+                why, where = _move_one(journal, source, target, listed, real_dest, moved_before)
+                if why is None:
+                    summary.moved.append((source, where))
+                    moved_before.setdefault(source, []).append(where)
+                    continue
+                if where is not None:
+                    summary.already.append((source, where))
+                    continue
+            summary.skipped.append((source, why))
+            _say(msgs, "warn", f"{source}: {why}")
+    finally:
+        journal.close()
+    return summary
+
+
+def _plan(item, dest: Path) -> tuple[str, Path | None, tuple | None, str | None]:
+    """(source, target in dest, (size, mtime_ns) as listed or None, why it cannot move or None)."""
+    source, rel = os.fsdecode(item[0]), os.fsdecode(item[1])
+    listed = tuple(item[2]) if len(item) > 2 and item[2] is not None else None
+    parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    if not os.path.isabs(source):
+        return source, None, listed, "not an absolute path: not moved"
+    if os.path.isabs(rel) or not parts or ".." in parts:
+        return source, None, listed, f"its relative path {rel!r} is empty, absolute or climbs out: not moved"
+    if parts[0] == MOVED_FOLDER:
+        return source, None, listed, f"its relative path {rel!r} would go into {MOVED_FOLDER}/: not moved"
+    return source, dest.joinpath(*parts), listed, None
+
+
+def _make_folder(dest: Path) -> None:
+    if os.path.lexists(dest) and not dest.is_dir():
+        raise MoveAsideError(f"--move-to {dest}: not a folder", hint="give a folder, or a name for a new one")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoveAsideError(f"--move-to {dest}: cannot create it ({exc.strerror or exc})",
+                             hint="give a folder you can write to") from None
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise MoveAsideError(f"--move-to {dest}: not writable", hint="give a folder you can write to")
+
+
+def _recover(dest: Path, msgs) -> list[str]:
+    """Settle what interrupted moves and restores left in dest; the lines, also said through msgs."""
+    try:
+        lines = recover(dest, folder=MOVED_FOLDER, tmp_prefix=TMP_PREFIX)
+    except OSError as exc:
+        raise MoveAsideError(f"{dest}: cannot settle what an interrupted run left there "
+                             f"({exc.strerror or exc}: {exc.filename})",
+                             hint=f"fix that, then run again (the journal in {dest / MOVED_FOLDER} "
+                                  "is kept until it is settled)") from None
+    for line in lines:
+        _say(msgs, "note", line)
+    return lines
+
+
+def _moved_entries(entries: dict, done: dict):
+    """(entry, where its file was put) for each move a record (read_journal's) says was made."""
+    for i, e in entries.items():
+        d = done.get(i, {})
+        if d.get("moved"):
+            yield e, d.get("target", e["target"])
+
+
+def _moved_by_records(dest: Path) -> dict[str, list[str]]:
+    """{source: [where the records say it was put, and it still is]}."""
+    found: dict[str, list[str]] = {}
+    for record in records(dest, MOVED_FOLDER):
+        _header, entries, done, _tmps = read_journal(record)
+        for e, where in _moved_entries(entries, done):
+            if is_file(where, e["placed_id"]):
+                found.setdefault(e["source"], []).append(where)
+    return found
+
+
+def _move_one(journal: Journal, source: str, target: Path, listed, real_dest: str,
+              moved_before: dict) -> tuple[str | None, str | None]:
+    """Move one photo: (None, where it is now) when moved; ("already moved", where) when an
+    earlier run moved it; (why not, None) when it is skipped."""
+    st = lstat_or_none(source)
+    if st is None:
+        for where in moved_before.get(source, ()):
+            if os.path.lexists(where):
+                return "already moved", where
+        return "no longer there (moved or removed since it was listed): not moved", None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file: not moved", None
+    if listed is not None and (st.st_size, st.st_mtime_ns) != listed:
+        return "changed since it was listed: not moved", None
+    folder = os.path.realpath(os.path.dirname(source))
+    if os.path.commonpath([folder, real_dest]) == real_dest:
+        return f"already inside {real_dest}: not moved", None
+    for _ in range(_MAX_TRIES):
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create {target.parent} ({exc.strerror or exc}): not moved", None
+        for name in numbered_names(target.parent, target.name):
+            if not os.path.lexists(name):
+                break
+            if same_inode(source, name):  # another name of this very file is there (a hard link)
+                try:
+                    _drop_second_name(journal, source, name, st)
+                except OSError as exc:
+                    return f"cannot remove it, a second name of {name} ({exc.strerror or exc}): not moved", None
+                return None, os.fsdecode(name)
+        try:
+            journal.move(Path(source), name)
+        except FileExistsError:
+            continue  # the name was taken since it was chosen: look again
+        except FileNotFoundError:
+            if lstat_or_none(source) is None:
+                return "no longer there (moved or removed since it was listed): not moved", None
+            continue  # its folder in dest was removed meanwhile (a restore emptied it): make it again
+        except OSError as exc:
+            return f"cannot move it to {name} ({exc.strerror or exc}): not moved", None
+        return None, os.fsdecode(name)
+    return f"every free name in {target.parent} was taken by another writer: not moved", None
+
+
+def _drop_second_name(journal: Journal, source: str, name: Path, st: os.stat_result) -> None:
+    """source and name are one file: unlink source (journalled first, so that restore knows where
+    the photo came from); the file stays at name."""
+    where = os.fsdecode(os.path.abspath(name))
+    entry = journal.begin(source, where, file_id(st), file_id(st), None)
+    try:
+        os.unlink(source)
+    except OSError:
+        journal.done(entry)
+        raise
+    journal.done(entry, where)
 
 
 def restore(dest: str | os.PathLike, msgs=None) -> RestoreSummary:
@@ -75,4 +231,132 @@ def restore(dest: str | os.PathLike, msgs=None) -> RestoreSummary:
     file in the way; run restore again once it is out of the way). Folders that are gone are
     recreated; folders in dest that restore empties are removed. Raises MoveAsideError when dest
     is not a folder or another restore is running on it."""
-    raise NotImplementedError
+    dest = Path(os.path.abspath(os.fsdecode(os.fspath(dest))))
+    if not dest.is_dir():
+        raise MoveAsideError(f"--restore {dest}: no such folder", hint="give the folder given to --move-to")
+    lock = _lock_for_restore(dest)
+    summary = RestoreSummary()
+    emptied: set[Path] = set()
+    try:
+        summary.recovered = _recover(dest, msgs)
+        if live_journals(dest, MOVED_FOLDER):
+            _say(msgs, "warn", f"{dest}: a run is moving photos into it now: the photos it moves are not "
+                               "restored (run --restore again once it has finished)")
+        found = records(dest, MOVED_FOLDER)
+        if not found:
+            _say(msgs, "note", f"{dest}: nothing to restore (no record of photos moved there)")
+        else:
+            _restore_records(dest, found, summary, emptied, msgs)
+    finally:
+        os.close(lock)
+    _remove_emptied(dest, emptied)
+    try:
+        (dest / MOVED_FOLDER).rmdir()  # when no record is left
+    except OSError:
+        pass
+    return summary
+
+
+def _restore_records(dest: Path, found: list[Path], summary: RestoreSummary, emptied: set, msgs) -> None:
+    try:
+        journal = Journal(dest, folder=MOVED_FOLDER, tmp_prefix=TMP_PREFIX)
+    except OSError as exc:
+        raise MoveAsideError(f"--restore {dest}: cannot keep a journal there ({exc.strerror or exc})",
+                             hint="make it writable, then run again") from None
+    try:
+        for record in found:
+            header, entries, done, _tmps = read_journal(record)
+            left = []  # the entries whose photo stays in dest: the record keeps them
+            for e, where in _moved_entries(entries, done):
+                outcome = _restore_one(journal, e, where, summary, msgs)
+                if outcome == "restored":
+                    emptied.add(Path(where).parent)
+                elif outcome == "kept":
+                    left.append(e)
+            write_record(record, header, left, done)
+    finally:
+        journal.close()
+
+
+def _restore_one(journal: Journal, e: dict, where: str, summary: RestoreSummary, msgs) -> str:
+    """Put one moved photo back: "restored", "kept" (it stays in dest, said why), "missing" (no
+    longer in dest, said so) or "done before" (an earlier restore put it back)."""
+    source, placed = e["source"], e["placed_id"]
+    if not is_file(where, placed):
+        if is_file(source, placed):
+            return "done before"
+        summary.missing.append((where, source))
+        _say(msgs, "warn", f"{where}: no longer there (moved or removed since it was moved there): "
+                           f"not restored to {source}")
+        return "missing"
+    why = None
+    if same_inode(source, where):  # a second name of the photo that is back at its place
+        try:
+            os.unlink(where)
+        except OSError as exc:
+            why = f"cannot remove it, a second name of {source} ({exc.strerror or exc})"
+    elif os.path.lexists(source):
+        why = f"{source} is taken by another file now (both are kept)"
+    else:
+        why = _move_back(journal, where, source)
+    if why is None:
+        summary.restored.append((where, source))
+        return "restored"
+    summary.kept.append((where, source, why))
+    _say(msgs, "warn", f"{where}: not restored: {why}; it stays in {journal.folder.parent}, "
+                       "run --restore again once that is settled")
+    return "kept"
+
+
+def _move_back(journal: Journal, where: str, source: str) -> str | None:
+    """Move where back to source (its folder made again if it is gone); None, or why not."""
+    for _ in range(_MAX_TRIES):
+        try:
+            Path(source).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create {os.path.dirname(source)} ({exc.strerror or exc})"
+        try:
+            journal.move(Path(where), Path(source))
+            return None
+        except FileExistsError:
+            return f"{source} is taken by another file now (both are kept)"
+        except FileNotFoundError:
+            if lstat_or_none(where) is None:
+                return f"{where} went away while it was being restored"
+            continue  # its folder was removed meanwhile: make it again
+        except OSError as exc:
+            return f"cannot move it to {source} ({exc.strerror or exc})"
+    return f"{os.path.dirname(source)} keeps disappearing"
+
+
+def _lock_for_restore(dest: Path) -> int:
+    """An exclusive lock on dest (the folder itself) for this restore; MoveAsideError if another holds it."""
+    try:
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MoveAsideError(f"--restore {dest}: cannot open it ({exc.strerror or exc})") from None
+    try:
+        if flock(fd):
+            return fd
+    except OSError:
+        os.close(fd)
+        raise
+    os.close(fd)
+    raise MoveAsideError(f"--restore {dest}: another restore is running on it",
+                         hint="wait for it to finish, then run again if it reported photos kept")
+
+
+def _remove_emptied(dest: Path, folders: set[Path]) -> None:
+    """Remove the folders in dest that restoring emptied, and their parents below dest that are empty."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        while folder != dest and dest in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (or gone): its parents are not empty either
+            folder = folder.parent
+
+
+def _say(msgs, kind: str, line: str) -> None:
+    if msgs is not None:
+        getattr(msgs, kind)(line)
