@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import AltclipError
-from .noreplace import file_id, lstat_or_none, numbered_names, same_inode
+from .noreplace import file_id, lstat_or_none, numbered_names, same_inode, unlink_quietly
 from .sortjournal import Journal, flock, is_file, live_journals, read_journal, records, recover, write_record
 
 MOVED_FOLDER = ".altclip-dupes"  # DIR/.altclip-dupes/: the journals and records of moves into DIR
+MOVED, RESTORED = ".moved", ".restored"  # DIR/.altclip-dupes/RUN.moved: what a run moved into DIR;
+# RUN.restored: what a restore put back (kept until that restore's work is recorded in the .moved ones)
 TMP_PREFIX = ".altclip-dupes-"  # a copy on its way into place across filesystems: hidden, and ours
 _MAX_TRIES = 1000  # names taken (or folders removed) by other writers between choosing and taking
 
@@ -85,7 +87,7 @@ def move_aside(items: Iterable[Item], dest: str | os.PathLike, msgs=None) -> Mov
     summary.recovered = _recover(dest, msgs)
     moved_before = _moved_by_records(dest)
     try:
-        journal = Journal(dest, folder=MOVED_FOLDER, tmp_prefix=TMP_PREFIX, keep=True)
+        journal = Journal(dest, folder=MOVED_FOLDER, tmp_prefix=TMP_PREFIX, keep=MOVED)
     except OSError as exc:
         raise MoveAsideError(f"--move-to {dest}: cannot keep a journal there ({exc.strerror or exc})",
                              hint="give a local folder you can write to") from None
@@ -159,7 +161,7 @@ def _moved_entries(entries: dict, done: dict):
 def _moved_by_records(dest: Path) -> dict[str, list[str]]:
     """{source: [where the records say it was put, and it still is]}."""
     found: dict[str, list[str]] = {}
-    for record in records(dest, MOVED_FOLDER):
+    for record in records(dest, MOVED_FOLDER, MOVED):
         _header, entries, done, _tmps = read_journal(record)
         for e, where in _moved_entries(entries, done):
             if is_file(where, e["placed_id"]):
@@ -219,6 +221,8 @@ def _drop_second_name(journal: Journal, source: str, name: Path, st: os.stat_res
     entry = journal.begin(source, where, file_id(st), file_id(st), None)
     try:
         os.unlink(source)
+    except FileNotFoundError:
+        pass  # another run moving it removed it a moment ago: it is at name all the same
     except OSError:
         journal.done(entry)
         raise
@@ -229,37 +233,38 @@ def restore(dest: str | os.PathLike, msgs=None) -> RestoreSummary:
     """Put back every photo that move_aside moved into dest and that is still there, never
     replacing a file now at its original path (the photo stays in dest, with a message naming the
     file in the way; run restore again once it is out of the way). Folders that are gone are
-    recreated; folders in dest that restore empties are removed. Raises MoveAsideError when dest
+    recreated; empty folders left in dest are removed. Raises MoveAsideError when dest
     is not a folder or another restore is running on it."""
     dest = Path(os.path.abspath(os.fsdecode(os.fspath(dest))))
     if not dest.is_dir():
         raise MoveAsideError(f"--restore {dest}: no such folder", hint="give the folder given to --move-to")
     lock = _lock_for_restore(dest)
     summary = RestoreSummary()
-    emptied: set[Path] = set()
     try:
         summary.recovered = _recover(dest, msgs)
         if live_journals(dest, MOVED_FOLDER):
             _say(msgs, "warn", f"{dest}: a run is moving photos into it now: the photos it moves are not "
                                "restored (run --restore again once it has finished)")
-        found = records(dest, MOVED_FOLDER)
+        found = records(dest, MOVED_FOLDER, MOVED)
+        earlier = records(dest, MOVED_FOLDER, RESTORED)  # of restores killed before they were done
         if not found:
             _say(msgs, "note", f"{dest}: nothing to restore (no record of photos moved there)")
         else:
-            _restore_records(dest, found, summary, emptied, msgs)
+            _restore_records(dest, found, earlier, summary, msgs)
+        for record in earlier:  # the .moved records say it all now
+            unlink_quietly(record)
     finally:
         os.close(lock)
-    _remove_emptied(dest, emptied)
-    try:
-        (dest / MOVED_FOLDER).rmdir()  # when no record is left
-    except OSError:
-        pass
+    _remove_empty_folders(dest)  # the journal folder too, when no record is left
     return summary
 
 
-def _restore_records(dest: Path, found: list[Path], summary: RestoreSummary, emptied: set, msgs) -> None:
+def _restore_records(dest: Path, found: list[Path], earlier: list[Path], summary: RestoreSummary, msgs) -> None:
+    """Restore what the records found say was moved, then rewrite each to what stays in dest.
+    earlier: the records of restores killed before they were done."""
+    put_back = _put_back_by(earlier)
     try:
-        journal = Journal(dest, folder=MOVED_FOLDER, tmp_prefix=TMP_PREFIX)
+        journal = Journal(dest, folder=MOVED_FOLDER, tmp_prefix=TMP_PREFIX, keep=RESTORED)
     except OSError as exc:
         raise MoveAsideError(f"--restore {dest}: cannot keep a journal there ({exc.strerror or exc})",
                              hint="make it writable, then run again") from None
@@ -268,22 +273,31 @@ def _restore_records(dest: Path, found: list[Path], summary: RestoreSummary, emp
             header, entries, done, _tmps = read_journal(record)
             left = []  # the entries whose photo stays in dest: the record keeps them
             for e, where in _moved_entries(entries, done):
-                outcome = _restore_one(journal, e, where, summary, msgs)
-                if outcome == "restored":
-                    emptied.add(Path(where).parent)
-                elif outcome == "kept":
+                if _restore_one(journal, e, where, put_back, summary, msgs) == "kept":
                     left.append(e)
             write_record(record, header, left, done)
     finally:
         journal.close()
+    unlink_quietly(journal.path.with_suffix(RESTORED))  # the .moved records say it all now
 
 
-def _restore_one(journal: Journal, e: dict, where: str, summary: RestoreSummary, msgs) -> str:
+def _put_back_by(found: list[Path]) -> dict[str, list[tuple[str, list]]]:
+    """{where a photo was in dest: [(where an earlier restore put it, the file it put there)]}."""
+    put_back: dict[str, list[tuple[str, list]]] = {}
+    for record in found:
+        _header, entries, done = read_journal(record)[:3]
+        for e, where in _moved_entries(entries, done):
+            put_back.setdefault(e["source"], []).append((where, e["placed_id"]))
+    return put_back
+
+
+def _restore_one(journal: Journal, e: dict, where: str, put_back: dict, summary: RestoreSummary, msgs) -> str:
     """Put one moved photo back: "restored", "kept" (it stays in dest, said why), "missing" (no
-    longer in dest, said so) or "done before" (an earlier restore put it back)."""
+    longer in dest, said so) or "done before" (an earlier restore put it back: the same file, or
+    the copy it made across filesystems, is at the original path)."""
     source, placed = e["source"], e["placed_id"]
     if not is_file(where, placed):
-        if is_file(source, placed):
+        if is_file(source, placed) or any(p == source and is_file(source, i) for p, i in put_back.get(where, ())):
             return "done before"
         summary.missing.append((where, source))
         _say(msgs, "warn", f"{where}: no longer there (moved or removed since it was moved there): "
@@ -346,15 +360,15 @@ def _lock_for_restore(dest: Path) -> int:
                          hint="wait for it to finish, then run again if it reported photos kept")
 
 
-def _remove_emptied(dest: Path, folders: set[Path]) -> None:
-    """Remove the folders in dest that restoring emptied, and their parents below dest that are empty."""
-    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        while folder != dest and dest in folder.parents:
+def _remove_empty_folders(dest: Path) -> None:
+    """Remove the empty folders below dest (bottom up; the ones the moves made and restoring
+    emptied, including those of a restore killed before it could remove them)."""
+    for folder, _dirs, _files in os.walk(dest, topdown=False):
+        if folder != os.fspath(dest):
             try:
-                folder.rmdir()
+                os.rmdir(folder)
             except OSError:
-                break  # not empty (or gone): its parents are not empty either
-            folder = folder.parent
+                pass  # not empty
 
 
 def _say(msgs, kind: str, line: str) -> None:

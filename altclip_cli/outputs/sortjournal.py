@@ -4,17 +4,17 @@ duplicates aside (`dupes --move-to`, DIR/.altclip-dupes/, where the journal is a
 that `dupes --restore` reads).
 
 The journal: DIR/FOLDER/RUN.journal (RUN: 16 random hex digits), one JSON object per line,
-  {"pid": 1234, "keep": false}                            the first line, always there
+  {"pid": 1234, "keep": null}                             the first line, always there
   {"tmp": "/abs/some/folder/.altclip-sort-RUN-1"}         a temporary about to be made (see temporary())
   {"id": 0, "source": "/abs/src.jpg", "target": "/abs/DIR/cat/src.jpg",
    "source_id": [dev, ino], "placed_id": [dev, ino], "tmp": "/abs/DIR/cat/.altclip-sort-RUN-1" | null}
   {"done": 0}                                             finished or undone
   {"done": 0, "moved": true, "target": "/abs/..."}        (kept journals) the file is at target now
 An entry is written and fsynced before the step that leaves a photo under two names (placed_id:
-the file that step puts at target); a kept journal (keep=True) also writes one before a plain
-rename, so that it names every file it moved. A journal that is not kept is cut back to its first
-line whenever no entry is open, and removed at the end of the run; a kept one keeps every line and
-at the end of the run is renamed RUN.moved: the record of what the run moved. It is held under an
+the file that step puts at target); a kept journal (keep=".moved", say) also writes one before a
+plain rename, so that it names every file it moved. A journal that is not kept is cut back to its
+first line whenever no entry is open, and removed at the end of the run; a kept one keeps every
+line and at the end of the run is renamed RUN.moved (its keep): the record of what the run moved. It is held under an
 exclusive flock for the life of the run. A journal whose lock can be taken belongs to a dead run:
 the next run finishes or undoes its open entries, removes its temporaries and then the journal (a
 kept one becomes RUN.moved). A temporary in DIR/<folder>/ whose run has no journal is a leftover
@@ -35,7 +35,6 @@ from .noreplace import file_id, lstat_or_none, numbered_names, rename_noreplace,
 
 TMP_PREFIX = ".altclip-sort-"  # DIR/<label>/.altclip-sort-RUN-N: a copy on its way into place
 JOURNAL_FOLDER = ".altclip-sort"  # DIR/.altclip-sort/RUN.journal
-RECORD_SUFFIX = ".moved"  # a kept journal once its run is over
 _CREATE_TRIES = 1000  # another run may remove the empty journal folder as this one creates it
 _NEW_JOURNAL_GRACE_S = 60  # a journal still being created by a live run is younger
 
@@ -58,7 +57,7 @@ class Journal:
     names the run's temporaries and moves files (move)."""
 
     def __init__(self, root: Path, *, folder: str = JOURNAL_FOLDER, tmp_prefix: str = TMP_PREFIX,
-                 keep: bool = False):
+                 keep: str | None = None):
         self.folder = Path(root) / folder
         self.tmp_prefix, self.keep = tmp_prefix, keep
         self.run = secrets.token_hex(8)  # no "-": a temporary's name is TMP_PREFIX RUN - N
@@ -133,7 +132,7 @@ class Journal:
             _remove_temporaries(self.folder.parent, self.run, self.tmp_prefix, self._temporaries)
             if self.keep and self._next:
                 os.fsync(self.fd)
-                os.rename(self.path, self.path.with_suffix(RECORD_SUFFIX))
+                os.rename(self.path, self.path.with_suffix(self.keep))
                 fsync_dir(self.folder)
             else:
                 os.unlink(self.path)
@@ -296,10 +295,10 @@ def write_record(path: Path, header: dict, entries: list[dict], done: dict[int, 
     fsync_dir(Path(path).parent)
 
 
-def records(root: Path | str, folder: str) -> list[Path]:
-    """The records (kept journals of finished runs) in root/folder/."""
+def records(root: Path | str, folder: str, suffix: str) -> list[Path]:
+    """The records (journals kept as RUN+suffix once their run was over) in root/folder/."""
     found = Path(root) / folder
-    return sorted(found.glob(f"*{RECORD_SUFFIX}")) if found.is_dir() else []
+    return sorted(found.glob(f"*{suffix}")) if found.is_dir() else []
 
 
 def live_journals(root: Path | str, folder: str) -> list[Path]:
@@ -363,11 +362,12 @@ def _recover_journal(root: Path, path: Path, tmp_prefix: str) -> list[str]:
                 if line:
                     lines.append(line)
         _remove_temporaries(root, path.stem, tmp_prefix, recorded)
-        if header.get("keep") and entries:  # the record of what the run moved
+        keep = header.get("keep")
+        if isinstance(keep, str) and keep.startswith(".") and entries:  # the record of what the run moved
             os.lseek(fd, 0, os.SEEK_END)
             os.write(fd, "".join(json.dumps(x) + "\n" for x in settled).encode("ascii"))
             os.fsync(fd)
-            os.rename(path, path.with_suffix(RECORD_SUFFIX))
+            os.rename(path, path.with_suffix(keep))
         else:
             os.unlink(path)
         fsync_dir(path.parent)
