@@ -20,7 +20,7 @@ import pytest
 
 from altclip_cli.outputs import dupemove, noreplace
 from altclip_cli.outputs.dupemove import MOVED_FOLDER, TMP_PREFIX, MoveAsideError, move_aside, restore
-from test_sortinto import far, primitive  # noqa: F401 (fixtures: another filesystem; both no-replace primitives)
+from test_sortinto import far, primitive  # noqa: F401,F811 (fixtures: another filesystem; both no-replace primitives)
 
 
 class Said:
@@ -249,7 +249,7 @@ def test_a_restore_while_another_runs_is_refused(tmp_path):
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(MoveAsideError, match="another restore is running"):
+        with pytest.raises(MoveAsideError, match="another run is moving photos into it or restoring them"):
             restore(out)
     finally:
         os.close(fd)
@@ -287,8 +287,10 @@ def test_two_runs_at_once_lose_nothing_and_restore_puts_all_back(tmp_path, reque
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
         counts.append([int(x) for x in stdout.split()])
-    if which == "two trees":
+    if which == "two trees":  # one after the other (a run waits for the one moving into DIR)
         assert counts == [[150, 0, 0], [150, 0, 0]]
+    else:  # the second finds every photo it listed moved by the first
+        assert sorted(counts)[1] == [150, 0, 0] and sorted(counts)[0][::2] == [0, 0]
     assert _contents(*roots) == Counter() and _contents(out) == Counter(photos.values())
     restore(out)
     assert _at_home(photos) and _contents(out) == Counter() and _no_leftovers(*roots, out)

@@ -27,7 +27,7 @@ from typing import Iterable
 
 from ..errors import AltclipError
 from .noreplace import file_id, lstat_or_none, numbered_names, same_inode, unlink_quietly
-from .sortjournal import Journal, flock, is_file, live_journals, read_journal, records, recover, write_record
+from .sortjournal import Journal, flock, is_file, read_journal, records, recover, write_record
 
 MOVED_FOLDER = ".altclip-dupes"  # DIR/.altclip-dupes/: the journals and records of moves into DIR
 MOVED, RESTORED = ".moved", ".restored"  # DIR/.altclip-dupes/RUN.moved: what a run moved into DIR;
@@ -83,6 +83,14 @@ def move_aside(items: Iterable[Item], dest: str | os.PathLike, msgs=None) -> Mov
             raise MoveAsideError(f"--move-to {dest}: it is the folder the photos are in ({source} would be "
                                  "moved onto itself)", hint="give a folder outside the ones searched for duplicates")
     _make_folder(dest)
+    lock = _lock(dest, "--move-to", msgs)
+    try:
+        return _move_all(plan, dest, msgs)
+    finally:
+        os.close(lock)
+
+
+def _move_all(plan: list, dest: Path, msgs) -> MoveSummary:
     summary = MoveSummary()
     summary.recovered = _recover(dest, msgs)
     moved_before = _moved_by_records(dest)
@@ -238,13 +246,10 @@ def restore(dest: str | os.PathLike, msgs=None) -> RestoreSummary:
     dest = Path(os.path.abspath(os.fsdecode(os.fspath(dest))))
     if not dest.is_dir():
         raise MoveAsideError(f"--restore {dest}: no such folder", hint="give the folder given to --move-to")
-    lock = _lock_for_restore(dest)
+    lock = _lock(dest, "--restore")
     summary = RestoreSummary()
     try:
         summary.recovered = _recover(dest, msgs)
-        if live_journals(dest, MOVED_FOLDER):
-            _say(msgs, "warn", f"{dest}: a run is moving photos into it now: the photos it moves are not "
-                               "restored (run --restore again once it has finished)")
         found = records(dest, MOVED_FOLDER, MOVED)
         earlier = records(dest, MOVED_FOLDER, RESTORED)  # of restores killed before they were done
         if not found:
@@ -343,21 +348,27 @@ def _move_back(journal: Journal, where: str, source: str) -> str | None:
     return f"{os.path.dirname(source)} keeps disappearing"
 
 
-def _lock_for_restore(dest: Path) -> int:
-    """An exclusive lock on dest (the folder itself) for this restore; MoveAsideError if another holds it."""
+def _lock(dest: Path, option: str, msgs=None) -> int:
+    """An exclusive lock on dest (the folder itself) for this run: one move or restore at a time
+    per folder, so that two runs never copy one photo twice. A move waits for the lock (saying so
+    through msgs); a restore raises MoveAsideError instead."""
     try:
         fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise MoveAsideError(f"--restore {dest}: cannot open it ({exc.strerror or exc})") from None
+        raise MoveAsideError(f"{option} {dest}: cannot open it ({exc.strerror or exc})") from None
     try:
         if flock(fd):
             return fd
-    except OSError:
+        if option == "--move-to":
+            _say(msgs, "note", f"{dest}: another run is moving photos into it or restoring them: waiting for it")
+            flock(fd, wait=True)
+            return fd
+    except BaseException:
         os.close(fd)
         raise
     os.close(fd)
-    raise MoveAsideError(f"--restore {dest}: another restore is running on it",
-                         hint="wait for it to finish, then run again if it reported photos kept")
+    raise MoveAsideError(f"{option} {dest}: another run is moving photos into it or restoring them",
+                         hint="wait for it to finish, then run --restore again")
 
 
 def _remove_empty_folders(dest: Path) -> None:
