@@ -68,7 +68,8 @@ Item = tuple  # (source, relative path) or (source, relative path, (size, mtime_
 def move_aside(items: Iterable[Item], dest: str | os.PathLike, msgs=None) -> MoveSummary:
     """Move each source to dest/<relative path>, creating folders, never replacing a file there.
 
-    items: (absolute source path, its path relative to the root it was found under), optionally
+    items: (source path (a relative one is taken from the current folder), its path relative to
+    the root it was found under), optionally
     with a third element (size, mtime_ns) as it was listed (the index's): a source that no
     longer matches it has changed since and is skipped. Skipped with a message too: a source that
     is gone (unless an earlier run moved it: `already`), is not a regular file, lies inside dest,
@@ -120,11 +121,9 @@ def _move_all(plan: list, dest: Path, msgs) -> MoveSummary:
 
 def _plan(item, dest: Path) -> tuple[str, Path | None, tuple | None, str | None]:
     """(source, target in dest, (size, mtime_ns) as listed or None, why it cannot move or None)."""
-    source, rel = os.fsdecode(item[0]), os.fsdecode(item[1])
+    source, rel = os.path.abspath(os.fsdecode(item[0])), os.fsdecode(item[1])
     listed = tuple(item[2]) if len(item) > 2 and item[2] is not None else None
     parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
-    if not os.path.isabs(source):
-        return source, None, listed, "not an absolute path: not moved"
     if os.path.isabs(rel) or not parts or ".." in parts:
         return source, None, listed, f"its relative path {rel!r} is empty, absolute or climbs out: not moved"
     if parts[0] == MOVED_FOLDER:

@@ -382,6 +382,8 @@ def _settle(e: dict) -> tuple[str | None, str | None]:
             os.unlink(source)
             fsync_dir(os.path.dirname(source))
             return f"finished an interrupted move: {source} -> {target}", target
+        if not placed:
+            return f"an interrupted move had not begun: {source} stays", None
         return f"undid an interrupted move: {source} stays", None
     if placed:
         return None, target  # moved in one step (a rename), or the source unlinked already
