@@ -279,7 +279,7 @@ def test_two_runs_at_once_lose_nothing_and_restore_puts_all_back(tmp_path, reque
     roots = [tmp_path / "one", tmp_path / "two"] if which == "two trees" else [tmp_path / "one"] * 2
     photos = {}
     for root in dict.fromkeys(roots):
-        photos.update(_tree(root, 150))
+        photos.update(_tree(root, 80))
     procs = [subprocess.Popen([sys.executable, "-c", RUN, str(root), str(out), how],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for root in roots]
     counts = []
@@ -288,9 +288,9 @@ def test_two_runs_at_once_lose_nothing_and_restore_puts_all_back(tmp_path, reque
         assert proc.returncode == 0, stderr
         counts.append([int(x) for x in stdout.split()])
     if which == "two trees":  # one after the other (a run waits for the one moving into DIR)
-        assert counts == [[150, 0, 0], [150, 0, 0]]
+        assert counts == [[80, 0, 0], [80, 0, 0]]
     else:  # the second finds every photo it listed moved by the first
-        assert sorted(counts)[1] == [150, 0, 0] and sorted(counts)[0][::2] == [0, 0]
+        assert sorted(counts)[1] == [80, 0, 0] and sorted(counts)[0][::2] == [0, 0]
     assert _contents(*roots) == Counter() and _contents(out) == Counter(photos.values())
     restore(out)
     assert _at_home(photos) and _contents(out) == Counter() and _no_leftovers(*roots, out)
@@ -344,7 +344,7 @@ def _kill_when(args, count, at_least: int):
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None and count() < at_least:
-        time.sleep(0.001)
+        time.sleep(0.003)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
 
