@@ -200,6 +200,21 @@ def test_sources_changed_vanished_or_odd_are_skipped_with_a_message(tmp_path):
     assert not (tmp_path / "outside.jpg").exists() and not (out.parent / "outside.jpg").exists()
 
 
+def test_a_file_where_a_folder_must_be_made_skips_only_its_photos(tmp_path):
+    root, out = tmp_path / "tree", tmp_path / "out"
+    photos = _tree(root, 14)
+    out.mkdir()
+    (out / "f1").write_bytes(b"a file named like a folder of the tree")
+    said = Said()
+    summary = move_aside(_items(root, photos), out, said)
+    blocked = sorted(p for p in photos if os.path.relpath(p, root).startswith("f1" + os.sep))
+    assert blocked and sorted(s for s, _ in summary.skipped) == blocked
+    assert all(w.startswith(f"cannot create {out / 'f1'}") for _, w in summary.skipped)
+    assert len(summary.moved) == 14 - len(blocked) and len(said.warnings) == len(blocked)
+    restore(out)
+    assert _at_home(photos) and (out / "f1").read_bytes().startswith(b"a file")
+
+
 # --- restore against what happened since --------------------------------------------------------------
 
 def test_restore_recreates_a_folder_that_is_gone(tmp_path):
@@ -240,6 +255,47 @@ def test_restore_of_a_photo_removed_from_dest_says_so_once(tmp_path):
     assert back.missing == [(where, source)] and len(back.restored) == 2
     assert len(said.warnings) == 1 and where in said.warnings[0] and source in said.warnings[0]
     assert restore(out) == dupemove.RestoreSummary()
+
+
+def test_restore_keeps_a_photo_whose_folder_is_now_a_file(tmp_path):
+    root, out = tmp_path / "tree", tmp_path / "out"
+    photos = _tree(root, 3)
+    summary = move_aside(_items(root, photos), out)
+    source, where = summary.moved[0]
+    shutil.rmtree(root / "f0")
+    (root / "f0").write_bytes(b"now a file")
+    said = Said()
+    back = restore(out, said)
+    assert [(w, s) for w, s, _ in back.kept] == [(where, source)] and back.kept[0][2].startswith("cannot create")
+    assert len(back.restored) == 2 and Path(where).read_bytes() == photos[source]
+    os.unlink(root / "f0")
+    assert restore(out).restored == [(where, source)] and _at_home(photos)
+
+
+def test_an_interrupted_run_is_settled_and_said_by_the_next(tmp_path, monkeypatch):
+    """A move cut between its hard link and its unlink (Ctrl-C in the same process here) leaves
+    its journal; the next run finishes the move and says so."""
+    monkeypatch.setattr(noreplace, "_renameat2", None)
+    root, out = tmp_path / "tree", tmp_path / "out"
+    photos = _tree(root, 3)
+    real_unlink = os.unlink
+
+    def interrupted(path, *a, **k):
+        if os.fsdecode(path) in photos:
+            raise KeyboardInterrupt
+        return real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        move_aside(_items(root, photos), out)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    first = sorted(photos)[0]
+    said = Said()
+    summary = move_aside(_items(root, photos), out, said)
+    where = os.path.join(out, os.path.relpath(first, root))
+    assert said.notes == summary.recovered == [f"finished an interrupted move: {first} -> {where}"]
+    assert summary.already == [(first, where)] and len(summary.moved) == 2
+    assert len(restore(out).restored) == 3 and _at_home(photos)
 
 
 def test_a_restore_while_another_runs_is_refused(tmp_path):
