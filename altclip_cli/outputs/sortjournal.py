@@ -11,16 +11,17 @@ The journal: DIR/FOLDER/RUN.journal (RUN: 16 random hex digits), one JSON object
   {"done": 0}                                             finished or undone
   {"done": 0, "moved": true, "target": "/abs/..."}        (kept journals) the file is at target now
 An entry is written and fsynced before the step that leaves a photo under two names (placed_id:
-the file that step puts at target); a kept journal (keep=".moved", say) also writes one before a
-plain rename, so that it names every file it moved (written at once, so kill -9 cannot lose it;
-fsynced at least once a second and at the end: a power cut loses the record of the last moments'
-renames, never a photo). A journal that is not kept is cut back to its
-first line whenever no entry is open, and removed at the end of the run; a kept one keeps every
-line and at the end of the run is renamed RUN.moved (its keep): the record of what the run moved. It is held under an
-exclusive flock for the life of the run. A journal whose lock can be taken belongs to a dead run:
-the next run finishes or undoes its open entries, removes its temporaries and then the journal (a
-kept one becomes RUN.moved). A temporary in DIR/<folder>/ whose run has no journal is a leftover
-too; one whose journal is locked belongs to a live run and is left alone.
+the file that step puts at target). A kept journal (keep=".moved", say) also writes one before a
+plain rename, so that it names every file it moved; that one is written at once (kill -9 cannot
+lose it) and fsynced with the next entry once a second has passed, and at the end (a power cut
+may lose the record of the last second's renames, never a photo). A journal that is not kept is
+cut back to its first line whenever no entry is open, and removed at the end of the run; a kept
+one keeps every line and at the end of the run is renamed RUN.moved (RUN + its keep): the record
+of what the run moved. It is held under an exclusive flock for the life of the run. A journal
+whose lock can be taken belongs to a dead run: the next run finishes or undoes its open entries,
+removes its temporaries and then the journal (a kept one becomes its record). A temporary in
+DIR/<folder>/ whose run has no journal is a leftover too; one whose journal is locked belongs to a
+live run and is left alone.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ TMP_PREFIX = ".altclip-sort-"  # DIR/<label>/.altclip-sort-RUN-N: a copy on its 
 JOURNAL_FOLDER = ".altclip-sort"  # DIR/.altclip-sort/RUN.journal
 _CREATE_TRIES = 1000  # another run may remove the empty journal folder as this one creates it
 _NEW_JOURNAL_GRACE_S = 60  # a journal still being created by a live run is younger
-_SYNC_EVERY_S = 1.0  # a kept journal's entries for plain renames reach the disk at least this often
+_SYNC_EVERY_S = 1.0  # a kept journal's entries for plain renames are fsynced with the next one after this
 
 
 def flock(fd: int, *, wait: bool = False) -> bool:
