@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from altclip_cli.outputs import dupemove, noreplace
+from altclip_cli.outputs import dupemove, noreplace, sortjournal
 from altclip_cli.outputs.dupemove import MOVED_FOLDER, TMP_PREFIX, MoveAsideError, move_aside, restore
 from test_sortinto import far, primitive  # noqa: F401,F811 (fixtures: another filesystem; both no-replace primitives)
 
@@ -298,6 +298,30 @@ def test_an_interrupted_run_is_settled_and_said_by_the_next(tmp_path, monkeypatc
     assert len(restore(out).restored) == 3 and _at_home(photos)
 
 
+def test_ctrl_c_in_a_restore_across_filesystems_then_a_rerun_says_nothing_wrong(tmp_path, far, monkeypatch):
+    """The photos put back before Ctrl-C are copies (another filesystem): the next restore knows
+    them from the interrupted restore's record, not as photos gone from DIR."""
+    root, out = tmp_path / "tree", far / "out"
+    photos = _tree(root, 8)
+    move_aside(_items(root, photos), out)
+    real_move, calls = sortjournal.Journal.move, []
+
+    def move_then_ctrl_c(self, *a):
+        real_move(self, *a)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sortjournal.Journal, "move", move_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        restore(out)
+    monkeypatch.setattr(sortjournal.Journal, "move", real_move)
+    said = Said()
+    back = restore(out, said)
+    assert len(back.restored) == 5 and not back.missing and not back.kept and said.warnings == []
+    assert _at_home(photos) and list(out.iterdir()) == []
+
+
 def test_a_restore_while_another_runs_is_refused(tmp_path):
     root, out = tmp_path / "tree", tmp_path / "out"
     photos = _tree(root, 2)
@@ -316,7 +340,7 @@ def test_a_restore_while_another_runs_is_refused(tmp_path):
 
 RUN = r"""
 import os, sys
-from altclip_cli.outputs import dupemove, noreplace
+from altclip_cli.outputs import dupemove, noreplace, sortjournal
 src, out, how = sys.argv[1:4]
 if how == "link":
     noreplace._renameat2 = None
