@@ -448,14 +448,14 @@ def test_killed_at_random_moments_of_a_move_and_a_restore_loses_nothing(tmp_path
     photos = _tree(root, 300)
     rng = random.Random()
     for _ in range(2):
-        _kill_when(["move", root, out, how, "random", 0], lambda: _in(out), rng.randrange(10, 290))
+        _kill_when(["move", root, out, how, "random", 0], lambda: _in(out), rng.randrange(10, 240))
         _check_none_lost(root, out, photos)
     assert 0 < _in(out) < 300, "killed too late to test anything"
     done = _run("move", root, out, how, "none", 0)
     assert done.stdout.startswith("moved ") and "skipped []" in done.stdout, done.stderr
     assert _contents(root) == Counter() and _contents(out) == Counter(photos.values())
     for _ in range(2):
-        _kill_when(["restore", root, out, how, "random", 0], lambda: _in(root), rng.randrange(10, 290))
+        _kill_when(["restore", root, out, how, "random", 0], lambda: _in(root), rng.randrange(10, 240))
         _check_none_lost(root, out, photos)
     assert 0 < _in(root) < 300, "killed too late to test anything"
     done = _run("restore", root, out, how, "none", 0)
