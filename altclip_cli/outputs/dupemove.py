@@ -16,6 +16,9 @@ restore(DIR) puts every photo the records in DIR say were moved back where it ca
 recreating its folder if it is gone. Where a file has taken the original's name since, both are
 kept: the photo stays in DIR, its record stays, and a message names the file in the way. A second
 restore does nothing; a restore killed half-way is finished by running it again.
+
+One run at a time per DIR (a lock on the folder): a move waits for the run before it, a restore
+refuses to start while another runs; so two runs never copy one photo twice.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ _MAX_TRIES = 1000  # names taken (or folders removed) by other writers between c
 
 class MoveAsideError(AltclipError):
     """DIR cannot take the photos (not a folder, not writable, the very folder they are in) or
-    cannot keep its journal, or another restore runs on it (exit 1); nothing was moved."""
+    cannot keep its journal, or (for a restore) another run holds it (exit 1); nothing was moved."""
 
 
 @dataclass
