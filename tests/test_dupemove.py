@@ -183,7 +183,7 @@ def test_sources_changed_vanished_or_odd_are_skipped_with_a_message(tmp_path):
     (root / "link.jpg").symlink_to(a)
     items = [(p, os.path.relpath(p, root), listed[p]) for p in (a, b, c, d)]
     items += [(str(root / "pipe.jpg"), "pipe.jpg"), (str(root / "link.jpg"), "link.jpg"),
-              (d, "../outside.jpg"), (d, "/etc/x.jpg"), (d, f"{MOVED_FOLDER}/x.jpg")]
+              (d, "../outside.jpg"), (d, "/etc/x.jpg"), (d, f"{MOVED_FOLDER}/x.jpg"), (d, "x\x00.jpg")]
     said = Said()
     summary = move_aside(items, out, said)
     why = dict((s, w) for s, w in summary.skipped if s != d)
@@ -193,7 +193,8 @@ def test_sources_changed_vanished_or_odd_are_skipped_with_a_message(tmp_path):
     assert [w for s, w in summary.skipped if s == d] == [
         "its relative path '../outside.jpg' is empty, absolute or climbs out: not moved",
         "its relative path '/etc/x.jpg' is empty, absolute or climbs out: not moved",
-        f"its relative path '{MOVED_FOLDER}/x.jpg' would go into {MOVED_FOLDER}/: not moved"]
+        f"its relative path '{MOVED_FOLDER}/x.jpg' would go into {MOVED_FOLDER}/: not moved",
+        "a path with a NUL character: not moved"]
     assert summary.moved == [(a, os.path.join(out, os.path.relpath(a, root))), (d, os.path.join(out, os.path.relpath(d, root)))]
     assert said.warnings == [f"{s}: {w}" for s, w in summary.skipped]
     assert Path(b).read_bytes().endswith(b"edited since") and (root / "link.jpg").is_symlink()

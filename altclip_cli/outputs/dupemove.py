@@ -124,8 +124,11 @@ def _move_all(plan: list, dest: Path, msgs) -> MoveSummary:
 
 def _plan(item, dest: Path) -> tuple[str, Path | None, tuple | None, str | None]:
     """(source, target in dest, (size, mtime_ns) as listed or None, why it cannot move or None)."""
-    source, rel = os.path.abspath(os.fsdecode(item[0])), os.fsdecode(item[1])
+    source, rel = os.fsdecode(item[0]), os.fsdecode(item[1])
     listed = tuple(item[2]) if len(item) > 2 and item[2] is not None else None
+    if "\x00" in source + rel:
+        return source, None, listed, "a path with a NUL character: not moved"
+    source = os.path.abspath(source)
     parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
     if os.path.isabs(rel) or not parts or ".." in parts:
         return source, None, listed, f"its relative path {rel!r} is empty, absolute or climbs out: not moved"
