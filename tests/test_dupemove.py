@@ -496,6 +496,8 @@ def test_killed_while_a_restore_rewrites_its_record(tmp_path):
     root, out = tmp_path / "tree", tmp_path / "out"
     photos = _tree(root, 10)
     assert _run("move", root, out, "same", "none", 0).returncode == 0
+    record = next((out / MOVED_FOLDER).glob("*.moved"))
+    (record.parent / f".{record.name}.tmp-99999").write_bytes(b"{}")  # a rewrite killed before its rename
     killed = _run("restore", root, out, "same", "record", 1)
     assert killed.returncode == -signal.SIGKILL and _at_home(photos)
     assert _run("restore", root, out, "same", "none", 0).stdout == "restored 0 kept [] missing []\n"

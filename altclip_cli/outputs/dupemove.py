@@ -255,6 +255,8 @@ def restore(dest: str | os.PathLike, msgs=None) -> RestoreSummary:
     summary = RestoreSummary()
     try:
         summary.recovered = _recover(dest, msgs)
+        for half_written in (dest / MOVED_FOLDER).glob(f".*{MOVED}.tmp-*"):  # a record's rewrite cut short
+            unlink_quietly(half_written)
         found = records(dest, MOVED_FOLDER, MOVED)
         earlier = records(dest, MOVED_FOLDER, RESTORED)  # of restores killed before they were done
         if not found:
