@@ -1,0 +1,503 @@
+"""Duplicate photos among indexed ones, in three tiers, strictest first, each with its reason.
+
+  identical  the same bytes: equal content keys (the size and sha256 of every byte, stored by
+             indexing: update.content_key_of).
+  near       the same picture saved again (re-encoded, resized, EXIF-rotated, metadata stripped,
+             cropped by a few percent): perceptual hashes within `max_distance` bits
+             (hashgroups.near_pairs) AND embeddings with a cosine of at least NEAR_MIN_COSINE.
+             A blank or near-black picture (phash_low) is never paired by its hash: only a
+             byte-identical copy matches it.
+  similar    (asked for only) the same scene, a burst or a series: cosine >= `threshold`
+             (DEFAULT_SIMILAR_THRESHOLD). Blank pictures are left out of this tier too: any two
+             black frames look alike to the model.
+
+How tiers combine: the pairs of each tier are edges, and a group is a connected component of
+the edges of its tier and every stricter one. So a near pair joins two groups of identical
+copies into one near group, and with --similar a similar pair joins near groups. Within a
+group, each photo's tier is the strictest through which it reaches the kept photo: identical
+when it has the kept one's bytes, near when a chain of identical and near pairs leads to it,
+else similar. The group's tier is the loosest of its photos'. Each photo's cosine and Hamming
+distance are measured to the kept photo directly.
+
+The photo to keep (KEEP_RULES): `largest` (the default) the most pixels, then the largest
+file, then the oldest capture time, then the path; `oldest` / `newest` the capture time first
+(photos without one last), then as `largest`; `first` the photo below the earliest of the
+folders given (`first_roots`), then the path. Every other photo says why it lost: the first
+point of the rule where it differs from the kept one.
+
+The engine works on plain numpy columns (`Photos`), one entry per photo, so it runs without an
+index; `duplicates_below` feeds it from an index snapshot.
+
+The similar tier compares every pair without an N x N matrix (see `similar_pairs`): 100,000
+photos of 768 dimensions group in about half a minute on two CPU cores (bench/dupes.py).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from ..inputs.perceptual import DEFAULT_MAX_DISTANCE, HASH_BITS
+
+TIERS = ("identical", "near", "similar")  # strictest first
+KEEP_RULES = ("largest", "oldest", "newest", "first")
+DEFAULT_KEEP = "largest"
+
+# Cosine two near photos' embeddings must reach besides their hashes. The same picture saved
+# again (re-encoded, halved, rotated by EXIF, cropped by 3%) keeps its embedding within a few
+# hundredths of a cosine; two different pictures whose hashes happen to agree (fine detail on
+# the same layout, two dark frames) fall well below.
+NEAR_MIN_COSINE = 0.95
+
+# Cosine from which `similar` groups two photos: frames of one burst and shots of one scene
+# a moment apart reach it; photos that merely share a subject (two beaches) stay below.
+DEFAULT_SIMILAR_THRESHOLD = 0.92
+
+UNKNOWN_TIME = -(2 ** 63)  # taken_local of a photo without a capture time
+BLOCK = 4096  # rows per block of the similar tier's matrix products
+COARSE_DIMS = 128  # dimensions of the similar tier's first, bounding pass
+_PAIRS_CHUNK = 1 << 16  # pairs whose cosine is computed at once
+
+
+@dataclass
+class Photos:
+    """The photos to group, as columns of one entry each (position i is photo i).
+
+    vectors: (M, D) float32 unit rows (a memory map is fine: only the rows used are read);
+    rows: (N,) int64, photo i's row in vectors (default: row i);
+    content_key: (N,) object, str or None (unknown: never identical to anything);
+    phash: (N,) uint64; has_phash: (N,) bool; phash_low: (N,) bool (blank: never paired by hash);
+    width, height: (N,) int64, -1 when unknown; size: (N,) int64 bytes;
+    taken_local: (N,) int64 seconds since 1970-01-01 of the naive capture time, UNKNOWN_TIME if none;
+    paths_of(positions) -> their absolute paths (asked only for the photos in groups);
+    taken_of(positions) -> their capture times as shown (ISO 8601 strings or None), for output.
+    """
+
+    vectors: object
+    content_key: object
+    phash: object
+    has_phash: object
+    phash_low: object
+    width: object
+    height: object
+    size: object
+    taken_local: object
+    paths_of: Callable[[object], list]
+    rows: object = None
+    taken_of: Callable[[object], list] | None = None
+
+    def __post_init__(self):
+        import numpy as np
+
+        n = len(self.content_key)
+        if self.rows is None:
+            self.rows = np.arange(n, dtype=np.int64)
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        for name in ("phash", "has_phash", "phash_low", "width", "height", "size", "taken_local", "rows"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} photos")
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def from_lists(cls, paths: Sequence[str], vectors, **columns) -> "Photos":
+        """Photos from in-memory lists (tests, small sets): paths and vectors given whole; missing
+        columns default to unknown (no content key, no hash, unknown size and time)."""
+        import numpy as np
+
+        n = len(paths)
+        paths = list(paths)
+        defaults = {"content_key": [None] * n, "phash": np.zeros(n, np.uint64), "has_phash": np.zeros(n, bool),
+                    "phash_low": np.zeros(n, bool), "width": np.full(n, -1), "height": np.full(n, -1),
+                    "size": np.zeros(n, np.int64), "taken_local": np.full(n, UNKNOWN_TIME, np.int64)}
+        cols = {**defaults, **columns}
+        cols["content_key"] = np.array(list(cols["content_key"]), dtype=object)
+        cols["phash"] = np.asarray([int(h) for h in cols["phash"]], dtype=np.uint64)
+        for name, dtype in (("has_phash", bool), ("phash_low", bool), ("width", np.int64), ("height", np.int64),
+                            ("size", np.int64), ("taken_local", np.int64)):
+            cols[name] = np.asarray(cols[name], dtype=dtype)
+        return cls(vectors=np.asarray(vectors, dtype=np.float32),
+                   paths_of=lambda positions: [paths[int(i)] for i in positions], **cols)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A photo of a group. tier: "keep" for the photo to keep, else the tier by which it joins
+    it; cosine and hamming: to the kept photo (hamming None when either has no hash); why: why
+    it lost to the kept photo (None for the kept one)."""
+
+    position: int
+    path: str
+    tier: str
+    cosine: float
+    hamming: int | None
+    width: int | None
+    height: int | None
+    bytes: int
+    taken: str | None
+    why: str | None = None
+
+
+@dataclass
+class Group:
+    """A group of duplicates: its tier (the loosest of its members'), the photo to keep first."""
+
+    number: int
+    tier: str
+    members: list = field(default_factory=list)
+
+    @property
+    def keep(self) -> Member:
+        return self.members[0]
+
+    @property
+    def others(self) -> list:
+        return self.members[1:]
+
+    def record(self) -> dict:
+        """{"group", "tier", "keep", "items": [...]}: what the jsonl output holds."""
+        from ..inputs.names import display
+
+        return {"group": self.number, "tier": self.tier, "keep": display(self.keep.path),
+                "items": [{"path": display(m.path), "tier": m.tier, "cosine": round(m.cosine, 4),
+                           "hamming": m.hamming, "width": m.width, "height": m.height, "bytes": m.bytes,
+                           "taken": m.taken, "why": m.why} for m in self.members]}
+
+
+@dataclass
+class Found:
+    """What find_groups found: the groups (identical first, then near, then similar; each by its
+    kept path), and the number of photos compared."""
+
+    groups: list
+    compared: int
+    seconds: dict = field(default_factory=dict)  # time per step, for the bench
+
+    def counts(self) -> dict:
+        """{tier: groups} for each tier."""
+        return {t: sum(1 for g in self.groups if g.tier == t) for t in TIERS}
+
+    @property
+    def removable(self) -> int:
+        return sum(len(g.others) for g in self.groups)
+
+
+def find_groups(photos: Photos, *, similar: bool = False, threshold: float = DEFAULT_SIMILAR_THRESHOLD,
+                max_distance: int = DEFAULT_MAX_DISTANCE, near_cosine: float = NEAR_MIN_COSINE,
+                keep: str = DEFAULT_KEEP, first_roots: Sequence[str] = (), block: int = BLOCK) -> Found:
+    """The groups of duplicates among `photos` (see the module doc). first_roots: the folders
+    given, in order, for keep="first"."""
+    import time
+
+    import numpy as np
+
+    if keep not in KEEP_RULES:
+        raise ValueError(f"keep must be one of {', '.join(KEEP_RULES)}, not {keep!r}")
+    if not 0 <= max_distance <= HASH_BITS:
+        raise ValueError(f"max_distance must be within 0-{HASH_BITS}, not {max_distance}")
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"threshold is a cosine, within -1 to 1, not {threshold}")
+    n = photos.count
+    seconds = {}
+    started = time.perf_counter()
+    identical = components(n, *identical_pairs(photos.content_key))
+    seconds["identical"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    usable = np.asarray(photos.has_phash, bool) & ~np.asarray(photos.phash_low, bool)
+    i, j, _distance = near_pairs_checked(photos, usable, max_distance, near_cosine)
+    near = components(n, i, j, labels=identical)
+    seconds["near"] = time.perf_counter() - started
+
+    loosest = near
+    if similar:
+        started = time.perf_counter()
+        eligible = ~np.asarray(photos.phash_low, bool)
+        loosest = near.copy()
+        for i, j in similar_pairs(photos.vectors, photos.rows, threshold, only=eligible, block=block):
+            loosest = components(n, i, j, labels=loosest)
+        seconds["similar"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    groups = _groups(photos, identical, near, loosest, keep, first_roots)
+    seconds["groups"] = time.perf_counter() - started
+    return Found(groups, n, seconds)
+
+
+# --- pairs -------------------------------------------------------------------------------------------
+
+
+def identical_pairs(content_key):
+    """(i, j) int64 arrays joining each photo to the first photo with the same content key."""
+    import numpy as np
+
+    keys = np.asarray(content_key, dtype=object)
+    known = np.flatnonzero(np.array([k is not None for k in keys], dtype=bool))
+    empty = np.zeros(0, np.int64)
+    if known.size < 2:
+        return empty, empty
+    _unique, first, inverse = np.unique(keys[known].astype(str), return_index=True, return_inverse=True)
+    i = known
+    j = known[first[inverse.ravel()]]
+    keep = i != j
+    return i[keep], j[keep]
+
+
+def near_pairs_checked(photos: Photos, usable, max_distance: int, near_cosine: float):
+    """(i, j, hamming) of the photos whose hashes are within max_distance bits (usable ones only)
+    and whose embeddings' cosine is at least near_cosine."""
+    import numpy as np
+
+    from .hashgroups import near_pairs
+
+    found = near_pairs(np.asarray(photos.phash, dtype=np.uint64), max_distance, usable=usable)
+    if found.first.size == 0:
+        return found.first, found.second, found.distance
+    cos = pair_cosines(photos.vectors, photos.rows, found.first, found.second)
+    keep = cos >= near_cosine
+    return found.first[keep], found.second[keep], found.distance[keep]
+
+
+def pair_cosines(vectors, rows, i, j):
+    """(P,) float32: the cosine of photo i[k] with photo j[k] (unit vectors: a dot product)."""
+    import numpy as np
+
+    out = np.empty(len(i), dtype=np.float32)
+    for start in range(0, len(i), _PAIRS_CHUNK):
+        a = np.asarray(vectors[rows[i[start:start + _PAIRS_CHUNK]]], dtype=np.float32)
+        b = np.asarray(vectors[rows[j[start:start + _PAIRS_CHUNK]]], dtype=np.float32)
+        out[start:start + len(a)] = np.einsum("pd,pd->p", a, b)
+    return out
+
+
+def similar_pairs(vectors, rows, threshold: float, *, only=None, block: int = BLOCK):
+    """Every pair of photos whose cosine is at least `threshold`, as (i, j) int64 arrays yielded
+    a slice of a block at a time (no more than `block` x `block` pairs at once, so memory stays
+    a few blocks whatever the number of photos). only: (N,) bool, the photos that may pair.
+
+    Two passes, exact together. The vectors are turned into the basis of their own principal
+    directions (a rotation: dot products do not change), and every pair first gets a cheap
+    upper bound on its cosine from the first COARSE_DIMS coordinates, a @ b <= a' @ b' + |r_a| |r_b|
+    (a' the first coordinates, r the rest: Cauchy-Schwarz on the rest), computed as one matrix
+    product of (N, COARSE_DIMS + 1) rows [a', |r_a|]. Only the block rows and columns where some
+    bound reaches the threshold are then compared in full, in float32. Where the photos' vectors
+    concentrate in a few directions, as a model's embeddings do, the bound is tight; where they
+    do not, more pairs pass to the full product, which is always the one that decides. The upper
+    triangle of blocks only: each pair is computed once."""
+    import numpy as np
+
+    positions = np.arange(len(rows), dtype=np.int64)
+    if only is not None:
+        positions = positions[np.asarray(only, bool)]
+    n = len(positions)
+    if n < 2:
+        return
+    take = np.asarray(rows)[positions]
+    coarse, slack = _bounding_rows(vectors, take, block)
+    limit = np.float32(threshold - slack)
+    tile = np.empty((min(block, n), min(block, n)), dtype=np.float32)  # reused: no fresh pages per tile
+    for a in range(0, n, block):
+        ca = coarse[a:a + block]
+        for b in range(a, n, block):
+            cb = coarse[b:b + block]
+            bound = np.matmul(ca, cb.T, out=tile[:len(ca), :len(cb)])  # (block, block) upper bounds
+            if a == b:
+                bound[np.tril_indices(len(ca))] = -np.inf  # each pair once, no photo with itself
+            ri = np.flatnonzero(bound.max(axis=1) >= limit)  # one pass; most tiles stop here
+            if ri.size == 0:
+                continue
+            hit = bound[ri] >= limit  # (r, block)
+            ci = np.flatnonzero(hit.any(axis=0))
+            hit = hit[:, ci]
+            xa = np.asarray(vectors[take[a + ri]], dtype=np.float32)  # (r, D)
+            xb = np.asarray(vectors[take[b + ci]], dtype=np.float32)  # (c, D)
+            for s in range(0, len(ri), 1024):  # a slice of the rows at a time: at most 1024 x block pairs
+                ok = (xa[s:s + 1024] @ xb.T >= threshold) & hit[s:s + 1024]
+                pi, pj = np.nonzero(ok)
+                if pi.size:
+                    yield positions[a + ri[s + pi]], positions[b + ci[pj]]
+
+
+def _bounding_rows(vectors, take, block: int):
+    """((N, COARSE_DIMS + 1) float32 rows [a', |r_a|] for the bound of similar_pairs, and the
+    float32 rounding slack to allow on it)."""
+    import numpy as np
+
+    n = len(take)
+    dim = vectors.shape[1]
+    k = min(COARSE_DIMS, dim)
+    # The principal directions of (a sample of) the vectors themselves: the uncentred second moment,
+    # so the mean direction, which every embedding shares, comes first.
+    rng = np.random.default_rng(0)
+    sample = take if n <= 16384 else take[np.sort(rng.choice(n, 16384, replace=False))]
+    x = np.asarray(vectors[sample], dtype=np.float64)
+    _values, vecs = np.linalg.eigh(x.T @ x)
+    basis = np.ascontiguousarray(vecs[:, ::-1][:, :k], dtype=np.float32)  # (D, k), strongest first
+    out = np.empty((n, k + 1), dtype=np.float32)
+    for s in range(0, n, block):
+        x = np.asarray(vectors[take[s:s + block]], dtype=np.float32)  # (b, D)
+        head = x @ basis  # (b, k)
+        rest = np.einsum("bd,bd->b", x, x, dtype=np.float64) - np.einsum("bk,bk->b", head, head, dtype=np.float64)
+        out[s:s + block, :k] = head
+        out[s:s + block, k] = np.sqrt(np.maximum(rest, 0.0))
+    # float32 products of unit rows are off by a few 1e-7 per dimension at most; the basis is
+    # orthonormal to about 1e-6: 1e-3 is far above both, and costs only a few more full products.
+    return out, 1e-3
+
+
+# --- connected components ---------------------------------------------------------------------------------
+
+
+def components(n: int, i, j, *, labels=None):
+    """(n,) int64: the label of each node's connected component under the edges (i[k], j[k]),
+    the smallest node of the component, starting from `labels` (an earlier result: the edges add
+    to its components). Hook-and-compress, vectorised: each round points the root of every
+    edge's larger label at the smaller one, then follows pointers to the roots."""
+    import numpy as np
+
+    labels = np.arange(n, dtype=np.int64) if labels is None else labels.copy()
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    while i.size:
+        li, lj = labels[i], labels[j]
+        apart = li != lj
+        if not apart.any():
+            break
+        i, j, li, lj = i[apart], j[apart], li[apart], lj[apart]
+        low, high = np.minimum(li, lj), np.maximum(li, lj)
+        np.minimum.at(labels, high, low)  # a root now points at a smaller root: no cycle
+        while True:
+            up = labels[labels]
+            if np.array_equal(up, labels):
+                break
+            labels = up
+    return labels
+
+
+# --- groups and the photo to keep ----------------------------------------------------------------------------
+
+
+def _groups(photos: Photos, identical, near, loosest, keep: str, first_roots) -> list:
+    import numpy as np
+
+    _roots, inverse, counts = np.unique(loosest, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    in_group = np.flatnonzero(counts[inverse] > 1)
+    if in_group.size == 0:
+        return []
+    order = in_group[np.argsort(inverse[in_group], kind="stable")]  # members, group by group
+    bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+    paths = photos.paths_of(order)
+    path_at = dict(zip(order.tolist(), paths))
+    taken = photos.taken_of(order) if photos.taken_of is not None else [None] * len(order)
+    taken_at = dict(zip(order.tolist(), taken))
+    roots = [os.path.join(os.path.realpath(r), "") for r in first_roots]
+    pixels = np.where((photos.width >= 0) & (photos.height >= 0), photos.width * photos.height, -1)
+
+    def rank(p: int) -> tuple:
+        """The keep rule's sort key of photo p (smallest is kept)."""
+        t = int(photos.taken_local[p])
+        known = t != UNKNOWN_TIME
+        size_key = (-int(pixels[p]), -int(photos.size[p]))
+        if keep == "largest":
+            return (*size_key, (0, t) if known else (1, 0), path_at[p])
+        if keep == "oldest":
+            return ((0, t) if known else (1, 0), *size_key, path_at[p])
+        if keep == "newest":
+            return ((0, -t) if known else (1, 0), *size_key, path_at[p])
+        return (_root_index(path_at[p], roots), path_at[p])
+
+    groups = []
+    for members in np.split(order, bounds):
+        members = sorted(members.tolist(), key=rank)
+        kept = members[0]
+        cos = pair_cosines(photos.vectors, photos.rows, np.full(len(members), kept), np.array(members))
+        built = []
+        for p, c in zip(members, cos):
+            if p == kept:
+                tier = "keep"
+            elif identical[p] == identical[kept]:
+                tier = "identical"
+            elif near[p] == near[kept]:
+                tier = "near"
+            else:
+                tier = "similar"
+            built.append(Member(
+                position=p, path=path_at[p], tier=tier, cosine=float(min(1.0, c)),
+                hamming=_hamming(photos, p, kept), width=_known(photos.width[p]), height=_known(photos.height[p]),
+                bytes=int(photos.size[p]), taken=taken_at[p],
+                why=None if p == kept else _why(photos, pixels, p, kept, keep, path_at, roots)))
+        loosest_tier = max((TIERS.index(m.tier) for m in built[1:]), default=0)
+        groups.append(Group(0, TIERS[loosest_tier], built))
+    groups.sort(key=lambda g: (TIERS.index(g.tier), g.keep.path))
+    for number, group in enumerate(groups, 1):
+        group.number = number
+    return groups
+
+
+def _root_index(path: str, roots: list) -> int:
+    for k, root in enumerate(roots):
+        if path.startswith(root) or path == root[:-1]:
+            return k
+    return len(roots)
+
+
+def _known(value) -> int | None:
+    return int(value) if int(value) >= 0 else None
+
+
+def _hamming(photos: Photos, a: int, b: int) -> int | None:
+    if not (photos.has_phash[a] and photos.has_phash[b]):
+        return None
+    return (int(photos.phash[a]) ^ int(photos.phash[b])).bit_count()
+
+
+def _why(photos: Photos, pixels, p: int, kept: int, keep: str, path_at: dict, roots: list) -> str:
+    """Why photo p lost to the kept one: the first point of the keep rule where they differ."""
+    checks = {"pixels": lambda: _why_pixels(photos, pixels, p, kept),
+              "bytes": lambda: _why_bytes(photos, p, kept),
+              "older": lambda: _why_time(photos, p, kept, older=True),
+              "newer": lambda: _why_time(photos, p, kept, older=False)}
+    steps = {"largest": ("pixels", "bytes", "older"), "oldest": ("older", "pixels", "bytes"),
+             "newest": ("newer", "pixels", "bytes"), "first": ()}[keep]
+    if keep == "first":
+        a, b = _root_index(path_at[p], roots), _root_index(path_at[kept], roots)
+        if a != b and roots:
+            return "below a folder given after the kept one's"
+    for step in steps:
+        reason = checks[step]()
+        if reason:
+            return reason
+    return "its path sorts after the kept one's"
+
+
+def _why_pixels(photos, pixels, p, kept) -> str | None:
+    if pixels[p] == pixels[kept]:
+        return None
+    if pixels[p] < 0:
+        return "its size in pixels is unknown"
+    return (f"fewer pixels ({photos.width[p]}x{photos.height[p]} < "
+            f"{photos.width[kept]}x{photos.height[kept]})")
+
+
+def _why_bytes(photos, p, kept) -> str | None:
+    if photos.size[p] == photos.size[kept]:
+        return None
+    return f"smaller file ({int(photos.size[p]):,} < {int(photos.size[kept]):,} bytes)"
+
+
+def _why_time(photos, p, kept, *, older: bool) -> str | None:
+    t, k = int(photos.taken_local[p]), int(photos.taken_local[kept])
+    if t == k:
+        return None
+    if t == UNKNOWN_TIME:
+        return "no capture time"
+    return f"taken {'later' if older else 'earlier'} ({_clock(t)} {'>' if older else '<'} {_clock(k)})"
+
+
+def _clock(seconds: int) -> str:
+    """A taken_local value as the wall-clock time it stands for."""
+    return (datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=seconds)).isoformat(sep=" ")
