@@ -501,3 +501,101 @@ def _why_time(photos, p, kept, *, older: bool) -> str | None:
 def _clock(seconds: int) -> str:
     """A taken_local value as the wall-clock time it stands for."""
     return (datetime.datetime(1970, 1, 1) + datetime.timedelta(seconds=seconds)).isoformat(sep=" ")
+
+
+# --- from the index ------------------------------------------------------------------------------------------
+
+
+def distinct_roots(paths) -> list[str]:
+    """The paths as the index names them (paths.real_root), in the order given, without repeats
+    and without those inside another one given (their photos are below that one already)."""
+    from ..paths import real_root
+
+    real = list(dict.fromkeys(real_root(p) for p in paths))
+    inside = lambda path, folder: path.startswith(os.path.join(folder, ""))  # noqa: E731
+    return [r for r in real if not any(inside(r, other) for other in real if other != r)]
+
+
+def duplicates_below(indexer, identity: dict, folder, roots: Sequence[str], *, update: bool = True,
+                     wait: float = 0.0, summary=None, similar: bool = False,
+                     threshold: float = DEFAULT_SIMILAR_THRESHOLD, max_distance: int = DEFAULT_MAX_DISTANCE,
+                     keep: str = DEFAULT_KEEP, **update_kw) -> Found:
+    """`altclip dupes` in this process: bring the index in `folder` up to date with each root
+    (run.update_below, as `altclip search` does; unless `update` is False), then group the
+    indexed photos at or below the roots (find_groups). roots: absolute real paths
+    (distinct_roots), folders or files, in the order given (keep="first" follows it).
+    indexer: the model, or a callable returning it (called only when some image needs it).
+    summary: a search.summary.UpdateSummary filled in place. update_kw: update.update_index's
+    (the walk's include_hidden and exclude_dirs, msgs, open_kw, ...).
+    Raises IndexStoreError (no index, another model's, another writer without `wait`)."""
+    from .database import INDEX_DB
+    from .run import update_below
+    from .store import IndexStore, IndexStoreError
+    from .update import storable
+
+    roots = [r for r in roots if storable(r)]  # the index holds UTF-8 paths only
+    if update:
+        for root in roots:
+            update_below(indexer, identity, folder, root, wait=wait, writer="altclip dupes", summary=summary,
+                         **update_kw)
+    if not (folder / INDEX_DB).exists():
+        raise IndexStoreError(f"there is no index in {folder}",
+                              hint="leave out --no-index to build it now, or run `altclip index DIR` first")
+    with IndexStore.open(folder, identity=identity) as store:
+        snaps = [store.snapshot(under=root) for root in roots]
+        try:
+            photos = photos_of(snaps)
+            return find_groups(photos, similar=similar, threshold=threshold, max_distance=max_distance, keep=keep,
+                               first_roots=roots)
+        finally:
+            for snap in snaps:
+                snap.close()
+
+
+def photos_of(snaps) -> Photos:
+    """Photos from index snapshots (one per root; a file in several counts once). One snapshot's
+    vectors are used where they lie (a memory map, read as needed); several are copied into one
+    array."""
+    import numpy as np
+
+    tables = [snap.table() for snap in snaps]
+    source = np.concatenate([np.full(len(t["file_id"]), k, np.int64) for k, t in enumerate(tables)]) \
+        if tables else np.zeros(0, np.int64)
+    columns = {name: np.concatenate([t[name] for t in tables]) if tables else np.zeros(0)
+               for name in ("file_id", "vec_row", "size", "content_key", "phash", "has_phash", "phash_low", "width",
+                            "height", "taken_local")}
+    _ids, first = np.unique(columns["file_id"], return_index=True)
+    first = np.sort(first)  # each file once, in snapshot order
+    columns = {name: values[first] for name, values in columns.items()}
+    source = source[first]
+    if len(snaps) == 1:
+        vectors, rows = snaps[0].vectors, columns["vec_row"]
+    else:
+        dim = snaps[0].vectors.shape[1] if snaps else 0
+        vectors = np.empty((len(first), dim), dtype=np.float32)
+        for k, snap in enumerate(snaps):
+            mine = np.flatnonzero(source == k)
+            for s in range(0, len(mine), BLOCK):
+                part = mine[s:s + BLOCK]
+                vectors[part] = snap.vectors[columns["vec_row"][part]]
+        rows = np.arange(len(first), dtype=np.int64)
+    file_ids = columns["file_id"]
+
+    def by_snapshot(method):
+        def call(positions):
+            positions = np.asarray(positions, dtype=np.int64)
+            out = [None] * len(positions)
+            for k, snap in enumerate(snaps):
+                mine = np.flatnonzero(source[positions] == k)
+                if mine.size:
+                    for at, value in zip(mine, getattr(snap, method)(file_ids[positions[mine]])):
+                        out[at] = value
+            return out
+        return call
+
+    facts_of = by_snapshot("facts_of")
+    return Photos(vectors=vectors, rows=rows, content_key=columns["content_key"],
+                  phash=columns["phash"].astype(np.uint64), has_phash=columns["has_phash"].astype(bool),
+                  phash_low=columns["phash_low"].astype(bool), width=columns["width"], height=columns["height"],
+                  size=columns["size"], taken_local=columns["taken_local"], paths_of=by_snapshot("paths_of"),
+                  taken_of=lambda positions: [f.taken if f is not None else None for f in facts_of(positions)])
