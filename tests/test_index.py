@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from altclip_cli.paths import default_index_folder
+from altclip_cli.search.database import SCHEMA_VERSION
 from altclip_cli.search.store import HEADER_SIZE, INDEX_DB, VECTORS, IndexStore, IndexStoreError
 from altclip_cli.search.update import UpdateSummary, index_identity, model_identity, update_index
 from test_cli import SAFE_ENV, invoke, jsonl, write_image
@@ -699,7 +700,7 @@ def test_an_index_from_a_newer_altclip_is_refused(photos, model):
     result = index(model, "photos")
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
-        f"error: the index in {folder} was written by a newer altclip (index schema 99; this altclip reads up to 2)",
+        f"error: the index in {folder} was written by a newer altclip (index schema 99; this altclip reads up to {SCHEMA_VERSION})",
         f"hint: upgrade altclip (pip install -U altclip), or rebuild it with `altclip index --rebuild --index "
         f"{folder} PATHS...` (same PATHS as before), or delete the folder {folder}"]
 
@@ -783,7 +784,8 @@ def test_classify_with_index_equals_without_and_skips_the_tower_for_indexed_imag
     tower.clear()
     assert invoke(*args, "--index", "auto").stdout == plain.stdout and sum(tower) == 0
     result = index(model, "photos", "-b", "1")  # late.png is indexed already; bad.jpg is new and fails
-    assert summary_line(result).startswith("indexed photos: 1 failed (6 files, "), result.stderr
+    assert summary_line(result).startswith(  # late.png's date, place and camera are read, without the tower
+        "indexed photos: 1 failed; dates, places and cameras read from 1 photo (6 files, "), result.stderr
     shutil.rmtree(folder_of(model))
     assert index(model, "photos", "-b", "1").exit_code == 3
     np.testing.assert_array_equal(content(folder_of(model))[str(photos / "late.png")], added)
@@ -890,7 +892,7 @@ def test_meta_records_the_model_and_settings(photos, model):
     identity = model_identity(str(model))
     assert {k: meta[k] for k in ("schema_version", "model", "weights", "dim", "dtype", "paths", "vectors_committed",
                                   "precision", "exact_decode", "device_type")} == {
-        "schema_version": "2", "model": str(model), "weights": identity["weights"], "dim": "16",
+        "schema_version": "3", "model": str(model), "weights": identity["weights"], "dim": "16",
         "dtype": "float32", "paths": "absolute", "vectors_committed": "4", "precision": "fp32",
         "exact_decode": "0", "device_type": "cpu"}
     assert json.loads(json.dumps(meta))["altclip"]

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from altclip_cli.search import search, update
+from altclip_cli.search.database import SCHEMA_VERSION
 from altclip_cli.search.store import INDEX_DB, IndexStore
 from altclip_cli.search.update import update_index
 from test_cli import write_image
@@ -125,7 +126,7 @@ def test_an_index_with_the_older_keys_is_upgraded_without_trusting_them(tmp_path
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
     keys = dict(db.execute("SELECT path, content_key FROM files"))
     db.close()
-    assert version == "2"
+    assert version == str(SCHEMA_VERSION)
     assert all(key is None or key.startswith("sha256:") for key in keys.values())
     assert keys[str(c)] == whole_key(c)
 

@@ -74,13 +74,16 @@ def _open_unchecked(fp) -> Image.Image:
     raise UnidentifiedImageError("cannot identify image file")
 
 
-def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None) -> Image.Image:
+def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None,
+            on_header: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """Open, check the size, and load the first frame from a binary file object."""
     image = _open_unchecked(fp)
     width, height = image.size
     pixels = max(1, width) * max(1, height)
     if max_pixels is not None and pixels > max_pixels:
         raise _bomb_error(label, pixels, max_pixels)
+    if on_header is not None:
+        on_header(image)
     if draft_min_side and image.format == "JPEG":
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale in the DCT domain: several times faster on
         # large photos, keeping the shortest side >= draft_min_side (see docs/models.md, Correctness).
@@ -94,13 +97,14 @@ def _decode(fp, label: str, max_pixels: int | None, draft_min_side: int | None =
 
 
 def _open_file(fp, label: str, max_pixels: int | None, draft_min_side: int | None = None,
-               on_bytes: Callable[[bytes], None] | None = None) -> Image.Image:
+               on_bytes: Callable[[bytes], None] | None = None,
+               on_header: Callable[[Image.Image], None] | None = None) -> Image.Image:
     try:
         if on_bytes is not None:  # the file read once, whole: on_bytes sees the very bytes decoded
             data = fp.read()
             on_bytes(data)
             fp = io.BytesIO(data)
-        return _decode(fp, label, max_pixels, draft_min_side)
+        return _decode(fp, label, max_pixels, draft_min_side, on_header)
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
@@ -124,6 +128,7 @@ def open_image(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     draft_min_side: int | None = None,
     on_bytes: Callable[[bytes], None] | None = None,
+    on_header: Callable[[Image.Image], None] | None = None,
 ) -> Image.Image:
     """Open and fully decode one image.
 
@@ -138,18 +143,20 @@ def open_image(
     this (None: full size, bit-exact with the reference's preprocessing).
     on_bytes: for a file, read it whole first and call on_bytes(its bytes) before decoding them,
     so a caller can hash exactly what was decoded without reading the file twice.
+    on_header: called with the opened image before its pixels are decoded (its EXIF and its
+    stored size readable, before a draft scale shrinks it): search.facts reads metadata there.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<image bytes>"
         if len(source) == 0:
             raise InputError(f"{label}: no data (zero bytes)")
-        return _open_file(io.BytesIO(source), label, max_pixels, draft_min_side)
+        return _open_file(io.BytesIO(source), label, max_pixels, draft_min_side, on_header=on_header)
 
     path = os.fspath(source)
     label = name or str(path)
     with open_regular(path, name=label) as fp:  # a FIFO, a device or a folder is refused here
         # We own the file handle, so PIL never closes the image core; the loaded frame outlives `fp`.
-        return _open_file(fp, label, max_pixels, draft_min_side, on_bytes)
+        return _open_file(fp, label, max_pixels, draft_min_side, on_bytes, on_header)
 
 
 # --- preprocessing -----------------------------------------------------------------------------------

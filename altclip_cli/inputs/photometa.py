@@ -140,13 +140,18 @@ def _taken(exif: dict, file_mtime_ns: int | None) -> tuple[str | None, str | Non
         if when is not None:
             offset = _exif_offset(_text(exif.get(offset_tag)))
             return (when.replace(tzinfo=offset) if offset else when).isoformat(), source
-    if file_mtime_ns is not None:
-        try:
-            when = datetime.fromtimestamp(file_mtime_ns // 1_000_000_000, tz=timezone.utc).astimezone()
-        except (OverflowError, OSError, ValueError):
-            return None, None
-        return when.isoformat(), "file-mtime"
-    return None, None
+    taken = file_time(file_mtime_ns) if file_mtime_ns is not None else None
+    return (taken, "file-mtime") if taken is not None else (None, None)
+
+
+def file_time(mtime_ns: int) -> str | None:
+    """A file's modification time as a capture time: ISO 8601 in this machine's local time, with
+    its offset; None when the clock value cannot be a date."""
+    try:
+        when = datetime.fromtimestamp(mtime_ns // 1_000_000_000, tz=timezone.utc).astimezone()
+    except (OverflowError, OSError, ValueError):
+        return None
+    return when.isoformat()
 
 
 def _exif_datetime(text: str | None) -> datetime | None:

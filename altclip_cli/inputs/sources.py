@@ -125,13 +125,15 @@ def _expand_dir(name: str, path: str, walk: dict) -> Iterator[Source]:
 
 def open_source(src: Source, *, max_pixels: int | None | bool = False,
                 url_timeout: float = DEFAULT_URL_TIMEOUT, url_max_bytes: int = DEFAULT_URL_MAX_BYTES,
-                draft_min_side: int | None = None, on_bytes: Callable[[bytes], None] | None = None):
+                draft_min_side: int | None = None, on_bytes: Callable[[bytes], None] | None = None,
+                on_header: Callable | None = None):
     """Decode one Source to a PIL image, or raise InputError naming it.
     `max_pixels`: False keeps altclip_cli.images' default cap, None lifts it.
-    `draft_min_side`, `on_bytes` (a local file's bytes, read once): see altclip_cli.images.open_image."""
+    `draft_min_side`, `on_bytes` (a local file's bytes, read once), `on_header`: see
+    altclip_cli.inputs.images.open_image."""
     from .images import open_image
 
-    kw = {"draft_min_side": draft_min_side}
+    kw = {"draft_min_side": draft_min_side, "on_header": on_header}
     if max_pixels is not False:
         kw["max_pixels"] = max_pixels
     if src.error is not None:

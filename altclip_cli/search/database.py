@@ -11,9 +11,15 @@ the checks of its settings.
       its row in vectors.f32 (NULL when it failed, with the reason in `error`). Duplicates and
       renamed files share a row, so vec_row is not the file id. content_key: "sha256:SIZE:HEX",
       the size and sha256 of every byte of the file (update.content_key_of), or NULL (unknown).
+      The photo's facts (facts.py, FACT_COLUMNS), NULL where unknown: facts (1 once they were
+      read from the file's current content; NULL: not yet, `altclip index` reads them), taken
+      (ISO 8601), taken_local (the naive wall-clock time in seconds since 1970-01-01T00:00:00),
+      taken_source, lat, lon, camera, width, height (after orientation), phash (the 64-bit
+      perceptual hash as a signed integer), phash_low (1: a blank frame whose hash says nothing).
 
 Schema versions: 1 keyed content by a hash of the first 1 MiB and the last 64 KiB only (so two
-different images could share a vector); 2 by the whole file. A writer upgrades an index (upgrade).
+different images could share a vector); 2 by the whole file; 3 adds the photo facts. A writer
+upgrades an index (upgrade).
 """
 from __future__ import annotations
 
@@ -23,9 +29,14 @@ from pathlib import Path
 from .errors import IndexStoreError, OtherModelsIndex, damaged, missing, rebuild_hint
 from .vectorfile import ZERO_TOKEN
 
-SCHEMA_VERSION = 2  # what index.sqlite3 holds; an index with a higher one is refused, a lower one upgraded
+SCHEMA_VERSION = 3  # what index.sqlite3 holds; an index with a higher one is refused, a lower one upgraded
 INDEX_DB = "index.sqlite3"
 SQL_CHUNK = 500  # values per IN (...) query, under SQLite's parameter limit
+
+# The columns schema 3 added to `files`, with their types (an upgrade adds them).
+FACT_COLUMN_TYPES = (("facts", "INT"), ("taken", "TEXT"), ("taken_local", "INT"), ("taken_source", "TEXT"),
+                     ("lat", "REAL"), ("lon", "REAL"), ("camera", "TEXT"), ("width", "INT"), ("height", "INT"),
+                     ("phash", "INT"), ("phash_low", "INT"))
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -36,7 +47,18 @@ CREATE TABLE IF NOT EXISTS files (
     mtime_ns INT,
     content_key TEXT,
     vec_row INT NULL,
-    error TEXT NULL
+    error TEXT NULL,
+    facts INT NULL,
+    taken TEXT NULL,
+    taken_local INT NULL,
+    taken_source TEXT NULL,
+    lat REAL NULL,
+    lon REAL NULL,
+    camera TEXT NULL,
+    width INT NULL,
+    height INT NULL,
+    phash INT NULL,
+    phash_low INT NULL
 );
 CREATE INDEX IF NOT EXISTS files_content ON files (content_key);
 """
@@ -109,10 +131,15 @@ def upgrade(db: sqlite3.Connection, meta: dict) -> dict:
     """An index of an older schema brought to SCHEMA_VERSION, in one transaction (by a writer):
     from 1, its content keys (of a head and a tail only) are dropped, never to be matched, and
     the files that share a vector lose their recorded mtime, so that the next update reads them
-    again and gives each a vector of its own unless their whole contents are equal. Returns the
-    new meta."""
+    again and gives each a vector of its own unless their whole contents are equal. From 2, the
+    fact columns are added, empty (the next update reads them, without the image tower).
+    Returns the new meta."""
     db.execute("BEGIN IMMEDIATE")
     try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+        for name, kind in FACT_COLUMN_TYPES:
+            if name not in have:
+                db.execute(f"ALTER TABLE files ADD COLUMN {name} {kind} NULL")
         if int(meta["schema_version"]) < 2:
             db.execute("UPDATE files SET mtime_ns = NULL WHERE vec_row IN "
                        "(SELECT vec_row FROM files WHERE vec_row IS NOT NULL GROUP BY vec_row HAVING COUNT(*) > 1)")

@@ -18,10 +18,15 @@ from typing import TYPE_CHECKING
 
 from .database import INDEX_DB, SQL_CHUNK, connect_readonly, meta_token
 from .errors import StaleVectors, damaged
+from .facts import has_fact_columns, read_facts_by_id
+from ..inputs.perceptual import from_int64
 from .vectorfile import map_vectors
 
 if TYPE_CHECKING:
     from .store import IndexStore
+
+
+TAKEN_UNKNOWN = -(1 << 63)  # Snapshot.table's taken_local for a photo without a capture time
 
 
 class Snapshot:
@@ -56,6 +61,48 @@ class Snapshot:
             cur = self._db.execute(f"SELECT id, path FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             found.update((int(i), p) for i, p in cur)
         return [self.store.path_of(found[i]) for i in ids]
+
+    def facts_of(self, file_ids) -> list:
+        """facts.PhotoFacts of these files, in order (None for a file whose facts were not read)."""
+        found = read_facts_by_id(self._db, file_ids)
+        return [found.get(int(i)) for i in file_ids]
+
+    def table(self) -> dict:
+        """Columns of what the index holds of each file in the snapshot, in the order of
+        `file_ids` (for the duplicate finder): "file_id", "vec_row", "size", "mtime_ns" int64;
+        "content_key" object (str or None); "phash" uint64 with "has_phash" and "phash_low" bool;
+        "width", "height" int64 (-1: unknown); "taken_local" int64 (TAKEN_UNKNOWN: unknown)."""
+        import numpy as np
+
+        n = self.count
+        out = {"file_id": np.asarray(self.file_ids, np.int64), "vec_row": np.asarray(self.rows, np.int64),
+               "size": np.zeros(n, np.int64), "mtime_ns": np.zeros(n, np.int64),
+               "content_key": np.full(n, None, object), "phash": np.zeros(n, np.uint64),
+               "has_phash": np.zeros(n, bool), "phash_low": np.zeros(n, bool), "width": np.full(n, -1, np.int64),
+               "height": np.full(n, -1, np.int64), "taken_local": np.full(n, TAKEN_UNKNOWN, np.int64)}
+        position = {int(i): k for k, i in enumerate(out["file_id"])}
+        with_facts = has_fact_columns(self._db)
+        columns = "id, size, mtime_ns, content_key" + (", phash, phash_low, width, height, taken_local"
+                                                       if with_facts else "")
+        ids = list(position)
+        for start in range(0, len(ids), SQL_CHUNK):
+            chunk = ids[start:start + SQL_CHUNK]
+            cur = self._db.execute(f"SELECT {columns} FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            for row in cur:
+                k = position[int(row[0])]
+                out["size"][k], out["mtime_ns"][k] = row[1] or 0, row[2] or 0
+                out["content_key"][k] = row[3]
+                if not with_facts:
+                    continue
+                phash, low, width, height, taken = row[4:]
+                if phash is not None:
+                    out["phash"][k] = from_int64(phash)
+                    out["has_phash"][k] = True
+                    out["phash_low"][k] = bool(low)
+                out["width"][k] = -1 if width is None else width
+                out["height"][k] = -1 if height is None else height
+                out["taken_local"][k] = TAKEN_UNKNOWN if taken is None else taken
+        return out
 
     def close(self) -> None:
         if self._db is not None:

@@ -48,6 +48,7 @@ from . import compaction
 from .database import (INDEX_DB, SCHEMA_VERSION, SQL_CHUNK, check_identity, check_schema, meta_token, open_db,
                        read_meta, upgrade, write_schema)
 from .errors import IndexBusy, IndexStoreError, OtherModelsIndex, StaleVectors, damaged, missing
+from .facts import FACT_COLUMNS, PhotoFacts, read_facts_by_id
 from .snapshot import Snapshot, SnapshotCache, take_snapshot
 from .vectorfile import (HEADER_SIZE, ITEMSIZE, ROW_DTYPE, VECTORS, VECTORS_NEW, new_token, open_matching,
                          vectors_header)
@@ -272,6 +273,18 @@ class IndexStore:
             "SELECT id, vec_row FROM files WHERE content_key = ? AND vec_row IS NOT NULL ORDER BY id", (content_key,))
         return [(int(i), int(v)) for i, v in cur]
 
+    def facts_by_id(self, file_ids: Iterable[int]) -> dict[int, PhotoFacts]:
+        """{file id: PhotoFacts} of the files among these whose facts were read."""
+        return read_facts_by_id(self._db, file_ids)
+
+    def without_facts(self, under: str | os.PathLike | None) -> list[tuple]:
+        """(stored path, size, mtime_ns) of the files with a vector at or below `under` whose
+        facts were never read (indexed by an older altclip, or through a server)."""
+        clause, params = self.under_clause(under)
+        return self._db.execute(
+            f"SELECT path, size, mtime_ns FROM files WHERE facts IS NULL AND vec_row IS NOT NULL AND {clause}",
+            params).fetchall()
+
     def lookup(self, paths: Iterable[str | os.PathLike]) -> dict:
         """{path as given: (size, mtime_ns, vec_row or None, error or None)} for the paths the index
         holds (others are left out). Paths are taken as named (altclip_cli.paths.index_names gives
@@ -357,12 +370,16 @@ class IndexStore:
         self.rows = first + len(data)
         return first
 
-    def commit(self, *, upserts: Iterable[tuple] = (), deletes: Iterable[int] = (), meta: dict | None = None) -> None:
+    def commit(self, *, upserts: Iterable[tuple] = (), deletes: Iterable[int] = (), meta: dict | None = None,
+               facts: dict | None = None) -> None:
         """One transaction: insert or update file rows, delete file rows by id, set meta keys and
         `vectors_committed` (every vector appended so far).
-        upserts: (path key, size, mtime_ns, content_key, vec_row or None, error or None)."""
+        upserts: (path key, size, mtime_ns, content_key, vec_row or None, error or None); an
+        upserted row whose size or mtime changed loses its facts (unless `facts` gives them).
+        facts: {path key: facts.PhotoFacts} of rows upserted now or already held (None: the file
+        could not be decoded; it is marked read, with no facts, so it is not decoded again)."""
         self._need_write()
-        upserts, deletes = list(upserts), list(deletes)
+        upserts, deletes, facts = list(upserts), list(deletes), dict(facts or {})
         for row in upserts:
             if row[4] is not None and not 0 <= row[4] < self.rows:
                 raise ValueError(f"vector row {row[4]} is not written (rows: {self.rows})")
@@ -376,8 +393,12 @@ class IndexStore:
             db.executemany(
                 "INSERT INTO files (path, size, mtime_ns, content_key, vec_row, error) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
-                "content_key = excluded.content_key, vec_row = excluded.vec_row, error = excluded.error",
+                "content_key = excluded.content_key, vec_row = excluded.vec_row, error = excluded.error, "
+                + ", ".join(f"{c} = {_KEPT_IF_SAME_FILE.format(c=c)}" for c in ("facts", *FACT_COLUMNS)),
                 upserts)
+            db.executemany(
+                f"UPDATE files SET facts = 1, {', '.join(f'{c} = ?' for c in FACT_COLUMNS)} WHERE path = ?",
+                [(*(f.row() if f is not None else _NO_FACTS), key) for key, f in facts.items()])
             db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                            [(k, str(v)) for k, v in values.items()])
             db.execute("COMMIT")
@@ -407,6 +428,12 @@ class IndexStore:
     def _need_write(self) -> None:
         if not self.writable or self._db is None:
             raise RuntimeError("the index is not open for writing")
+
+
+# An upserted row keeps its facts only while it is the same file (size and mtime): a changed
+# file's facts are read again.
+_KEPT_IF_SAME_FILE = "CASE WHEN files.size IS excluded.size AND files.mtime_ns IS excluded.mtime_ns THEN files.{c} END"
+_NO_FACTS = (None,) * (len(FACT_COLUMNS) - 1) + (0,)  # a file read whose pixels could not be decoded
 
 
 def _encodable(text: str) -> bool:

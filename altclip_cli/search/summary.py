@@ -21,6 +21,7 @@ class UpdateSummary:
     reused: int = 0
     embedded: int = 0
     still_failing: int = 0
+    facts_read: int = 0  # files whose date, place, camera and perceptual hash were read without the model
     files: int = 0
     seconds: float = 0.0
     interrupted: bool = False
@@ -33,13 +34,16 @@ class UpdateSummary:
 
     @property
     def changed(self) -> bool:
-        return bool(self.added or self.updated or self.renamed or self.removed or self.failed)
+        return bool(self.added or self.updated or self.renamed or self.removed or self.failed or self.facts_read)
 
     def line(self, what: str) -> str:
-        """'indexed WHAT: 12 added, 3 updated, 2 renamed, 1 removed, 1 failed (1,234 files, 0.8 s)'."""
+        """'indexed WHAT: 12 added, 3 updated, 2 renamed, 1 removed, 1 failed (1,234 files, 0.8 s)', with
+        '; dates, places and cameras read from N photos' when an older index gained its facts."""
         counts = [(self.added, "added"), (self.updated, "updated"), (self.renamed, "renamed"),
                   (self.removed, "removed"), (self.failed, "failed")]
         text = ", ".join(f"{n:,} {word}" for n, word in counts if n) or "no changes"
+        if self.facts_read:
+            text += f"; dates, places and cameras read from {self.facts_read:,} photo{'' if self.facts_read == 1 else 's'}"
         return f"indexed {what}: {text} ({self.files:,} file{'' if self.files == 1 else 's'}, {self.seconds:.1f} s)"
 
 

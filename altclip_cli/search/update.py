@@ -38,12 +38,13 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..quiet import Silent
+from .facts import FactsReader, PhotoFacts, read_facts
 from .store import IndexStore, IndexStoreError, OtherModelsIndex
 from .summary import UpdateSummary
 from ..inputs.walk import DEFAULT_EXCLUDES, walk_images
@@ -150,12 +151,15 @@ def update_index(get_model, store: IndexStore, roots: list, *, include_hidden: b
     seen, work, removed = _compare(store, _unique_roots(roots, as_named), include_hidden, exclude_dirs,
                                    retry_failed, summary, msgs, before_listing, followed_link)
     summary.files = len(seen)
+    unique = _unique_roots(roots, as_named)
     if work or removed:
-        to_embed, upserts, deletes = _reuse_by_content(store, work, removed, summary, input_timeout)
+        to_embed, upserts, deletes, facts = _reuse_by_content(store, work, removed, summary, input_timeout)
         if upserts or deletes:
-            store.commit(upserts=upserts, deletes=deletes)
+            store.commit(upserts=upserts, deletes=deletes, facts=facts)
         if to_embed:
             _embed(get, store, to_embed, open_kw or {}, batch_size, input_timeout, msgs, commit_every, summary)
+    read_missing_facts(store, [real for _given, real in unique], open_kw=open_kw, input_timeout=input_timeout,
+                       msgs=msgs, commit_every=commit_every, summary=summary)
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -250,7 +254,7 @@ def _printable(name: str) -> str:
 def _reuse_by_content(store, work, removed, summary, input_timeout=DEFAULT_INPUT_TIMEOUT):
     """Content keys for the files that might share content with an indexed file or with each
     other (same size), and the vectors they can reuse. Returns (items to embed, upserts of the
-    reused ones, ids of the removed rows)."""
+    reused ones, ids of the removed rows, {key: PhotoFacts} of the reused ones whose match has them)."""
     _key_indexed(store, {it.size for it in work})
     sizes = store.sizes_with_vectors()
     same_size = Counter(item.size for item in work)
@@ -258,7 +262,7 @@ def _reuse_by_content(store, work, removed, summary, input_timeout=DEFAULT_INPUT
     _hash_all(candidates, input_timeout)
     removed_ids = set(removed.values())
     renamed_from: set[int] = set()
-    upserts, to_embed = [], []
+    upserts, to_embed, facts = [], [], {}
     leaders: dict[str, _Item] = {}
     for it in work:
         if it.content_key is None:
@@ -269,6 +273,9 @@ def _reuse_by_content(store, work, removed, summary, input_timeout=DEFAULT_INPUT
             rename = next((m for m in matches if m[0] in removed_ids and m[0] not in renamed_from), None)
             file_id, vec_row = rename or matches[0]
             upserts.append(it.row(vec_row, None))
+            known = store.facts_by_id([file_id]).get(file_id)  # the same bytes: the same photo's facts
+            if known is not None:
+                facts[it.key] = known.with_file_time(it.mtime_ns)
             summary.reused += 1
             if it.old_id is not None:
                 summary.updated += 1
@@ -285,7 +292,7 @@ def _reuse_by_content(store, work, removed, summary, input_timeout=DEFAULT_INPUT
         leaders[it.content_key] = it
         to_embed.append(it)
     summary.removed += len(removed) - len(renamed_from)
-    return to_embed, upserts, sorted(removed_ids)
+    return to_embed, upserts, sorted(removed_ids), facts
 
 
 def _key_indexed(store, sizes) -> None:
@@ -388,16 +395,20 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
     settings = check_model(store, model)
     kw = {**open_kw, "draft_min_side": model.draft_min_side}
     keys: dict[str, str] = {}  # path -> content key, of the bytes the decoder read
+    facts: dict[str, PhotoFacts] = {}  # path -> the photo's facts, read as it was decoded
     unhashed = {it.path for it in items if it.content_key is None}
+    mtimes = {it.path: it.mtime_ns for it in items}
 
-    def open_fn(source):
-        if source.path not in unhashed:
-            return open_source(source, **kw)
+    def open_fn(source):  # in a decoding thread
+        reader = FactsReader(mtimes.get(source.path))
+        on_bytes = None
+        if source.path in unhashed:
+            def on_bytes(data: bytes) -> None:  # before the bytes are decoded
+                keys[source.path] = content_key_of(data)
 
-        def hashed(data: bytes) -> None:  # in the decoding thread, before the bytes are decoded
-            keys[source.path] = content_key_of(data)
-
-        return open_source(source, on_bytes=hashed, **kw)
+        image = open_source(source, on_bytes=on_bytes, on_header=reader.header, **kw)
+        facts[source.path] = reader.done(image)
+        return image
 
     sources = [Source(it.name, path=it.path) for it in items]
     results = model.stream_images(sources, open_fn=open_fn, batch_size=batch_size, input_timeout=input_timeout)
@@ -411,16 +422,19 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
             pending.clear()  # whatever happens below, this batch is not written twice
             vectors = [emb for _it, emb, _why in batch if emb is not None]
             row = store.append_vectors(np.stack(vectors)) if vectors else None
-            upserts = []
+            upserts, read = [], {}
             for it, emb, why in batch:
                 if it.content_key is None:
                     it.content_key = keys.get(it.path)
                 vec_row = None
                 if emb is not None:
                     vec_row, row = row, row + 1
+                known = facts.pop(it.path, None) if emb is not None else None
                 for f in [it, *it.followers]:
                     upserts.append(f.row(vec_row, why))
-            store.commit(upserts=upserts, meta=settings)
+                    if known is not None:
+                        read[f.key] = known.with_file_time(f.mtime_ns)
+            store.commit(upserts=upserts, meta=settings, facts=read)
             for it, emb, _why in batch:
                 group = [it, *it.followers]
                 if emb is None:
@@ -458,3 +472,81 @@ def _embed(get, store, items, open_kw, batch_size, input_timeout, msgs, commit_e
         close = getattr(results, "close", None)
         if close is not None:
             close()
+
+
+def read_missing_facts(store, roots: list[str], *, open_kw: dict | None = None,
+                       input_timeout: float | None = DEFAULT_INPUT_TIMEOUT, msgs=None,
+                       commit_every: int = COMMIT_EVERY, summary: UpdateSummary | None = None) -> int:
+    """Read the facts (facts.py) of the files with a vector at or below `roots` (as the index
+    names them) that have none yet: an index made before facts were kept, or files embedded
+    through a server. Decoding only, in a few threads: the image tower is not used. Files that
+    changed since they were indexed are left to the next update. Committed every `commit_every`
+    files and when interrupted (KeyboardInterrupt is re-raised after that commit). Returns how
+    many were read (also added to summary.facts_read)."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from ..inputs.pipeline import DaemonPool
+    from ..inputs.threads import plan_threads
+    from ..outputs.signals import signals_deferred
+
+    msgs = msgs or Silent()
+    todo = []
+    for root in roots:
+        for key, size, mtime_ns in store.without_facts(root):
+            path = store.path_of(key)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                todo.append((key, path, mtime_ns))
+    if not todo:
+        return 0
+    max_pixels = (open_kw or {}).get("max_pixels", False)
+    pool = DaemonPool(plan_threads("cpu").decode_workers)
+    pending: dict = {}
+    done = 0
+
+    def flush():
+        nonlocal done
+        with signals_deferred():
+            if pending:
+                batch = dict(pending)
+                pending.clear()
+                store.commit(facts=batch)
+                done += len(batch)
+                if summary is not None:
+                    summary.facts_read += len(batch)
+
+    ahead = 4 * plan_threads("cpu").decode_workers  # files read ahead of the one waited for
+    in_flight: deque = deque()
+
+    def settle_oldest(bar):
+        (key, _path, _mtime), task = in_flight.popleft()
+        try:
+            pending[key] = pool.result(task, input_timeout)
+        except FutureTimeout:  # a hung read (a network mount): tried again by the next update
+            pool.abandon(task)
+        except Exception:  # noqa: BLE001 - a decoder bug on one file: marked read, without facts
+            pending[key] = None
+        bar.advance(1)
+        if len(pending) >= commit_every:
+            flush()
+
+    try:
+        with msgs.progress("reading dates, places and cameras", total=len(todo)) as bar:
+            for key, path, mtime_ns in todo:
+                in_flight.append(((key, path, mtime_ns), pool.submit(read_facts, path, mtime_ns, max_pixels)))
+                if len(in_flight) >= ahead:
+                    settle_oldest(bar)
+            while in_flight:
+                settle_oldest(bar)
+        flush()
+    except BaseException:
+        flush()
+        raise
+    finally:
+        for _item, task in in_flight:
+            task.future.cancel()
+        pool.close()
+    return done
