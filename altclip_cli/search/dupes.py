@@ -20,9 +20,10 @@ else similar. The group's tier is the loosest of its photos'. Each photo's cosin
 distance are measured to the kept photo directly.
 
 The photo to keep (KEEP_RULES): `largest` (the default) the most pixels, then the largest
-file, then the oldest capture time, then the path; `oldest` / `newest` the capture time first
-(photos without one last), then as `largest`; `first` the photo below the earliest of the
-folders given (`first_roots`), then the path. Every other photo says why it lost: the first
+file, then the oldest capture time, then the shorter file name (a copy's is longer: "IMG_1
+(1).jpg"), then the path; `oldest` / `newest` the capture time first (photos without one
+last), then as `largest`; `first` the photo below the earliest of the folders given
+(`first_roots`), then the shorter name and the path. Every other photo says why it lost: the first
 point of the rule where it differs from the kept one.
 
 The engine works on plain numpy columns (`Photos`), one entry per photo, so it runs without an
@@ -402,13 +403,14 @@ def _groups(photos: Photos, identical, near, loosest, keep: str, first_roots) ->
         t = int(photos.taken_local[p])
         known = t != UNKNOWN_TIME
         size_key = (-int(pixels[p]), -int(photos.size[p]))
+        name_key = _name_key(path_at[p])
         if keep == "largest":
-            return (*size_key, (0, t) if known else (1, 0), path_at[p])
+            return (*size_key, (0, t) if known else (1, 0), *name_key)
         if keep == "oldest":
-            return ((0, t) if known else (1, 0), *size_key, path_at[p])
+            return ((0, t) if known else (1, 0), *size_key, *name_key)
         if keep == "newest":
-            return ((0, -t) if known else (1, 0), *size_key, path_at[p])
-        return (_root_index(path_at[p], roots), path_at[p])
+            return ((0, -t) if known else (1, 0), *size_key, *name_key)
+        return (_root_index(path_at[p], roots), *name_key)
 
     groups = []
     for members in np.split(order, bounds):
@@ -436,6 +438,12 @@ def _groups(photos: Photos, identical, near, loosest, keep: str, first_roots) ->
     for number, group in enumerate(groups, 1):
         group.number = number
     return groups
+
+
+def _name_key(path: str) -> tuple:
+    """The last point of every keep rule: the shorter file name ("IMG_1.jpg" before its "IMG_1
+    (1).jpg" or "Copy of IMG_1.jpg"), then the path."""
+    return (len(os.path.basename(path)), path)
 
 
 def _root_index(path: str, roots: list) -> int:
@@ -471,6 +479,8 @@ def _why(photos: Photos, pixels, p: int, kept: int, keep: str, path_at: dict, ro
         reason = checks[step]()
         if reason:
             return reason
+    if len(os.path.basename(path_at[p])) != len(os.path.basename(path_at[kept])):
+        return "a longer file name (a copy's, most likely)"
     return "its path sorts after the kept one's"
 
 
