@@ -506,3 +506,44 @@ def test_an_unreadable_folder_is_named_and_the_rest_grouped(photos, model, monke
     assert f"{locked}: cannot list this folder (Permission denied)" in result.stderr
     # what the index holds below it is kept, so its duplicates are still found
     assert len(jsonl(result.stdout)) == 4
+
+
+# --- moving aside and back (outputs/dupemove.py does the moving; its own tests kill it) ------------------------
+
+
+def tree(folder) -> dict[str, bytes]:
+    """{path below folder: bytes} of every file below it, the aside records left out."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".altclip-dupes" not in p.parts}
+
+
+def test_move_to_moves_every_photo_not_kept_and_restore_puts_them_back(photos, model, tmp_path):
+    root, roles = photos
+    indexed_with_meaning(model, root, roles)
+    before = tree(root)
+    records = jsonl(dupes(model, "photos").stdout)
+    result = dupes(model, "photos", "--move-to", "aside")
+    assert result.exit_code == 0, result.stderr
+    assert jsonl(result.stdout) == records  # the groups are printed as without --move-to
+    not_kept = {os.path.relpath(i["path"], root) for r in records for i in r["items"][1:]}
+    assert set(tree(tmp_path / "aside")) == not_kept
+    assert set(tree(root)) == set(before) - not_kept
+    assert all(tree(tmp_path / "aside")[p] == before[p] for p in not_kept)
+    assert f"moved {len(not_kept)} photos into aside" in result.stderr
+    again = dupes(model, "photos", "-f", "jsonl")
+    assert again.exit_code == 0 and jsonl(again.stdout) == []  # what is left has no duplicates
+    restored = invoke("dupes", "--restore", "aside")
+    assert restored.exit_code == 0, restored.stderr
+    assert f"restored {len(not_kept)} photos from aside" in restored.stderr
+    assert tree(root) == before and tree(tmp_path / "aside") == {}
+
+
+def test_move_and_restore_refuse_what_would_go_wrong(photos, model):
+    root, roles = photos
+    inside = dupes(model, "photos", "--move-to", "photos/aside")
+    assert inside.exit_code == 2 and "--move-to photos/aside: it is inside " in inside.stderr
+    assert not (root / "aside").exists()
+    both = invoke("dupes", "photos", "--restore", "aside")
+    assert both.exit_code == 2 and "--restore puts photos back; it takes no PATHS" in both.stderr
+    nothing = invoke("dupes", "--restore", "nowhere")
+    assert nothing.exit_code == 1 and "--restore" in nothing.stderr and "nowhere: no such folder" in nothing.stderr

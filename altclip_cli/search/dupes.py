@@ -72,7 +72,8 @@ class Photos:
     width, height: (N,) int64, -1 when unknown; size: (N,) int64 bytes;
     taken_local: (N,) int64 seconds since 1970-01-01 of the naive capture time, UNKNOWN_TIME if none;
     paths_of(positions) -> their absolute paths (asked only for the photos in groups);
-    taken_of(positions) -> their capture times as shown (ISO 8601 strings or None), for output.
+    taken_of(positions) -> their capture times as shown (ISO 8601 strings or None), for output;
+    mtime_ns: (N,) int64 modification times as indexed (optional: a mover checks them).
     """
 
     vectors: object
@@ -87,6 +88,7 @@ class Photos:
     paths_of: Callable[[object], list]
     rows: object = None
     taken_of: Callable[[object], list] | None = None
+    mtime_ns: object = None
 
     def __post_init__(self):
         import numpy as np
@@ -140,6 +142,7 @@ class Member:
     bytes: int
     taken: str | None
     why: str | None = None
+    mtime_ns: int | None = None  # as indexed: (bytes, mtime_ns) say which file was grouped
 
 
 @dataclass
@@ -431,6 +434,7 @@ def _groups(photos: Photos, identical, near, loosest, keep: str, first_roots) ->
                 position=p, path=path_at[p], tier=tier, cosine=float(min(1.0, c)),
                 hamming=_hamming(photos, p, kept), width=_known(photos.width[p]), height=_known(photos.height[p]),
                 bytes=int(photos.size[p]), taken=taken_at[p],
+                mtime_ns=None if photos.mtime_ns is None else int(photos.mtime_ns[p]),
                 why=None if p == kept else _why(photos, pixels, p, kept, keep, path_at, roots)))
         loosest_tier = max((TIERS.index(m.tier) for m in built[1:]), default=0)
         groups.append(Group(0, TIERS[loosest_tier], built))
@@ -562,6 +566,21 @@ def duplicates_below(indexer, identity: dict, folder, roots: Sequence[str], *, u
                 snap.close()
 
 
+def aside_items(found: Found, roots: Sequence[str]) -> list[tuple]:
+    """What outputs.dupemove.move_aside takes to move every photo not kept: (absolute path, its
+    path relative to the root it was found under, (bytes, mtime_ns) as indexed), in group order.
+    A root that is a file itself gives the file's own name."""
+    items = []
+    for group in found.groups:
+        for m in group.others:
+            root = next((r for r in roots if m.path == r or m.path.startswith(os.path.join(r, ""))), None)
+            if root is None:
+                continue
+            rel = os.path.basename(m.path) if m.path == root else os.path.relpath(m.path, root)
+            items.append((m.path, rel, None if m.mtime_ns is None else (m.bytes, m.mtime_ns)))
+    return items
+
+
 def photos_of(snaps) -> Photos:
     """Photos from index snapshots (one per root; a file in several counts once). One snapshot's
     vectors are used where they lie (a memory map, read as needed); several are copied into one
@@ -572,8 +591,8 @@ def photos_of(snaps) -> Photos:
     source = np.concatenate([np.full(len(t["file_id"]), k, np.int64) for k, t in enumerate(tables)]) \
         if tables else np.zeros(0, np.int64)
     columns = {name: np.concatenate([t[name] for t in tables]) if tables else np.zeros(0)
-               for name in ("file_id", "vec_row", "size", "content_key", "phash", "has_phash", "phash_low", "width",
-                            "height", "taken_local")}
+               for name in ("file_id", "vec_row", "size", "mtime_ns", "content_key", "phash", "has_phash",
+                            "phash_low", "width", "height", "taken_local")}
     _ids, first = np.unique(columns["file_id"], return_index=True)
     first = np.sort(first)  # each file once, in snapshot order
     columns = {name: values[first] for name, values in columns.items()}
@@ -607,5 +626,6 @@ def photos_of(snaps) -> Photos:
     return Photos(vectors=vectors, rows=rows, content_key=columns["content_key"],
                   phash=columns["phash"].astype(np.uint64), has_phash=columns["has_phash"].astype(bool),
                   phash_low=columns["phash_low"].astype(bool), width=columns["width"], height=columns["height"],
-                  size=columns["size"], taken_local=columns["taken_local"], paths_of=by_snapshot("paths_of"),
+                  size=columns["size"], taken_local=columns["taken_local"], mtime_ns=columns["mtime_ns"],
+                  paths_of=by_snapshot("paths_of"),
                   taken_of=lambda positions: [f.taken if f is not None else None for f in facts_of(positions)])

@@ -35,6 +35,11 @@ DEFAULT_MAX_DISTANCE = 10
               help="Print only the paths of the photos not kept, each followed by a NUL byte, for xargs -0.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the output to FILE (replaced whole) instead of stdout.")
+@click.option("--move-to", "move_to", type=click.Path(file_okay=False), metavar="DIR",
+              help="Move every photo not kept into DIR, under its path below the folder it was found in "
+                   "(journalled: a run killed at any instant loses none; nothing is replaced or deleted).")
+@click.option("--restore", "restore_from", type=click.Path(file_okay=False), metavar="DIR",
+              help="Put back every photo an earlier --move-to DIR moved there (nothing is indexed or grouped).")
 @click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
               help="Where the index lives (as for `altclip index`); auto: the model's own under ALTCLIP_HOME.")
 @click.option("--no-index", is_flag=True, help="Group the index as it is, without bringing it up to date first.")
@@ -50,7 +55,8 @@ DEFAULT_MAX_DISTANCE = 10
                    "(must match how the index was built).")
 @model_options
 @common_options
-def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, index_dir, no_index, wait,
+def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move_to, restore_from, index_dir,
+          no_index, wait,
           include_hidden, exclude_dirs, max_pixels, input_timeout, exact_decode, model, device, precision, revision,
           batch_size, quiet):
     """Find duplicate photos below PATHS (default: the current folder), and say which to keep.
@@ -62,12 +68,13 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, inde
     different dark or blank frames never match), and with --similar, similar (the same scene:
     cosine >= --threshold). Each group names the photo to keep (--keep) and, for each other
     one, its tier, its cosine and hash distance to the kept one, and why it lost. Nothing is
-    moved or deleted.
+    deleted, ever: --move-to DIR moves the photos not kept aside, and --restore DIR puts them back.
 
     \b
     Examples:
       altclip dupes ~/Pictures
-      altclip dupes originals/ backup/ --keep first -0 | xargs -0 trash-put --
+      altclip dupes originals/ backup/ --keep first --move-to ~/dupes-aside
+      altclip dupes --restore ~/dupes-aside                   # every photo back in its place
       altclip dupes --similar --threshold 0.9 -o dupes.html    # a page of thumbnails
       altclip dupes ~/Pictures -f jsonl | jq -r 'select(.tier == "identical") | .keep'
 
@@ -80,12 +87,18 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, inde
       -0: the paths of the photos not kept, NUL-separated.
 
     \b
-    Exit codes: 0 done (also with no duplicates), 1 error (the index, the model), 2 usage error,
-    130/143 interrupted (the index keeps what was done).
+    Exit codes: 0 done (also with no duplicates), 1 error (the index, the model, DIR), 2 usage
+    error, 3 done but some photos were not moved or not restored (each named), 130/143
+    interrupted (the index keeps what was done; a move or restore run again finishes it).
     """
     from ..terminal import isatty
 
     msgs = messages()
+    if restore_from is not None:
+        if paths or move_to is not None:
+            raise UsageError("--restore puts photos back; it takes no PATHS and no --move-to",
+                             hint=f"run `altclip dupes --restore {restore_from}` alone")
+        _exit(_restore(restore_from, msgs))
     fmt = _choose_format(fmt, null, output, isatty(sys.stdout))
     if output is not None:
         from ...outputs.embedfile import check_writable
@@ -105,6 +118,8 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, inde
     from ..options import excluded_dirs, load_model, open_kwargs, pil_pixel_limit
 
     roots = distinct_roots([os.path.expanduser(p) for p in given])
+    if move_to is not None:
+        _check_aside(move_to, roots)
     for root in roots:
         if not storable(root):
             msgs.warn(not_utf8_warning(root))
@@ -119,6 +134,7 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, inde
         return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
 
     what = ", ".join(given)
+    moving = False
     with sigterm_as_interrupt() as terminated, pil_pixel_limit(max_pixels):
         try:
             found = duplicates_below(
@@ -126,20 +142,78 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, inde
                 threshold=DEFAULT_SIMILAR_THRESHOLD if threshold is None else threshold, max_distance=max_distance,
                 keep=keep, open_kw=open_kwargs(max_pixels, 30.0, 64.0), batch_size=batch_size,
                 input_timeout=input_timeout, msgs=msgs, **walk)
+            if not no_index:
+                report_update(summary, what, msgs)
+            _output_found(found, fmt, output, what, len(given), identity, input_timeout, msgs)
+            if move_to is not None:
+                moving = True
+                _exit(_move_aside(found, roots, move_to, msgs))
         except KeyboardInterrupt:
             from ..status import ExitStatus
 
-            msgs.error("interrupted; the index keeps what was done", hint="run the same command again to go on")
-            click.get_current_context().exit(ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED)
-    if not no_index:
-        report_update(summary, what, msgs)
+            if moving:
+                msgs.error("interrupted while moving photos aside; each is in its old place or its new one",
+                           hint=f"run the same command again to finish, or `altclip dupes --restore {move_to}`")
+            else:
+                msgs.error("interrupted; the index keeps what was done", hint="run the same command again to go on")
+            _exit(ExitStatus.TERMINATED if terminated.received else ExitStatus.INTERRUPTED)
+
+
+def _exit(code) -> None:
+    click.get_current_context().exit(int(code))
+
+
+def _output_found(found, fmt, output, what, given: int, identity, input_timeout, msgs) -> None:
     if found.compared == 0:
-        msgs.warn(f"{what}: no indexed images below {'these paths' if len(given) > 1 else 'this path'}")
+        msgs.warn(f"{what}: no indexed images below {'these paths' if given > 1 else 'this path'}")
     headline = summary_line(found)
     if fmt != "table":  # the table starts with it; other outputs carry data only
         msgs.note(headline)
     _output(fmt, found, output, headline=headline, searched=what, note=identity["model"],
             input_timeout=input_timeout)
+
+
+# --- moving aside and back ---------------------------------------------------------------------------
+
+
+def _check_aside(move_to: str, roots) -> None:
+    """A usage error, before any work, when --move-to DIR lies in a folder searched: the next run
+    would walk the photos moved there and group them again."""
+    dest = os.path.realpath(os.path.expanduser(move_to))
+    for root in roots:
+        if dest == root or dest.startswith(os.path.join(root, "")):
+            raise UsageError(f"--move-to {move_to}: it is inside {root}, which is searched for duplicates",
+                             hint="give a folder outside the ones searched")
+
+
+def _move_aside(found, roots, move_to, msgs):
+    from ...outputs.dupemove import move_aside
+    from ...search.dupes import aside_items
+    from ..status import ExitStatus
+
+    items = aside_items(found, roots)
+    done = move_aside(items, os.path.expanduser(move_to), msgs)
+    parts = [f"moved {len(done.moved):,} photo{'' if len(done.moved) == 1 else 's'} into {move_to}"]
+    if done.already:
+        parts.append(f"{len(done.already):,} already there from an earlier run")
+    if done.skipped:
+        parts.append(f"{len(done.skipped):,} not moved (named above)")
+    msgs.note("; ".join(parts) + (f" (put them back: altclip dupes --restore {move_to})" if done.moved else ""))
+    return ExitStatus.PARTIAL if done.skipped else ExitStatus.OK
+
+
+def _restore(restore_from, msgs):
+    from ...outputs.dupemove import restore
+    from ..status import ExitStatus
+
+    done = restore(os.path.expanduser(restore_from), msgs)
+    parts = [f"restored {len(done.restored):,} photo{'' if len(done.restored) == 1 else 's'} from {restore_from}"]
+    if done.kept:
+        parts.append(f"{len(done.kept):,} kept there (named above)")
+    if done.missing:
+        parts.append(f"{len(done.missing):,} no longer there (named above)")
+    msgs.note("; ".join(parts))
+    return ExitStatus.PARTIAL if done.kept or done.missing else ExitStatus.OK
 
 
 def _choose_format(fmt, null, output, stdout_is_tty) -> str:
