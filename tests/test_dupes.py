@@ -86,7 +86,15 @@ def test_components_equal_a_plain_union_find(seed):
 
 
 @pytest.mark.parametrize("threshold", [0.2, 0.5, 0.9])
-def test_similar_pairs_are_every_pair_at_or_above_the_threshold(threshold):
+@pytest.mark.parametrize("basis_sample", [None, 200])
+def test_similar_pairs_are_every_pair_at_or_above_the_threshold(threshold, basis_sample, monkeypatch):
+    """Against the full product in float64. basis_sample 200: the bound's directions come from a
+    sample and its width is chosen on others, as for a large library."""
+    import altclip_cli.search.dupes as engine
+
+    if basis_sample is not None:
+        monkeypatch.setattr(engine, "BASIS_SAMPLE", basis_sample)
+        monkeypatch.setattr(engine, "CHOICE_SAMPLE", 150)
     rng = np.random.default_rng(3)
     n, dim = 900, 48
     v = unit(rng, n, dim)

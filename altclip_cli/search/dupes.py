@@ -57,7 +57,9 @@ DEFAULT_SIMILAR_THRESHOLD = 0.92
 
 UNKNOWN_TIME = -(2 ** 63)  # taken_local of a photo without a capture time
 BLOCK = 4096  # rows per block of the similar tier's matrix products
-COARSE_DIMS = 128  # dimensions of the similar tier's first, bounding pass
+BOUND_CHOICES = (32, 64, 96, 128, 192, 256, 384)  # dimensions the similar tier's bounding pass may use
+BASIS_SAMPLE = 16384  # vectors whose principal directions are computed
+CHOICE_SAMPLE = 2048  # of them, those on which the bounding pass's width is chosen
 _PAIRS_CHUNK = 1 << 16  # pairs whose cosine is computed at once
 
 
@@ -284,9 +286,9 @@ def similar_pairs(vectors, rows, threshold: float, *, only=None, block: int = BL
 
     Two passes, exact together. The vectors are turned into the basis of their own principal
     directions (a rotation: dot products do not change), and every pair first gets a cheap
-    upper bound on its cosine from the first COARSE_DIMS coordinates, a @ b <= a' @ b' + |r_a| |r_b|
-    (a' the first coordinates, r the rest: Cauchy-Schwarz on the rest), computed as one matrix
-    product of (N, COARSE_DIMS + 1) rows [a', |r_a|]. Only the block rows and columns where some
+    upper bound on its cosine from its first k coordinates, a @ b <= a' @ b' + |r_a| |r_b| (a'
+    the first coordinates, r the rest: Cauchy-Schwarz on the rest), computed as one matrix
+    product of (N, k + 1) rows [a', |r_a|] (k chosen on a sample: bounding_dims). Only the block rows and columns where some
     bound reaches the threshold are then compared in full, in float32. Where the photos' vectors
     concentrate in a few directions, as a model's embeddings do, the bound is tight; where they
     do not, more pairs pass to the full product, which is always the one that decides. The upper
@@ -300,16 +302,19 @@ def similar_pairs(vectors, rows, threshold: float, *, only=None, block: int = BL
     if n < 2:
         return
     take = np.asarray(rows)[positions]
-    coarse, slack = _bounding_rows(vectors, take, block)
+    coarse, slack = _bounding_rows(vectors, take, threshold, block)
     limit = np.float32(threshold - slack)
-    tile = np.empty((min(block, n), min(block, n)), dtype=np.float32)  # reused: no fresh pages per tile
+    side = min(block, n)
+    flat = np.empty(side * side, dtype=np.float32)  # reused: no fresh pages per tile
+    lower = np.tril(np.full((side, side), -np.inf, dtype=np.float32))  # added to a diagonal tile
     for a in range(0, n, block):
         ca = coarse[a:a + block]
         for b in range(a, n, block):
             cb = coarse[b:b + block]
-            bound = np.matmul(ca, cb.T, out=tile[:len(ca), :len(cb)])  # (block, block) upper bounds
+            # (block, block) upper bounds, into a contiguous buffer (a strided one is not BLAS's)
+            bound = np.matmul(ca, cb.T, out=flat[:len(ca) * len(cb)].reshape(len(ca), len(cb)))
             if a == b:
-                bound[np.tril_indices(len(ca))] = -np.inf  # each pair once, no photo with itself
+                bound += lower[:len(ca), :len(cb)]  # each pair once, no photo with itself
             ri = np.flatnonzero(bound.max(axis=1) >= limit)  # one pass; most tiles stop here
             if ri.size == 0:
                 continue
@@ -325,31 +330,65 @@ def similar_pairs(vectors, rows, threshold: float, *, only=None, block: int = BL
                     yield positions[a + ri[s + pi]], positions[b + ci[pj]]
 
 
-def _bounding_rows(vectors, take, block: int):
-    """((N, COARSE_DIMS + 1) float32 rows [a', |r_a|] for the bound of similar_pairs, and the
-    float32 rounding slack to allow on it)."""
+def _bounding_rows(vectors, take, threshold: float, block: int):
+    """((N, k + 1) float32 rows [a', |r_a|] for the bound of similar_pairs, and the float32
+    rounding slack to allow on it), k chosen by bounding_dims."""
     import numpy as np
 
     n = len(take)
-    dim = vectors.shape[1]
-    k = min(COARSE_DIMS, dim)
     # The principal directions of (a sample of) the vectors themselves: the uncentred second moment,
     # so the mean direction, which every embedding shares, comes first.
     rng = np.random.default_rng(0)
-    sample = take if n <= 16384 else take[np.sort(rng.choice(n, 16384, replace=False))]
+    order = rng.permutation(n)
+    sample = take[np.sort(order[:BASIS_SAMPLE])]
     x = np.asarray(vectors[sample], dtype=np.float64)
     _values, vecs = np.linalg.eigh(x.T @ x)
-    basis = np.ascontiguousarray(vecs[:, ::-1][:, :k], dtype=np.float32)  # (D, k), strongest first
+    basis = np.ascontiguousarray(vecs[:, ::-1], dtype=np.float32)  # (D, D), strongest first
+    # The width is chosen on vectors the basis was not made from (where there are such): the
+    # directions fit their own sample better than the rest, and the bound would look tighter.
+    held_out = order[BASIS_SAMPLE:BASIS_SAMPLE + CHOICE_SAMPLE] if n > BASIS_SAMPLE else order[:CHOICE_SAMPLE]
+    k = bounding_dims(np.asarray(vectors[take[np.sort(held_out)]], dtype=np.float32) @ basis, threshold, block)
+    basis = basis[:, :k]
     out = np.empty((n, k + 1), dtype=np.float32)
     for s in range(0, n, block):
         x = np.asarray(vectors[take[s:s + block]], dtype=np.float32)  # (b, D)
-        head = x @ basis  # (b, k)
-        rest = np.einsum("bd,bd->b", x, x, dtype=np.float64) - np.einsum("bk,bk->b", head, head, dtype=np.float64)
-        out[s:s + block, :k] = head
-        out[s:s + block, k] = np.sqrt(np.maximum(rest, 0.0))
+        out[s:s + block, :k] = x @ basis  # (b, k)
+        out[s:s + block, k] = _rest(x, out[s:s + block, :k])
     # float32 products of unit rows are off by a few 1e-7 per dimension at most; the basis is
     # orthonormal to about 1e-6: 1e-3 is far above both, and costs only a few more full products.
     return out, 1e-3
+
+
+def bounding_dims(rotated, threshold: float, block: int = BLOCK) -> int:
+    """The number of leading coordinates k for the bounding pass with the least expected work
+    per pair, on a sample of the rotated vectors ((S, D), strongest direction first): the bound's
+    own product costs k + 1 multiplications, and a block row and column that some bound lets
+    through costs D more. The fraction f of the sample's pairs a k lets through estimates how
+    many rows and columns of a block get the full product: about (block * f) of each, at most
+    all; so the work is (k + 1) + D * min(1, block * f)**2."""
+    import numpy as np
+
+    dim = rotated.shape[1]
+    pairs = np.triu(np.ones((len(rotated), len(rotated)), bool), 1)
+    best, best_work = dim, float(dim)  # no bounding pass: every pair in full
+    for k in BOUND_CHOICES:
+        if k >= dim:
+            break
+        head = rotated[:, :k]
+        bound = head @ head.T + np.outer(*(2 * [_rest(rotated, head)]))
+        f = float((bound >= threshold - 1e-3)[pairs].mean()) if pairs.any() else 0.0
+        work = (k + 1) + dim * min(1.0, block * f) ** 2
+        if work < best_work:
+            best, best_work = k, work
+    return best
+
+
+def _rest(x, head):
+    """|r| per row: the norm of what the leading coordinates `head` leave of the rows of x."""
+    import numpy as np
+
+    rest = np.einsum("bd,bd->b", x, x, dtype=np.float64) - np.einsum("bk,bk->b", head, head, dtype=np.float64)
+    return np.sqrt(np.maximum(rest, 0.0)).astype(np.float32)
 
 
 # --- connected components ---------------------------------------------------------------------------------
