@@ -555,3 +555,23 @@ def test_move_and_restore_refuse_what_would_go_wrong(photos, model):
     assert both.exit_code == 2 and "--restore puts photos back; it takes no PATHS" in both.stderr
     nothing = invoke("dupes", "--restore", "nowhere")
     assert nothing.exit_code == 1 and "--restore" in nothing.stderr and "nowhere: no such folder" in nothing.stderr
+
+
+def test_photos_without_a_hash_are_counted_and_matched_by_bytes_only(photos, model):
+    root, roles = photos
+    indexed_with_meaning(model, root, roles)
+    db = sqlite3.connect(folder_of(model) / INDEX_DB)
+    try:  # as an index made before hashes were kept holds them
+        with db:
+            db.execute("UPDATE files SET facts = NULL, phash = NULL, phash_low = NULL WHERE path LIKE ?",
+                       (str(root / "set0") + "/%",))
+    finally:
+        db.close()
+    result = dupes(model, "photos", "--no-index")
+    assert result.exit_code == 0, result.stderr
+    assert "8 photos have no perceptual hash" in result.stderr
+    tiers = groups_by_path(jsonl(result.stdout))
+    assert ("identical", set(roles["set0"][:2])) in tiers and ("near", set(roles["set1"])) in tiers
+    again = dupes(model, "photos")  # indexing reads the facts again
+    assert "no perceptual hash" not in again.stderr
+    assert ("near", set(roles["set0"])) in groups_by_path(jsonl(again.stdout))

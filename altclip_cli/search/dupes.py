@@ -181,6 +181,7 @@ class Found:
     groups: list
     compared: int
     seconds: dict = field(default_factory=dict)  # time per step, for the bench
+    unhashed: int = 0  # photos compared without a perceptual hash: they can be identical only
 
     def counts(self) -> dict:
         """{tier: groups} for each tier."""
@@ -230,7 +231,7 @@ def find_groups(photos: Photos, *, similar: bool = False, threshold: float = DEF
     started = time.perf_counter()
     groups = _groups(photos, identical, near, loosest, keep, first_roots)
     seconds["groups"] = time.perf_counter() - started
-    return Found(groups, n, seconds)
+    return Found(groups, n, seconds, unhashed=int(n - np.count_nonzero(photos.has_phash)))
 
 
 # --- pairs -------------------------------------------------------------------------------------------
