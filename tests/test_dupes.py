@@ -575,3 +575,26 @@ def test_photos_without_a_hash_are_counted_and_matched_by_bytes_only(photos, mod
     again = dupes(model, "photos")  # indexing reads the facts again
     assert "no perceptual hash" not in again.stderr
     assert ("near", set(roles["set0"])) in groups_by_path(jsonl(again.stdout))
+
+
+def test_a_name_with_markup_is_shown_as_text_on_the_page(photos, model):
+    root, roles = photos
+    odd = root / "alone" / 'twin <b>&amp; "2".jpg'
+    shutil.copyfile(roles["twins"][0], odd)
+    indexed_with_meaning(model, root, roles)
+    result = dupes(model, "photos", "-f", "html", "-o", "page.html")
+    assert result.exit_code == 0, result.stderr
+    page = open("page.html", encoding="utf-8").read()
+    assert "<b>" not in page and "twin &lt;b&gt;&amp;amp; &quot;2&quot;.jpg" in page
+
+
+def test_on_a_terminal_the_table_is_the_default_and_a_page_needs_a_file(photos, model, monkeypatch):
+    import altclip_cli.cli.terminal as terminal
+
+    root, roles = photos
+    indexed_with_meaning(model, root, roles)
+    monkeypatch.setattr(terminal, "isatty", lambda stream: True)
+    table = dupes(model, "photos")
+    assert table.exit_code == 0 and table.stdout.startswith("4 groups of duplicates among ")
+    page = dupes(model, "photos", "-f", "html")
+    assert page.exit_code == 2 and "-f html writes a page: give it a file" in page.stderr
