@@ -524,7 +524,7 @@ def _why(photos: Photos, pixels, p: int, kept: int, keep: str, path_at: dict, ro
         if reason:
             return reason
     if len(os.path.basename(path_at[p])) != len(os.path.basename(path_at[kept])):
-        return "a longer file name (a copy's, most likely)"
+        return "a longer file name, as a copy's"
     return "its path sorts after the kept one's"
 
 

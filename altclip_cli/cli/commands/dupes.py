@@ -248,7 +248,13 @@ def summary_line(found) -> str:
 
 
 def _megabytes(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+    """A file size for people: 812 bytes, 45 KB, 3.1 MB, 1.2 GB (powers of 1000, as file managers show)."""
+    if n < 1000:
+        return f"{n} bytes"
+    for unit, scale in (("KB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if n < scale * 1000 or unit == "GB":
+            return f"{n / scale:,.0f} {unit}" if unit == "KB" else f"{n / scale:,.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 # --- output -----------------------------------------------------------------------------------------
@@ -295,13 +301,13 @@ def _table(found, headline: str) -> str:
     cwd = os.path.join(os.path.realpath(os.getcwd()), "")
     lines = [headline]
     if found.groups:
-        lines += ["", f"  {'tier':<10} {'cosine':>6} {'bits':>4}  {'pixels':>11} {'size':>9}  path"]
+        lines += ["", f"  {'tier':<10} {'cosine':>6} {'bits':>4}  {'pixels':>11} {'size':>10}  path  ← why it lost"]
     for g in found.groups:
         lines.append(f"#{g.number} {g.tier}, {len(g.members)} photos")
         for m in g.members:
             path = display(m.path[len(cwd):] if m.path.startswith(cwd) else m.path)
             pixels = f"{m.width}x{m.height}" if m.width is not None and m.height is not None else "?"
             bits = "-" if m.hamming is None else str(m.hamming)
-            line = f"  {m.tier:<10} {m.cosine:>6.3f} {bits:>4}  {pixels:>11} {_megabytes(m.bytes):>9}  {path}"
-            lines.append(line if m.why is None else f"{line}  ({m.why})")
+            line = f"  {m.tier:<10} {m.cosine:>6.3f} {bits:>4}  {pixels:>11} {_megabytes(m.bytes):>10}  {path}"
+            lines.append(line if m.why is None else f"{line}  ← {m.why}")
     return "\n".join(lines) + "\n"
