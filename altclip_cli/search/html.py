@@ -139,7 +139,7 @@ def render_groups(groups: Sequence, heading: str, *, count: str, searched: str =
         sections.append(f'<section class="group" data-group="{g.number}" data-tier="{e(g.tier)}">'
                         f'<h2>#{g.number} {e(g.tier)} <span class="muted">{len(g.members)} photos</span></h2>'
                         f'<div class="cards">{cards}</div></section>')
-    where = f" under <span class=\"path\">{e(searched)}</span>" if searched else ""
+    where = f" · below <span class=\"path\">{e(searched)}</span>" if searched else ""
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
     footer = " · ".join(x for x in (e(note), f"altclip dupes, {e(when)}") if x)
     body = "\n".join(sections) if sections else '<p class="empty">No duplicates.</p>'
