@@ -59,7 +59,7 @@ UNKNOWN_TIME = -(2 ** 63)  # taken_local of a photo without a capture time
 BLOCK = 4096  # rows per block of the similar tier's matrix products
 BOUND_CHOICES = (32, 64, 96, 128, 192, 256, 384)  # dimensions the similar tier's bounding pass may use
 BASIS_SAMPLE = 16384  # vectors whose principal directions are computed
-CHOICE_SAMPLE = 2048  # of them, those on which the bounding pass's width is chosen
+CHOICE_SAMPLE = 2048  # vectors outside that sample on which the bounding pass's width is chosen
 _PAIRS_CHUNK = 1 << 16  # pairs whose cosine is computed at once
 
 
