@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from altclip_cli.outputs import dupemove, noreplace
+from altclip_cli.outputs import dupemove, noreplace, sortjournal
 from altclip_cli.outputs.dupemove import MOVED_FOLDER, TMP_PREFIX, MoveAsideError, move_aside, restore
-from test_sortinto import far, primitive  # noqa: F401 (fixtures: another filesystem; both no-replace primitives)
+from test_sortinto import far, primitive  # noqa: F401,F811 (fixtures: another filesystem; both no-replace primitives)
 
 
 class Said:
@@ -183,7 +183,7 @@ def test_sources_changed_vanished_or_odd_are_skipped_with_a_message(tmp_path):
     (root / "link.jpg").symlink_to(a)
     items = [(p, os.path.relpath(p, root), listed[p]) for p in (a, b, c, d)]
     items += [(str(root / "pipe.jpg"), "pipe.jpg"), (str(root / "link.jpg"), "link.jpg"),
-              (d, "../outside.jpg"), (d, "/etc/x.jpg"), (d, f"{MOVED_FOLDER}/x.jpg"), ("relative.jpg", "r.jpg")]
+              (d, "../outside.jpg"), (d, "/etc/x.jpg"), (d, f"{MOVED_FOLDER}/x.jpg"), (d, "x\x00.jpg")]
     said = Said()
     summary = move_aside(items, out, said)
     why = dict((s, w) for s, w in summary.skipped if s != d)
@@ -193,11 +193,27 @@ def test_sources_changed_vanished_or_odd_are_skipped_with_a_message(tmp_path):
     assert [w for s, w in summary.skipped if s == d] == [
         "its relative path '../outside.jpg' is empty, absolute or climbs out: not moved",
         "its relative path '/etc/x.jpg' is empty, absolute or climbs out: not moved",
-        f"its relative path '{MOVED_FOLDER}/x.jpg' would go into {MOVED_FOLDER}/: not moved"]
+        f"its relative path '{MOVED_FOLDER}/x.jpg' would go into {MOVED_FOLDER}/: not moved",
+        "a path with a NUL character: not moved"]
     assert summary.moved == [(a, os.path.join(out, os.path.relpath(a, root))), (d, os.path.join(out, os.path.relpath(d, root)))]
     assert said.warnings == [f"{s}: {w}" for s, w in summary.skipped]
     assert Path(b).read_bytes().endswith(b"edited since") and (root / "link.jpg").is_symlink()
     assert not (tmp_path / "outside.jpg").exists() and not (out.parent / "outside.jpg").exists()
+
+
+def test_a_file_where_a_folder_must_be_made_skips_only_its_photos(tmp_path):
+    root, out = tmp_path / "tree", tmp_path / "out"
+    photos = _tree(root, 14)
+    out.mkdir()
+    (out / "f1").write_bytes(b"a file named like a folder of the tree")
+    said = Said()
+    summary = move_aside(_items(root, photos), out, said)
+    blocked = sorted(p for p in photos if os.path.relpath(p, root).startswith("f1" + os.sep))
+    assert blocked and sorted(s for s, _ in summary.skipped) == blocked
+    assert all(w.startswith(f"cannot create {out / 'f1'}") for _, w in summary.skipped)
+    assert len(summary.moved) == 14 - len(blocked) and len(said.warnings) == len(blocked)
+    restore(out)
+    assert _at_home(photos) and (out / "f1").read_bytes().startswith(b"a file")
 
 
 # --- restore against what happened since --------------------------------------------------------------
@@ -242,6 +258,71 @@ def test_restore_of_a_photo_removed_from_dest_says_so_once(tmp_path):
     assert restore(out) == dupemove.RestoreSummary()
 
 
+def test_restore_keeps_a_photo_whose_folder_is_now_a_file(tmp_path):
+    root, out = tmp_path / "tree", tmp_path / "out"
+    photos = _tree(root, 3)
+    summary = move_aside(_items(root, photos), out)
+    source, where = summary.moved[0]
+    shutil.rmtree(root / "f0")
+    (root / "f0").write_bytes(b"now a file")
+    said = Said()
+    back = restore(out, said)
+    assert [(w, s) for w, s, _ in back.kept] == [(where, source)] and back.kept[0][2].startswith("cannot create")
+    assert len(back.restored) == 2 and Path(where).read_bytes() == photos[source]
+    os.unlink(root / "f0")
+    assert restore(out).restored == [(where, source)] and _at_home(photos)
+
+
+def test_an_interrupted_run_is_settled_and_said_by_the_next(tmp_path, monkeypatch):
+    """A move cut between its hard link and its unlink (Ctrl-C in the same process here) leaves
+    its journal; the next run finishes the move and says so."""
+    monkeypatch.setattr(noreplace, "_renameat2", None)
+    root, out = tmp_path / "tree", tmp_path / "out"
+    photos = _tree(root, 3)
+    real_unlink = os.unlink
+
+    def interrupted(path, *a, **k):
+        if os.fsdecode(path) in photos:
+            raise KeyboardInterrupt
+        return real_unlink(path, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        move_aside(_items(root, photos), out)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    first = sorted(photos)[0]
+    said = Said()
+    summary = move_aside(_items(root, photos), out, said)
+    where = os.path.join(out, os.path.relpath(first, root))
+    assert said.notes == summary.recovered == [f"finished an interrupted move: {first} -> {where}"]
+    assert summary.already == [(first, where)] and len(summary.moved) == 2
+    assert len(restore(out).restored) == 3 and _at_home(photos)
+
+
+def test_ctrl_c_in_a_restore_across_filesystems_then_a_rerun_says_nothing_wrong(tmp_path, far, monkeypatch):
+    """The photos put back before Ctrl-C are copies (another filesystem): the next restore knows
+    them from the interrupted restore's record, not as photos gone from DIR."""
+    root, out = tmp_path / "tree", far / "out"
+    photos = _tree(root, 8)
+    move_aside(_items(root, photos), out)
+    real_move, calls = sortjournal.Journal.move, []
+
+    def move_then_ctrl_c(self, *a):
+        real_move(self, *a)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sortjournal.Journal, "move", move_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        restore(out)
+    monkeypatch.setattr(sortjournal.Journal, "move", real_move)
+    said = Said()
+    back = restore(out, said)
+    assert len(back.restored) == 5 and not back.missing and not back.kept and said.warnings == []
+    assert _at_home(photos) and list(out.iterdir()) == []
+
+
 def test_a_restore_while_another_runs_is_refused(tmp_path):
     root, out = tmp_path / "tree", tmp_path / "out"
     photos = _tree(root, 2)
@@ -249,7 +330,7 @@ def test_a_restore_while_another_runs_is_refused(tmp_path):
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(MoveAsideError, match="another restore is running"):
+        with pytest.raises(MoveAsideError, match="another run is moving photos into it or restoring them"):
             restore(out)
     finally:
         os.close(fd)
@@ -260,7 +341,7 @@ def test_a_restore_while_another_runs_is_refused(tmp_path):
 
 RUN = r"""
 import os, sys
-from altclip_cli.outputs import dupemove, noreplace
+from altclip_cli.outputs import dupemove, noreplace, sortjournal
 src, out, how = sys.argv[1:4]
 if how == "link":
     noreplace._renameat2 = None
@@ -279,7 +360,7 @@ def test_two_runs_at_once_lose_nothing_and_restore_puts_all_back(tmp_path, reque
     roots = [tmp_path / "one", tmp_path / "two"] if which == "two trees" else [tmp_path / "one"] * 2
     photos = {}
     for root in dict.fromkeys(roots):
-        photos.update(_tree(root, 150))
+        photos.update(_tree(root, 80))
     procs = [subprocess.Popen([sys.executable, "-c", RUN, str(root), str(out), how],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for root in roots]
     counts = []
@@ -287,8 +368,10 @@ def test_two_runs_at_once_lose_nothing_and_restore_puts_all_back(tmp_path, reque
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
         counts.append([int(x) for x in stdout.split()])
-    if which == "two trees":
-        assert counts == [[150, 0, 0], [150, 0, 0]]
+    if which == "two trees":  # one after the other (a run waits for the one moving into DIR)
+        assert counts == [[80, 0, 0], [80, 0, 0]]
+    else:  # the second finds every photo it listed moved by the first
+        assert sorted(counts)[1] == [80, 0, 0] and sorted(counts)[0][::2] == [0, 0]
     assert _contents(*roots) == Counter() and _contents(out) == Counter(photos.values())
     restore(out)
     assert _at_home(photos) and _contents(out) == Counter() and _no_leftovers(*roots, out)
@@ -342,7 +425,7 @@ def _kill_when(args, count, at_least: int):
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None and count() < at_least:
-        time.sleep(0.001)
+        time.sleep(0.003)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
 
@@ -366,14 +449,14 @@ def test_killed_at_random_moments_of_a_move_and_a_restore_loses_nothing(tmp_path
     photos = _tree(root, 300)
     rng = random.Random()
     for _ in range(2):
-        _kill_when(["move", root, out, how, "random", 0], lambda: _in(out), rng.randrange(10, 290))
+        _kill_when(["move", root, out, how, "random", 0], lambda: _in(out), rng.randrange(10, 240))
         _check_none_lost(root, out, photos)
     assert 0 < _in(out) < 300, "killed too late to test anything"
     done = _run("move", root, out, how, "none", 0)
     assert done.stdout.startswith("moved ") and "skipped []" in done.stdout, done.stderr
     assert _contents(root) == Counter() and _contents(out) == Counter(photos.values())
     for _ in range(2):
-        _kill_when(["restore", root, out, how, "random", 0], lambda: _in(root), rng.randrange(10, 290))
+        _kill_when(["restore", root, out, how, "random", 0], lambda: _in(root), rng.randrange(10, 240))
         _check_none_lost(root, out, photos)
     assert 0 < _in(root) < 300, "killed too late to test anything"
     done = _run("restore", root, out, how, "none", 0)
@@ -413,6 +496,8 @@ def test_killed_while_a_restore_rewrites_its_record(tmp_path):
     root, out = tmp_path / "tree", tmp_path / "out"
     photos = _tree(root, 10)
     assert _run("move", root, out, "same", "none", 0).returncode == 0
+    record = next((out / MOVED_FOLDER).glob("*.moved"))
+    (record.parent / f".{record.name}.tmp-99999").write_bytes(b"{}")  # a rewrite killed before its rename
     killed = _run("restore", root, out, "same", "record", 1)
     assert killed.returncode == -signal.SIGKILL and _at_home(photos)
     assert _run("restore", root, out, "same", "none", 0).stdout == "restored 0 kept [] missing []\n"

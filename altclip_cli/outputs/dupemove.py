@@ -16,6 +16,9 @@ restore(DIR) puts every photo the records in DIR say were moved back where it ca
 recreating its folder if it is gone. Where a file has taken the original's name since, both are
 kept: the photo stays in DIR, its record stays, and a message names the file in the way. A second
 restore does nothing; a restore killed half-way is finished by running it again.
+
+One run at a time per DIR (a lock on the folder): a move waits for the run before it, a restore
+refuses to start while another runs; so two runs never copy one photo twice.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Iterable
 
 from ..errors import AltclipError
 from .noreplace import file_id, lstat_or_none, numbered_names, same_inode, unlink_quietly
-from .sortjournal import Journal, flock, is_file, live_journals, read_journal, records, recover, write_record
+from .sortjournal import Journal, flock, is_file, read_journal, records, recover, write_record
 
 MOVED_FOLDER = ".altclip-dupes"  # DIR/.altclip-dupes/: the journals and records of moves into DIR
 MOVED, RESTORED = ".moved", ".restored"  # DIR/.altclip-dupes/RUN.moved: what a run moved into DIR;
@@ -38,7 +41,7 @@ _MAX_TRIES = 1000  # names taken (or folders removed) by other writers between c
 
 class MoveAsideError(AltclipError):
     """DIR cannot take the photos (not a folder, not writable, the very folder they are in) or
-    cannot keep its journal, or another restore runs on it (exit 1); nothing was moved."""
+    cannot keep its journal, or (for a restore) another run holds it (exit 1); nothing was moved."""
 
 
 @dataclass
@@ -68,7 +71,8 @@ Item = tuple  # (source, relative path) or (source, relative path, (size, mtime_
 def move_aside(items: Iterable[Item], dest: str | os.PathLike, msgs=None) -> MoveSummary:
     """Move each source to dest/<relative path>, creating folders, never replacing a file there.
 
-    items: (absolute source path, its path relative to the root it was found under), optionally
+    items: (source path (a relative one is taken from the current folder), its path relative to
+    the root it was found under), optionally
     with a third element (size, mtime_ns) as it was listed (the index's): a source that no
     longer matches it has changed since and is skipped. Skipped with a message too: a source that
     is gone (unless an earlier run moved it: `already`), is not a regular file, lies inside dest,
@@ -83,6 +87,14 @@ def move_aside(items: Iterable[Item], dest: str | os.PathLike, msgs=None) -> Mov
             raise MoveAsideError(f"--move-to {dest}: it is the folder the photos are in ({source} would be "
                                  "moved onto itself)", hint="give a folder outside the ones searched for duplicates")
     _make_folder(dest)
+    lock = _lock(dest, "--move-to", msgs)
+    try:
+        return _move_all(plan, dest, msgs)
+    finally:
+        os.close(lock)
+
+
+def _move_all(plan: list, dest: Path, msgs) -> MoveSummary:
     summary = MoveSummary()
     summary.recovered = _recover(dest, msgs)
     moved_before = _moved_by_records(dest)
@@ -114,9 +126,10 @@ def _plan(item, dest: Path) -> tuple[str, Path | None, tuple | None, str | None]
     """(source, target in dest, (size, mtime_ns) as listed or None, why it cannot move or None)."""
     source, rel = os.fsdecode(item[0]), os.fsdecode(item[1])
     listed = tuple(item[2]) if len(item) > 2 and item[2] is not None else None
+    if "\x00" in source + rel:
+        return source, None, listed, "a path with a NUL character: not moved"
+    source = os.path.abspath(source)
     parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
-    if not os.path.isabs(source):
-        return source, None, listed, "not an absolute path: not moved"
     if os.path.isabs(rel) or not parts or ".." in parts:
         return source, None, listed, f"its relative path {rel!r} is empty, absolute or climbs out: not moved"
     if parts[0] == MOVED_FOLDER:
@@ -238,13 +251,12 @@ def restore(dest: str | os.PathLike, msgs=None) -> RestoreSummary:
     dest = Path(os.path.abspath(os.fsdecode(os.fspath(dest))))
     if not dest.is_dir():
         raise MoveAsideError(f"--restore {dest}: no such folder", hint="give the folder given to --move-to")
-    lock = _lock_for_restore(dest)
+    lock = _lock(dest, "--restore")
     summary = RestoreSummary()
     try:
         summary.recovered = _recover(dest, msgs)
-        if live_journals(dest, MOVED_FOLDER):
-            _say(msgs, "warn", f"{dest}: a run is moving photos into it now: the photos it moves are not "
-                               "restored (run --restore again once it has finished)")
+        for half_written in (dest / MOVED_FOLDER).glob(f".*{MOVED}.tmp-*"):  # a record's rewrite cut short
+            unlink_quietly(half_written)
         found = records(dest, MOVED_FOLDER, MOVED)
         earlier = records(dest, MOVED_FOLDER, RESTORED)  # of restores killed before they were done
         if not found:
@@ -343,21 +355,27 @@ def _move_back(journal: Journal, where: str, source: str) -> str | None:
     return f"{os.path.dirname(source)} keeps disappearing"
 
 
-def _lock_for_restore(dest: Path) -> int:
-    """An exclusive lock on dest (the folder itself) for this restore; MoveAsideError if another holds it."""
+def _lock(dest: Path, option: str, msgs=None) -> int:
+    """An exclusive lock on dest (the folder itself) for this run: one move or restore at a time
+    per folder, so that two runs never copy one photo twice. A move waits for the lock (saying so
+    through msgs); a restore raises MoveAsideError instead."""
     try:
         fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise MoveAsideError(f"--restore {dest}: cannot open it ({exc.strerror or exc})") from None
+        raise MoveAsideError(f"{option} {dest}: cannot open it ({exc.strerror or exc})") from None
     try:
         if flock(fd):
             return fd
-    except OSError:
+        if option == "--move-to":
+            _say(msgs, "note", f"{dest}: another run is moving photos into it or restoring them: waiting for it")
+            flock(fd, wait=True)
+            return fd
+    except BaseException:
         os.close(fd)
         raise
     os.close(fd)
-    raise MoveAsideError(f"--restore {dest}: another restore is running on it",
-                         hint="wait for it to finish, then run again if it reported photos kept")
+    raise MoveAsideError(f"{option} {dest}: another run is moving photos into it or restoring them",
+                         hint="wait for it to finish, then run --restore again")
 
 
 def _remove_empty_folders(dest: Path) -> None:

@@ -19,8 +19,8 @@ One `Sorter` per run. Its promises and how they are kept:
   source stays. An equal photo from elsewhere (a `cp -p` copy) is never taken for a half-done
   move: only the same file (the same inode) at the target counts as already moved.
 
-The journal and the settling of what dead runs left: sortjournal.py; the no-replace primitive:
-noreplace.py.
+The journal, the journalled move (shared with `dupes --move-to`) and the settling of what dead
+runs left: sortjournal.py; the no-replace primitive: noreplace.py.
 """
 from __future__ import annotations
 

@@ -11,14 +11,17 @@ The journal: DIR/FOLDER/RUN.journal (RUN: 16 random hex digits), one JSON object
   {"done": 0}                                             finished or undone
   {"done": 0, "moved": true, "target": "/abs/..."}        (kept journals) the file is at target now
 An entry is written and fsynced before the step that leaves a photo under two names (placed_id:
-the file that step puts at target); a kept journal (keep=".moved", say) also writes one before a
-plain rename, so that it names every file it moved. A journal that is not kept is cut back to its
-first line whenever no entry is open, and removed at the end of the run; a kept one keeps every
-line and at the end of the run is renamed RUN.moved (its keep): the record of what the run moved. It is held under an
-exclusive flock for the life of the run. A journal whose lock can be taken belongs to a dead run:
-the next run finishes or undoes its open entries, removes its temporaries and then the journal (a
-kept one becomes RUN.moved). A temporary in DIR/<folder>/ whose run has no journal is a leftover
-too; one whose journal is locked belongs to a live run and is left alone.
+the file that step puts at target). A kept journal (keep=".moved", say) also writes one before a
+plain rename, so that it names every file it moved; that one is written at once (kill -9 cannot
+lose it) and fsynced with the next entry once a second has passed, and at the end (a power cut
+may lose the record of the last second's renames, never a photo). A journal that is not kept is
+cut back to its first line whenever no entry is open, and removed at the end of the run; a kept
+one keeps every line and at the end of the run is renamed RUN.moved (RUN + its keep): the record
+of what the run moved. It is held under an exclusive flock for the life of the run. A journal
+whose lock can be taken belongs to a dead run: the next run finishes or undoes its open entries,
+removes its temporaries and then the journal (a kept one becomes its record). A temporary in
+DIR/<folder>/ whose run has no journal is a leftover too; one whose journal is locked belongs to a
+live run and is left alone.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ TMP_PREFIX = ".altclip-sort-"  # DIR/<label>/.altclip-sort-RUN-N: a copy on its 
 JOURNAL_FOLDER = ".altclip-sort"  # DIR/.altclip-sort/RUN.journal
 _CREATE_TRIES = 1000  # another run may remove the empty journal folder as this one creates it
 _NEW_JOURNAL_GRACE_S = 60  # a journal still being created by a live run is younger
+_SYNC_EVERY_S = 1.0  # a kept journal's entries for plain renames are fsynced with the next one after this
 
 
 def flock(fd: int, *, wait: bool = False) -> bool:
@@ -66,6 +70,7 @@ class Journal:
         self._next = 0
         self._temporaries: list[str] = []  # the recorded ones
         self._count = 0
+        self._synced = time.monotonic()
         for _ in range(_CREATE_TRIES):
             self.folder.mkdir(parents=True, exist_ok=True)
             new = self.folder / f"{self.run}.new"  # locked before it gets the name others look at
@@ -100,11 +105,12 @@ class Journal:
             self._write({"tmp": _abs(tmp)}, sync=False)  # a later entry's fsync covers it
         return tmp
 
-    def begin(self, source: str, target: str, source_id, placed_id, tmp: str | None) -> int:
-        """Record, durably, a step about to put placed_id under target; returns its id."""
+    def begin(self, source: str, target: str, source_id, placed_id, tmp: str | None, *, sync: bool = True) -> int:
+        """Record, durably (unless not sync: see the module docstring), a step about to put
+        placed_id under target; returns its id."""
         entry_id, self._next = self._next, self._next + 1
         self._write({"id": entry_id, "source": source, "target": target, "source_id": source_id,
-                     "placed_id": placed_id, "tmp": tmp}, sync=True)
+                     "placed_id": placed_id, "tmp": tmp}, sync=sync or time.monotonic() - self._synced > _SYNC_EVERY_S)
         self.open_ids.add(entry_id)
         return entry_id
 
@@ -123,7 +129,12 @@ class Journal:
         # json writes non-UTF-8 names (surrogate escapes) as \udcXX, and reads them back the same
         os.write(self.fd, (json.dumps(record) + "\n").encode("ascii"))
         if sync:
-            os.fsync(self.fd)
+            self.sync()
+
+    def sync(self) -> None:
+        """Put what is written so far on the disk."""
+        os.fsync(self.fd)
+        self._synced = time.monotonic()
 
     def close(self) -> None:
         """Remove the journal (a kept one that moved files becomes the run's record), unless an
@@ -169,11 +180,13 @@ class Journal:
 
         def journal_it():
             linked.append(True)
-            if not entry:
+            if entry:
+                self.sync()  # written for a plain rename, and now the file gets two names
+            else:
                 entry.append(self.begin(_abs(source), _abs(target), file_id(st), file_id(st), None))
 
         if self.keep:
-            entry.append(self.begin(_abs(source), _abs(target), file_id(st), file_id(st), None))
+            entry.append(self.begin(_abs(source), _abs(target), file_id(st), file_id(st), None, sync=False))
         try:
             rename_noreplace(source, target, before_link=journal_it)
         except OSError as exc:
@@ -301,23 +314,6 @@ def records(root: Path | str, folder: str, suffix: str) -> list[Path]:
     return sorted(found.glob(f"*{suffix}")) if found.is_dir() else []
 
 
-def live_journals(root: Path | str, folder: str) -> list[Path]:
-    """Journals in root/folder/ whose run is alive now (locked)."""
-    found = Path(root) / folder
-    live = []
-    for path in (sorted(found.glob("*.journal")) if found.is_dir() else []):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            if not flock(fd):
-                live.append(path)
-        finally:
-            os.close(fd)
-    return live
-
-
 def recover(root: Path, *, folder: str = JOURNAL_FOLDER, tmp_prefix: str = TMP_PREFIX) -> list[str]:
     """Finish or undo what dead runs left in root: their open journal entries, their temporaries,
     and temporaries without a journal. Live runs' journals and temporaries are left alone.
@@ -387,6 +383,8 @@ def _settle(e: dict) -> tuple[str | None, str | None]:
             os.unlink(source)
             fsync_dir(os.path.dirname(source))
             return f"finished an interrupted move: {source} -> {target}", target
+        if not placed:
+            return f"an interrupted move had not begun: {source} stays", None
         return f"undid an interrupted move: {source} stays", None
     if placed:
         return None, target  # moved in one step (a rename), or the source unlinked already
