@@ -598,3 +598,26 @@ def test_on_a_terminal_the_table_is_the_default_and_a_page_needs_a_file(photos, 
     assert table.exit_code == 0 and table.stdout.startswith("4 groups of duplicates among ")
     page = dupes(model, "photos", "-f", "html")
     assert page.exit_code == 2 and "-f html writes a page: give it a file" in page.stderr
+
+
+def test_a_photo_changed_or_gone_since_it_was_grouped_is_not_moved(photos, model, tmp_path):
+    root, roles = photos
+    indexed_with_meaning(model, root, roles)
+    records = jsonl(dupes(model, "photos").stdout)
+    gone, changed = records[1]["items"][1]["path"], records[2]["items"][1]["path"]
+    os.unlink(gone)
+    with open(changed, "ab") as f:
+        f.write(b"\0")
+    result = dupes(model, "photos", "--no-index", "--move-to", "aside")  # the index still lists them as they were
+    assert result.exit_code == 3, result.stderr
+    assert "2 not moved (named above)" in result.stderr and changed in result.stderr and gone in result.stderr
+    assert os.path.exists(changed) and not (tmp_path / "aside" / os.path.relpath(changed, root)).exists()
+
+
+def test_another_run_updating_the_index_is_named_or_waited_for(photos, model):
+    root, roles = photos
+    assert invoke("index", root, "-m", model, *FP32).exit_code == 0
+    with IndexStore.open(folder_of(model), write=True):
+        busy = dupes(model, "photos")
+        assert busy.exit_code == 1 and "error: another altclip" in busy.stderr
+        assert dupes(model, "photos", "--no-index").exit_code == 0  # reading needs no lock
