@@ -105,7 +105,8 @@ found = duplicates_below(None, {"model": "bench", "weights": "bench-weights", "d
                          update=False, similar=True, threshold=threshold)
 seconds = time.perf_counter() - started
 groups = [{"tier": g.tier, "members": {m.path: m.tier for m in g.members}} for g in found.groups]
-print(json.dumps({"seconds": seconds, "steps": found.seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "steps": found.seconds, "rss_mb": rss_mb,
                   "compared": found.compared, "counts": found.counts(), "groups": groups}))
 """
 
@@ -153,7 +154,8 @@ def main() -> None:
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     beyond = result["rss_mb"] - built["vector_mb"]
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in result["steps"].items())
-    print(f"| photos | dims | threshold | grouping (s) | CPU (s) | peak RSS (MB) | vectors (MB) | beyond (MB) | groups |")
+    print("| photos | dims | threshold | grouping (s) | CPU (s) | peak RSS (MB) | vectors (MB) | beyond (MB) "
+          "| groups |")
     print("|---|---|---|---|---|---|---|---|---|")
     counts = ", ".join(f"{n:,} {t}" for t, n in result["counts"].items())
     print(f"| {result['compared']:,} | {args.dim} | {threshold} | {result['seconds']:.1f} | {cpu:.1f} | "

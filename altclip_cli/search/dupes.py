@@ -282,18 +282,22 @@ def pair_cosines(vectors, rows, i, j):
 
 def similar_pairs(vectors, rows, threshold: float, *, only=None, block: int = BLOCK):
     """Every pair of photos whose cosine is at least `threshold`, as (i, j) int64 arrays yielded
-    a slice of a block at a time (no more than `block` x `block` pairs at once, so memory stays
-    a few blocks whatever the number of photos). only: (N,) bool, the photos that may pair.
+    a slice of a block at a time (no more than 1024 x `block` pairs at once, so memory stays a few
+    blocks whatever the number of photos). only: (N,) bool, the photos that may pair.
 
     Two passes, exact together. The vectors are turned into the basis of their own principal
-    directions (a rotation: dot products do not change), and every pair first gets a cheap
-    upper bound on its cosine from its first k coordinates, a @ b <= a' @ b' + |r_a| |r_b| (a'
-    the first coordinates, r the rest: Cauchy-Schwarz on the rest), computed as one matrix
-    product of (N, k + 1) rows [a', |r_a|] (k chosen on a sample: bounding_dims). Only the block rows and columns where some
-    bound reaches the threshold are then compared in full, in float32. Where the photos' vectors
-    concentrate in a few directions, as a model's embeddings do, the bound is tight; where they
-    do not, more pairs pass to the full product, which is always the one that decides. The upper
-    triangle of blocks only: each pair is computed once."""
+    directions (a rotation: dot products do not change), and every pair first gets a cheap upper
+    bound on its cosine from its first k coordinates, a @ b <= a' @ b' + |r_a| |r_b| (a' the
+    first coordinates, r the rest: Cauchy-Schwarz on the rest), computed as one matrix product
+    of (N, k + 1) rows [a', |r_a|] (k chosen on a sample: bounding_dims). Only the block rows and
+    columns where some bound reaches the threshold are then compared in full, in float32. Where
+    the vectors concentrate in a few directions, as a model's embeddings do, the bound is tight;
+    where they do not, a wider k is chosen, or none (every pair in full). The full product always
+    decides. The upper triangle of blocks only: each pair is computed once.
+
+    Every pair is yielded, not a top-k per row: a top-k would cut some components apart (two
+    tight clusters linked only by pairs that are no row's best); the caller joins the pairs of
+    each slice into components at once (components), so they are never all held."""
     import numpy as np
 
     positions = np.arange(len(rows), dtype=np.int64)
@@ -337,6 +341,10 @@ def _bounding_rows(vectors, take, threshold: float, block: int):
     import numpy as np
 
     n = len(take)
+    if n <= block:  # one block: the bound would cost more than it saves; the rows themselves, r = 0
+        out = np.zeros((n, vectors.shape[1] + 1), dtype=np.float32)
+        out[:, :-1] = np.asarray(vectors[take], dtype=np.float32)
+        return out, 1e-3
     # The principal directions of (a sample of) the vectors themselves: the uncentred second moment,
     # so the mean direction, which every embedding shares, comes first.
     rng = np.random.default_rng(0)
