@@ -526,7 +526,7 @@ def _why(photos: Photos, pixels, p: int, kept: int, keep: str, path_at: dict, ro
     if keep == "first":
         a, b = _root_index(path_at[p], roots), _root_index(path_at[kept], roots)
         if a != b and roots:
-            return "below a folder given after the kept one's"
+            return "found under a path given after the kept one's"
     for step in steps:
         reason = checks[step]()
         if reason:
@@ -568,24 +568,29 @@ def _clock(seconds: int) -> str:
 # --- from the index ------------------------------------------------------------------------------------------
 
 
-def distinct_roots(paths) -> list[str]:
-    """The paths as the index names them (paths.real_root), in the order given, without repeats
-    and without those inside another one given (their photos are below that one already)."""
+def named_roots(paths) -> list[str]:
+    """The paths as the index names them (paths.real_root), in the order given, without repeats."""
     from ..paths import real_root
 
-    real = list(dict.fromkeys(real_root(p) for p in paths))
+    return list(dict.fromkeys(real_root(os.path.expanduser(os.fspath(p))) for p in paths))
+
+
+def distinct_roots(paths) -> list[str]:
+    """named_roots without those inside another one given (their photos are below that one
+    already): the roots to walk and read, each photo found under exactly one."""
+    real = named_roots(paths)
     inside = lambda path, folder: path.startswith(os.path.join(folder, ""))  # noqa: E731
     return [r for r in real if not any(inside(r, other) for other in real if other != r)]
 
 
-def duplicates_below(indexer, identity: dict, folder, roots: Sequence[str], *, update: bool = True,
+def duplicates_below(indexer, identity: dict, folder, paths: Sequence[str], *, update: bool = True,
                      wait: float = 0.0, summary=None, similar: bool = False,
                      threshold: float = DEFAULT_SIMILAR_THRESHOLD, max_distance: int = DEFAULT_MAX_DISTANCE,
                      keep: str = DEFAULT_KEEP, **update_kw) -> Found:
-    """`altclip dupes` in this process: bring the index in `folder` up to date with each root
-    (run.update_below, as `altclip search` does; unless `update` is False), then group the
-    indexed photos at or below the roots (find_groups). roots: absolute real paths
-    (distinct_roots), folders or files, in the order given (keep="first" follows it).
+    """`altclip dupes` in this process: bring the index in `folder` up to date with each of
+    `paths` (run.update_below, as `altclip search` does; unless `update` is False), then group
+    the indexed photos at or below them (find_groups). paths: folders or files, in the order
+    given (keep="first" follows it; one inside another given counts for its photos' order).
     indexer: the model, or a callable returning it (called only when some image needs it).
     summary: a search.summary.UpdateSummary filled in place. update_kw: update.update_index's
     (the walk's include_hidden and exclude_dirs, msgs, open_kw, ...).
@@ -595,7 +600,7 @@ def duplicates_below(indexer, identity: dict, folder, roots: Sequence[str], *, u
     from .store import IndexStore, IndexStoreError
     from .update import storable
 
-    roots = [r for r in roots if storable(r)]  # the index holds UTF-8 paths only
+    roots = [r for r in distinct_roots(paths) if storable(r)]  # the index holds UTF-8 paths only
     if update:
         for root in roots:
             update_below(indexer, identity, folder, root, wait=wait, writer="altclip dupes", summary=summary,
@@ -608,7 +613,7 @@ def duplicates_below(indexer, identity: dict, folder, roots: Sequence[str], *, u
         try:
             photos = photos_of(snaps)
             return find_groups(photos, similar=similar, threshold=threshold, max_distance=max_distance, keep=keep,
-                               first_roots=roots)
+                               first_roots=named_roots(paths))
         finally:
             for snap in snaps:
                 snap.close()

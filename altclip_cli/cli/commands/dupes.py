@@ -117,7 +117,7 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
     from ...search.update import model_identity, not_utf8_warning, storable
     from ..options import excluded_dirs, load_model, open_kwargs, pil_pixel_limit
 
-    roots = distinct_roots([os.path.expanduser(p) for p in given])
+    roots = distinct_roots(given)  # what is walked and read, as the index names it
     if move_to is not None:
         _check_aside(move_to, roots)
     for root in roots:
@@ -138,7 +138,7 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
     with sigterm_as_interrupt() as terminated, pil_pixel_limit(max_pixels):
         try:
             found = duplicates_below(
-                get_model, identity, folder, roots, update=not no_index, wait=wait, summary=summary, similar=similar,
+                get_model, identity, folder, given, update=not no_index, wait=wait, summary=summary, similar=similar,
                 threshold=DEFAULT_SIMILAR_THRESHOLD if threshold is None else threshold, max_distance=max_distance,
                 keep=keep, open_kw=open_kwargs(max_pixels, 30.0, 64.0), batch_size=batch_size,
                 input_timeout=input_timeout, msgs=msgs, **walk)
