@@ -57,7 +57,7 @@ DEFAULT_SIMILAR_THRESHOLD = 0.92
 
 UNKNOWN_TIME = -(2 ** 63)  # taken_local of a photo without a capture time
 BLOCK = 4096  # rows per block of the similar tier's matrix products
-BOUND_CHOICES = (32, 64, 96, 128, 192, 256, 384)  # dimensions the similar tier's bounding pass may use
+BOUND_CHOICES = (32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 384)  # widths the bounding pass may take
 BASIS_SAMPLE = 16384  # vectors whose principal directions are computed
 CHOICE_SAMPLE = 2048  # vectors outside that sample on which the bounding pass's width is chosen
 _PAIRS_CHUNK = 1 << 16  # pairs whose cosine is computed at once
@@ -350,8 +350,8 @@ def _bounding_rows(vectors, take, threshold: float, block: int):
     rng = np.random.default_rng(0)
     order = rng.permutation(n)
     sample = take[np.sort(order[:BASIS_SAMPLE])]
-    x = np.asarray(vectors[sample], dtype=np.float64)
-    _values, vecs = np.linalg.eigh(x.T @ x)
+    x = np.asarray(vectors[sample], dtype=np.float32)
+    _values, vecs = np.linalg.eigh((x.T @ x).astype(np.float64))  # any orthonormal basis is exact; this one is tight
     basis = np.ascontiguousarray(vecs[:, ::-1], dtype=np.float32)  # (D, D), strongest first
     # The width is chosen on vectors the basis was not made from (where there are such): the
     # directions fit their own sample better than the rest, and the bound would look tighter.
