@@ -621,3 +621,15 @@ def test_another_run_updating_the_index_is_named_or_waited_for(photos, model):
         busy = dupes(model, "photos")
         assert busy.exit_code == 1 and "error: another altclip" in busy.stderr
         assert dupes(model, "photos", "--no-index").exit_code == 0  # reading needs no lock
+
+
+def test_a_folder_whose_name_is_not_utf8_is_named_and_skipped(tmp_path, model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    odd = os.fsdecode(b"odd\xff")
+    os.mkdir(odd)
+    _save(MAKERS[0](np.random.default_rng(0), (200, 150)), os.path.join(odd, "a.jpg"))
+    shutil.copyfile(os.path.join(odd, "a.jpg"), os.path.join(odd, "b.jpg"))
+    result = dupes(model, odd)
+    assert result.exit_code == 0, result.stderr
+    assert "odd\ufffd: the folder name is not valid UTF-8" in result.stderr
+    assert "no indexed images below this path" in result.stderr and result.stdout == ""

@@ -606,6 +606,8 @@ def duplicates_below(indexer, identity: dict, folder, paths: Sequence[str], *, u
             update_below(indexer, identity, folder, root, wait=wait, writer="altclip dupes", summary=summary,
                          **update_kw)
     if not (folder / INDEX_DB).exists():
+        if update:  # nothing below the paths could be indexed (no folder name the index can hold)
+            return Found([], 0)
         raise IndexStoreError(f"there is no index in {folder}",
                               hint="leave out --no-index to build it now, or run `altclip index DIR` first")
     with IndexStore.open(folder, identity=identity) as store:
