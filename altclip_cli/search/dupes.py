@@ -45,14 +45,15 @@ TIERS = ("identical", "near", "similar")  # strictest first
 KEEP_RULES = ("largest", "oldest", "newest", "first")
 DEFAULT_KEEP = "largest"
 
-# Cosine two near photos' embeddings must reach besides their hashes. The same picture saved
-# again (re-encoded, halved, rotated by EXIF, cropped by 3%) keeps its embedding within a few
-# hundredths of a cosine; two different pictures whose hashes happen to agree (fine detail on
-# the same layout, two dark frames) fall well below.
+# Cosine two near photos' embeddings must reach besides their hashes. High: the same picture
+# saved again (re-encoded, halved, rotated by EXIF, cropped by 3%) shows the model the same
+# content, and what this check must reject is two different pictures whose hashes happen to
+# agree (fine detail on one layout). A chosen value, not one fitted on a labelled set of photos.
 NEAR_MIN_COSINE = 0.95
 
-# Cosine from which `similar` groups two photos: frames of one burst and shots of one scene
-# a moment apart reach it; photos that merely share a subject (two beaches) stay below.
+# Cosine from which `similar` groups two photos: meant to take frames of one burst and shots of
+# one scene a moment apart, and to leave apart photos that merely share a subject (two beaches).
+# A chosen value, as above; --threshold tunes it.
 DEFAULT_SIMILAR_THRESHOLD = 0.92
 
 UNKNOWN_TIME = -(2 ** 63)  # taken_local of a photo without a capture time
