@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..inputs.perceptual import DEFAULT_MAX_DISTANCE, HASH_BITS
+from .snapshot import TAKEN_UNKNOWN
 
 TIERS = ("identical", "near", "similar")  # strictest first
 KEEP_RULES = ("largest", "oldest", "newest", "first")
@@ -56,7 +57,7 @@ NEAR_MIN_COSINE = 0.95
 # A chosen value, as above; --threshold tunes it.
 DEFAULT_SIMILAR_THRESHOLD = 0.92
 
-UNKNOWN_TIME = -(2 ** 63)  # taken_local of a photo without a capture time
+UNKNOWN_TIME = TAKEN_UNKNOWN  # taken_local of a photo without a capture time (as Snapshot.table gives it)
 BLOCK = 4096  # rows per block of the similar tier's matrix products
 BOUND_CHOICES = (32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 384)  # widths the bounding pass may take
 BASIS_SAMPLE = 16384  # vectors whose principal directions are computed
