@@ -633,3 +633,18 @@ def test_a_folder_whose_name_is_not_utf8_is_named_and_skipped(tmp_path, model, m
     assert result.exit_code == 0, result.stderr
     assert "odd\ufffd: the folder name is not valid UTF-8" in result.stderr
     assert "no indexed images below this path" in result.stderr and result.stdout == ""
+
+
+def test_links_to_a_photo_are_the_photo_itself_not_duplicates(photos, model):
+    root, roles = photos
+    twin = roles["twins"][0]
+    os.symlink(twin, root / "link to twin.jpg")
+    os.link(roles["lone"][0], root / "lone again.jpg")
+    os.symlink(root / "alone", root / "linked folder")  # the same folder under another name
+    indexed_with_meaning(model, root, roles)
+    result = dupes(model, "photos")
+    assert result.exit_code == 0, result.stderr
+    listed = {os.path.relpath(i["path"], root) for r in jsonl(result.stdout) for i in r["items"]}
+    assert not any("link" in p or "again" in p for p in listed)
+    assert ("identical", set(roles["twins"])) in groups_by_path(jsonl(result.stdout))
+    assert "paths are other names (a symlink or hard link) of a photo compared: left out" in result.stderr

@@ -109,6 +109,19 @@ class Photos:
     def count(self) -> int:
         return len(self.rows)
 
+    def subset(self, positions) -> "Photos":
+        """These photos only (positions: int64 array), renumbered 0..len-1 in that order."""
+        import numpy as np
+
+        positions = np.asarray(positions, dtype=np.int64)
+        pick = lambda column: None if column is None else column[positions]  # noqa: E731
+        outer = lambda method: None if method is None else (lambda p: method(positions[np.asarray(p)]))  # noqa: E731
+        return Photos(vectors=self.vectors, rows=self.rows[positions], content_key=pick(self.content_key),
+                      phash=pick(self.phash), has_phash=pick(self.has_phash), phash_low=pick(self.phash_low),
+                      width=pick(self.width), height=pick(self.height), size=pick(self.size),
+                      taken_local=pick(self.taken_local), mtime_ns=pick(self.mtime_ns),
+                      paths_of=outer(self.paths_of), taken_of=outer(self.taken_of))
+
     @classmethod
     def from_lists(cls, paths: Sequence[str], vectors, **columns) -> "Photos":
         """Photos from in-memory lists (tests, small sets): paths and vectors given whole; missing
@@ -184,6 +197,7 @@ class Found:
     compared: int
     seconds: dict = field(default_factory=dict)  # time per step, for the bench
     unhashed: int = 0  # photos compared without a perceptual hash: they can be identical only
+    aliases: int = 0  # paths left out as other names (links) of a photo compared
 
     def counts(self) -> dict:
         """{tier: groups} for each tier."""
@@ -615,9 +629,11 @@ def duplicates_below(indexer, identity: dict, folder, paths: Sequence[str], *, u
     with IndexStore.open(folder, identity=identity) as store:
         snaps = [store.snapshot(under=root) for root in roots]
         try:
-            photos = photos_of(snaps)
-            return find_groups(photos, similar=similar, threshold=threshold, max_distance=max_distance, keep=keep,
-                               first_roots=named_roots(paths))
+            photos, aliases = without_aliases(photos_of(snaps))
+            found = find_groups(photos, similar=similar, threshold=threshold, max_distance=max_distance, keep=keep,
+                                first_roots=named_roots(paths))
+            found.aliases = aliases
+            return found
         finally:
             for snap in snaps:
                 snap.close()
@@ -636,6 +652,39 @@ def aside_items(found: Found, roots: Sequence[str]) -> list[tuple]:
             rel = os.path.basename(m.path) if m.path == root else os.path.relpath(m.path, root)
             items.append((m.path, rel, None if m.mtime_ns is None else (m.bytes, m.mtime_ns)))
     return items
+
+
+def without_aliases(photos: Photos) -> tuple[Photos, int]:
+    """(the photos without the paths that name a file already among them, how many were left
+    out). A symlink to a photo, or a hard link, is the photo itself: moving it aside would free
+    nothing, and moving the photo would leave the link dangling. Only photos that share a content
+    key can be one file, so only those are looked at (os.stat, links followed); of the names of
+    one file, a path through no symlink is kept, then the first."""
+    import numpy as np
+
+    keys = np.asarray(photos.content_key, dtype=object)
+    known = np.flatnonzero(np.array([k is not None for k in keys], dtype=bool))
+    if known.size < 2:
+        return photos, 0
+    _unique, inverse, counts = np.unique(keys[known].astype(str), return_inverse=True, return_counts=True)
+    shared = known[counts[inverse.ravel()] > 1]
+    if shared.size == 0:
+        return photos, 0
+    named = list(zip(shared.tolist(), photos.paths_of(shared)))
+    named.sort(key=lambda pair: os.path.realpath(pair[1]) != pair[1])  # paths without links first (stable)
+    seen, aliases = set(), []
+    for position, path in named:
+        try:
+            st = os.stat(path)
+        except OSError:  # gone or unreadable: compared as the index holds it
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            aliases.append(position)
+        seen.add((st.st_dev, st.st_ino))
+    if not aliases:
+        return photos, 0
+    keep = np.setdiff1d(np.arange(photos.count), np.asarray(aliases, dtype=np.int64))
+    return photos.subset(keep), len(aliases)
 
 
 def photos_of(snaps) -> Photos:

@@ -166,6 +166,9 @@ def _exit(code) -> None:
 def _output_found(found, fmt, output, what, given: int, identity, input_timeout, msgs) -> None:
     if found.compared == 0:
         msgs.warn(f"{what}: no indexed images below {'these paths' if given > 1 else 'this path'}")
+    if found.aliases:
+        msgs.note(f"{found.aliases:,} path{'s are other names' if found.aliases > 1 else ' is another name'} "
+                  "(a symlink or hard link) of a photo compared: left out, not a duplicate")
     if found.unhashed:
         msgs.note(f"{found.unhashed:,} photo{'s have' if found.unhashed > 1 else ' has'} no perceptual hash (not "
                   "decodable, or indexed by an older altclip and not updated since): they match byte-identical "
