@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from altclip_cli.outputs import noreplace, sortinto
+from altclip_cli.outputs import noreplace, sortinto, sortjournal
 from altclip_cli.outputs.sortinto import Sorter, folder_name
 from altclip_cli.outputs.sortjournal import JOURNAL_FOLDER, TMP_PREFIX
 
@@ -186,7 +186,7 @@ def test_a_name_taken_between_choosing_and_taking_it_is_never_replaced(tmp_path,
     src = tmp_path / "x.jpg"
     src.write_bytes(b"photo")
     out = tmp_path / "out"
-    real = sortinto.rename_noreplace
+    real = sortjournal.rename_noreplace  # the one the journalled move takes its names with
     raced = []
 
     def racing(a, b, **kw):
@@ -195,7 +195,7 @@ def test_a_name_taken_between_choosing_and_taking_it_is_never_replaced(tmp_path,
             Path(b).write_bytes(b"another writer")
         return real(a, b, **kw)
 
-    monkeypatch.setattr(sortinto, "rename_noreplace", racing)
+    monkeypatch.setattr(sortjournal, "rename_noreplace", racing)
     with Sorter(out, "move") as s:
         placed = s.place(src, "cat")
     assert raced == [out / "cat" / "x.jpg"]
@@ -377,14 +377,14 @@ def test_three_runs_moving_the_same_photos_at_once_lose_none(tmp_path, request, 
 KILL_SCRIPT = r"""
 import os, signal, sys, time
 from pathlib import Path
-from altclip_cli.outputs import noreplace, sortinto
+from altclip_cli.outputs import noreplace, sortinto, sortjournal
 src, out, how, step, nth = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 if how == "link":  # no renameat2: a hard link, then an unlink
     noreplace._renameat2 = None
 pace = 0.0002 if step == "random" else 0  # killed from outside at a random instant: not too fast
 if step not in ("none", "random"):  # kill -9 right after the nth call of one step
-    owner, name = {"journal": (sortinto.Journal, "begin"), "place": (sortinto, "rename_noreplace"),
-                   "copy": (sortinto.shutil, "copyfileobj"), "link": (sortinto.os, "link"),
+    owner, name = {"journal": (sortinto.Journal, "begin"), "place": (sortjournal, "rename_noreplace"),
+                   "copy": (sortjournal.shutil, "copyfileobj"), "link": (sortinto.os, "link"),
                    "unlink": (sortinto.os, "unlink"), "fsync": (sortinto.os, "fsync")}[step]
     real, calls = getattr(owner, name), []
     def wrapped(*a, **k):
@@ -518,8 +518,7 @@ def test_classify_move_never_replaces_a_file_made_just_before_its_rename(two_fol
         return call
 
     monkeypatch.setattr(os, "rename", racing(os.rename))
-    monkeypatch.setattr(sortinto, "rename_noreplace", racing(getattr(sortinto, "rename_noreplace", None)),
-                        raising=False)
+    monkeypatch.setattr(sortjournal, "rename_noreplace", racing(sortjournal.rename_noreplace))
     data = (two_folders / "a" / "x.png").read_bytes()
     result = invoke("classify", "a", *UNSURE, "--sort-into", "out", "--move", "-m", model)
     assert result.exit_code == 0, result.stderr

@@ -16,6 +16,7 @@ from ..version import __version__
 from .commands.check import check
 from .commands.cache import cache
 from .commands.classify import classify
+from .commands.dupes import dupes
 from .commands.embed import embed
 from .commands.index import index
 from .commands.manage import download, info, models
@@ -129,7 +130,7 @@ def cli():
     """
 
 
-for _command in (classify, tag, embed, merge, check, download, info, models, cache, index, search, serve):
+for _command in (classify, tag, embed, merge, check, download, info, models, cache, index, search, dupes, serve):
     cli.add_command(_command)
 
 

@@ -12,6 +12,14 @@ from .terminal import no_color
 FORMATS = ("table", "json", "jsonl", "csv")
 
 
+def default_format(output: str | None, stdout_is_tty: bool) -> str:
+    """The format of a command's results when -f is not given: html for -o *.html (*.htm), jsonl
+    for another -o FILE, a table on a terminal, jsonl into a pipe or file."""
+    if output is not None:
+        return "html" if output.lower().endswith((".html", ".htm")) else "jsonl"
+    return "table" if stdout_is_tty else "jsonl"
+
+
 def dumps(obj) -> str:
     """One compact JSON line, any script kept readable (not \\u-escaped)."""
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))

@@ -19,22 +19,20 @@ One `Sorter` per run. Its promises and how they are kept:
   source stays. An equal photo from elsewhere (a `cp -p` copy) is never taken for a half-done
   move: only the same file (the same inode) at the target counts as already moved.
 
-The journal and the settling of what dead runs left: sortjournal.py; the no-replace primitive:
-noreplace.py.
+The journal, the journalled move (shared with `dupes --move-to`) and the settling of what dead
+runs left: sortjournal.py; the no-replace primitive: noreplace.py.
 """
 from __future__ import annotations
 
 import errno
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AltclipError
 from ..durable import fsync_dir
-from .noreplace import (MAX_NAME_BYTES, file_id, lstat_or_none, numbered_names, rename_noreplace, same_content,
-                        same_file, same_inode, unlink_quietly)
+from .noreplace import MAX_NAME_BYTES, numbered_names, rename_noreplace, same_content, same_file, same_inode, unlink_quietly
 from .sortjournal import JOURNAL_FOLDER, Journal, recover
 
 MODES = ("link", "copy", "move")
@@ -191,22 +189,8 @@ class Sorter:
             if candidate not in self._planned and not os.path.lexists(candidate):
                 return candidate
 
-    def _copy_to_temporary(self, source: Path, folder: Path) -> Path:
-        """A complete, fsynced copy of source (bytes, mode, times) under a temporary name in folder."""
-        tmp = self._journal.temporary(folder)
-        try:
-            with open(source, "rb") as src, open(tmp, "xb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                shutil.copystat(source, tmp)
-                os.fsync(dst.fileno())
-        except BaseException:
-            unlink_quietly(tmp)
-            raise
-        return tmp
-
     def _copy_into_place(self, source: Path, target: Path) -> None:
-        tmp = self._copy_to_temporary(source, target.parent)
+        tmp = self._journal.copy_to_temporary(source, target.parent)
         try:
             rename_noreplace(tmp, target)
         finally:
@@ -224,74 +208,10 @@ class Sorter:
                 os.unlink(target)
                 raise
             return
-        entry: list[int] = []  # the journal entry, made only if the file will have two names
-
-        def journal_it():
-            st = os.lstat(source)
-            entry.append(self._journal.begin(_abs(source), _abs(target), file_id(st), file_id(st), None))
-
-        try:
-            rename_noreplace(source, target, before_link=journal_it)
-        except OSError as exc:
-            if entry:
-                self._journal.done(entry[0])  # not linked, or linked and taken back
-            if exc.errno != errno.EXDEV:
-                raise
-            self._move_across(source, target)
-            return
-        if entry:
-            fsync_dir(source.parent)
-            self._journal.done(entry[0])
-
-    def _move_across(self, source: Path, target: Path) -> None:
-        """A move to another filesystem: copy, fsync, take the name, then unlink the source."""
-        st = os.lstat(source)
-        tmp = self._copy_to_temporary(source, target.parent)
-        try:
-            placed = file_id(os.lstat(tmp))
-            entry = self._journal.begin(_abs(source), _abs(target), file_id(st), placed, _abs(tmp))
-            try:
-                rename_noreplace(tmp, target)
-            except OSError:
-                self._journal.done(entry)
-                raise
-            fsync_dir(target.parent)
-            try:
-                _unlink_unchanged(source, st)
-            except FileNotFoundError:
-                pass  # removed meanwhile (another run moved it): the copy stays, the photo is kept
-            except OSError:
-                if _is_file(target, placed):
-                    os.unlink(target)  # the source stays: no second copy left behind
-                    fsync_dir(target.parent)
-                self._journal.done(entry)
-                raise
-            fsync_dir(source.parent)
-            self._journal.done(entry)
-        finally:
-            unlink_quietly(tmp)
+        self._journal.move(source, target)
 
 
 def _entry(path: Path) -> tuple[str, str]:
     """(the real path of path's folder, its name): one folder entry however path is spelled."""
     path = os.path.abspath(path)
     return os.path.realpath(os.path.dirname(path)), os.path.basename(path)
-
-
-def _abs(path: Path) -> str:
-    return os.fsdecode(os.path.abspath(path))
-
-
-def _is_file(path: Path, wanted: list[int]) -> bool:
-    """path is the file whose file_id is wanted."""
-    st = lstat_or_none(path)
-    return st is not None and file_id(st) == wanted
-
-
-def _unlink_unchanged(path: Path, before: os.stat_result) -> None:
-    """Unlink path if it is still the file `before` describes, unchanged (size and mtime);
-    else OSError (FileNotFoundError when it is gone)."""
-    now = os.lstat(path)
-    if file_id(now) != file_id(before) or (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-        raise OSError(errno.EBUSY, "it changed while it was being copied", os.fspath(path))
-    os.unlink(path)

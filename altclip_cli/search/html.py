@@ -123,7 +123,56 @@ def render(hits: Sequence[Hit], query: str, *, searched: str = "", note: str = "
                     f'<figcaption>{e(label)}</figcaption></figure>' for label, image in query_images)
     parts = f'<div class="parts">{shown}</div>' if shown else ""
     return _PAGE.format(title=e(f"altclip search: {query}"), query=e(query), parts=parts, count=count,
-                        where=where, body=body, footer=footer, css=_CSS)
+                        where=where, body=body, footer=footer, css=_CSS, main="")
+
+
+def render_groups(groups: Sequence, heading: str, *, count: str, searched: str = "", note: str = "",
+                  px: int = THUMB_PX, workers: int | None = None,
+                  input_timeout: float | None = DEFAULT_INPUT_TIMEOUT) -> str:
+    """A page of duplicate groups (search.dupes.Group), each a row of thumbnails, the photo to
+    keep first and marked, each other with its tier, cosine, Hamming distance and why it lost.
+    heading: the page's title; count: the line under it (the summary)."""
+    members = [m for g in groups for m in g.members]
+    thumbs = iter(_thumbnails([m.path for m in members], px, workers or min(8, os.cpu_count() or 1), input_timeout))
+    e = _escape
+    sections = []
+    for g in groups:
+        cards = "\n".join(_member_card(m, *next(thumbs)) for m in g.members)
+        sections.append(f'<section class="group" data-group="{g.number}" data-tier="{e(g.tier)}">'
+                        f'<h2>#{g.number} {e(g.tier)} <span class="muted">{len(g.members)} photos</span></h2>'
+                        f'<div class="cards">{cards}</div></section>')
+    where = f" · below <span class=\"path\">{e(searched)}</span>" if searched else ""
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
+    footer = " · ".join(x for x in (e(note), f"altclip dupes, {e(when)}") if x)
+    body = "\n".join(sections) if sections else '<p class="empty">No duplicates.</p>'
+    return _PAGE.format(title=e(heading), query=e(heading), parts="", count=e(count), where=where, body=body,
+                        footer=footer, css=_CSS + _GROUP_CSS, main=' class="groups"')
+
+
+def _member_card(m, uri: str | None, error: str | None) -> str:
+    """A photo of a duplicate group: the kept one marked "keep", another with its tier and why it lost."""
+    e = _escape
+    shown = display(m.path)
+    folder, name = os.path.split(shown)
+    href = e(Path(m.path).as_uri())
+    if uri is not None:
+        thumb = f'<img src="{uri}" alt="{e(name)}" loading="lazy">'
+    else:
+        thumb = f'<span class="placeholder">cannot show this image: {e(error or "unknown error")}</span>'
+    size = f"{m.width}x{m.height}" if m.width is not None and m.height is not None else "size unknown"
+    facts = " · ".join(x for x in (size, f"{m.bytes:,} bytes", m.taken or "") if x)
+    if m.tier == "keep":
+        top = '<span class="rank keep">keep</span>'
+        why = ""
+    else:
+        bits = "" if m.hamming is None else f" · {m.hamming} bits"
+        top = f'<span class="rank">{e(m.tier)}</span><span class="score">cos {m.cosine:.4f}{bits}</span>'
+        why = f'<div class="why">{e(m.why or "")}</div>'
+    return (f'<figure class="card{" kept" if m.tier == "keep" else ""}" data-tier="{e(m.tier)}" '
+            f'data-path="{e(shown)}"><a class="thumb" href="{href}" title="{e(shown)}">{thumb}</a>'
+            f'<figcaption><div class="top">{top}</div><div class="facts">{e(facts)}</div>{why}'
+            f'<a class="file" href="{href}" title="{e(shown)}"><span class="name">{e(name)}</span>'
+            f'<span class="dir">{e(folder)}</span></a></figcaption></figure>')
 
 
 def _card(hit: Hit, uri: str | None, error: str | None, best: float) -> str:
@@ -220,6 +269,17 @@ a { color: inherit; text-decoration: none; }
 footer { padding: 0 32px 28px; font-size: 12px; }
 """
 
+_GROUP_CSS = """
+main.groups { display: block; }
+.group { margin: 0 0 28px; }
+.group h2 { margin: 0 0 10px; font-size: 16px; font-weight: 600; }
+.muted, .facts, .why { color: var(--muted); font-weight: 400; }
+.facts, .why { font-size: 12px; margin: 4px 0; overflow-wrap: anywhere; }
+.group .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 18px; }
+.kept { border: 2px solid var(--accent); }
+.keep { color: var(--accent); }
+"""
+
 _PAGE = """<!doctype html>
 <html lang="en">
 <head>
@@ -235,7 +295,7 @@ _PAGE = """<!doctype html>
 <h1>{query}</h1>
 {parts}<p>{count}{where}</p>
 </header>
-<main>
+<main{main}>
 {body}
 </main>
 <footer>{footer}</footer>

@@ -238,9 +238,9 @@ def _choose_format(fmt, null, output, stdout_is_tty) -> str:
                              hint="leave out -f (or give -f paths) with -0")
         return "paths"
     if fmt is None:
-        if output is not None:
-            return "html" if output.lower().endswith((".html", ".htm")) else "jsonl"
-        return "table" if stdout_is_tty else "jsonl"
+        from ..formats import default_format
+
+        return default_format(output, stdout_is_tty)
     if fmt == "html" and output is None and stdout_is_tty:
         raise UsageError("-f html writes a page: give it a file", hint="add -o results.html (or pipe the output)")
     return fmt
