@@ -557,3 +557,54 @@ def test_an_index_older_than_the_facts_keeps_nothing_and_says_why(tmp_path, read
     finally:
         if cache is not None:
             cache.close()
+
+
+def test_filters_on_what_indexing_read_from_the_photos_exif(tmp_path, monkeypatch, model):
+    """End to end, nothing injected: photos written with EXIF (dates with and without an offset,
+    GPS in both hemispheres, make and model), indexed by `altclip search`, filtered by it."""
+    from PIL import Image
+    from PIL.TiffImagePlugin import IFDRational as R
+    from test_cli import invoke, jsonl
+
+    def dms(x):
+        x = abs(x)
+        return (R(int(x), 1), R(int(x * 60 % 60), 1), R(round(x * 3600 % 60 * 100), 100))
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    photos = {"paris.jpg": ((48.8566, 2.3522), "2023:07:14 10:00:00", "+02:00", "Canon", "Canon EOS R5"),
+              "sydney.jpg": ((-33.8688, 151.2093), "2023:01:02 23:30:00", None, "Apple", "iPhone 12"),
+              "london.jpg": ((51.5074, -0.1278), "2023:06:30 23:59:59", "+01:00", "Canon", "Canon EOS 5D")}
+    rng = np.random.default_rng(4)
+    for name, ((lat, lon), date, offset, make, camera) in photos.items():
+        exif = Image.Exif()
+        exif[0x010F], exif[0x0110] = make, camera
+        exif.get_ifd(0x8769)[0x9003] = date
+        if offset:
+            exif.get_ifd(0x8769)[0x9011] = offset
+        exif.get_ifd(0x8825).update({1: "N" if lat >= 0 else "S", 2: dms(lat), 3: "E" if lon >= 0 else "W",
+                                     4: dms(lon)})
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "photos" / name, exif=exif)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "photos" / "scan.png")
+    when = datetime(2020, 1, 1, 12).timestamp()  # no EXIF: its date is the file's (local) time
+    os.utime(tmp_path / "photos" / "scan.png", (when, when))
+
+    def found(*args):
+        result = invoke("search", QUERY, "--dir", "photos", "--index", "idx", "-k", "10", "-m", model, *args)
+        assert result.exit_code == 0, result.stderr
+        return result, sorted(os.path.basename(r["path"]) for r in jsonl(result.stdout))
+
+    _, every = found()
+    assert every == ["london.jpg", "paris.jpg", "scan.png", "sydney.jpg"]
+    assert found("--camera", "canon eos")[1] == ["london.jpg", "paris.jpg"]
+    assert found("--after", "2023-07")[1] == ["paris.jpg"]
+    assert found("--before", "2023-06")[1] == ["london.jpg", "scan.png", "sydney.jpg"]  # June 30th, 23:59:59 is in June
+    assert found("--after", "2020-01-01", "--before", "2020-01-01")[1] == ["scan.png"]
+    assert found("--near", "-33.87,151.21", "--within", "5km")[1] == ["sydney.jpg"]
+    result, near_paris = found("--near", "48.85,2.35", "--within", "400km")
+    assert near_paris == ["london.jpg", "paris.jpg"]
+    assert "1 photo has no place (GPS position): left out by the filter" in result.stderr  # the scan
+    records = {os.path.basename(r["path"]): r for r in jsonl(found("--camera", "canon")[0].stdout)}
+    assert records["paris.jpg"]["taken"] == "2023-07-14T10:00:00+02:00"
+    assert records["paris.jpg"]["camera"] == "Canon EOS R5"
+    assert records["paris.jpg"]["gps"] == pytest.approx([48.8566, 2.3522], abs=1e-4)
