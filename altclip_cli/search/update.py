@@ -492,6 +492,8 @@ def read_missing_facts(store, roots: list[str], *, open_kw: dict | None = None,
     msgs = msgs or Silent()
     todo = []
     for root in roots:
+        if not storable(root):  # the index holds nothing below it (the walk warned)
+            continue
         for key, size, mtime_ns in store.without_facts(root):
             path = store.path_of(key)
             try:
