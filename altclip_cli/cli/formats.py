@@ -20,6 +20,24 @@ def default_format(output: str | None, stdout_is_tty: bool) -> str:
     return "table" if stdout_is_tty else "jsonl"
 
 
+def results_format(fmt: str | None, null: bool, output: str | None, stdout_is_tty: bool, *, page: str) -> str:
+    """The format of a command that prints paths, records or a page (search, dupes): "paths" with
+    -0, else -f as given, else default_format's. UsageError for -0 with another -f, and for a page
+    sent to a terminal (page: the file name the hint suggests, e.g. "results.html")."""
+    from .options import UsageError
+
+    if null:
+        if fmt not in (None, "paths"):
+            raise UsageError(f"-0 prints NUL-separated paths; it does not go with -f {fmt}",
+                             hint="leave out -f with -0")
+        return "paths"
+    if fmt is None:
+        return default_format(output, stdout_is_tty)
+    if fmt == "html" and output is None and stdout_is_tty:
+        raise UsageError("-f html writes a page: give it a file", hint=f"add -o {page} (or pipe the output)")
+    return fmt
+
+
 def dumps(obj) -> str:
     """One compact JSON line, any script kept readable (not \\u-escaped)."""
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))

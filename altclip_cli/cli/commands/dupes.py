@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from ..formats import results_format
 from ..options import UsageError, common_options, messages, model_options, walk_options
 
 DUPES_FORMATS = ("table", "jsonl", "html")
@@ -99,7 +100,7 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
             raise UsageError("--restore puts photos back; it takes no PATHS and no --move-to",
                              hint=f"run `altclip dupes --restore {restore_from}` alone")
         _exit(_restore(restore_from, msgs))
-    fmt = _choose_format(fmt, null, output, isatty(sys.stdout))
+    fmt = results_format(fmt, null, output, isatty(sys.stdout), page="dupes.html")
     if output is not None:
         from ...outputs.embedfile import check_writable
 
@@ -221,21 +222,6 @@ def _restore(restore_from, msgs):
         parts.append(f"{len(done.missing):,} no longer there (named above)")
     msgs.note("; ".join(parts))
     return ExitStatus.PARTIAL if done.kept or done.missing else ExitStatus.OK
-
-
-def _choose_format(fmt, null, output, stdout_is_tty) -> str:
-    from ..formats import default_format
-
-    if null:
-        if fmt is not None:
-            raise UsageError(f"-0 prints NUL-separated paths; it does not go with -f {fmt}",
-                             hint="leave out -f with -0")
-        return "paths"
-    if fmt is None:
-        return default_format(output, stdout_is_tty)
-    if fmt == "html" and output is None and stdout_is_tty:
-        raise UsageError("-f html writes a page: give it a file", hint="add -o dupes.html (or pipe the output)")
-    return fmt
 
 
 def summary_line(found) -> str:

@@ -9,6 +9,7 @@ import sys
 import click
 
 from ...search.filters import SORTS
+from ..formats import results_format
 from ..options import (UsageError, common_options, filter_options, messages, model_options, search_filter,
                        server_options, walk_options)
 
@@ -103,7 +104,7 @@ def search(query, add, subtract, top, min_score, after, before, near, within, ca
     except QueryError as exc:
         raise UsageError(exc.message, hint=exc.hint) from None
     where = search_filter(after, before, near, within, camera, sort)
-    fmt = _choose_format(fmt, null, output, isatty(sys.stdout))
+    fmt = results_format(fmt, null, output, isatty(sys.stdout), page="results.html")
     if output is not None:
         from ...outputs.embedfile import check_writable
 
@@ -229,21 +230,6 @@ def _search_on_server(remote, parts, root, search_dir, index_dir, top, min_score
             for r in answer.get("results", [])]
     counts = {k: answer[k] for k in ("total", "missing", "unread") if k in answer}
     return hits, int(answer.get("searched", 0)), counts
-
-
-def _choose_format(fmt, null, output, stdout_is_tty) -> str:
-    if null:
-        if fmt not in (None, "paths"):
-            raise UsageError(f"-0 prints NUL-separated paths; it does not go with -f {fmt}",
-                             hint="leave out -f (or give -f paths) with -0")
-        return "paths"
-    if fmt is None:
-        from ..formats import default_format
-
-        return default_format(output, stdout_is_tty)
-    if fmt == "html" and output is None and stdout_is_tty:
-        raise UsageError("-f html writes a page: give it a file", hint="add -o results.html (or pipe the output)")
-    return fmt
 
 
 def _query_sources(parts) -> dict:
