@@ -206,6 +206,18 @@ image_input_options = _stack(
 )
 
 
+# How an index update decodes the images it embeds: index, search and dupes.
+index_decode_options = _stack(
+    click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
+                 help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap]."),
+    click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                 metavar="SECONDS", help="Time allowed to read and decode one image; one that takes longer fails."),
+    click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
+                 help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
+                      "(must match how the index was built)."),
+)
+
+
 # Folders every walk skips unless --exclude-dir replaces them (inputs.walk.DEFAULT_EXCLUDES).
 DEFAULT_EXCLUDE_TEXT = ".git, node_modules, @eaDir, System Volume Information, __pycache__"
 

@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..formats import results_format
-from ..options import UsageError, common_options, messages, model_options, walk_options
+from ..options import UsageError, common_options, index_decode_options, messages, model_options, walk_options
 
 DUPES_FORMATS = ("table", "jsonl", "html")
 KEEP_RULES = ("largest", "oldest", "newest", "first")  # search.dupes.KEEP_RULES (not imported: numpy)
@@ -47,13 +47,7 @@ DEFAULT_MAX_DISTANCE = 10
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Wait this long for another run updating the same index [default: fail at once].")
 @walk_options
-@click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
-              help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
-@click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              metavar="SECONDS", help="Time allowed to read and decode one image; one that takes longer fails.")
-@click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
-              help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
-                   "(must match how the index was built).")
+@index_decode_options
 @model_options
 @common_options
 def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move_to, restore_from, index_dir,

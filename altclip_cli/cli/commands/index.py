@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-from ..options import common_options, excluded_dirs, messages, model_options, server_options, walk_options
+from ..options import (common_options, excluded_dirs, index_decode_options, messages, model_options, server_options,
+                       walk_options)
 
 
 @click.command()
@@ -23,12 +24,7 @@ from ..options import common_options, excluded_dirs, messages, model_options, se
               help="Wait this long for another run updating the same index [default: fail at once].")
 @click.option("--commit-every", type=click.IntRange(min=1), default=256, show_default=True, metavar="N",
               help="Commit to the index every N images embedded (a killed run loses at most these).")
-@click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
-              help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
-@click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              metavar="SECONDS", help="Time allowed to read and decode one image; one that takes longer fails.")
-@click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
-              help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing.")
+@index_decode_options
 @model_options
 @server_options
 @common_options

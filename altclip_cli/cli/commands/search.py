@@ -10,8 +10,8 @@ import click
 
 from ...search.filters import SORTS
 from ..formats import results_format
-from ..options import (UsageError, common_options, filter_options, messages, model_options, search_filter,
-                       server_options, walk_options)
+from ..options import (UsageError, common_options, filter_options, index_decode_options, messages, model_options,
+                       search_filter, server_options, walk_options)
 
 SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 
@@ -45,13 +45,7 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
               help="Wait this long for another run updating the same index [default: fail at once; "
                    "--no-index searches what it has committed so far].")
 @walk_options
-@click.option("--max-pixels", type=click.IntRange(min=0), default=None, metavar="N", envvar="ALTCLIP_MAX_PIXELS",
-              help="Refuse images with more pixels (decompression bombs) [default: about 179 million; 0: no cap].")
-@click.option("--input-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
-              metavar="SECONDS", help="Time allowed to read and decode one image; one that takes longer fails.")
-@click.option("--exact-decode", is_flag=True, envvar="ALTCLIP_EXACT_DECODE",
-              help="Decode large JPEGs at full size, bit-exact with the reference's preprocessing "
-                   "(must match how the index was built).")
+@index_decode_options
 @model_options
 @server_options
 @common_options
