@@ -203,3 +203,26 @@ def test_large_jpegs_decode_at_reduced_scale_unless_exact(tiny_model_dir, tmp_pa
     b = next(iter(exact.stream_images([path]))).embedding
     assert sizes == [(700, 500), (1400, 1000)]  # 1/2 scale keeps the shortest side >= 448
     assert float(a @ b) > 0.999
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_batch_larger_than_one_pass_matches_the_reference(tiny_model_dir, precision):
+    """On the CPU the image tower takes at most device.images_per_pass images at once: a batch of
+    2 x that + 3 goes through in three passes, every row still the reference's (bf16: to its rounding)."""
+    from oracle import require
+
+    transformers = require("transformers")
+    from PIL import Image
+
+    per_pass = device.images_per_pass(torch.device("cpu"))
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 255, (64 + 8 * i, 80, 3), dtype=np.uint8)) for i in range(2 * per_pass + 3)]
+    ours = runtime.load(str(tiny_model_dir), device="cpu", precision=precision).encode_images(images, batch_size=len(images))
+    ref = transformers.AltCLIPModel.from_pretrained(tiny_model_dir).eval()
+    pixels = transformers.CLIPImageProcessorPil.from_pretrained(tiny_model_dir)(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        out = ref.get_image_features(pixel_values=pixels)
+    expected = torch.nn.functional.normalize(out if isinstance(out, torch.Tensor) else out.pooler_output, dim=-1).numpy()
+    cosine = (ours * expected).sum(axis=1)
+    assert cosine.min() > (1 - 1e-6 if precision == "fp32" else 0.999), cosine
+

@@ -37,6 +37,7 @@ class SelfAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(d, d) for _ in range(4))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(self.q_proj.weight.dtype)  # cast once for the three projections, not in each
         return self.out_proj(attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), self.heads))
 
 
@@ -60,8 +61,8 @@ class VisionLayer(nn.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.layer_norm1(h))
-        return h + self.mlp(self.layer_norm2(h))
+        h = h + self.self_attn(self.layer_norm1(h))  # a new tensor: the caller's h is not changed
+        return h.add_(self.mlp(self.layer_norm2(h)))
 
 
 class VisionEncoder(nn.Module):

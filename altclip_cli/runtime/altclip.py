@@ -21,7 +21,7 @@ from ..cache.weights import weights_identity
 from ..inputs.pipeline import DEFAULT_INPUT_TIMEOUT, ImageResult, stream_embeddings
 from ..nn.model import AltCLIPModel
 from .build import build_model
-from .device import PRECISIONS, choose_device, choose_precision, default_batch_size
+from .device import PRECISIONS, choose_device, choose_precision, default_batch_size, images_per_pass
 from .embedder import Embedder
 from ..inputs.threads import plan_threads
 
@@ -85,8 +85,10 @@ class AltCLIP(Embedder):
 
     @torch.inference_mode()
     def encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P), through the tower `images_per_pass` images at a time."""
+        per_pass = images_per_pass(self.device) or len(pixels)
         with self._autocast():
-            return self.model.encode_image(pixels.to(self.device))
+            return torch.cat([self.model.encode_image(part.to(self.device)) for part in pixels.split(per_pass)])
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int | None = None,
                      normalize: bool = True) -> np.ndarray:
