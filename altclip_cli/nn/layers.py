@@ -102,11 +102,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     b, t, d = q.shape
     # (B, T, D) -> (B, H, T, D/H)
     q, k, v = (x.view(b, t, heads, d // heads).transpose(1, 2) for x in (q, k, v))
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and t <= MATMUL_ATTENTION_MAX_TOKENS:
         out = matmul_attention(q, k, v, mask)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale: (D/H) ** -0.5
     return out.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+
+
+# Sequences up to this long take matmul_attention on the CPU (the image tower's 257 tokens, most
+# texts); longer ones keep the flash kernel, which never holds the (B, H, T, T) scores whole (a
+# batch of 64 texts of 512 tokens would hold 0.5 GB of them in bf16).
+MATMUL_ATTENTION_MAX_TOKENS = 320
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
