@@ -191,3 +191,18 @@ def test_snapshot_facts_and_table(tagged, model):
     assert (table["width"][k], table["height"][k]) == (BIG[1], BIG[0])
     assert table["has_phash"].all() and table["size"][k] == (tagged / "naive-nikon-sydney-turned-6.jpg").stat().st_size
     assert table["content_key"][k].startswith("sha256:")
+
+
+def test_metadata_that_breaks_the_reader_never_fails_the_photo(tagged, model, monkeypatch):
+    import altclip_cli.inputs.photometa as photometa
+
+    def broken(image, **kwargs):
+        raise RuntimeError("an EXIF block no reader expected")
+
+    monkeypatch.setattr(photometa, "read_meta", broken)
+    result = index(model, "photos")
+    assert result.exit_code == 0, result.stderr
+    facts = stored(model)
+    assert len(facts) == len(CASES) + 1
+    for row in facts.values():
+        assert row["facts"] == 1 and row["camera"] is None and row["phash"] is not None

@@ -143,7 +143,10 @@ class FactsReader:
     def header(self, image) -> None:
         from ..inputs.photometa import read_meta
 
-        self.meta = read_meta(image, file_mtime_ns=self.mtime_ns)
+        try:
+            self.meta = read_meta(image, file_mtime_ns=self.mtime_ns)
+        except Exception:  # noqa: BLE001 - a photo's metadata never fails its vector
+            self.meta = None
 
     def done(self, image) -> PhotoFacts:
         from ..inputs.perceptual import perceptual_hash
