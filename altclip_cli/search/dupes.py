@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..inputs.perceptual import DEFAULT_MAX_DISTANCE, HASH_BITS
-from .snapshot import TAKEN_UNKNOWN
+from .facts import TAKEN_UNKNOWN
 
 TIERS = ("identical", "near", "similar")  # strictest first
 KEEP_RULES = ("largest", "oldest", "newest", "first")
@@ -57,7 +57,6 @@ NEAR_MIN_COSINE = 0.95
 # A chosen value, as above; --threshold tunes it.
 DEFAULT_SIMILAR_THRESHOLD = 0.92
 
-UNKNOWN_TIME = TAKEN_UNKNOWN  # taken_local of a photo without a capture time (as Snapshot.table gives it)
 BLOCK = 4096  # rows per block of the similar tier's matrix products
 BOUND_CHOICES = (32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 384)  # widths the bounding pass may take
 BASIS_SAMPLE = 16384  # vectors whose principal directions are computed
@@ -74,7 +73,7 @@ class Photos:
     content_key: (N,) object, str or None (unknown: never identical to anything);
     phash: (N,) uint64; has_phash: (N,) bool; phash_low: (N,) bool (blank: never paired by hash);
     width, height: (N,) int64, -1 when unknown; size: (N,) int64 bytes;
-    taken_local: (N,) int64 seconds since 1970-01-01 of the naive capture time, UNKNOWN_TIME if none;
+    taken_local: (N,) int64 seconds since 1970-01-01 of the naive capture time, TAKEN_UNKNOWN if none;
     paths_of(positions) -> their absolute paths (asked only for the photos in groups);
     taken_of(positions) -> their capture times as shown (ISO 8601 strings or None), for output;
     mtime_ns: (N,) int64 modification times as indexed (optional: a mover checks them).
@@ -132,7 +131,7 @@ class Photos:
         paths = list(paths)
         defaults = {"content_key": [None] * n, "phash": np.zeros(n, np.uint64), "has_phash": np.zeros(n, bool),
                     "phash_low": np.zeros(n, bool), "width": np.full(n, -1), "height": np.full(n, -1),
-                    "size": np.zeros(n, np.int64), "taken_local": np.full(n, UNKNOWN_TIME, np.int64)}
+                    "size": np.zeros(n, np.int64), "taken_local": np.full(n, TAKEN_UNKNOWN, np.int64)}
         cols = {**defaults, **columns}
         cols["content_key"] = np.array(list(cols["content_key"]), dtype=object)
         cols["phash"] = np.asarray([int(h) for h in cols["phash"]], dtype=np.uint64)
@@ -468,7 +467,7 @@ def _groups(photos: Photos, identical, near, loosest, keep: str, first_roots) ->
     def rank(p: int) -> tuple:
         """The keep rule's sort key of photo p (smallest is kept)."""
         t = int(photos.taken_local[p])
-        known = t != UNKNOWN_TIME
+        known = t != TAKEN_UNKNOWN
         size_key = (-int(pixels[p]), -int(photos.size[p]))
         name_key = _name_key(path_at[p])
         if keep == "largest":
@@ -571,7 +570,7 @@ def _why_time(photos, p, kept, *, older: bool) -> str | None:
     t, k = int(photos.taken_local[p]), int(photos.taken_local[kept])
     if t == k:
         return None
-    if t == UNKNOWN_TIME:
+    if t == TAKEN_UNKNOWN:
         return "no capture time"
     return f"taken {'later' if older else 'earlier'} ({_clock(t)} {'>' if older else '<'} {_clock(k)})"
 

@@ -10,7 +10,7 @@ Cheap to import: PIL and numpy are imported by the functions that decode.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from ..inputs.photometa import PhotoMeta
 
@@ -20,6 +20,9 @@ FACT_COLUMNS = ("taken", "taken_local", "taken_source", "lat", "lon", "camera", 
                 "phash_low")
 
 _EPOCH = datetime(1970, 1, 1)
+
+# taken_local where a column of many photos (Snapshot.table, filters.FactColumns) holds no date.
+TAKEN_UNKNOWN = -(1 << 63)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,11 @@ def local_seconds(taken: str | None) -> int | None:
     except ValueError:
         return None
     return int((when - _EPOCH).total_seconds())
+
+
+def local_datetime(seconds: int) -> datetime:
+    """The inverse of `local_seconds`: the naive wall-clock time."""
+    return _EPOCH + timedelta(seconds=int(seconds))
 
 
 def facts_of(meta: PhotoMeta | None, phash) -> PhotoFacts:

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from .facts import local_seconds
+from .facts import TAKEN_UNKNOWN, local_datetime, local_seconds
 
 EARTH_RADIUS_M = 6_371_000.0  # a sphere: within 0.5% of the ellipsoid, plenty for "within 5 km"
 
@@ -122,11 +122,9 @@ DEFAULT_WITHIN = "1km"  # --near without --within: the size of a neighbourhood, 
 SORTS = ("score", "date")
 FIELDS = ("after", "before", "near", "within", "camera", "sort")  # the options' names, the request's fields
 FACT_NAMES = {"date": "date", "place": "place (GPS position)", "camera": "camera"}  # what a filter needs
-_EPOCH = datetime(1970, 1, 1)
 _BOX_MARGIN_DEG = 1e-6  # the bounding box is widened by this much, so that rounding never loses a photo in it
 
 
-TAKEN_UNKNOWN = -2**63  # FactColumns.taken_local where the date is unknown
 
 
 @dataclass
@@ -321,13 +319,11 @@ class SearchFilter:
 
     def as_request(self) -> dict:
         """The request fields (POST /v1/search) that parse_filter makes this filter of again."""
-        from datetime import timedelta
-
         out: dict = {}
         if self.taken_from is not None:
-            out["after"] = (_EPOCH + timedelta(seconds=self.taken_from)).date().isoformat()
+            out["after"] = local_datetime(self.taken_from).date().isoformat()
         if self.taken_to is not None:  # the day before the first instant after the range
-            out["before"] = (_EPOCH + timedelta(seconds=self.taken_to - 1)).date().isoformat()
+            out["before"] = local_datetime(self.taken_to - 1).date().isoformat()
         if self.near is not None:
             out["near"] = list(self.near)
             out["within"] = _plain(self.within_m) + "m"

@@ -18,16 +18,13 @@ from typing import TYPE_CHECKING
 
 from .database import INDEX_DB, SQL_CHUNK, connect_readonly, meta_token
 from .errors import StaleVectors, damaged
-from .facts import has_fact_columns, read_facts_by_id
+from .facts import TAKEN_UNKNOWN, has_fact_columns, read_facts_by_id
 from ..inputs.perceptual import from_int64
 from .vectorfile import map_vectors
 
 if TYPE_CHECKING:
     from .filters import SearchFilter
     from .store import IndexStore
-
-
-TAKEN_UNKNOWN = -(1 << 63)  # Snapshot.table's taken_local for a photo without a capture time
 
 
 class Snapshot:
@@ -227,7 +224,7 @@ def _fact_columns(db: sqlite3.Connection, clause: str, params: list, cache: "Sna
     cameras' names, then one SELECT of every column) and kept in it."""
     import numpy as np
 
-    from .filters import TAKEN_UNKNOWN, FactColumns
+    from .filters import FactColumns
 
     key = (clause, *params, "facts")
     columns = cache.rows(db, key)
