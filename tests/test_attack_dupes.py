@@ -1,6 +1,8 @@
 """Hostile input to the new features: filter values, duplicates, moves. Each test was a break."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from altclip_cli.search.filters import FilterError, parse_distance, parse_filter
@@ -18,3 +20,31 @@ def test_a_filter_sent_to_a_server_reads_back_the_same(within):
     where = parse_filter(near="0,0", within=within)
     again = parse_filter(**where.as_request())
     assert again == where
+
+
+def _three_copies(tmp_path, monkeypatch):
+    import shutil
+
+    from test_cli import write_image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    (tmp_path / "photos" / "b").mkdir()
+    kept = write_image(tmp_path / "photos" / "a" / "p.jpg", 1)
+    shutil.copy2(kept, tmp_path / "photos" / "b" / "p.jpg")  # cp -p: the same bytes and time
+    shutil.copy2(kept, tmp_path / "photos" / "b" / "p copy.jpg")
+    return kept
+
+
+def test_copies_are_not_moved_aside_when_the_kept_photo_is_gone_since_indexing(tmp_path, monkeypatch, model):
+    from test_cli import invoke, jsonl
+
+    kept = _three_copies(tmp_path, monkeypatch)
+    first = invoke("dupes", "photos", "-m", model, "--precision", "fp32")
+    assert first.exit_code == 0, first.stderr
+    assert [r["keep"] for r in jsonl(first.stdout)] == [str(kept)]
+    kept.rename(tmp_path / "elsewhere.jpg")  # the only photo left is in b/, twice
+    result = invoke("dupes", "photos", "--no-index", "--move-to", "aside", "-m", model, "--precision", "fp32")
+    assert result.exit_code == 3, result.stderr
+    assert sorted(os.listdir(tmp_path / "photos" / "b")) == ["p copy.jpg", "p.jpg"]  # the library keeps the photo
+    assert f"{kept}, is no longer there" in result.stderr and "2 not moved (named above)" in result.stderr
