@@ -89,6 +89,9 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
     from ..terminal import isatty
 
     msgs = messages()
+    for name, value in (("--move-to", move_to), ("--restore", restore_from)):
+        if value is not None and not value.strip():  # "" would be the current folder, named nowhere
+            raise UsageError(f"{name} {value!r}: an empty name is no folder", hint="give a folder, e.g. ~/dupes-aside")
     if restore_from is not None:
         if paths or move_to is not None:
             raise UsageError("--restore puts photos back; it takes no PATHS and no --move-to",
