@@ -61,3 +61,17 @@ def test_an_empty_folder_name_is_refused_not_taken_for_the_current_folder(tmp_pa
     assert f"{option} '': an empty name is no folder" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["photos"]
     assert sorted(os.listdir(tmp_path / "photos" / "b")) == ["p copy.jpg", "p.jpg"]
+
+
+def test_a_symlink_to_a_photo_given_as_a_path_neither_renames_the_photo_in_the_index_nor_finds_nothing(
+        tmp_path, monkeypatch, model):
+    from test_cli import invoke
+
+    kept = _three_copies(tmp_path, monkeypatch)
+    (tmp_path / "link.jpg").symlink_to(kept)
+    assert invoke("index", "photos", "-m", model, "--precision", "fp32").exit_code == 0
+    via_link = invoke("dupes", "link.jpg", "-m", model, "--precision", "fp32")
+    assert via_link.exit_code == 0, via_link.stderr
+    assert "renamed" not in via_link.stderr and "no indexed images" not in via_link.stderr
+    again = invoke("index", "photos", "-m", model, "--precision", "fp32")
+    assert "no changes" in again.stderr, again.stderr  # the photo is still indexed under its own name
