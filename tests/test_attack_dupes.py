@@ -50,12 +50,12 @@ def test_copies_are_not_moved_aside_when_the_kept_photo_is_gone_since_indexing(t
     assert f"{kept}, is no longer there" in result.stderr and "2 not moved (named above)" in result.stderr
 
 
-@pytest.mark.parametrize("option", ["--move-to", "--restore"])
+@pytest.mark.parametrize("option", ["--move-to", "--restore", "--index"])
 def test_an_empty_folder_name_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, model, option):
     from test_cli import invoke
 
     _three_copies(tmp_path, monkeypatch)
-    args = ["--restore", ""] if option == "--restore" else ["photos", "--move-to", ""]
+    args = ["--restore", ""] if option == "--restore" else ["photos", option, ""]
     result = invoke("dupes", *args, "-m", model, "--precision", "fp32")
     assert result.exit_code == 2, result.stderr
     assert f"{option} '': an empty name is no folder" in result.stderr

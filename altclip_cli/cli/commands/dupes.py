@@ -89,7 +89,7 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
     from ..terminal import isatty
 
     msgs = messages()
-    for name, value in (("--move-to", move_to), ("--restore", restore_from)):
+    for name, value in (("--move-to", move_to), ("--restore", restore_from), ("--index", index_dir)):
         if value is not None and not value.strip():  # "" would be the current folder, named nowhere
             raise UsageError(f"{name} {value!r}: an empty name is no folder", hint="give a folder, e.g. ~/dupes-aside")
     if restore_from is not None:
