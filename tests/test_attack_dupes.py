@@ -75,3 +75,16 @@ def test_a_symlink_to_a_photo_given_as_a_path_neither_renames_the_photo_in_the_i
     assert "renamed" not in via_link.stderr and "no indexed images" not in via_link.stderr
     again = invoke("index", "photos", "-m", model, "--precision", "fp32")
     assert "no changes" in again.stderr, again.stderr  # the photo is still indexed under its own name
+
+
+def test_restore_from_the_aside_folder_renamed_since_puts_the_photos_back(tmp_path, monkeypatch, model):
+    from test_cli import invoke
+
+    _three_copies(tmp_path, monkeypatch)
+    moved = invoke("dupes", "photos", "--move-to", "aside", "-m", model, "--precision", "fp32")
+    assert moved.exit_code == 0, moved.stderr
+    assert sorted(os.listdir(tmp_path / "photos" / "b")) == []
+    (tmp_path / "aside").rename(tmp_path / "renamed")  # mv aside renamed
+    result = invoke("dupes", "--restore", "renamed")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "photos" / "b")) == ["p copy.jpg", "p.jpg"]
