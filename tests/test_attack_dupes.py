@@ -88,3 +88,12 @@ def test_restore_from_the_aside_folder_renamed_since_puts_the_photos_back(tmp_pa
     result = invoke("dupes", "--restore", "renamed")
     assert result.exit_code == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "photos" / "b")) == ["p copy.jpg", "p.jpg"]
+
+
+def test_a_threshold_that_is_not_a_number_is_a_usage_error_naming_it(tmp_path, monkeypatch, model):
+    from test_cli import invoke
+
+    _three_copies(tmp_path, monkeypatch)
+    result = invoke("dupes", "photos", "--threshold", "nan", "-m", model, "--precision", "fp32")
+    assert result.exit_code == 2, result.stderr
+    assert "--threshold nan: not a number" in result.stderr and "unexpected" not in result.stderr
