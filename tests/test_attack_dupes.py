@@ -106,3 +106,11 @@ def test_a_min_score_that_is_not_a_number_is_a_usage_error_naming_it(tmp_path, m
     result = invoke("search", "x", "--dir", "photos", "--min-score", "nan", "--server", "off", "-m", model)
     assert result.exit_code == 2, result.stderr
     assert "--min-score nan: not a number" in result.stderr
+
+
+def test_an_empty_path_is_named_as_such(tmp_path, monkeypatch, model):
+    from test_cli import invoke
+
+    _three_copies(tmp_path, monkeypatch)
+    result = invoke("dupes", "", "-m", model, "--precision", "fp32")
+    assert result.exit_code == 2 and "error: '': no such file or folder" in result.stderr, result.stderr

@@ -105,7 +105,7 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
     given = list(paths) or ["."]
     for path in given:
         if not os.path.lexists(os.path.expanduser(path)):
-            raise UsageError(f"{path}: no such file or folder", hint="give folders (or photos) that exist")
+            raise UsageError(f"{path or repr(path)}: no such file or folder", hint="give folders (or photos) that exist")
     if threshold is not None and threshold != threshold:  # NaN passes FloatRange's bounds
         raise UsageError(f"--threshold {threshold}: not a number: expected a cosine from -1 to 1, e.g. 0.9")
     similar = similar or threshold is not None
