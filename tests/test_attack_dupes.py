@@ -114,3 +114,12 @@ def test_an_empty_path_is_named_as_such(tmp_path, monkeypatch, model):
     _three_copies(tmp_path, monkeypatch)
     result = invoke("dupes", "", "-m", model, "--precision", "fp32")
     assert result.exit_code == 2 and "error: '': no such file or folder" in result.stderr, result.stderr
+
+
+def test_the_indexing_line_counts_the_files_below_every_path_given(tmp_path, monkeypatch, model):
+    from test_cli import invoke
+
+    _three_copies(tmp_path, monkeypatch)
+    result = invoke("dupes", "photos/b", "photos/a", "-m", model, "--precision", "fp32")
+    assert result.exit_code == 0, result.stderr
+    assert "3 added (3 files," in result.stderr, result.stderr
