@@ -285,12 +285,27 @@ def _restore_records(dest: Path, found: list[Path], earlier: list[Path], summary
             header, entries, done, _tmps = read_journal(record)
             left = []  # the entries whose photo stays in dest: the record keeps them
             for e, where in _moved_entries(entries, done):
+                where = _in_dest_now(dest, where, e["placed_id"])
                 if _restore_one(journal, e, where, put_back, summary, msgs) == "kept":
                     left.append(e)
             write_record(record, header, left, done)
     finally:
         journal.close()
     unlink_quietly(journal.path.with_suffix(RESTORED))  # the .moved records say it all now
+
+
+def _in_dest_now(dest: Path, where: str, placed) -> str:
+    """Where the photo a record says was put at `where` is now: there, or, when dest was renamed
+    or moved since (the records name the old folder), the same file (the same inode) at the same
+    path below dest as it is now."""
+    if is_file(where, placed):
+        return where
+    parts = Path(where).parts
+    for k in range(len(parts) - 1, 0, -1):
+        candidate = os.path.join(dest, *parts[k:])
+        if is_file(candidate, placed):
+            return candidate
+    return where
 
 
 def _put_back_by(found: list[Path]) -> dict[str, list[tuple[str, list]]]:

@@ -617,9 +617,13 @@ def duplicates_below(indexer, identity: dict, folder, paths: Sequence[str], *, u
 
     roots = [r for r in distinct_roots(paths) if storable(r)]  # the index holds UTF-8 paths only
     if update:
+        files = 0  # each update counts the files below its root: the summary says them all
         for root in roots:
             update_below(indexer, identity, folder, root, wait=wait, writer="altclip dupes", summary=summary,
                          **update_kw)
+            files += summary.files if summary is not None else 0
+        if summary is not None:
+            summary.files = files
     if not (folder / INDEX_DB).exists():
         if update:  # nothing below the paths could be indexed (no folder name the index can hold)
             return Found([], 0)

@@ -73,6 +73,8 @@ def parse_distance(text: str) -> float:
     if match is None:
         raise ValueError(f"{text!r} is not a distance: expected a number and km or m, e.g. 5km, 500m, 2.5 km")
     value = float(match[1]) * (1000.0 if match[2].lower() == "km" else 1.0)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is too large a distance: expected a number and km or m, e.g. 5km, 500m")
     if value <= 0:
         raise ValueError(f"{text!r}: a distance must be above zero")
     return value
@@ -383,8 +385,10 @@ def parse_filter(after: str | None = None, before: str | None = None, near=None,
 
 def _plain(x: float) -> str:
     """A number as parse_near reads it (no exponent)."""
+    from decimal import Decimal
+
     text = repr(x) if isinstance(x, int) else repr(float(x))
-    return f"{x:.12f}" if "e" in text else text
+    return format(Decimal(text), "f") if "e" in text else text
 
 
 def distances_m(center: tuple[float, float], lat, lon):

@@ -224,7 +224,9 @@ class IndexStore:
         as ranges on the UNIQUE path index."""
         if under is None:
             return "1", []
-        key = self.key_of(os.path.realpath(os.fspath(under)))
+        from ..paths import real_root
+
+        key = self.key_of(real_root(under))  # as the index names it: a symlink to a file under its own name
         if key == "/":
             return "1", []
         parts = key.split("/")

@@ -89,6 +89,9 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
     from ..terminal import isatty
 
     msgs = messages()
+    for name, value in (("--move-to", move_to), ("--restore", restore_from), ("--index", index_dir)):
+        if value is not None and not value.strip():  # "" would be the current folder, named nowhere
+            raise UsageError(f"{name} {value!r}: an empty name is no folder", hint="give a folder, e.g. ~/dupes-aside")
     if restore_from is not None:
         if paths or move_to is not None:
             raise UsageError("--restore puts photos back; it takes no PATHS and no --move-to",
@@ -102,7 +105,9 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
     given = list(paths) or ["."]
     for path in given:
         if not os.path.lexists(os.path.expanduser(path)):
-            raise UsageError(f"{path}: no such file or folder", hint="give folders (or photos) that exist")
+            raise UsageError(f"{path or repr(path)}: no such file or folder", hint="give folders (or photos) that exist")
+    if threshold is not None and threshold != threshold:  # NaN passes FloatRange's bounds
+        raise UsageError(f"--threshold {threshold}: not a number: expected a cosine from -1 to 1, e.g. 0.9")
     similar = similar or threshold is not None
 
     from ...outputs.signals import sigterm_as_interrupt
@@ -190,11 +195,20 @@ def _check_aside(move_to: str, roots) -> None:
 
 def _move_aside(found, roots, move_to, msgs):
     from ...outputs.dupemove import move_aside
+    from ...inputs.names import display
     from ...search.dupes import aside_items
     from ..status import ExitStatus
 
-    items = aside_items(found, roots)
+    unkept = {}  # the photos of a group whose kept photo is not there as it was indexed: moved, they would
+    for group in found.groups:  # take the last copy out of the folders searched (--no-index, a stale index)
+        why = _kept_gone(group.keep)
+        for m in group.others if why else ():
+            unkept[m.path] = f"not moved: the photo kept in its place, {display(group.keep.path)}, {why}"
+    items = [item for item in aside_items(found, roots) if item[0] not in unkept]
+    for path, why in unkept.items():
+        msgs.warn(f"{display(path)}: {why}")
     done = move_aside(items, os.path.expanduser(move_to), msgs)
+    done.skipped += list(unkept.items())
     parts = [f"moved {len(done.moved):,} photo{'' if len(done.moved) == 1 else 's'} into {move_to}"]
     if done.already:
         parts.append(f"{len(done.already):,} already there from an earlier run")
@@ -202,6 +216,21 @@ def _move_aside(found, roots, move_to, msgs):
         parts.append(f"{len(done.skipped):,} not moved (named above)")
     msgs.note("; ".join(parts) + (f" (put them back: altclip dupes --restore {move_to})" if done.moved else ""))
     return ExitStatus.PARTIAL if done.skipped else ExitStatus.OK
+
+
+def _kept_gone(keep) -> str | None:
+    """Why the photo to keep is not the file that was grouped (gone, not a file, changed), or None."""
+    import stat
+
+    try:
+        st = os.stat(keep.path)
+    except OSError:
+        return "is no longer there"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file now"
+    if keep.mtime_ns is not None and (st.st_size, st.st_mtime_ns) != (keep.bytes, keep.mtime_ns):
+        return "changed since it was indexed"
+    return None
 
 
 def _restore(restore_from, msgs):

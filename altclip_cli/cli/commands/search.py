@@ -98,6 +98,8 @@ def search(query, add, subtract, top, min_score, after, before, near, within, ca
     except QueryError as exc:
         raise UsageError(exc.message, hint=exc.hint) from None
     where = search_filter(after, before, near, within, camera, sort)
+    if min_score is not None and min_score != min_score:  # NaN: every comparison false, no image kept
+        raise UsageError(f"--min-score {min_score}: not a number: expected a score (a cosine), e.g. 0.25")
     fmt = results_format(fmt, null, output, isatty(sys.stdout), page="results.html")
     if output is not None:
         from ...outputs.embedfile import check_writable
