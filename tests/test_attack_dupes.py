@@ -123,3 +123,17 @@ def test_the_indexing_line_counts_the_files_below_every_path_given(tmp_path, mon
     result = invoke("dupes", "photos/b", "photos/a", "-m", model, "--precision", "fp32")
     assert result.exit_code == 0, result.stderr
     assert "3 added (3 files," in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", ["search", "index"])
+def test_an_empty_index_name_is_refused_by_every_command(tmp_path, monkeypatch, model, command):
+    from test_cli import invoke, write_image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    write_image(tmp_path / "photos" / "a.png", 1)
+    args = ["search", "x", "--dir", "photos"] if command == "search" else ["index", "photos"]
+    result = invoke(*args, "-m", model, "--server", "off", "--index", "")
+    assert result.exit_code == 1, result.output
+    assert "--index '': an empty name is no folder" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing made in the current folder

@@ -26,7 +26,11 @@ from .update import DEFAULT_INPUT_TIMEOUT, storable, update_index
 
 
 def index_folder(index: str, weights_id: str) -> Path:
-    """The folder `--index DIR|auto` names: the model's own under ALTCLIP_HOME for "auto"."""
+    """The folder `--index DIR|auto` names: the model's own under ALTCLIP_HOME for "auto".
+    IndexStoreError for a blank name, which would otherwise be the current folder, named nowhere."""
+    if not str(index).strip():
+        raise IndexStoreError(f"--index {index!r}: an empty name is no folder",
+                              hint="give a folder, or auto (the model's own index under ALTCLIP_HOME)")
     return default_index_folder(weights_id) if index == "auto" else Path(os.path.expanduser(index))
 
 

@@ -54,8 +54,7 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     import os
 
     from ...outputs.signals import sigterm_as_interrupt
-    from ...paths import default_index_folder
-    from ...search.run import index_paths
+    from ...search.run import index_folder, index_paths
     from ...search.summary import UpdateSummary
     from ..status import ExitStatus
     from ..options import connect_server, load_model, open_kwargs
@@ -74,15 +73,15 @@ def index(paths, index_dir, include_hidden, exclude_dirs, retry_failed, rebuild,
     with sigterm_as_interrupt() as terminated:
         try:
             if remote is not None:
-                folder = default_index_folder(remote.weights_id) if index_dir == "auto" else index_dir
-                summary, compacted = _index_on_server(remote, roots, os.path.abspath(os.path.expanduser(folder)),
+                folder = index_folder(index_dir, remote.weights_id)
+                summary, compacted = _index_on_server(remote, roots, os.path.abspath(folder),
                                                       include_hidden, excludes, retry_failed, rebuild, compact,
                                                       wait, msgs)
             else:
                 from ...search.update import model_identity
 
                 identity = model_identity(model, revision=revision, progress=not msgs.quiet and isatty(msgs.stream))
-                folder = default_index_folder(identity["weights"]) if index_dir == "auto" else index_dir
+                folder = index_folder(index_dir, identity["weights"])
 
                 def get_model():
                     return load_model(model, device, precision, msgs, exact_decode=exact_decode, revision=revision)
