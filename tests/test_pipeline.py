@@ -110,3 +110,31 @@ def test_a_blocked_input_does_not_hold_up_the_consumer_stopping(how):
                 next(holder["stream"])
     finally:
         release.set()
+
+
+def test_an_idle_worker_holds_nothing_of_the_tasks_it_ran():
+    """A decode worker waiting for work keeps no reference to its last task's arguments. Else the
+    last reference to a model that open_fn reaches can be a daemon thread's, freed while the
+    interpreter shuts down, which aborts the process at exit (a C++ destructor in PyTorch)."""
+    import gc
+    import weakref
+
+    from altclip_cli.inputs.pipeline import DaemonPool
+
+    class Model:  # stands in for what open_fn's closure reaches
+        pass
+
+    pool = DaemonPool(1)
+    try:
+        model = Model()
+        alive = weakref.ref(model)
+        task = pool.submit(lambda m: "decoded", model)
+        assert pool.result(task, timeout=10) == "decoded"
+        del task, model
+        deadline = time.monotonic() + 5
+        while alive() is not None and time.monotonic() < deadline:  # the worker is between tasks
+            gc.collect()
+            time.sleep(0.01)
+        assert alive() is None, "the idle worker still holds its last task's arguments"
+    finally:
+        pool.close()

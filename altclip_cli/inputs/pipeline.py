@@ -86,6 +86,12 @@ class DaemonPool:
                     task.future.set_result(task.fn(*task.args))
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer
                     task.future.set_exception(e)
+                # Hold nothing of the caller's while waiting for the next task. Otherwise the
+                # last reference to what a task's arguments reach (the model, through open_fn)
+                # can be this daemon thread's, which then frees it while the interpreter shuts
+                # down, and a C++ destructor in it aborts the process ("terminate called
+                # without an active exception") after its output is written.
+                task = None
         finally:
             with DaemonPool._abandoned_lock:
                 if worker.counted:
