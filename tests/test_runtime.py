@@ -214,7 +214,7 @@ def test_a_batch_larger_than_one_pass_matches_the_reference(tiny_model_dir, prec
     transformers = require("transformers")
     from PIL import Image
 
-    per_pass = device.images_per_pass(torch.device("cpu"))
+    per_pass = device.images_per_pass(torch.device("cpu"), precision)
     rng = np.random.default_rng(4)
     images = [Image.fromarray(rng.integers(0, 255, (64 + 8 * i, 80, 3), dtype=np.uint8)) for i in range(2 * per_pass + 3)]
     ours = runtime.load(str(tiny_model_dir), device="cpu", precision=precision).encode_images(images, batch_size=len(images))

@@ -2,12 +2,14 @@
 fp32 LayerNorm, the activations, multi-head attention.
 
 Two of them pick their kernel by where the tensors are (as F.scaled_dot_product_attention does):
-on the CPU, bf16 `Linear` calls oneDNN with the bias added inside the matrix product, and
-`attention` is two batched matrix products around a softmax; elsewhere both are the stock calls."""
+on the CPU, bf16 `Linear` calls oneDNN with the bias (and, where the caller asks, the activation)
+applied as the matrix product is written, and `attention` is two batched matrix products around a
+softmax unless the CPU has AMX; elsewhere both are the stock calls."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +53,47 @@ class SkipInit:
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 
 
+# Activations oneDNN can apply as its linear writes the product (a post-op), which saves the passes
+# over the (B, T, 4D) hidden layer that a separate activation makes (3 for quick_gelu, about 12% of
+# the bf16 image tower on a CPU with AMX): name -> (post-op, algorithm, s), act(y) = post_op(s y) / s.
+# oneDNN's swish, x sigmoid(x), takes no scale here, so quick_gelu(y) = y sigmoid(1.702 y) =
+# swish(1.702 y) / 1.702: the caller applies s before the product and 1/s after it.
+ONEDNN_ACTIVATIONS = {
+    "quick_gelu": ("swish", "", 1.702),
+    "gelu": ("gelu", "none", 1.0),  # "none": the exact erf form
+    "gelu_new": ("gelu", "tanh", 1.0),
+    "gelu_pytorch_tanh": ("gelu", "tanh", 1.0),
+    "gelu_fast": ("gelu", "tanh", 1.0),
+    "relu": ("relu", "", 1.0),
+    "silu": ("swish", "", 1.0),
+}
+
+
 class Linear(SkipInit, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_on_onednn:
+            return self.onednn(x)
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def runs_on_onednn(self) -> bool:
         w = self.weight
-        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and _ONEDNN_LINEAR is not None:
-            # The input in the weights' dtype, as autocast would give it: (..., in) -> (..., out)
-            return _ONEDNN_LINEAR(x.to(w.dtype), w, self.bias, "none", [], "")
-        return F.linear(x, w, self.bias)
+        return w.dtype == torch.bfloat16 and w.device.type == "cpu" and _ONEDNN_LINEAR is not None
+
+    def onednn(self, x: torch.Tensor, post_op: str = "none", algorithm: str = "",
+                bias_scale: float = 1.0) -> torch.Tensor:
+        """(..., in) -> (..., out) bf16: post_op(x W^T + bias_scale * b), in one oneDNN call (only
+        where `runs_on_onednn`). The input is cast to bf16, as autocast would; a scaled bias is
+        kept in fp32, which oneDNN adds as it is (no second rounding to bf16)."""
+        bias = self.bias
+        if bias is not None and bias_scale != 1.0:
+            bias = bias.float() * bias_scale
+        return _ONEDNN_LINEAR(x.to(self.weight.dtype), self.weight, bias, post_op, [], algorithm)
+
+    def onednn_activation(self, name: str) -> tuple[str, str, float] | None:
+        """(post-op, algorithm, s) for activation `name` fused into this layer's product, or None
+        where it cannot be (not on oneDNN, or an activation it has no post-op for)."""
+        return ONEDNN_ACTIVATIONS.get(name) if self.runs_on_onednn else None
 
 
 class Embedding(SkipInit, nn.Embedding):
@@ -75,9 +111,13 @@ class LayerNorm(SkipInit, nn.LayerNorm):
     in bf16/fp16 (the runtime keeps these parameters in fp32).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """scale: the output times `scale`, through the affine parameters (no extra pass)."""
+        weight, bias = self.weight.float(), self.bias.float()
+        if scale != 1.0:
+            weight, bias = weight * scale, bias * scale
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +142,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     b, t, d = q.shape
     # (B, T, D) -> (B, H, T, D/H)
     q, k, v = (x.view(b, t, heads, d // heads).transpose(1, 2) for x in (q, k, v))
-    if q.device.type == "cpu" and t <= MATMUL_ATTENTION_MAX_TOKENS:
+    if q.device.type == "cpu" and t <= MATMUL_ATTENTION_MAX_TOKENS and not cpu_attention_is_flash(q.dtype):
         out = matmul_attention(q, k, v, mask)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale: (D/H) ** -0.5
@@ -111,8 +151,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
 
 # Sequences up to this long take matmul_attention on the CPU (the image tower's 257 tokens, most
 # texts); longer ones keep the flash kernel, which never holds the (B, H, T, T) scores whole (a
-# batch of 64 texts of 512 tokens would hold 0.5 GB of them in bf16).
+# batch of 64 texts of 512 tokens would hold 0.5 GB of them in bf16). In bf16 on a CPU with AMX the
+# flash kernel is used throughout: it runs its products on AMX tiles, as fast as matmul_attention
+# there, and as it holds no scores the image tower can take 8 images a pass (runtime.device).
 MATMUL_ATTENTION_MAX_TOKENS = 320
+
+
+def cpu_attention_is_flash(dtype: torch.dtype) -> bool:
+    """Whether attention in `dtype` on the CPU takes PyTorch's flash kernel whatever the length
+    (bf16 on a CPU with AMX), rather than matmul_attention up to MATMUL_ATTENTION_MAX_TOKENS."""
+    return dtype == torch.bfloat16 and cpu_has_amx()
+
+
+@cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon from Sapphire Rapids on), as PyTorch sees it."""
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 - a private probe: its absence or failure means "no"
+        return False
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -69,9 +69,13 @@ class RobertaIntermediate(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.activation = cfg.hidden_act
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        fused = self.dense.onednn_activation(self.activation)
+        if fused is not None and fused[2] == 1.0:  # XLM-R's gelu: inside oneDNN's product
+            return self.dense.onednn(h, fused[0], fused[1])
         return self.act(self.dense(h))
 
 

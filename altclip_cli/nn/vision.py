@@ -46,10 +46,25 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]  # quick_gelu for AltCLIP; the m18 tower says gelu
+        self.activation = cfg.hidden_act  # quick_gelu for AltCLIP; the m18 tower says gelu
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(h)))
+
+    def add_to_(self, h: torch.Tensor, norm: LayerNorm) -> torch.Tensor:
+        """h += self(norm(h)), in place: (B, T, D) fp32, the pre-LN block's second half.
+
+        On oneDNN (bf16 on the CPU) the activation runs inside fc1's product. Its scale s
+        (act(y) = post_op(s y) / s) goes into the layer norm's affine parameters and fc1's bias,
+        and 1/s into the residual add, with fc2's bias times s to match; the bf16 weights are
+        used as they are, so nothing is rounded twice."""
+        fused = self.fc1.onednn_activation(self.activation)
+        if fused is None:
+            return h.add_(self(norm(h)))
+        post_op, algorithm, s = fused
+        hidden = self.fc1.onednn(norm(h, scale=s), post_op, algorithm, bias_scale=s)  # s act(fc1(norm(h)))
+        return h.add_(self.fc2.onednn(hidden, bias_scale=s), alpha=1 / s)
 
 
 class VisionLayer(nn.Module):
@@ -62,7 +77,7 @@ class VisionLayer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.self_attn(self.layer_norm1(h))  # a new tensor: the caller's h is not changed
-        return h.add_(self.mlp(self.layer_norm2(h)))
+        return self.mlp.add_to_(h, self.layer_norm2)
 
 
 class VisionEncoder(nn.Module):

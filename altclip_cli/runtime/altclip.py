@@ -86,7 +86,7 @@ class AltCLIP(Embedder):
     @torch.inference_mode()
     def encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, P), through the tower `images_per_pass` images at a time."""
-        per_pass = images_per_pass(self.device) or len(pixels)
+        per_pass = images_per_pass(self.device, self.precision) or len(pixels)
         with self._autocast():
             return torch.cat([self.model.encode_image(part.to(self.device)) for part in pixels.split(per_pass)])
 
