@@ -23,6 +23,7 @@ from ..nn.model import AltCLIPModel
 from .build import build_model
 from .device import PRECISIONS, choose_device, choose_precision, default_batch_size, images_per_pass
 from .embedder import Embedder
+from .heap import reuse_freed_memory
 from ..inputs.threads import plan_threads
 
 log = logging.getLogger("altclip")
@@ -170,8 +171,10 @@ def load(model: str = "BAAI/AltCLIP", *, device: str = "auto", precision: str = 
     folder, weights = _resolve(model, revision=revision, download=download, progress=progress)
     tokenizer_file(folder)  # a folder without tokenizer files fails now, before the weights load
     threads = plan_threads(torch_device.type)
-    if torch_device.type == "cpu" and torch.get_num_threads() > threads.torch_threads:
-        torch.set_num_threads(threads.torch_threads)  # only ever lowered: a caller's own setting stays
+    if torch_device.type == "cpu":
+        if torch.get_num_threads() > threads.torch_threads:
+            torch.set_num_threads(threads.torch_threads)  # only ever lowered: a caller's own setting stays
+        reuse_freed_memory()  # the tower's temporaries stay in the heap (runtime/heap.py)
     weights_id = content_identity(weights)  # cheap: 18 sampled blocks; indexes and embed's resume use it
     key = weights_identity(weights) if use_cache and cache_enabled() else None
     net = build_model(folder, weights, torch_device, precision, cache_key=key)
