@@ -30,7 +30,7 @@ def reuse_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(None)
         mallopt, _glibc = libc.mallopt, libc.gnu_get_libc_version
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl; Windows has no CDLL(None))
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
