@@ -182,20 +182,35 @@ def _moved_by_records(dest: Path) -> dict[str, list[str]]:
     return found
 
 
+GONE = "no longer there"
+GONE_NOT_MOVED = f"{GONE} (moved or removed since it was listed): not moved"
+
+
+def not_as_listed(st: os.stat_result | None, listed: tuple[int, int] | None) -> str | None:
+    """Why a file is not the photo that was listed, or None when it is. st: its lstat (None: there
+    is none); listed: its (bytes, mtime_ns) then (None: not compared). GONE, "not a regular file"
+    (a symlink is not followed) or "changed since it was listed"."""
+    if st is None:
+        return GONE
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if listed is not None and (st.st_size, st.st_mtime_ns) != listed:
+        return "changed since it was listed"
+    return None
+
+
 def _move_one(journal: Journal, source: str, target: Path, listed, real_dest: str,
               moved_before: dict) -> tuple[str | None, str | None]:
     """Move one photo: (None, where it is now) when moved; ("already moved", where) when an
     earlier run moved it; (why not, None) when it is skipped."""
-    st = lstat_or_none(source)
-    if st is None:
+    why = not_as_listed(st := lstat_or_none(source), listed)
+    if why == GONE:
         for where in moved_before.get(source, ()):
             if os.path.lexists(where):
                 return "already moved", where
-        return "no longer there (moved or removed since it was listed): not moved", None
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file: not moved", None
-    if listed is not None and (st.st_size, st.st_mtime_ns) != listed:
-        return "changed since it was listed: not moved", None
+        return GONE_NOT_MOVED, None
+    if why is not None:
+        return f"{why}: not moved", None
     folder = os.path.realpath(os.path.dirname(source))
     if os.path.commonpath([folder, real_dest]) == real_dest:
         return f"already inside {real_dest}: not moved", None
@@ -219,7 +234,7 @@ def _move_one(journal: Journal, source: str, target: Path, listed, real_dest: st
             continue  # the name was taken since it was chosen: look again
         except FileNotFoundError:
             if lstat_or_none(source) is None:
-                return "no longer there (moved or removed since it was listed): not moved", None
+                return GONE_NOT_MOVED, None
             continue  # its folder in dest was removed meanwhile (a restore emptied it): make it again
         except OSError as exc:
             return f"cannot move it to {name} ({exc.strerror or exc}): not moved", None

@@ -657,6 +657,25 @@ def aside_items(found: Found, roots: Sequence[str]) -> list[tuple]:
     return items
 
 
+def kept_not_as_indexed(found: Found) -> dict[str, str]:
+    """{path of a photo not kept: why it must stay} for each group whose photo to keep is not the
+    file that was grouped (gone, not a regular file, changed since indexing, as with --no-index or
+    a stale index). Moving the others aside would take the last copy out of the folders searched."""
+    from ..inputs.names import display
+    from ..outputs.dupemove import not_as_listed
+    from ..outputs.noreplace import lstat_or_none
+
+    held = {}
+    for group in found.groups:
+        keep = group.keep
+        why = not_as_listed(lstat_or_none(keep.path), None if keep.mtime_ns is None else (keep.bytes, keep.mtime_ns))
+        if why:
+            verb = "has" if why.startswith("changed") else "is"
+            for m in group.others:
+                held[m.path] = f"not moved: the photo kept in its place, {display(keep.path)}, {verb} {why}"
+    return held
+
+
 def without_aliases(photos: Photos) -> tuple[Photos, int]:
     """(the photos without the paths that name a file already among them, how many were left
     out). A symlink to a photo, or a hard link, is the photo itself: moving it aside would free

@@ -196,19 +196,15 @@ def _check_aside(move_to: str, roots) -> None:
 def _move_aside(found, roots, move_to, msgs):
     from ...outputs.dupemove import move_aside
     from ...inputs.names import display
-    from ...search.dupes import aside_items
+    from ...search.dupes import aside_items, kept_not_as_indexed
     from ..status import ExitStatus
 
-    unkept = {}  # the photos of a group whose kept photo is not there as it was indexed: moved, they would
-    for group in found.groups:  # take the last copy out of the folders searched (--no-index, a stale index)
-        why = _kept_gone(group.keep)
-        for m in group.others if why else ():
-            unkept[m.path] = f"not moved: the photo kept in its place, {display(group.keep.path)}, {why}"
-    items = [item for item in aside_items(found, roots) if item[0] not in unkept]
-    for path, why in unkept.items():
+    held = kept_not_as_indexed(found)
+    items = [item for item in aside_items(found, roots) if item[0] not in held]
+    for path, why in held.items():
         msgs.warn(f"{display(path)}: {why}")
     done = move_aside(items, os.path.expanduser(move_to), msgs)
-    done.skipped += list(unkept.items())
+    done.skipped += list(held.items())
     parts = [f"moved {len(done.moved):,} photo{'' if len(done.moved) == 1 else 's'} into {move_to}"]
     if done.already:
         parts.append(f"{len(done.already):,} already there from an earlier run")
@@ -216,21 +212,6 @@ def _move_aside(found, roots, move_to, msgs):
         parts.append(f"{len(done.skipped):,} not moved (named above)")
     msgs.note("; ".join(parts) + (f" (put them back: altclip dupes --restore {move_to})" if done.moved else ""))
     return ExitStatus.PARTIAL if done.skipped else ExitStatus.OK
-
-
-def _kept_gone(keep) -> str | None:
-    """Why the photo to keep is not the file that was grouped (gone, not a file, changed), or None."""
-    import stat
-
-    try:
-        st = os.stat(keep.path)
-    except OSError:
-        return "is no longer there"
-    if not stat.S_ISREG(st.st_mode):
-        return "is not a regular file now"
-    if keep.mtime_ns is not None and (st.st_size, st.st_mtime_ns) != (keep.bytes, keep.mtime_ns):
-        return "changed since it was indexed"
-    return None
 
 
 def _restore(restore_from, msgs):
