@@ -18,3 +18,19 @@ def test_a_users_own_glibc_tunable_stays(tunables):
 def test_other_glibc_tunables_do_not_stop_the_setting():
     result = probe("set", GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
     assert result["set"] is True
+
+
+def test_a_bf16_linear_on_the_cpu_still_has_gradients():
+    """oneDNN's linear has no backward: with autograd recording, x.grad must still be F.linear's,
+    not silently absent (PyTorch only warns that the op has no autograd kernel)."""
+    import torch
+
+    from altclip_cli.nn import layers
+
+    torch.manual_seed(0)
+    linear = layers.Linear(16, 8).to(torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    linear(x).float().sum().backward()
+    expected = torch.ones(3, 8) @ linear.weight.float()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad.float(), expected, atol=0.05, rtol=0.02)
