@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from test_heap import has_mallinfo2, probe
 
+from altclip_cli.nn import layers
 
-@pytest.mark.skipif(not has_mallinfo2(), reason="glibc 2.33 or newer only")
+glibc_only = pytest.mark.skipif(not has_mallinfo2(), reason="glibc 2.33 or newer only")
+
+
+@glibc_only
 @pytest.mark.parametrize("tunables", ["glibc.malloc.trim_threshold=131072",
                                       "glibc.malloc.check=0:glibc.malloc.mmap_threshold=131072"])
 def test_a_users_own_glibc_tunable_stays(tunables):
@@ -15,6 +20,7 @@ def test_a_users_own_glibc_tunable_stays(tunables):
     assert result["mapped_mb"] >= 90  # the user's (here glibc's default) threshold, not altclip's
 
 
+@glibc_only
 def test_other_glibc_tunables_do_not_stop_the_setting():
     result = probe("set", GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
     assert result["set"] is True
@@ -23,10 +29,6 @@ def test_other_glibc_tunables_do_not_stop_the_setting():
 def test_a_bf16_linear_on_the_cpu_still_has_gradients():
     """oneDNN's linear has no backward: with autograd recording, x.grad must still be F.linear's,
     not silently absent (PyTorch only warns that the op has no autograd kernel)."""
-    import torch
-
-    from altclip_cli.nn import layers
-
     torch.manual_seed(0)
     linear = layers.Linear(16, 8).to(torch.bfloat16)
     x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
