@@ -77,8 +77,11 @@ class Linear(SkipInit, nn.Linear):
 
     @property
     def runs_on_onednn(self) -> bool:
+        # Not while autograd records (outside no_grad/inference_mode, as the runtime always runs):
+        # oneDNN's linear has no backward, and PyTorch only warns and leaves the gradients out.
         w = self.weight
-        return w.dtype == torch.bfloat16 and w.device.type == "cpu" and _ONEDNN_LINEAR is not None
+        return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and _ONEDNN_LINEAR is not None
+                and not torch.is_grad_enabled())
 
     def onednn(self, x: torch.Tensor, post_op: str = "none", algorithm: str = "",
                 bias_scale: float = 1.0) -> torch.Tensor:

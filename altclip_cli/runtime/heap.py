@@ -18,14 +18,25 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's own upper bound for its moving threshold on 64-bit
 TRIM_THRESHOLD = 256 << 20
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+# The same two settings as glibc's tunables (GLIBC_TUNABLES=name=value:name=value), which newer
+# glibc documents in place of the variables above: a user's setting made there stays too.
+USER_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold")
+
+
+def users_own_setting() -> bool:
+    """Whether the environment sets glibc's mmap or trim threshold, in either of glibc's ways."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return (any(name in os.environ for name in USER_SETTINGS)
+            or any(entry.split("=", 1)[0].strip() in USER_TUNABLES for entry in tunables))
 
 
 @cache
 def reuse_freed_memory() -> bool:
     """Set glibc's malloc as above; True if it was set. Not where the C library is not glibc, nor
-    where the user set MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (their setting stays).
+    where the user set MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_, or either threshold
+    in GLIBC_TUNABLES (their setting stays).
     Process-wide, as any malloc setting is; memory freed is kept for reuse, up to 256 MB."""
-    if any(name in os.environ for name in USER_SETTINGS):
+    if users_own_setting():
         return False
     try:
         libc = ctypes.CDLL(None)
