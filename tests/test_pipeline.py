@@ -138,3 +138,34 @@ def test_an_idle_worker_holds_nothing_of_the_tasks_it_ran():
         assert alive() is None, "the idle worker still holds its last task's arguments"
     finally:
         pool.close()
+
+
+def test_an_idle_worker_holds_nothing_of_a_task_cancelled_before_it_ran():
+    """The same for a task cancelled while queued (a run stopped early): the worker that takes it
+    off the queue skips it and keeps none of it."""
+    import gc
+    import weakref
+
+    from altclip_cli.inputs.pipeline import DaemonPool
+
+    class Model:
+        pass
+
+    pool = DaemonPool(1)
+    try:
+        release = threading.Event()
+        first = pool.submit(release.wait)  # keeps the one worker busy while the second is queued
+        model = Model()
+        alive = weakref.ref(model)
+        second = pool.submit(lambda m: "decoded", model)
+        assert second.future.cancel()
+        del second, model
+        release.set()
+        assert pool.result(first, timeout=10) is True
+        deadline = time.monotonic() + 5
+        while alive() is not None and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        assert alive() is None, "the idle worker still holds the cancelled task's arguments"
+    finally:
+        pool.close()

@@ -78,24 +78,29 @@ class DaemonPool:
     def _work(self, worker: _Worker) -> None:
         try:
             while not worker.retired and (task := self._tasks.get()) is not None:
-                if not task.future.set_running_or_notify_cancel():
-                    continue
-                task.worker, task.started_at = worker, time.monotonic()
-                task.started.set()
-                try:
-                    task.future.set_result(task.fn(*task.args))
-                except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                    task.future.set_exception(e)
-                # Hold nothing of the caller's while waiting for the next task. Otherwise the
-                # last reference to what a task's arguments reach (the model, through open_fn)
-                # can be this daemon thread's, which then frees it while the interpreter shuts
-                # down, and a C++ destructor in it aborts the process ("terminate called
-                # without an active exception") after its output is written.
+                self._run(task, worker)
+                # Hold nothing of the caller's while waiting for the next task (one run or one
+                # cancelled before it ran). Otherwise the last reference to what a task's
+                # arguments reach (the model, through open_fn) can be this daemon thread's, which
+                # then frees it while the interpreter shuts down, and a C++ destructor in it
+                # aborts the process ("terminate called without an active exception") after its
+                # output is written.
                 task = None
         finally:
             with DaemonPool._abandoned_lock:
                 if worker.counted:
                     DaemonPool._abandoned -= 1
+
+    @staticmethod
+    def _run(task: _Task, worker: _Worker) -> None:
+        if not task.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        task.worker, task.started_at = worker, time.monotonic()
+        task.started.set()
+        try:
+            task.future.set_result(task.fn(*task.args))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            task.future.set_exception(e)
 
     def submit(self, fn, *args) -> _Task:
         task = _Task(fn, args)
