@@ -11,9 +11,13 @@ import torch
 import altclip_cli
 from altclip_cli.nn import layers
 
+_saved_path = list(sys.path)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import tower  # noqa: E402
-from report import vit_image_flops  # noqa: E402
+try:
+    import tower
+    from report import vit_image_flops
+finally:
+    sys.path[:] = _saved_path  # bench/ holds ray.py, which must not stand in for Ray in other tests
 
 
 @pytest.fixture
