@@ -67,6 +67,41 @@ def load(folder):
     return build_model(folder, None, torch.device("cpu"), "fp32")
 
 
+def test_gradients_through_the_image_tower_match_the_reference(tmp_path):
+    """The tower adds into its residual stream in place only while autograd does not record:
+    with it recording, gradients to the pixels and to the weights are the reference's."""
+    ref = oracle_model()
+    ref.save_pretrained(tmp_path)
+    ours = load(tmp_path).requires_grad_(True)
+    _, _, pixels = inputs()
+    name = "vision_model.encoder.layers.0.mlp.fc1.weight"
+
+    def grads(encode):
+        x = pixels.clone().requires_grad_(True)
+        encode(x).pow(2).sum().backward()
+        return x.grad
+
+    theirs_px = grads(lambda x: features(ref.get_image_features(pixel_values=x)))
+    ours_px = grads(ours.encode_image)
+    assert theirs_px.abs().max() > 0
+    assert (ours_px - theirs_px).abs().max() < TOL * theirs_px.abs().max()
+    theirs_w, ours_w = dict(ref.named_parameters())[name].grad, dict(ours.named_parameters())[name].grad
+    assert (ours_w - theirs_w).abs().max() < TOL * theirs_w.abs().max()
+
+
+def test_gradients_through_the_text_tower_match_the_reference(tmp_path):
+    ref = oracle_model()
+    ref.save_pretrained(tmp_path)
+    ours = load(tmp_path).requires_grad_(True)
+    ids, mask, _ = inputs()
+    features(ref.get_text_features(input_ids=ids, attention_mask=mask)).pow(2).sum().backward()
+    ours.encode_text(ids, mask).pow(2).sum().backward()
+    theirs = dict(ref.named_parameters())["text_model.roberta.encoder.layers.0.intermediate.dense.weight"].grad
+    mine = dict(ours.named_parameters())["text_model.roberta.encoder.layer.0.intermediate.dense.weight"].grad
+    assert theirs.abs().max() > 0
+    assert (mine - theirs).abs().max() < TOL * theirs.abs().max()
+
+
 def test_save_pretrained_checkpoint(tmp_path):
     ref = oracle_model()
     ref.save_pretrained(tmp_path)

@@ -124,7 +124,10 @@ class LayerNorm(SkipInit, nn.LayerNorm):
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    # x * sigmoid(1.702 x), computed in place on the one temporary: 17% faster on the CPU.
+    # x * sigmoid(1.702 x), computed in place on the one temporary: 17% faster on the CPU; while
+    # autograd records, out of place, as the sigmoid's backward needs its output.
+    if torch.is_grad_enabled():
+        return x * torch.sigmoid(x * 1.702)
     return torch.sigmoid_(x * 1.702).mul_(x)
 
 

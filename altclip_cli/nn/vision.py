@@ -41,6 +41,12 @@ class SelfAttention(nn.Module):
         return self.out_proj(attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), self.heads))
 
 
+def add_residual_(h: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """h + alpha x, added into h in place; a new tensor while autograd records, since the layer
+    norm that read h saved it for the backward pass (changing it would make the backward fail)."""
+    return h.add(x, alpha=alpha) if torch.is_grad_enabled() else h.add_(x, alpha=alpha)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -53,7 +59,8 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(h)))
 
     def add_to_(self, h: torch.Tensor, norm: LayerNorm) -> torch.Tensor:
-        """h += self(norm(h)), in place: (B, T, D) fp32, the pre-LN block's second half.
+        """h += self(norm(h)), in place (see add_residual_): (B, T, D) fp32, the pre-LN block's
+        second half.
 
         On oneDNN (bf16 on the CPU) the activation runs inside fc1's product. Its scale s
         (act(y) = post_op(s y) / s) goes into the layer norm's affine parameters and fc1's bias,
@@ -61,7 +68,7 @@ class MLP(nn.Module):
         used as they are, so nothing is rounded twice."""
         fused = self.fc1.onednn_activation(self.activation)
         if fused is None:
-            return h.add_(self(norm(h)))
+            return add_residual_(h, self(norm(h)))
         post_op, algorithm, s = fused
         hidden = self.fc1.onednn(norm(h, scale=s), post_op, algorithm, bias_scale=s)  # s act(fc1(norm(h)))
         return h.add_(self.fc2.onednn(hidden, bias_scale=s), alpha=1 / s)
@@ -80,10 +87,10 @@ class VisionLayer(nn.Module):
         return self.add_to_(h.clone())
 
     def add_to_(self, h: torch.Tensor) -> torch.Tensor:
-        """The pre-LN layer on (B, T, D) fp32, in place: h += attention(norm1(h)), then
-        h += mlp(norm2(h)). Adding the bf16 attention output into h in place, rather than making
-        h + it, takes the bf16 tower on the CPU 4% less time."""
-        h.add_(self.self_attn(self.layer_norm1(h)))
+        """The pre-LN layer on (B, T, D) fp32, in place (see add_residual_): h += attention(norm1(h)),
+        then h += mlp(norm2(h)); returns h. Adding the bf16 attention output into h in place,
+        rather than making h + it, takes the bf16 tower on the CPU 4% less time."""
+        h = add_residual_(h, self.self_attn(self.layer_norm1(h)))
         return self.mlp.add_to_(h, self.layer_norm2)
 
 
@@ -105,5 +112,5 @@ class VisionTower(nn.Module):
         """pixels: (B, 3, H, W) normalised -> (B, D), the CLS token after post_layernorm."""
         h = self.pre_layrnorm(self.embeddings(pixels))  # (B, N+1, D), a new tensor: the layers add into it
         for layer in self.encoder.layers:
-            layer.add_to_(h)
+            h = layer.add_to_(h)
         return self.post_layernorm(h[:, 0])  # CLS only, as the reference pools
