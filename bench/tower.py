@@ -143,7 +143,7 @@ def isolated_rates(clip, images: int, passes: int) -> list[tuple[str, float, flo
         "fc1 without its activation": (lambda L: L.mlp.fc1(x_d), 2 * t * d * mlp_d),
         "fc1 + activation": (fc1_with_activation, 2 * t * d * mlp_d),
         "fc2": (lambda L: L.mlp.fc2(x_mlp), 2 * t * mlp_d * d),
-        "attention (257 tokens)": (lambda L: attention(x_d, x_d, x_d, heads), 2 * 2 * t * t * d),
+        "attention": (lambda L: attention(x_d, x_d, x_d, heads), 2 * 2 * t * t * d),
     }
     rates = []
     with torch.inference_mode():
@@ -181,7 +181,8 @@ def report(clip, images: int, per_step: dict, total: float, rates: list, matmul:
     lines.append(f"| whole pass | {1000 * total:.1f} | 100% | {per_image * images / total / 1e9:,.0f} | "
                  f"{per_image * images / total / 1e9 / limit_gflops:.0%} |")
 
-    lines += ["", "Kernels alone, on a pass's shapes (linear layers over every layer's weights in turn):", "",
+    lines += ["", f"Kernels alone, on a pass's shapes ({vision.num_positions} tokens; linear layers over every "
+              "layer's weights in turn):", "",
               "| kernel | GFLOP/s | % of the matmul rate |", "|---|---:|---:|"]
     lines += [f"| {name} | {g:,.0f} | {g / limit_gflops:.0%} |" for name, g, _ in rates]
 
@@ -189,7 +190,7 @@ def report(clip, images: int, per_step: dict, total: float, rates: list, matmul:
     # the norms, casts and adds as they take now.
     alone = {name: g * 1e9 for name, g, _ in rates}
     products = {"q, k, v projections": "q/k/v/out projection (D -> D)", "out projection": "q/k/v/out projection (D -> D)",
-                "fc1 + activation": "fc1 + activation", "fc2": "fc2", "attention": "attention (257 tokens)"}
+                "fc1 + activation": "fc1 + activation", "fc2": "fc2", "attention": "attention"}
     rest = total - sum(per_step[n] for n in products)
     best = rest + sum(flops[n] / alone[k] for n, k in products.items())
     budget = images * per_image / (TARGET * limit_gflops * 1e9)
