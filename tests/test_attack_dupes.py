@@ -125,15 +125,17 @@ def test_the_indexing_line_counts_the_files_below_every_path_given(tmp_path, mon
     assert "3 added (3 files," in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("command", ["search", "index"])
-def test_an_empty_index_name_is_refused_by_every_command(tmp_path, monkeypatch, model, command):
+@pytest.mark.parametrize("args", [["search", "x", "--dir", "photos"], ["index", "photos"],
+                                  ["classify", "photos", "-l", "cat"], ["embed", "photos", "-o", "out.npy"]],
+                         ids=["search", "index", "classify", "embed"])
+def test_an_empty_index_name_is_refused_by_every_command(tmp_path, monkeypatch, model, args):
+    """The same usage error (exit 2) from every command that takes --index, as from dupes."""
     from test_cli import invoke, write_image
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "photos").mkdir()
     write_image(tmp_path / "photos" / "a.png", 1)
-    args = ["search", "x", "--dir", "photos"] if command == "search" else ["index", "photos"]
     result = invoke(*args, "-m", model, "--server", "off", "--index", "")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert "--index '': an empty name is no folder" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing made in the current folder

@@ -247,9 +247,26 @@ def walk_kwargs(include_hidden: bool, exclude_dirs, index_dir: str | None = None
         kw["exclude_dirs"] = excludes
     return kw
 
-# The --index option of classify and embed: vectors of unchanged indexed images without the image tower.
-reuse_index_option = click.option(
-    "--index", "index_dir", default=None, metavar="DIR|auto",
+def folder_name(ctx, param, value):
+    """Click callback of an option that names a folder: a blank name, which would be the current
+    folder named nowhere, is a usage error naming the option (the library refuses it too, for
+    its other callers: search.run.index_folder)."""
+    if value is not None and not str(value).strip():
+        hint = "give a folder, or auto (the model's own index under ALTCLIP_HOME)" if param.name == "index_dir" \
+            else "give a folder, e.g. ~/dupes-aside"
+        raise UsageError(f"{param.opts[0]} {value!r}: an empty name is no folder", hint=hint)
+    return value
+
+
+def index_option(help: str, default: str | None = "auto"):
+    """--index DIR|auto, as every command that reads or writes an index takes it."""
+    return click.option("--index", "index_dir", default=default, show_default=default is not None,
+                        metavar="DIR|auto", callback=folder_name, help=help)
+
+
+# The --index option of classify, embed and tag: vectors of unchanged indexed images without the image tower.
+reuse_index_option = index_option(
+    default=None,
     help="Take the vectors of images that this index (made by `altclip index`; auto: the model's own) "
          "holds unchanged from it instead of running the image tower; the numbers are the same.")
 

@@ -9,7 +9,8 @@ import sys
 import click
 
 from ..formats import results_format
-from ..options import UsageError, common_options, index_decode_options, messages, model_options, walk_options
+from ..options import (UsageError, common_options, folder_name, index_decode_options, index_option, messages,
+                       model_options, walk_options)
 
 DUPES_FORMATS = ("table", "jsonl", "html")
 KEEP_RULES = ("largest", "oldest", "newest", "first")  # search.dupes.KEEP_RULES (not imported: numpy)
@@ -36,13 +37,12 @@ DEFAULT_MAX_DISTANCE = 10
               help="Print only the paths of the photos not kept, each followed by a NUL byte, for xargs -0.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the output to FILE (replaced whole) instead of stdout.")
-@click.option("--move-to", "move_to", type=click.Path(file_okay=False), metavar="DIR",
+@click.option("--move-to", "move_to", type=click.Path(file_okay=False), metavar="DIR", callback=folder_name,
               help="Move every photo not kept into DIR, under its path below the folder it was found in "
                    "(journalled: a run killed at any instant loses none; nothing is replaced or deleted).")
-@click.option("--restore", "restore_from", type=click.Path(file_okay=False), metavar="DIR",
+@click.option("--restore", "restore_from", type=click.Path(file_okay=False), metavar="DIR", callback=folder_name,
               help="Put back every photo an earlier --move-to DIR moved there (nothing is indexed or grouped).")
-@click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
-              help="Where the index lives (as for `altclip index`); auto: the model's own under ALTCLIP_HOME.")
+@index_option(help="Where the index lives (as for `altclip index`); auto: the model's own under ALTCLIP_HOME.")
 @click.option("--no-index", is_flag=True, help="Group the index as it is, without bringing it up to date first.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Wait this long for another run updating the same index [default: fail at once].")
@@ -89,9 +89,6 @@ def dupes(paths, similar, threshold, max_distance, keep, fmt, null, output, move
     from ..terminal import isatty
 
     msgs = messages()
-    for name, value in (("--move-to", move_to), ("--restore", restore_from), ("--index", index_dir)):
-        if value is not None and not value.strip():  # "" would be the current folder, named nowhere
-            raise UsageError(f"{name} {value!r}: an empty name is no folder", hint="give a folder, e.g. ~/dupes-aside")
     if restore_from is not None:
         if paths or move_to is not None:
             raise UsageError("--restore puts photos back; it takes no PATHS and no --move-to",

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import click
 
-from ..options import (common_options, excluded_dirs, index_decode_options, messages, model_options, server_options,
-                       walk_options)
+from ..options import (common_options, excluded_dirs, index_decode_options, index_option, messages, model_options,
+                       server_options, walk_options)
 
 
 @click.command()
 @click.argument("paths", nargs=-1, type=click.Path(exists=True), metavar="[PATHS]...")
-@click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
-              help="Where the index lives; auto: one per model under ALTCLIP_HOME/indexes. A DIR inside a "
+@index_option(help="Where the index lives; auto: one per model under ALTCLIP_HOME/indexes. A DIR inside a "
                    "walked folder stores paths relative to it, so the two can move together.")
 @walk_options
 @click.option("--retry-failed", is_flag=True, help="Try again the images that failed before, changed or not.")

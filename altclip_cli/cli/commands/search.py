@@ -10,8 +10,8 @@ import click
 
 from ...search.filters import SORTS
 from ..formats import results_format
-from ..options import (UsageError, common_options, filter_options, index_decode_options, messages, model_options,
-                       search_filter, server_options, walk_options)
+from ..options import (UsageError, common_options, filter_options, index_decode_options, index_option, messages,
+                       model_options, search_filter, server_options, walk_options)
 
 SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 
@@ -39,8 +39,7 @@ SEARCH_FORMATS = ("table", "jsonl", "json", "tsv", "paths", "html")
 @click.option("--dir", "search_dir", default=".", show_default=True, type=click.Path(), metavar="DIR",
               help="Search the images below DIR (indexed first unless --no-index).")
 @click.option("--no-index", is_flag=True, help="Search the index as it is, without bringing it up to date first.")
-@click.option("--index", "index_dir", default="auto", show_default=True, metavar="DIR|auto",
-              help="Where the index lives (as for `altclip index`); auto: the model's own under ALTCLIP_HOME.")
+@index_option(help="Where the index lives (as for `altclip index`); auto: the model's own under ALTCLIP_HOME.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
               help="Wait this long for another run updating the same index [default: fail at once; "
                    "--no-index searches what it has committed so far].")
