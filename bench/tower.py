@@ -201,13 +201,21 @@ def report(clip, images: int, per_step: dict, total: float, rates: list, matmul:
     return lines
 
 
+def count(text: str) -> int:
+    """argparse type of --passes: a median needs one pass at least."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: at least 1")
+    return n
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="an AltCLIP folder (default: the bench's random model, made if missing)")
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE,
                    help="where the bench keeps its random model (default $ALTCLIP_BENCH_CACHE or ~/.cache/altclip-bench)")
     p.add_argument("--precision", default="auto", help="auto, bf16 or fp32, as altclip --precision")
-    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--passes", type=count, default=5, help="timed passes (medians are taken over them)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
