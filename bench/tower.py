@@ -220,12 +220,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import altclip_cli
+    from altclip_cli.nn import layers
     from altclip_cli.runtime.device import images_per_pass
 
     model = args.model or str(fixtures.ensure_model(args.cache))
     clip = altclip_cli.load(model, device="cpu", precision=args.precision)
     if clip.precision != "bf16":
         sys.exit(f"bench/tower.py profiles the bf16 path (oneDNN's linear layers); this run is {clip.precision}")
+    if layers._ONEDNN_LINEAR is None:
+        sys.exit("bench/tower.py profiles oneDNN's linear layers, which this PyTorch lacks "
+                 "(torch.ops.mkldnn._linear_pointwise)")
     images = images_per_pass(clip.device, clip.precision) or 8
     pixels = torch.randn(images, 3, clip.preprocessor.crop_height, clip.preprocessor.crop_width)
 

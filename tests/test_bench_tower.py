@@ -63,3 +63,11 @@ def test_fewer_than_one_pass_is_a_usage_error(model, passes, capsys):
         tower.main(["--model", str(model), "--passes", passes])
     assert exited.value.code == 2
     assert "--passes" in capsys.readouterr().err
+
+
+def test_a_torch_without_onednns_linear_is_told_so(model, monkeypatch):
+    """The profile is of the oneDNN path; without it the script says so instead of failing inside."""
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", None)
+    with pytest.raises(SystemExit) as exited:
+        tower.main(["--model", str(model), "--precision", "bf16", "--passes", "1"])
+    assert "oneDNN" in str(exited.value.code)
