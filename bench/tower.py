@@ -201,23 +201,35 @@ def report(clip, images: int, per_step: dict, total: float, rates: list, matmul:
     return lines
 
 
+def count(text: str) -> int:
+    """argparse type of --passes: a median needs one pass at least."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: at least 1")
+    return n
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="an AltCLIP folder (default: the bench's random model, made if missing)")
     p.add_argument("--cache", type=Path, default=fixtures.DEFAULT_CACHE,
                    help="where the bench keeps its random model (default $ALTCLIP_BENCH_CACHE or ~/.cache/altclip-bench)")
     p.add_argument("--precision", default="auto", help="auto, bf16 or fp32, as altclip --precision")
-    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--passes", type=count, default=5, help="timed passes (medians are taken over them)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
     import altclip_cli
+    from altclip_cli.nn import layers
     from altclip_cli.runtime.device import images_per_pass
 
     model = args.model or str(fixtures.ensure_model(args.cache))
     clip = altclip_cli.load(model, device="cpu", precision=args.precision)
     if clip.precision != "bf16":
         sys.exit(f"bench/tower.py profiles the bf16 path (oneDNN's linear layers); this run is {clip.precision}")
+    if layers._ONEDNN_LINEAR is None:
+        sys.exit("bench/tower.py profiles oneDNN's linear layers, which this PyTorch lacks "
+                 "(torch.ops.mkldnn._linear_pointwise)")
     images = images_per_pass(clip.device, clip.precision) or 8
     pixels = torch.randn(images, 3, clip.preprocessor.crop_height, clip.preprocessor.crop_width)
 

@@ -126,8 +126,9 @@ def test_the_indexing_line_counts_the_files_below_every_path_given(tmp_path, mon
 
 
 @pytest.mark.parametrize("args", [["search", "x", "--dir", "photos"], ["index", "photos"],
-                                  ["classify", "photos", "-l", "cat"], ["embed", "photos", "-o", "out.npy"]],
-                         ids=["search", "index", "classify", "embed"])
+                                  ["classify", "photos", "-l", "cat"], ["embed", "photos", "-o", "out.npy"],
+                                  ["tag", "photos", "-l", "cat"]],
+                         ids=["search", "index", "classify", "embed", "tag"])
 def test_an_empty_index_name_is_refused_by_every_command(tmp_path, monkeypatch, model, args):
     """The same usage error (exit 2) from every command that takes --index, as from dupes."""
     from test_cli import invoke, write_image

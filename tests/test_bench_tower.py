@@ -54,3 +54,20 @@ def test_a_layer_that_no_longer_matches_the_profile_is_caught(bf16_clip, monkeyp
     with torch.inference_mode(), bf16_clip._autocast():
         stepped = tower.tower_by_steps(bf16_clip, pixels, tower.Steps())
     assert not torch.equal(stepped, bf16_clip.encode_pixel_batch(pixels))
+
+
+@pytest.mark.parametrize("passes", ["0", "-1"])
+def test_fewer_than_one_pass_is_a_usage_error(model, passes, capsys):
+    """Medians over no passes have no value: argparse refuses it, before the model loads."""
+    with pytest.raises(SystemExit) as exited:
+        tower.main(["--model", str(model), "--passes", passes])
+    assert exited.value.code == 2
+    assert "--passes" in capsys.readouterr().err
+
+
+def test_a_torch_without_onednns_linear_is_told_so(model, monkeypatch):
+    """The profile is of the oneDNN path; without it the script says so instead of failing inside."""
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", None)
+    with pytest.raises(SystemExit) as exited:
+        tower.main(["--model", str(model), "--precision", "bf16", "--passes", "1"])
+    assert "oneDNN" in str(exited.value.code)

@@ -94,6 +94,14 @@ class VisionLayer(nn.Module):
         return self.mlp.add_to_(h, self.layer_norm2)
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks, its own or global ones (as nn.Module.__call__ checks)."""
+    g = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -111,6 +119,9 @@ class VisionTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: (B, 3, H, W) normalised -> (B, D), the CLS token after post_layernorm."""
         h = self.pre_layrnorm(self.embeddings(pixels))  # (B, N+1, D), a new tensor: the layers add into it
+        # A hook may keep what it is given (the pre-LN output, a layer's input or output: how hidden
+        # states are taken): then each layer runs through its own call, so its hooks run, on a copy.
+        hooked = any(has_hooks(m) for m in (self.pre_layrnorm, *self.encoder.layers))
         for layer in self.encoder.layers:
-            h = layer.add_to_(h)
+            h = layer(h) if hooked else layer.add_to_(h)
         return self.post_layernorm(h[:, 0])  # CLS only, as the reference pools

@@ -1,0 +1,38 @@
+"""Attacks on the image tower's in-place residual adds: what a user of `clip.model` (a plain
+torch.nn.Module, docs/python.md) can observe of them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import altclip_cli
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_forward_hooks_on_the_image_towers_layers_run_and_keep_what_they_saw(model, precision):
+    """Hooks on the pre-LN and on each layer (the usual way to take a tower's hidden states) run,
+    and the tensors they were given are not added into afterwards; the result is unchanged."""
+    clip = altclip_cli.load(str(model), device="cpu", precision=precision)
+    tower = clip.model.vision_model
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 224, 224)
+    plain = clip.encode_pixel_batch(pixels)
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen[name] = (out, out.clone())  # the tensor itself, and what it held then
+        return hook
+
+    handles = [tower.pre_layrnorm.register_forward_hook(keep("pre-LN"))]
+    handles += [layer.register_forward_hook(keep(i)) for i, layer in enumerate(tower.encoder.layers)]
+    try:
+        hooked = clip.encode_pixel_batch(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sorted(seen, key=str) == sorted(["pre-LN", *range(len(tower.encoder.layers))], key=str)
+    changed = [name for name, (kept, copy) in seen.items() if not torch.equal(kept, copy)]
+    assert changed == []
+    assert torch.equal(hooked, plain)
+    assert torch.equal(clip.encode_pixel_batch(pixels), plain)  # hooks removed: the in-place path again
