@@ -36,3 +36,17 @@ def test_forward_hooks_on_the_image_towers_layers_run_and_keep_what_they_saw(mod
     assert changed == []
     assert torch.equal(hooked, plain)
     assert torch.equal(clip.encode_pixel_batch(pixels), plain)  # hooks removed: the in-place path again
+
+
+def test_without_hooks_the_tower_takes_the_in_place_path(model, monkeypatch):
+    """The copying path is for hooks only: a tower without them never calls a layer's forward
+    (which copies its input), so the residual adds stay in place."""
+    from altclip_cli.nn import vision
+
+    clip = altclip_cli.load(str(model), device="cpu", precision="fp32")
+
+    def copying(self, h):
+        raise AssertionError("VisionLayer.forward called: the tower took the copying path")
+
+    monkeypatch.setattr(vision.VisionLayer, "forward", copying)
+    assert clip.encode_pixel_batch(torch.randn(2, 3, 224, 224)).shape[0] == 2

@@ -94,12 +94,15 @@ class VisionLayer(nn.Module):
         return self.mlp.add_to_(h, self.layer_norm2)
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def has_hooks(module: nn.Module) -> bool:
-    """Whether calling `module` runs hooks, its own or global ones (as nn.Module.__call__ checks)."""
-    g = nn.modules.module
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks
-                or g._global_backward_hooks or g._global_backward_pre_hooks)
+    """Whether calling `module` runs hooks, its own or global ones (the dicts nn.Module.__call__
+    checks; private to torch: if a later torch renames one, this says yes, the safe answer)."""
+    own = (getattr(module, name, True) for name in _HOOKS)
+    everyone = (getattr(nn.modules.module, "_global" + name, True) for name in _HOOKS)
+    return any(bool(hooks) for hooks in (*own, *everyone))
 
 
 class VisionEncoder(nn.Module):
