@@ -182,20 +182,23 @@ def _moved_by_records(dest: Path) -> dict[str, list[str]]:
     return found
 
 
+# Why a file is not the photo that was listed (not_as_listed).
 GONE = "no longer there"
+NOT_REGULAR = "not a regular file"
+CHANGED = "changed since it was listed"
 GONE_NOT_MOVED = f"{GONE} (moved or removed since it was listed): not moved"
 
 
 def not_as_listed(st: os.stat_result | None, listed: tuple[int, int] | None) -> str | None:
     """Why a file is not the photo that was listed, or None when it is. st: its lstat (None: there
-    is none); listed: its (bytes, mtime_ns) then (None: not compared). GONE, "not a regular file"
-    (a symlink is not followed) or "changed since it was listed"."""
+    is none); listed: its (bytes, mtime_ns) then (None: not compared). GONE, NOT_REGULAR (a
+    symlink is not followed) or CHANGED."""
     if st is None:
         return GONE
     if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
+        return NOT_REGULAR
     if listed is not None and (st.st_size, st.st_mtime_ns) != listed:
-        return "changed since it was listed"
+        return CHANGED
     return None
 
 

@@ -662,7 +662,7 @@ def kept_not_as_indexed(found: Found) -> dict[str, str]:
     file that was grouped (gone, not a regular file, changed since indexing, as with --no-index or
     a stale index). Moving the others aside would take the last copy out of the folders searched."""
     from ..inputs.names import display
-    from ..outputs.dupemove import not_as_listed
+    from ..outputs.dupemove import CHANGED, not_as_listed
     from ..outputs.noreplace import lstat_or_none
 
     held = {}
@@ -670,7 +670,7 @@ def kept_not_as_indexed(found: Found) -> dict[str, str]:
         keep = group.keep
         why = not_as_listed(lstat_or_none(keep.path), None if keep.mtime_ns is None else (keep.bytes, keep.mtime_ns))
         if why:
-            verb = "has" if why.startswith("changed") else "is"
+            verb = "has" if why is CHANGED else "is"
             for m in group.others:
                 held[m.path] = f"not moved: the photo kept in its place, {display(keep.path)}, {verb} {why}"
     return held
