@@ -83,3 +83,15 @@ def index_names(path, root=None) -> list[str]:
     as it is, and its real folder with its own name."""
     names = [index_path(path, root), os.path.abspath(os.path.expanduser(os.fspath(path))), real_root(path)]
     return list(dict.fromkeys(names))
+
+
+# The hint where a blank --index is refused (by the CLI and by the library, for Python and the server).
+INDEX_FOLDER_HINT = "give a folder, or auto (the model's own index under ALTCLIP_HOME)"
+
+
+def blank_folder(option: str, value) -> str | None:
+    """Why `value`, given as `option`, names no folder (it is blank: it would be the current
+    folder, named nowhere), or None when it is not blank."""
+    if value is not None and not str(value).strip():
+        return f"{option} {value!r}: an empty name is no folder"
+    return None

@@ -50,3 +50,26 @@ def test_without_hooks_the_tower_takes_the_in_place_path(model, monkeypatch):
 
     monkeypatch.setattr(vision.VisionLayer, "forward", copying)
     assert clip.encode_pixel_batch(torch.randn(2, 3, 224, 224)).shape[0] == 2
+
+
+def test_the_server_refuses_a_blank_index_as_the_commands_do(model, tmp_path):
+    """POST /v1/search with a blank index: 400 naming the field (the server takes only "auto" or
+    an absolute folder), and nothing made in any folder."""
+    pytest.importorskip("fastapi")
+    from test_serve import start_server
+
+    from altclip_cli.serve import client
+    from altclip_cli.serve.client import RequestFailed
+
+    (tmp_path / "photos").mkdir()
+    server = start_server(model)
+    try:
+        for index in ("", "  "):
+            with pytest.raises(RequestFailed) as err:
+                client.post_json(server.target, "/v1/search",
+                                 {"query": [{"text": "cat"}], "dir": str(tmp_path / "photos"), "index": index})
+            assert err.value.status == 400, err.value.message
+            assert err.value.error["param"] == "index" and "absolute folder" in err.value.message
+    finally:
+        assert server.stop() == 0, server.log()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]

@@ -15,6 +15,7 @@ import click
 
 from ..env import flag
 from ..hub.registry import DEFAULT_MODEL
+from ..paths import INDEX_FOLDER_HINT, blank_folder
 from .messages import Messages
 
 DEBUG_KEY = "altclip.debug"
@@ -247,21 +248,20 @@ def walk_kwargs(include_hidden: bool, exclude_dirs, index_dir: str | None = None
         kw["exclude_dirs"] = excludes
     return kw
 
-def folder_name(ctx, param, value):
-    """Click callback of an option that names a folder: a blank name, which would be the current
-    folder named nowhere, is a usage error naming the option (the library refuses it too, for
-    its other callers: search.run.index_folder)."""
-    if value is not None and not str(value).strip():
-        hint = "give a folder, or auto (the model's own index under ALTCLIP_HOME)" if param.name == "index_dir" \
-            else "give a folder, e.g. ~/dupes-aside"
-        raise UsageError(f"{param.opts[0]} {value!r}: an empty name is no folder", hint=hint)
-    return value
+def folder_name(hint: str):
+    """Click callback for an option that names a folder: a blank name (paths.blank_folder) is a
+    usage error naming the option, with `hint`."""
+    def check(ctx, param, value):
+        if why := blank_folder(param.opts[0], value):
+            raise UsageError(why, hint=hint)
+        return value
+    return check
 
 
 def index_option(help: str, default: str | None = "auto"):
     """--index DIR|auto, as every command that reads or writes an index takes it."""
     return click.option("--index", "index_dir", default=default, show_default=default is not None,
-                        metavar="DIR|auto", callback=folder_name, help=help)
+                        metavar="DIR|auto", callback=folder_name(INDEX_FOLDER_HINT), help=help)
 
 
 # The --index option of classify, embed and tag: vectors of unchanged indexed images without the image tower.

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..paths import default_index_folder, index_path, indexes_dir, real_root
+from ..paths import INDEX_FOLDER_HINT, blank_folder, default_index_folder, index_path, indexes_dir, real_root
 from .filters import SearchFilter
 from .store import INDEX_DB, IndexStore, IndexStoreError, SnapshotCache
 from .summary import UpdateSummary
@@ -28,9 +28,8 @@ from .update import DEFAULT_INPUT_TIMEOUT, storable, update_index
 def index_folder(index: str, weights_id: str) -> Path:
     """The folder `--index DIR|auto` names: the model's own under ALTCLIP_HOME for "auto".
     IndexStoreError for a blank name, which would otherwise be the current folder, named nowhere."""
-    if not str(index).strip():
-        raise IndexStoreError(f"--index {index!r}: an empty name is no folder",
-                              hint="give a folder, or auto (the model's own index under ALTCLIP_HOME)")
+    if why := blank_folder("--index", index):
+        raise IndexStoreError(why, hint=INDEX_FOLDER_HINT)
     return default_index_folder(weights_id) if index == "auto" else Path(os.path.expanduser(index))
 
 

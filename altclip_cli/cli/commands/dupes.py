@@ -13,6 +13,7 @@ from ..options import (UsageError, common_options, folder_name, index_decode_opt
                        model_options, walk_options)
 
 DUPES_FORMATS = ("table", "jsonl", "html")
+ASIDE_HINT = "give a folder, e.g. ~/dupes-aside"
 KEEP_RULES = ("largest", "oldest", "newest", "first")  # search.dupes.KEEP_RULES (not imported: numpy)
 # search.dupes's defaults, repeated so that --help imports no numpy; a test checks they agree.
 DEFAULT_THRESHOLD = 0.92
@@ -37,10 +38,12 @@ DEFAULT_MAX_DISTANCE = 10
               help="Print only the paths of the photos not kept, each followed by a NUL byte, for xargs -0.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE",
               help="Write the output to FILE (replaced whole) instead of stdout.")
-@click.option("--move-to", "move_to", type=click.Path(file_okay=False), metavar="DIR", callback=folder_name,
+@click.option("--move-to", "move_to", type=click.Path(file_okay=False), metavar="DIR",
+              callback=folder_name(ASIDE_HINT),
               help="Move every photo not kept into DIR, under its path below the folder it was found in "
                    "(journalled: a run killed at any instant loses none; nothing is replaced or deleted).")
-@click.option("--restore", "restore_from", type=click.Path(file_okay=False), metavar="DIR", callback=folder_name,
+@click.option("--restore", "restore_from", type=click.Path(file_okay=False), metavar="DIR",
+              callback=folder_name(ASIDE_HINT),
               help="Put back every photo an earlier --move-to DIR moved there (nothing is indexed or grouped).")
 @index_option(help="Where the index lives (as for `altclip index`); auto: the model's own under ALTCLIP_HOME.")
 @click.option("--no-index", is_flag=True, help="Group the index as it is, without bringing it up to date first.")
